@@ -1,0 +1,26 @@
+"""tileprefill: grouped-query attention prefill for LLM inference engines.
+
+TileLang kernels on SM80/SM90, torch reference kernels everywhere else.
+Importing this package does not import tilelang.
+"""
+
+from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.selection import Explanation, PrefillPlan, UnsupportedContextError, explain, select_plan
+
+__all__ = [
+    "AppendKey",
+    "Arch",
+    "AttentionKey",
+    "DType",
+    "Explanation",
+    "KVLayout",
+    "KernelKey",
+    "PrefillContext",
+    "PrefillPlan",
+    "RopeKey",
+    "RopeMode",
+    "UnsupportedContextError",
+    "explain",
+    "select_plan",
+]

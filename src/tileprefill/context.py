@@ -1,0 +1,131 @@
+"""The typed facts of one prefill call, and the enums they are made of.
+
+A `PrefillContext` is everything kernel selection may read. It holds no
+tensors and is built either by an Op from its inputs (device facts read once
+from the input tensor's device) or by hand in tests. Its validators reject
+combinations no public Op can produce, so `select_plan` never sees them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import torch
+
+
+class KVLayout(enum.Enum):
+    """Where the keys and values come from."""
+
+    NONE = "none"  # k/v are plain inputs of this call, no cache
+    CONTIGUOUS = "contiguous"  # (B, S_max, Hkv, D) cache with per-sequence lengths
+    PAGED = "paged"  # (num_pages, page_size, Hkv, D) pages with a block table
+
+
+class RopeMode(enum.Enum):
+    """Rotary embedding applied to q and the new keys before attention."""
+
+    NONE = "none"
+    NEOX = "neox"  # rotate halves: (x[:r/2], x[r/2:r])
+    INTERLEAVED = "interleaved"  # rotate adjacent pairs: (x[0::2], x[1::2]) (GPT-J)
+
+
+class Arch(enum.Enum):
+    """Which code a kernel is built for. SM86/SM89 run SM80 code."""
+
+    CPU = "cpu"  # torch reference kernels
+    SM80 = "sm80"
+    SM90 = "sm90"
+
+    @classmethod
+    def of_device(cls, device: torch.device) -> Arch:
+        """Read once per call by an Op; raises for CUDA devices we have no code for."""
+        if device.type != "cuda":
+            return cls.CPU
+        major, minor = torch.cuda.get_device_capability(device)
+        if major == 9 and minor == 0:
+            return cls.SM90
+        if major == 8:
+            return cls.SM80
+        raise ValueError(
+            f"device {device}: expected a CUDA device of compute capability 8.x or 9.0, got {major}.{minor}"
+        )
+
+
+class DType(enum.Enum):
+    """Element types of q and the KV tensors."""
+
+    FP16 = "float16"
+    BF16 = "bfloat16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self]
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, *, argument: str) -> DType:
+        for member, torch_dtype in _TORCH_DTYPES.items():
+            if torch_dtype == dtype:
+                return member
+        raise TypeError(f"{argument}: expected dtype float16 or bfloat16, got {dtype}")
+
+
+_TORCH_DTYPES: dict[DType, torch.dtype] = {DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name}: expected an integer >= 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class PrefillContext:
+    """Everything a kernel decision reads about one call.
+
+    `page_size` is 0 unless `kv_layout` is PAGED. `ragged` means q (and k/v
+    where they are inputs) are packed token-major with `cu_seqlens`: always
+    true for the paged layout, never for the contiguous one (q is (B, Sq, Hq, D)).
+    """
+
+    kv_layout: KVLayout
+    rope: RopeMode
+    append: bool
+    q_dtype: DType
+    kv_dtype: DType
+    arch: Arch
+    head_dim: int = attrs.field(validator=_positive)
+    group_size: int = attrs.field(validator=_positive)
+    causal: bool
+    page_size: int = 0
+    ragged: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        problems = list(_impossible(self))
+        if problems:
+            raise ValueError("impossible PrefillContext: " + "; ".join(problems))
+
+
+def _impossible(ctx: PrefillContext) -> list[str]:
+    problems: list[str] = []
+    if ctx.q_dtype is not ctx.kv_dtype:
+        problems.append(
+            f"kv_dtype: expected the same dtype as q ({ctx.q_dtype.value}), got {ctx.kv_dtype.value}"
+        )
+    if ctx.kv_layout is KVLayout.NONE and ctx.append:
+        problems.append("append: expected False with kv_layout none (there is no cache to append to)")
+    if ctx.kv_layout is not KVLayout.NONE and ctx.rope is not RopeMode.NONE and not ctx.append:
+        problems.append(
+            "rope: expected none for a read-only cache (RoPE Ops rotate the new keys they append)"
+        )
+    if ctx.kv_layout is KVLayout.PAGED:
+        if ctx.page_size < 1:
+            problems.append(f"page_size: expected >= 1 with kv_layout paged, got {ctx.page_size}")
+        if not ctx.ragged:
+            problems.append("ragged: expected True with kv_layout paged (q is packed with cu_seqlens_q)")
+    elif ctx.page_size != 0:
+        problems.append(f"page_size: expected 0 with kv_layout {ctx.kv_layout.value}, got {ctx.page_size}")
+    if ctx.kv_layout is KVLayout.CONTIGUOUS and ctx.ragged:
+        problems.append("ragged: expected False with kv_layout contiguous (q is (B, Sq, Hq, D))")
+    if ctx.rope is not RopeMode.NONE and ctx.head_dim % 2:
+        problems.append(f"head_dim: expected an even head_dim with RoPE, got {ctx.head_dim}")
+    return problems

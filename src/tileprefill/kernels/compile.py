@@ -1,0 +1,85 @@
+"""The one way TileLang programs become launchable kernels, on a GPU host and in CPU CI.
+
+Program factories in `kernels/tl/` return `T.prim_func`s and know nothing of
+torch or dispatch. `build()` lowers and compiles one for an arch, once per
+(factory, static arguments, arch), with an explicit target so that it works
+without a GPU (CI compiles every case of `compile_cases()` to cubins).
+tilelang is imported here lazily: `import tileprefill` never loads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, assert_never
+
+import attrs
+
+from tileprefill.context import Arch
+from tileprefill.keys import KernelKey
+
+if TYPE_CHECKING:
+    from tilelang import JITKernel
+
+
+def target_arch(arch: Arch) -> str:
+    """The nvcc arch a TileLang kernel for `arch` is compiled for."""
+    match arch:
+        case Arch.SM80:
+            return "sm_80"
+        case Arch.SM90:
+            return "sm_90a"
+        case Arch.CPU:
+            raise ValueError("arch: expected sm80 or sm90 for a TileLang kernel, got cpu")
+        case _:
+            assert_never(arch)
+
+
+@attrs.frozen
+class CompileCase:
+    """One representative static configuration of one kernel key, compiled in CI."""
+
+    key: KernelKey
+    label: str
+    factory: Callable[..., Any]
+    args: tuple[Hashable, ...]
+    out_idx: tuple[int, ...] | None
+
+
+def build(
+    factory: Callable[..., Any], args: tuple[Hashable, ...], out_idx: tuple[int, ...] | None, arch: Arch
+) -> JITKernel:
+    """The compiled kernel of `factory(*args)` for `arch`, compiled on first use and then cached."""
+    return _build(factory, args, out_idx, target_arch(arch), None)
+
+
+def build_to(case: CompileCase, arch: Arch, output_dir: str) -> JITKernel:
+    """Compile `case` for `arch` and keep its .cu and .cubin under `output_dir` (for CI)."""
+    return _build(case.factory, case.args, case.out_idx, target_arch(arch), output_dir)
+
+
+@functools.cache
+def _build(
+    factory: Callable[..., Any],
+    args: tuple[Hashable, ...],
+    out_idx: tuple[int, ...] | None,
+    nvcc_arch: str,
+    output_dir: str | None,
+) -> JITKernel:
+    import tilelang
+
+    os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+    target = tilelang.tvm.target.Target({"kind": "cuda", "arch": nvcc_arch})
+    pass_configs: dict[str, Any] = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    if output_dir is not None:
+        pass_configs["cuda.kernels_output_dir"] = output_dir
+    program = factory(*args)
+    with target:
+        return tilelang.compile(
+            program,
+            out_idx=list(out_idx) if out_idx is not None else None,
+            target=target,
+            execution_backend="tvm_ffi",
+            pass_configs=pass_configs,
+        )

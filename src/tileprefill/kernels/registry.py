@@ -1,0 +1,67 @@
+"""Every concrete Kernel class, by key, and the base class each key's kernel must extend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import assert_never
+
+from tileprefill.context import KVLayout
+from tileprefill.kernels import append_tl, attention_tl, reference, rope_tl
+from tileprefill.kernels.base import (
+    ContiguousAppendKernel,
+    ContiguousAttentionKernel,
+    DenseAttentionKernel,
+    Kernel,
+    PagedAppendKernel,
+    PagedAttentionKernel,
+    RaggedAttentionKernel,
+    RopeKernel,
+)
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.selection import Source, append_traits, attention_traits
+
+
+def kernel_family(key: KernelKey) -> type[Kernel]:
+    """The abstract base class whose call signature the kernel of `key` implements."""
+    match key:
+        case RopeKey():
+            return RopeKernel
+        case AppendKey():
+            layout, _ = append_traits(key)
+            return PagedAppendKernel if layout is KVLayout.PAGED else ContiguousAppendKernel
+        case AttentionKey():
+            source, _ = attention_traits(key)
+            match source:
+                case Source.DENSE:
+                    return DenseAttentionKernel
+                case Source.RAGGED:
+                    return RaggedAttentionKernel
+                case Source.CONTIGUOUS:
+                    return ContiguousAttentionKernel
+                case Source.PAGED | Source.PAGED_TILED:
+                    return PagedAttentionKernel
+                case _:
+                    assert_never(source)
+        case _:
+            assert_never(key)
+
+
+def _collect() -> dict[KernelKey, type[Kernel]]:
+    found: dict[KernelKey, type[Kernel]] = {}
+    for cls in (*reference.KERNELS, *rope_tl.KERNELS, *append_tl.KERNELS, *attention_tl.KERNELS):
+        if cls.key in found:
+            raise RuntimeError(f"kernel key {cls.key.value} has two classes: {found[cls.key]} and {cls}")
+        if not issubclass(cls, kernel_family(cls.key)):
+            raise RuntimeError(
+                f"{cls.__name__} serves {cls.key.value} but does not extend {kernel_family(cls.key)}"
+            )
+        found[cls.key] = cls
+    return found
+
+
+#: key -> the one concrete class serving it. Keys without a class yet are absent
+#: (tests/test_registry.py insists that none are).
+ALL_KERNELS: Mapping[KernelKey, type[Kernel]] = MappingProxyType(_collect())
+
+__all__ = ["ALL_KERNELS", "ALL_KEYS", "kernel_family"]

@@ -1,0 +1,60 @@
+"""Kernel keys: one enum member per concrete Kernel class.
+
+A plan is a sequence of keys, one per step: an optional RoPE step, an
+optional append step, and the attention step. Keys name what a kernel does
+and the code it is built for (`_REF` is the torch reference, `_TL` a TileLang
+kernel that is the same program for SM80 and SM90, `_SM80`/`_SM90` TileLang
+kernels tuned per architecture).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeAlias
+
+
+class RopeKey(enum.Enum):
+    NEOX_REF = "rope_neox_ref"
+    INTERLEAVED_REF = "rope_interleaved_ref"
+    NEOX_TL = "rope_neox_tl"
+    INTERLEAVED_TL = "rope_interleaved_tl"
+
+
+class AppendKey(enum.Enum):
+    CONTIGUOUS_REF = "append_contiguous_ref"
+    PAGED_REF = "append_paged_ref"
+    CONTIGUOUS_TL = "append_contiguous_tl"
+    PAGED_TL = "append_paged_tl"
+
+
+class AttentionKey(enum.Enum):
+    DENSE_REF = "attn_dense_ref"
+    RAGGED_REF = "attn_ragged_ref"
+    CONTIGUOUS_REF = "attn_contiguous_ref"
+    PAGED_REF = "attn_paged_ref"
+    DENSE_SM80 = "attn_dense_sm80"
+    DENSE_SM90 = "attn_dense_sm90"
+    RAGGED_SM80 = "attn_ragged_sm80"
+    RAGGED_SM90 = "attn_ragged_sm90"
+    CONTIGUOUS_SM80 = "attn_contiguous_sm80"
+    CONTIGUOUS_SM90 = "attn_contiguous_sm90"
+    # Any page size: each KV row is gathered through the block table.
+    PAGED_SM80 = "attn_paged_sm80"
+    PAGED_SM90 = "attn_paged_sm90"
+    # Fast path: the page size divides the KV tile, so a tile is whole pages
+    # and every page is one contiguous copy.
+    PAGED_TILED_SM80 = "attn_paged_tiled_sm80"
+    PAGED_TILED_SM90 = "attn_paged_tiled_sm90"
+
+
+KernelKey: TypeAlias = RopeKey | AppendKey | AttentionKey
+
+ALL_KEYS: tuple[KernelKey, ...] = (*RopeKey, *AppendKey, *AttentionKey)
+
+
+def key_from_value(value: str) -> KernelKey:
+    """The key whose `.value` is `value` (as written in the manifest and the CLI)."""
+    for key in ALL_KEYS:
+        if key.value == value:
+            return key
+    raise ValueError(f"kernel key: expected one of {[k.value for k in ALL_KEYS]}, got {value!r}")

@@ -1,0 +1,333 @@
+"""Kernel selection: one pure, finite decision from a context to a plan.
+
+`select_plan(ctx)` reads only the context. Each step (RoPE, append,
+attention) walks its keys in preference order and takes the first one with
+no rejection reasons; `rejections(key, ctx)` is the single statement of what
+each key's kernel can serve. Every `match` ends in `assert_never`, so a new
+enum member fails `mypy --strict` until every decision here handles it.
+Nothing falls back silently: when a step has no kernel, `select_plan` raises
+`UnsupportedContextError` carrying every candidate's reasons.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import TypeVar, assert_never
+
+import attrs
+
+from tileprefill.context import Arch, KVLayout, PrefillContext, RopeMode
+from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+
+K = TypeVar("K", RopeKey, AppendKey, AttentionKey)
+
+#: Head dims the TileLang attention kernels are compiled for.
+TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+
+
+class Code(enum.Enum):
+    """What a key's kernel is built as, and so which arches it serves."""
+
+    REF = "torch reference"
+    TL = "TileLang (sm80 and sm90)"
+    SM80 = "TileLang sm80"
+    SM90 = "TileLang sm90"
+
+
+@attrs.frozen
+class PrefillPlan:
+    """The ordered steps of one call: RoPE, then append, then attention."""
+
+    rope: RopeKey | None
+    append: AppendKey | None
+    attention: AttentionKey
+
+    @property
+    def steps(self) -> tuple[KernelKey, ...]:
+        leading: list[KernelKey] = [k for k in (self.rope, self.append) if k is not None]
+        return (*leading, self.attention)
+
+    def __str__(self) -> str:
+        return " -> ".join(k.value for k in self.steps)
+
+
+@attrs.frozen
+class Rejection:
+    key: KernelKey
+    reasons: tuple[str, ...]
+
+
+@attrs.frozen
+class Explanation:
+    """The chosen plan (None if some step has no kernel) and why every other key was not chosen."""
+
+    context: PrefillContext
+    plan: PrefillPlan | None
+    rejected: tuple[Rejection, ...]
+    missing_steps: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [f"context: {_describe(self.context)}"]
+        if self.plan is None:
+            lines.append("plan: none (no kernel serves step " + ", ".join(self.missing_steps) + ")")
+        else:
+            lines.append(f"plan: {self.plan}")
+        lines.append("not chosen:")
+        for rejection in self.rejected:
+            lines.append(f"  {rejection.key.value}: " + "; ".join(rejection.reasons))
+        return "\n".join(lines)
+
+
+class UnsupportedContextError(ValueError):
+    """No kernel serves some step of this context; `explanation` says why for every candidate."""
+
+    def __init__(self, explanation: Explanation) -> None:
+        self.explanation = explanation
+        super().__init__(
+            "no kernel serves step " + ", ".join(explanation.missing_steps) + "\n" + str(explanation)
+        )
+
+
+# Preference order within each step; rejections() decides which are possible.
+ROPE_PREFERENCE: tuple[RopeKey, ...] = (
+    RopeKey.NEOX_TL,
+    RopeKey.INTERLEAVED_TL,
+    RopeKey.NEOX_REF,
+    RopeKey.INTERLEAVED_REF,
+)
+APPEND_PREFERENCE: tuple[AppendKey, ...] = (
+    AppendKey.CONTIGUOUS_TL,
+    AppendKey.PAGED_TL,
+    AppendKey.CONTIGUOUS_REF,
+    AppendKey.PAGED_REF,
+)
+ATTENTION_PREFERENCE: tuple[AttentionKey, ...] = (
+    AttentionKey.DENSE_SM90,
+    AttentionKey.RAGGED_SM90,
+    AttentionKey.CONTIGUOUS_SM90,
+    AttentionKey.PAGED_TILED_SM90,
+    AttentionKey.PAGED_SM90,
+    AttentionKey.DENSE_SM80,
+    AttentionKey.RAGGED_SM80,
+    AttentionKey.CONTIGUOUS_SM80,
+    AttentionKey.PAGED_TILED_SM80,
+    AttentionKey.PAGED_SM80,
+    AttentionKey.DENSE_REF,
+    AttentionKey.RAGGED_REF,
+    AttentionKey.CONTIGUOUS_REF,
+    AttentionKey.PAGED_REF,
+)
+
+
+def select_plan(ctx: PrefillContext) -> PrefillPlan:
+    """The plan for `ctx`; raises `UnsupportedContextError` if a step has no kernel."""
+    explanation = explain(ctx)
+    if explanation.plan is None:
+        raise UnsupportedContextError(explanation)
+    return explanation.plan
+
+
+def explain(ctx: PrefillContext) -> Explanation:
+    rope = _first_supported(ROPE_PREFERENCE, ctx) if needs_rope_step(ctx) else None
+    append = _first_supported(APPEND_PREFERENCE, ctx) if ctx.append else None
+    attention = _first_supported(ATTENTION_PREFERENCE, ctx)
+    missing: list[str] = []
+    if needs_rope_step(ctx) and rope is None:
+        missing.append("rope")
+    if ctx.append and append is None:
+        missing.append("append")
+    if attention is None:
+        missing.append("attention")
+    chosen = {rope, append, attention}
+    candidates: tuple[KernelKey, ...] = (*ROPE_PREFERENCE, *APPEND_PREFERENCE, *ATTENTION_PREFERENCE)
+    rejected = tuple(
+        Rejection(
+            key, rejections(key, ctx) or ("supported, but a kernel earlier in preference order serves",)
+        )
+        for key in candidates
+        if key not in chosen
+    )
+    plan = None if attention is None or missing else PrefillPlan(rope, append, attention)
+    return Explanation(ctx, plan, rejected, tuple(missing))
+
+
+def needs_rope_step(ctx: PrefillContext) -> bool:
+    match ctx.rope:
+        case RopeMode.NONE:
+            return False
+        case RopeMode.NEOX | RopeMode.INTERLEAVED:
+            return True
+        case _:
+            assert_never(ctx.rope)
+
+
+def _first_supported(keys: Sequence[K], ctx: PrefillContext) -> K | None:
+    for key in keys:
+        if not rejections(key, ctx):
+            return key
+    return None
+
+
+def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
+    """Why the kernel of `key` cannot serve `ctx`; empty when it can."""
+    match key:
+        case RopeKey():
+            mode, code = rope_traits(key)
+            reasons = [] if ctx.rope is mode else [f"rope is {ctx.rope.value}, this kernel does {mode.value}"]
+            return (*reasons, *_code_rejections(code, ctx))
+        case AppendKey():
+            layout, code = append_traits(key)
+            reasons = [] if ctx.append else ["the call appends nothing"]
+            if ctx.kv_layout is not layout:
+                reasons.append(f"kv_layout is {ctx.kv_layout.value}, this kernel appends to {layout.value}")
+            return (*reasons, *_code_rejections(code, ctx))
+        case AttentionKey():
+            return _attention_rejections(key, ctx)
+        case _:
+            assert_never(key)
+
+
+def rope_traits(key: RopeKey) -> tuple[RopeMode, Code]:
+    match key:
+        case RopeKey.NEOX_REF:
+            return RopeMode.NEOX, Code.REF
+        case RopeKey.INTERLEAVED_REF:
+            return RopeMode.INTERLEAVED, Code.REF
+        case RopeKey.NEOX_TL:
+            return RopeMode.NEOX, Code.TL
+        case RopeKey.INTERLEAVED_TL:
+            return RopeMode.INTERLEAVED, Code.TL
+        case _:
+            assert_never(key)
+
+
+def append_traits(key: AppendKey) -> tuple[KVLayout, Code]:
+    match key:
+        case AppendKey.CONTIGUOUS_REF:
+            return KVLayout.CONTIGUOUS, Code.REF
+        case AppendKey.PAGED_REF:
+            return KVLayout.PAGED, Code.REF
+        case AppendKey.CONTIGUOUS_TL:
+            return KVLayout.CONTIGUOUS, Code.TL
+        case AppendKey.PAGED_TL:
+            return KVLayout.PAGED, Code.TL
+        case _:
+            assert_never(key)
+
+
+class Source(enum.Enum):
+    """Where an attention kernel reads q, k and v from."""
+
+    DENSE = "dense (B, S, H, D) inputs"
+    RAGGED = "ragged (T, H, D) inputs with cu_seqlens"
+    CONTIGUOUS = "a contiguous cache"
+    PAGED = "a paged cache, any page size"
+    PAGED_TILED = "a paged cache whose page size divides the KV tile"
+
+
+def attention_traits(key: AttentionKey) -> tuple[Source, Code]:
+    match key:
+        case AttentionKey.DENSE_REF:
+            return Source.DENSE, Code.REF
+        case AttentionKey.RAGGED_REF:
+            return Source.RAGGED, Code.REF
+        case AttentionKey.CONTIGUOUS_REF:
+            return Source.CONTIGUOUS, Code.REF
+        case AttentionKey.PAGED_REF:
+            return Source.PAGED, Code.REF
+        case AttentionKey.DENSE_SM80:
+            return Source.DENSE, Code.SM80
+        case AttentionKey.DENSE_SM90:
+            return Source.DENSE, Code.SM90
+        case AttentionKey.RAGGED_SM80:
+            return Source.RAGGED, Code.SM80
+        case AttentionKey.RAGGED_SM90:
+            return Source.RAGGED, Code.SM90
+        case AttentionKey.CONTIGUOUS_SM80:
+            return Source.CONTIGUOUS, Code.SM80
+        case AttentionKey.CONTIGUOUS_SM90:
+            return Source.CONTIGUOUS, Code.SM90
+        case AttentionKey.PAGED_SM80:
+            return Source.PAGED, Code.SM80
+        case AttentionKey.PAGED_SM90:
+            return Source.PAGED, Code.SM90
+        case AttentionKey.PAGED_TILED_SM80:
+            return Source.PAGED_TILED, Code.SM80
+        case AttentionKey.PAGED_TILED_SM90:
+            return Source.PAGED_TILED, Code.SM90
+        case _:
+            assert_never(key)
+
+
+def source_of(ctx: PrefillContext) -> tuple[Source, ...]:
+    """The sources that can serve `ctx`'s layout, most specific first."""
+    match ctx.kv_layout:
+        case KVLayout.NONE:
+            return (Source.RAGGED,) if ctx.ragged else (Source.DENSE,)
+        case KVLayout.CONTIGUOUS:
+            return (Source.CONTIGUOUS,)
+        case KVLayout.PAGED:
+            return (Source.PAGED_TILED, Source.PAGED)
+        case _:
+            assert_never(ctx.kv_layout)
+
+
+def pages_tile_evenly(page_size: int) -> bool:
+    """Whether a power-of-two KV tile is whole pages (or lies inside one page).
+
+    True for powers of two >= 16: then either the page size divides the tile or
+    the tile divides the page, and every page's part of a tile is one copy.
+    """
+    return page_size >= 16 and page_size & (page_size - 1) == 0
+
+
+def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, ...]:
+    source, code = attention_traits(key)
+    reasons: list[str] = []
+    if source not in source_of(ctx):
+        shape = "ragged" if ctx.ragged else "dense"
+        reasons.append(
+            f"the call reads {shape} q with kv_layout {ctx.kv_layout.value}; this kernel reads {source.value}"
+        )
+    if (
+        source is Source.PAGED_TILED
+        and ctx.kv_layout is KVLayout.PAGED
+        and not pages_tile_evenly(ctx.page_size)
+    ):
+        reasons.append(
+            f"page_size {ctx.page_size} is not a power of two >= 16, so pages do not tile the KV block"
+        )
+    if code is not Code.REF and ctx.head_dim not in TL_ATTENTION_HEAD_DIMS:
+        reasons.append(
+            f"head_dim {ctx.head_dim} is not compiled for {code.value} "
+            f"(compiled: {', '.join(map(str, TL_ATTENTION_HEAD_DIMS))})"
+        )
+    return (*reasons, *_code_rejections(code, ctx))
+
+
+def _code_rejections(code: Code, ctx: PrefillContext) -> tuple[str, ...]:
+    match code:
+        case Code.REF:
+            ok = ctx.arch is Arch.CPU
+            served = "arch cpu"
+        case Code.TL:
+            ok = ctx.arch is Arch.SM80 or ctx.arch is Arch.SM90
+            served = "arch sm80 or sm90"
+        case Code.SM80:
+            ok = ctx.arch is Arch.SM80
+            served = "arch sm80"
+        case Code.SM90:
+            ok = ctx.arch is Arch.SM90
+            served = "arch sm90"
+        case _:
+            assert_never(code)
+    return () if ok else (f"{code.value} code serves {served}; the call's arch is {ctx.arch.value}",)
+
+
+def _describe(ctx: PrefillContext) -> str:
+    return ", ".join(f"{a.name}={_show(getattr(ctx, a.name))}" for a in attrs.fields(PrefillContext))
+
+
+def _show(value: object) -> str:
+    return value.value if isinstance(value, enum.Enum) else str(value)
