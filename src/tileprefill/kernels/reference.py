@@ -1,7 +1,291 @@
-"""Placeholder: filled in by its owner."""
+"""Torch reference kernels: every plan step, on any device.
+
+These are the CPU execution path (Arch.CPU selects them) and the oracle that
+every GPU test compares the TileLang kernels against, so they favour being
+obviously right over being fast: compute in float32, return the input dtype,
+and follow the conventions of `kernels/base.py` literally.
+
+Sequence lengths and offsets (`cu_seqlens_*`, `kv_seqlens`, `cache_seqlens`)
+are read to the host with `.tolist()` and the batch is walked in a Python
+loop; each sequence's work is vectorised. That host sync is acceptable for a
+reference and is the reason these kernels are not used on a GPU in production.
+
+On CUDA the fp32 matrix products follow torch's TF32 switch
+(`torch.backends.cuda.matmul.allow_tf32`, off by default); leave it off where
+the reference serves as an oracle.
+
+All four attention kernels gather one sequence's q, k and v and hand them to
+`_attend_sequence`; both RoPE kernels are `_rotate` with a mode.
+"""
 
 from __future__ import annotations
 
-from tileprefill.kernels.base import Kernel
+from typing import ClassVar, assert_never
 
-KERNELS: tuple[type[Kernel], ...] = ()
+import torch
+
+from tileprefill.context import RopeMode
+from tileprefill.kernels.base import (
+    ContiguousAppendKernel,
+    ContiguousAttentionKernel,
+    DenseAttentionKernel,
+    Kernel,
+    PagedAppendKernel,
+    PagedAttentionKernel,
+    RaggedAttentionKernel,
+    RopeKernel,
+)
+from tileprefill.keys import AppendKey, AttentionKey, RopeKey
+
+# Query rows per chunk of one sequence's attention; with the element budget it
+# bounds the fp32 scores held at once (a chunk's scores are Hq x rows x keys).
+_MAX_QUERY_ROWS = 2048
+_SCORE_ELEMENTS_BUDGET = 1 << 26
+
+
+# ---------------------------------------------------------------------------
+# RoPE
+
+
+def _rotary_halves(mode: RopeMode, rotary_dim: int) -> tuple[slice, slice]:
+    """The dims of x1 and x2 in `out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin`."""
+    match mode:
+        case RopeMode.NEOX:
+            half = rotary_dim // 2
+            return slice(0, half), slice(half, rotary_dim)
+        case RopeMode.INTERLEAVED:
+            return slice(0, rotary_dim, 2), slice(1, rotary_dim, 2)
+        case RopeMode.NONE:
+            raise ValueError("mode: expected neox or interleaved for a RoPE kernel, got none")
+        case _:
+            assert_never(mode)
+
+
+def _rotate(
+    mode: RopeMode, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    rotary_dim = 2 * cos.shape[1]
+    first, second = _rotary_halves(mode, rotary_dim)
+    index = positions.long()
+    # (T, 1, R/2): one angle per token and rotated pair, shared by every head.
+    cos_t = cos.float()[index].unsqueeze(1)
+    sin_t = sin.float()[index].unsqueeze(1)
+    x1 = x[..., first].float()
+    x2 = x[..., second].float()
+    out = x.clone(memory_format=torch.contiguous_format)  # dims >= rotary_dim pass through
+    out[..., first] = (x1 * cos_t - x2 * sin_t).to(x.dtype)
+    out[..., second] = (x2 * cos_t + x1 * sin_t).to(x.dtype)
+    return out
+
+
+class RopeNeoxRefKernel(RopeKernel):
+    key: ClassVar[RopeKey] = RopeKey.NEOX_REF
+
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        return _rotate(RopeMode.NEOX, x, positions, cos, sin)
+
+
+class RopeInterleavedRefKernel(RopeKernel):
+    key: ClassVar[RopeKey] = RopeKey.INTERLEAVED_REF
+
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        return _rotate(RopeMode.INTERLEAVED, x, positions, cos, sin)
+
+
+# ---------------------------------------------------------------------------
+# Append
+
+
+class AppendContiguousRefKernel(ContiguousAppendKernel):
+    key: ClassVar[AppendKey] = AppendKey.CONTIGUOUS_REF
+
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+    ) -> None:
+        new_len = k_new.shape[1]
+        for b, start in enumerate(cache_seqlens.tolist()):
+            k_cache[b, start : start + new_len] = k_new[b]
+            v_cache[b, start : start + new_len] = v_new[b]
+
+
+class AppendPagedRefKernel(PagedAppendKernel):
+    key: ClassVar[AppendKey] = AppendKey.PAGED_REF
+
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+    ) -> None:
+        page_size = k_pages.shape[1]
+        offsets = cu_seqlens_q.tolist()
+        for b, start in enumerate(cache_seqlens.tolist()):
+            first, last = offsets[b], offsets[b + 1]
+            positions = torch.arange(start, start + last - first, device=block_table.device)
+            pages = block_table[b, positions // page_size].long()
+            rows = positions % page_size
+            k_pages[pages, rows] = k_new[first:last]
+            v_pages[pages, rows] = v_new[first:last]
+
+
+# ---------------------------------------------------------------------------
+# Attention
+
+
+def _attend_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    causal: bool,
+    sm_scale: float,
+) -> None:
+    """Attention of one sequence, written into `out`.
+
+    q and out (q_len, Hq, D), k and v (kv_len, Hkv, D). Query i sees keys
+    j < kv_len, and j <= kv_len - q_len + i when causal (bottom-right aligned);
+    a query that sees no key is 0.
+    """
+    q_len, q_heads, head_dim = q.shape
+    kv_len, kv_heads, _ = k.shape
+    group = q_heads // kv_heads
+    if q_len == 0:
+        return
+    rows_per_chunk = max(1, min(_MAX_QUERY_ROWS, _SCORE_ELEMENTS_BUDGET // (q_heads * max(kv_len, 1))))
+    # (Hkv, group, q_len, D): query head h = kv_head * group + g reads kv_head.
+    q_grouped = q.float().reshape(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    # (Hkv, 1, kv_len, D): broadcast over the group's query heads.
+    k_heads = k.float().permute(1, 0, 2).unsqueeze(1)
+    v_heads = v.float().permute(1, 0, 2).unsqueeze(1)
+    for row_start in range(0, q_len, rows_per_chunk):
+        row_end = min(q_len, row_start + rows_per_chunk)
+        # Keys any query of this chunk may see; causal chunks stop at the last row's diagonal.
+        visible = kv_len if not causal else max(0, min(kv_len, kv_len - q_len + row_end))
+        if visible == 0:
+            out[row_start:row_end] = 0
+            continue
+        scores = torch.matmul(q_grouped[:, :, row_start:row_end], k_heads[:, :, :visible].transpose(2, 3))
+        scores *= sm_scale
+        if causal:
+            rows = torch.arange(row_start, row_end, device=q.device).unsqueeze(1)
+            cols = torch.arange(visible, device=q.device).unsqueeze(0)
+            scores.masked_fill_(cols > kv_len - q_len + rows, float("-inf"))
+        # Rows with every key masked have max -inf; shifting by 0 instead makes them all-zero weights.
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        weights = torch.exp(scores - row_max)
+        denom = weights.sum(dim=-1, keepdim=True)
+        chunk = torch.matmul(weights, v_heads[:, :, :visible])  # (Hkv, group, rows, D)
+        chunk = torch.where(denom > 0, chunk / denom, torch.zeros_like(chunk))
+        out[row_start:row_end] = chunk.permute(2, 0, 1, 3).reshape(row_end - row_start, q_heads, head_dim)
+
+
+class AttentionDenseRefKernel(DenseAttentionKernel):
+    key: ClassVar[AttentionKey] = AttentionKey.DENSE_REF
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
+    ) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for b in range(q.shape[0]):
+            _attend_sequence(q[b], k[b], v[b], out[b], causal=causal, sm_scale=sm_scale)
+        return out
+
+
+class AttentionRaggedRefKernel(RaggedAttentionKernel):
+    key: ClassVar[AttentionKey] = AttentionKey.RAGGED_REF
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        q_offsets = cu_seqlens_q.tolist()
+        kv_offsets = cu_seqlens_kv.tolist()
+        for b in range(len(q_offsets) - 1):
+            q_rows = slice(q_offsets[b], q_offsets[b + 1])
+            kv_rows = slice(kv_offsets[b], kv_offsets[b + 1])
+            _attend_sequence(q[q_rows], k[kv_rows], v[kv_rows], out[q_rows], causal=causal, sm_scale=sm_scale)
+        return out
+
+
+class AttentionContiguousRefKernel(ContiguousAttentionKernel):
+    key: ClassVar[AttentionKey] = AttentionKey.CONTIGUOUS_REF
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for b, kv_len in enumerate(kv_seqlens.tolist()):
+            _attend_sequence(
+                q[b], k_cache[b, :kv_len], v_cache[b, :kv_len], out[b], causal=causal, sm_scale=sm_scale
+            )
+        return out
+
+
+class AttentionPagedRefKernel(PagedAttentionKernel):
+    key: ClassVar[AttentionKey] = AttentionKey.PAGED_REF
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        _, page_size, kv_heads, head_dim = k_pages.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        q_offsets = cu_seqlens_q.tolist()
+        for b, kv_len in enumerate(kv_seqlens.tolist()):
+            # Whole pages in sequence order, then cut to the valid keys.
+            pages = block_table[b, : -(-kv_len // page_size)].long()
+            k = k_pages[pages].reshape(-1, kv_heads, head_dim)[:kv_len]
+            v = v_pages[pages].reshape(-1, kv_heads, head_dim)[:kv_len]
+            q_rows = slice(q_offsets[b], q_offsets[b + 1])
+            _attend_sequence(q[q_rows], k, v, out[q_rows], causal=causal, sm_scale=sm_scale)
+        return out
+
+
+KERNELS: tuple[type[Kernel], ...] = (
+    RopeNeoxRefKernel,
+    RopeInterleavedRefKernel,
+    AppendContiguousRefKernel,
+    AppendPagedRefKernel,
+    AttentionDenseRefKernel,
+    AttentionRaggedRefKernel,
+    AttentionContiguousRefKernel,
+    AttentionPagedRefKernel,
+)

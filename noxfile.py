@@ -1,0 +1,50 @@
+"""Developer sessions. They run in the current environment (`venv_backend="none"`):
+install once with the README's command, then `nox -s lint typecheck tests compile`.
+
+`tests` is the CPU suite CI runs; `compile` lowers every TileLang program and
+compiles cubins for sm_80 and sm_90a (nvcc, no GPU); `gpu` and `bench` need a
+CUDA device and tilelang.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests", "compile"]
+nox.options.default_venv_backend = "none"
+
+_CACHE = {"TILELANG_CACHE_DIR": os.environ.get("TILELANG_CACHE_DIR", os.path.abspath(".tilelang-cache"))}
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.run("mypy")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    # pytest exits 5 when it collects nothing; nox treats that as a failure, as it should.
+    session.run("pytest", "-q", "-m", "not gpu and not compile", *session.posargs)
+
+
+@nox.session
+def compile(session: nox.Session) -> None:
+    session.run("pytest", "-q", "-m", "compile", *session.posargs, env=_CACHE)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    session.run("pytest", "-q", "-m", "gpu", *session.posargs, env=_CACHE)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    session.run("python", "benchmarks/bench_attention.py", *session.posargs, env=_CACHE)
