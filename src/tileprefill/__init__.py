@@ -6,6 +6,18 @@ Importing this package does not import tilelang.
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
 from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.ops import (
+    GQAContiguousCacheAppendPrefill,
+    GQAContiguousCachePrefill,
+    GQAContiguousCacheRopeAppendPrefill,
+    GQAPagedCacheAppendPrefill,
+    GQAPagedCachePrefill,
+    GQAPagedCacheRopeAppendPrefill,
+    GQAPrefill,
+    GQARopePrefill,
+    GQAVarlenPrefill,
+    GQAVarlenRopePrefill,
+)
 from tileprefill.selection import Explanation, PrefillPlan, UnsupportedContextError, explain, select_plan
 
 __all__ = [
@@ -14,6 +26,16 @@ __all__ = [
     "AttentionKey",
     "DType",
     "Explanation",
+    "GQAContiguousCacheAppendPrefill",
+    "GQAContiguousCachePrefill",
+    "GQAContiguousCacheRopeAppendPrefill",
+    "GQAPagedCacheAppendPrefill",
+    "GQAPagedCachePrefill",
+    "GQAPagedCacheRopeAppendPrefill",
+    "GQAPrefill",
+    "GQARopePrefill",
+    "GQAVarlenPrefill",
+    "GQAVarlenRopePrefill",
     "KVLayout",
     "KernelKey",
     "PrefillContext",

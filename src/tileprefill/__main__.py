@@ -1,0 +1,7 @@
+"""`python -m tileprefill`: see tileprefill.cli."""
+
+import sys
+
+from tileprefill.cli import main
+
+sys.exit(main())

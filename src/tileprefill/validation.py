@@ -1,0 +1,262 @@
+"""Input checks of the public Ops, run before any kernel (and so before any cache write).
+
+Two kinds of check, kept apart because they cost differently:
+
+- metadata checks (`check_metadata` and the `check_*_shape` helpers) read only
+  ranks, shapes, dtypes, devices and strides. They always run: they are free,
+  they never synchronise with the device, and they trace under `torch.compile`.
+- value checks (`check_cu_seqlens`, `check_lengths`, ...) read the index tensors'
+  values, copying them to the host. Ops run them only when constructed with
+  `validate=True`.
+
+Every error names the argument, what was expected and what was found.
+Input specs (`TensorSpec`) are the single statement of each Op's inputs: the
+metadata checks read them and the manifest test compares them to the YAML.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, assert_never
+
+import attrs
+import torch
+
+
+class DtypeRule(enum.Enum):
+    """The dtype an input must have; the value is how the manifest writes it."""
+
+    ACTIVATION = "float16 | bfloat16"  # q: the dtype of the call
+    SAME_AS_Q = "q.dtype"  # keys, values and caches
+    INT32 = "int32"  # lengths, cu_seqlens, block tables
+    FLOAT32 = "float32"  # RoPE cos/sin tables
+
+
+_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Dim(NamedTuple):
+    """One dimension of a symbolic shape: `symbol + offset` (e.g. "B + 1" for cu_seqlens)."""
+
+    symbol: str
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.symbol} + {self.offset}" if self.offset else self.symbol
+
+
+@attrs.frozen
+class TensorSpec:
+    """One tensor input of an Op: its name, dtype rule and symbolic shape."""
+
+    name: str
+    dtype: DtypeRule
+    dims: tuple[Dim, ...]
+
+    @property
+    def shape(self) -> str:
+        """The symbolic shape as written in the manifest, e.g. "(B, Sq, Hq, D)"."""
+        inner = ", ".join(str(d) for d in self.dims)
+        return f"({inner},)" if len(self.dims) == 1 else f"({inner})"
+
+
+def spec(name: str, dtype: DtypeRule, shape: str) -> TensorSpec:
+    """A TensorSpec from a shape written like "B, Sq, Hq, D" or "B + 1"."""
+    dims: list[Dim] = []
+    for part in shape.split(","):
+        symbol, _, offset = part.partition("+")
+        dims.append(Dim(symbol.strip(), int(offset) if offset.strip() else 0))
+    return TensorSpec(name, dtype, tuple(dims))
+
+
+class Binding(NamedTuple):
+    value: int
+    source: str  # the input whose shape bound the symbol first
+
+
+#: The sizes of an Op's shape symbols, as bound from its inputs.
+Dims = Mapping[str, Binding]
+
+
+def check_metadata(specs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor]) -> dict[str, Binding]:
+    """Check every input against its spec; return the size of each shape symbol.
+
+    The first input (q) fixes the device and the activation dtype. A symbol is
+    bound by the first input that has it; later inputs must agree.
+    """
+    dims: dict[str, Binding] = {}
+    first = specs[0].name
+    device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+    for s, t in zip(specs, tensors, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{s.name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(
+                f"{s.name}: expected a tensor on {device} (the device of {first}), got {t.device}"
+            )
+        _check_dtype(s, t, tensors[0].dtype, first)
+        if t.dim() != len(s.dims):
+            raise ValueError(
+                f"{s.name}: expected shape {s.shape} (rank {len(s.dims)}), "
+                f"got {tuple(t.shape)} (rank {t.dim()})"
+            )
+        for dim, size in zip(s.dims, t.shape, strict=True):
+            value = size - dim.offset
+            bound = dims.get(dim.symbol)
+            if bound is None:
+                if value < 0:
+                    raise ValueError(
+                        f"{s.name}: expected shape {s.shape} with {dim} >= {dim.offset}, got {size}"
+                    )
+                dims[dim.symbol] = Binding(value, s.name)
+            elif bound.value != value:
+                raise ValueError(
+                    f"{s.name}: expected shape {s.shape} with {dim.symbol}={bound.value} "
+                    f"(from {bound.source}), got {tuple(t.shape)}"
+                )
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{s.name}: expected a contiguous tensor (kernels index it densely), "
+                f"got shape {tuple(t.shape)} with strides {t.stride()}"
+            )
+    return dims
+
+
+def _check_dtype(s: TensorSpec, t: torch.Tensor, q_dtype: torch.dtype, first: str) -> None:
+    match s.dtype:
+        case DtypeRule.ACTIVATION:
+            ok, expected = t.dtype in _ACTIVATION_DTYPES, "float16 or bfloat16"
+        case DtypeRule.SAME_AS_Q:
+            ok, expected = t.dtype == q_dtype, f"{q_dtype} (the dtype of {first})"
+        case DtypeRule.INT32:
+            ok, expected = t.dtype == torch.int32, "torch.int32"
+        case DtypeRule.FLOAT32:
+            ok, expected = t.dtype == torch.float32, "torch.float32"
+        case _:
+            assert_never(s.dtype)
+    if not ok:
+        raise TypeError(f"{s.name}: expected dtype {expected}, got {t.dtype}")
+
+
+# --- metadata checks on the bound shape symbols (always run) ---------------------------------------
+
+
+def check_positive(dims: Dims, symbols: Sequence[str]) -> None:
+    """Sizes that must be at least 1 (heads, head dim, batch, page size...)."""
+    for symbol in symbols:
+        bound = dims[symbol]
+        if bound.value < 1:
+            raise ValueError(f"{bound.source}: expected {symbol} >= 1, got {symbol}={bound.value}")
+
+
+def check_heads(dims: Dims) -> None:
+    """GQA: every KV head serves the same number of query heads."""
+    hq, hkv = dims["Hq"], dims["Hkv"]
+    if hq.value % hkv.value:
+        raise ValueError(
+            f"{hq.source}: expected Hq divisible by Hkv={hkv.value} (from {hkv.source}), got Hq={hq.value}"
+        )
+
+
+def rotary_dim_of(dims: Dims, rotary_dim: int | None) -> int:
+    """The rotary dim of a RoPE call, checked against cos/sin and the head dim."""
+    half, head_dim = dims["R2"], dims["D"]
+    table = 2 * half.value
+    if rotary_dim is not None and rotary_dim != table:
+        raise ValueError(
+            f"rotary_dim: expected 2 * {half.source}.shape[1] = {table} (cos/sin hold rotary_dim // 2 "
+            f"frequencies), got {rotary_dim}"
+        )
+    if head_dim.value % 2:
+        raise ValueError(f"{head_dim.source}: expected an even head dim D with RoPE, got D={head_dim.value}")
+    if table > head_dim.value:
+        raise ValueError(
+            f"{half.source}: expected shape[1] <= D / 2 = {head_dim.value // 2} (rotary_dim <= head dim), "
+            f"got {half.value} (rotary_dim {table})"
+        )
+    return table
+
+
+def check_rope_table_length(dims: Dims, needed: int, why: str) -> None:
+    """cos/sin must have a row for every position a call rotates."""
+    positions = dims["P"]
+    if needed > positions.value:
+        raise ValueError(
+            f"{positions.source}: expected at least {needed} rows ({why}), got {positions.value}"
+        )
+
+
+# --- value checks (validate=True only: they copy index tensors to the host) -------------------------
+
+
+def host_list(t: torch.Tensor) -> list[int]:
+    """The values of a small int32 index tensor, on the host (synchronises with the device)."""
+    return [int(x) for x in t.cpu().tolist()]
+
+
+def host_table(t: torch.Tensor) -> list[list[int]]:
+    return [[int(x) for x in row] for row in t.cpu().tolist()]
+
+
+def check_cu_seqlens(name: str, cu: Sequence[int], total: int, total_source: str) -> list[int]:
+    """cu_seqlens start at 0, never decrease and end at the packed token count; returns lengths."""
+    if cu[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] = 0, got {cu[0]}")
+    for b in range(len(cu) - 1):
+        if cu[b + 1] < cu[b]:
+            raise ValueError(
+                f"{name}: expected nondecreasing values, got {name}[{b + 1}] = {cu[b + 1]} < "
+                f"{name}[{b}] = {cu[b]}"
+            )
+    if cu[-1] != total:
+        raise ValueError(
+            f"{name}: expected {name}[-1] = {total} (the tokens of {total_source}), got {cu[-1]}"
+        )
+    return [cu[b + 1] - cu[b] for b in range(len(cu) - 1)]
+
+
+def check_lengths(name: str, lengths: Sequence[int], capacity: int, capacity_is: str) -> None:
+    """Per-sequence lengths within [0, capacity]."""
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= capacity:
+            raise ValueError(f"{name}: expected {name}[{b}] in [0, {capacity}] ({capacity_is}), got {n}")
+
+
+def check_append_capacity(
+    name: str, cache_lens: Sequence[int], q_lens: Sequence[int], capacity: int, capacity_is: str
+) -> None:
+    """The keys already cached plus the new ones fit the cache of each sequence."""
+    for b, (cached, new) in enumerate(zip(cache_lens, q_lens, strict=True)):
+        if cached < 0:
+            raise ValueError(f"{name}: expected {name}[{b}] >= 0, got {cached}")
+        if cached + new > capacity:
+            raise ValueError(
+                f"{name}: expected {name}[{b}] + q_len {new} <= {capacity} ({capacity_is}), "
+                f"got {cached} + {new} = {cached + new}"
+            )
+
+
+def check_block_table(
+    block_table: Sequence[Sequence[int]], kv_lens: Sequence[int], page_size: int, num_pages: int
+) -> None:
+    """Entries of the pages each sequence uses (positions < its kv length) name real pages."""
+    for b, (row, n) in enumerate(zip(block_table, kv_lens, strict=True)):
+        used = math.ceil(n / page_size)
+        for i in range(used):
+            if not 0 <= row[i] < num_pages:
+                raise ValueError(
+                    f"block_table: expected entries in [0, {num_pages}) (num_pages) for the {used} pages "
+                    f"sequence {b} uses (positions < {n}), got block_table[{b}, {i}] = {row[i]}"
+                )
+
+
+def check_rope_positions(name: str, last_positions: Sequence[int], table_rows: int, why: str) -> None:
+    """Every rotated token's position has a row in cos/sin; `last_positions[b]` is -1 for no token."""
+    for b, last in enumerate(last_positions):
+        if last >= table_rows:
+            raise ValueError(
+                f"{name}: expected more than {last} rows (sequence {b} rotates position {last}, {why}), "
+                f"got {table_rows}"
+            )

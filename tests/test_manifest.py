@@ -1,0 +1,105 @@
+"""attention.yaml against the code, both ways: it can never drift from the Ops it describes."""
+
+from __future__ import annotations
+
+import inspect
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tileprefill as tp
+from tileprefill.manifest import Manifest, ManifestError, OpEntry, load_manifest, parse_manifest
+from tileprefill.ops import PUBLIC_OPS, OpClass
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return load_manifest()
+
+
+def _entry(manifest: Manifest, op: OpClass) -> OpEntry:
+    return manifest.op(op.__name__)
+
+
+def test_every_exported_op_is_in_the_manifest_and_back(manifest: Manifest) -> None:
+    exported = {name for name in tp.__all__ if name.startswith("GQA")}
+    assert exported == {op.__name__ for op in PUBLIC_OPS}
+    assert [e.name for e in manifest.ops] == [op.__name__ for op in PUBLIC_OPS]
+    for entry in manifest.ops:
+        assert getattr(tp, entry.name) in PUBLIC_OPS, f"{entry.name} in the manifest is not an exported Op"
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
+def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: OpClass) -> None:
+    entry = _entry(manifest, op)
+    assert entry.kv_layout is op.kv_layout
+    call = [p for name, p in inspect.signature(op.__call__).parameters.items() if name != "self"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in call), (
+        "Op inputs are fixed and ordered: no defaults, no *args"
+    )
+    assert [i.name for i in entry.inputs] == [p.name for p in call]
+    assert [(i.name, i.dtype, i.shape) for i in entry.inputs] == [
+        (s.name, s.dtype.value, s.shape) for s in op.input_specs
+    ]
+    assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
+        (op.output_spec.name, op.output_spec.dtype.value, op.output_spec.shape)
+    ]
+    for method in ("plan_for", "explain"):
+        params = [n for n in inspect.signature(getattr(op, method)).parameters if n != "self"]
+        assert params == [i.name for i in entry.inputs], f"{op.__name__}.{method} takes other inputs"
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
+def test_params_match_constructor(manifest: Manifest, op: OpClass) -> None:
+    entry = _entry(manifest, op)
+    params = [p for name, p in inspect.signature(op.__init__).parameters.items() if name != "self"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), (
+        "constructor params are keyword-only"
+    )
+    assert [(p.name, p.type, p.required, p.default) for p in entry.params] == [
+        (p.name, p.annotation, p.default is p.empty, None if p.default is p.empty else p.default)
+        for p in params
+    ]
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
+def test_kernel_map_matches_default_kernel_map(manifest: Manifest, op: OpClass) -> None:
+    entry = _entry(manifest, op)
+    in_manifest = {k.key.value: k.kernel for k in entry.kernel_map}
+    in_code = {key.value: cls.__name__ for key, cls in op.default_kernel_map.items()}
+    expected_yaml = "\n".join(f"        {k}: {v}" for k, v in in_code.items())
+    assert in_manifest == in_code, f"{op.__name__}: source.kernel_map should read\n{expected_yaml}"
+
+
+def test_symbols_cover_every_shape(manifest: Manifest) -> None:
+    used = {
+        dim.symbol for op in PUBLIC_OPS for spec in (*op.input_specs, op.output_spec) for dim in spec.dims
+    }
+    assert used == set(manifest.symbols)
+
+
+def test_loader_rejects_malformed_files(tmp_path: Path, manifest: Manifest) -> None:
+    good = yaml.safe_load(load_manifest_text())
+    assert parse_manifest(good) == manifest
+    bad_layout = yaml.safe_load(load_manifest_text())
+    bad_layout["ops"][0]["kv_layout"] = "ring"
+    with pytest.raises(ManifestError, match=r"ops\[0\] \(GQAPrefill\)\.kv_layout: expected one of"):
+        parse_manifest(bad_layout)
+    bad_key = yaml.safe_load(load_manifest_text())
+    bad_key["ops"][1]["source"]["kernel_map"]["attn_warp_speed"] = "Nope"
+    with pytest.raises(ManifestError, match="attn_warp_speed"):
+        parse_manifest(bad_key)
+    bad_param = yaml.safe_load(load_manifest_text())
+    bad_param["ops"][2]["signature"]["params"][0].pop("required")
+    with pytest.raises(ManifestError, match="required"):
+        parse_manifest(bad_param)
+    path = tmp_path / "m.yaml"
+    path.write_text("ops: {}\nsymbols: {}\n")
+    with pytest.raises(ManifestError, match="ops: expected a list"):
+        load_manifest(path)
+
+
+def load_manifest_text() -> str:
+    return resources.files("tileprefill.manifest").joinpath("attention.yaml").read_text(encoding="utf-8")
