@@ -75,7 +75,7 @@ def run_against_cpu(
     cpu_inputs = [x.clone() for x in inputs]
     gpu_inputs = [x.to(DEV) for x in inputs]
     op_gpu, op_cpu = make_op(), make_op()
-    plan = op_gpu.plan_for(*gpu_inputs)
+    plan: tp.PrefillPlan = op_gpu.plan_for(*gpu_inputs)
     assert all(not k.value.endswith("_ref") for k in plan.steps), f"GPU plan uses a reference kernel: {plan}"
     poison_allocator()
     out = op_gpu(*gpu_inputs)
