@@ -64,7 +64,7 @@ def build(
 
 
 def build_to(case: CompileCase, arch: Arch, output_dir: str) -> JITKernel:
-    """Compile `case` for `arch` and keep its .cu and .cubin under `output_dir` (for CI)."""
+    """Compile `case` for `arch` and keep its .cu and .cubin (.fatbin for sm_80) under `output_dir` (CI)."""
     return _build(case.factory, case.args, case.out_idx, target_arch(arch), output_dir)
 
 
@@ -84,11 +84,21 @@ def _build(
     if output_dir is not None:
         pass_configs["cuda.kernels_output_dir"] = output_dir
     program = factory(*args)
-    with target:
-        return tilelang.compile(
-            program,
-            out_idx=list(out_idx) if out_idx is not None else None,
-            target=target,
-            execution_backend="tvm_ffi",
-            pass_configs=pass_configs,
-        )
+    # With an output directory, skip TileLang's kernel and cubin caches: a cache hit
+    # writes no .cu/.cubin there, and CI checks those files. (The caches are
+    # process-global state; restore it.)
+    cached = tilelang.is_cache_enabled()
+    if output_dir is not None and cached:
+        tilelang.disable_cache()
+    try:
+        with target:
+            return tilelang.compile(
+                program,
+                out_idx=list(out_idx) if out_idx is not None else None,
+                target=target,
+                execution_backend="tvm_ffi",
+                pass_configs=pass_configs,
+            )
+    finally:
+        if output_dir is not None and cached:
+            tilelang.enable_cache()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the lent GPU host (torch, pytest, triton present; no tilelang, no network):
+# unpack the archives that ../shared/gpu/pack.sh wrote into .gpu/, then run what is asked.
+#   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
+#   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
+#   scripts/gpu_host.sh bench                 ours + SDPA, and TileOPs in its own process
+# LIMIT (seconds, default 500) bounds each python run: `timeout` is put on python itself, because
+# a timeout on this script leaves its pytest workers running (seen: a later benchmark in the same
+# call then shared the machine with them). Do not run the GPU tests under pytest-xdist with many
+# workers: each worker compiles its own kernels and the run starves (seen: -n 14, no test done in 330 s).
+set -uo pipefail
+limit="${LIMIT:-500}"
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+if [ ! -d /tmp/tl/tilelang ]; then
+  mkdir -p /tmp/tl && tar -xJf .gpu/tilelang-site.tar.xz -C /tmp/tl || exit 1
+fi
+export PYTHONPATH="/tmp/tl:$PWD/src" PYTHONUNBUFFERED=1
+export TILELANG_CACHE_DIR="${TILELANG_CACHE_DIR:-/tmp/tlcache}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+what="${1:-tests}"; shift || true
+case "$what" in
+  tests)
+    timeout -k 5 "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" 2>&1 | grep -v '\[TileLang:' | tee "$out/gpu-tests.log"
+    ;;
+  demo)
+    timeout -k 5 "$limit" python3 -m tileprefill demo --device cuda 2>&1 | grep -v '\[TileLang:' | tee "$out/demo.log"
+    ;;
+  bench)
+    if [ -f .gpu/peer-site.tar.xz ] && [ ! -d /tmp/peer/tileops ]; then
+      mkdir -p /tmp/peer && tar -xJf .gpu/peer-site.tar.xz -C /tmp/peer
+    fi
+    if [ -d /tmp/peer/tileops ]; then
+      PYTHONPATH="/tmp/peer:/tmp/tl:$PWD/benchmarks" timeout -k 5 "$limit" python3 benchmarks/bench_peer.py --out "$out/peer.json" \
+        2>&1 | grep -v '\[TileLang:'
+    fi
+    timeout -k 5 "$limit" python3 benchmarks/bench_attention.py --peer "$out/peer.json" --out "$out/bench.json" "$@" 2>&1 \
+      | grep -v '\[TileLang:' | tee "$out/bench.log"
+    ;;
+  *) echo "usage: $0 tests|demo|bench" >&2; exit 2 ;;
+esac

@@ -1,0 +1,189 @@
+"""CI compile check: every TileLang compile case of an arch lowers and compiles to a cubin.
+
+`python -m tileprefill.compile_check --arch sm_90a [--out-dir DIR]` (or `main`)
+collects `compile_cases(arch)` from the TileLang kernel modules (attention,
+RoPE, append), compiles each with `kernels.compile.build_to` (no GPU needed),
+checks that a non-empty .cubin (or .fatbin) was written, prints one row per case and fails
+unless every case compiled and every TileLang key serving the arch has a case.
+For sm_90a it also reports whether the CUDA source uses wgmma (informational).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import assert_never
+
+import attrs
+
+from tileprefill.context import Arch
+from tileprefill.kernels import append_tl, attention_tl, rope_tl
+from tileprefill.kernels.compile import CompileCase, build_to
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.selection import Code, append_traits, attention_traits, rope_traits
+
+#: The modules whose `compile_cases(arch)` CI compiles.
+CASE_MODULES: tuple[ModuleType, ...] = (attention_tl, rope_tl, append_tl)
+
+_ARCHS: dict[str, Arch] = {"sm_80": Arch.SM80, "sm_90a": Arch.SM90}
+
+#: Device binaries nvcc may write for a case.
+BINARY_SUFFIXES: tuple[str, ...] = (".cubin", ".fatbin")
+
+
+@attrs.frozen
+class Outcome:
+    key: KernelKey
+    label: str
+    seconds: float
+    cubin_bytes: int
+    uses_wgmma: bool
+    error: str | None
+
+
+def parse_arch(arch: str) -> Arch:
+    try:
+        return _ARCHS[arch]
+    except KeyError:
+        raise ValueError(f"arch: expected one of {sorted(_ARCHS)}, got {arch!r}") from None
+
+
+def key_code(key: KernelKey) -> Code:
+    match key:
+        case RopeKey():
+            return rope_traits(key)[1]
+        case AppendKey():
+            return append_traits(key)[1]
+        case AttentionKey():
+            return attention_traits(key)[1]
+        case _:
+            assert_never(key)
+
+
+def serves(code: Code, arch: Arch) -> bool:
+    """Whether a kernel built as `code` runs on `arch` (so CI must compile it for that arch)."""
+    match code:
+        case Code.REF:
+            return False
+        case Code.TL:
+            return arch is Arch.SM80 or arch is Arch.SM90
+        case Code.SM80:
+            return arch is Arch.SM80
+        case Code.SM90:
+            return arch is Arch.SM90
+        case _:
+            assert_never(code)
+
+
+def tilelang_keys(arch: Arch) -> tuple[KernelKey, ...]:
+    """Every key whose TileLang kernel serves `arch`."""
+    return tuple(key for key in ALL_KEYS if serves(key_code(key), arch))
+
+
+def collect_cases(arch: Arch, modules: Sequence[ModuleType] = CASE_MODULES) -> tuple[CompileCase, ...]:
+    """The compile cases of `arch` from `modules`; a module without `compile_cases` has none."""
+    cases: list[CompileCase] = []
+    for module in modules:
+        compile_cases: Callable[[Arch], tuple[CompileCase, ...]] | None = getattr(
+            module, "compile_cases", None
+        )
+        if compile_cases is not None:
+            cases.extend(compile_cases(arch))
+    return tuple(cases)
+
+
+def uncovered_keys(arch: Arch, cases: Sequence[CompileCase]) -> tuple[KernelKey, ...]:
+    covered = {case.key for case in cases}
+    return tuple(key for key in tilelang_keys(arch) if key not in covered)
+
+
+def compile_case(case: CompileCase, arch: Arch, case_dir: str) -> Outcome:
+    """Compile one case into `case_dir` and check its cubin."""
+    started = time.perf_counter()
+    try:
+        kernel = build_to(case, arch, case_dir)
+        # nvcc writes a .cubin for sm_90a and a .fatbin (sm_80 SASS plus compute_80 PTX,
+        # which later archs JIT-compile) for sm_80.
+        binaries = [p for suffix in BINARY_SUFFIXES for p in pathlib.Path(case_dir).rglob(f"*{suffix}")]
+        cubin_bytes = sum(path.stat().st_size for path in binaries)
+        error = None if cubin_bytes > 0 else f"no non-empty .cubin/.fatbin written under {case_dir}"
+        uses_wgmma = "wgmma" in kernel.get_kernel_source()
+    except Exception as exc:  # reported per case; the check fails below
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        return Outcome(case.key, case.label, time.perf_counter() - started, 0, False, first_line[:200])
+    return Outcome(case.key, case.label, time.perf_counter() - started, cubin_bytes, uses_wgmma, error)
+
+
+def _case_dir(root: str, index: int, case: CompileCase) -> str:
+    label = "".join(ch if ch.isalnum() else "_" for ch in case.label)
+    return os.path.join(root, f"{index:02d}_{case.key.value}_{label}")
+
+
+def compile_all(cases: Sequence[CompileCase], arch: Arch, out_dir: str, *, jobs: int) -> tuple[Outcome, ...]:
+    """Compile `cases` with up to `jobs` worker processes (TileLang and nvcc are single-threaded)."""
+    dirs = [_case_dir(out_dir, i, case) for i, case in enumerate(cases)]
+    if jobs <= 1 or len(cases) <= 1:
+        return tuple(compile_case(case, arch, d) for case, d in zip(cases, dirs, strict=True))
+    # Fresh interpreters: no inherited compiler state, and nothing here touches CUDA.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(compile_case, case, arch, d) for case, d in zip(cases, dirs, strict=True)]
+        return tuple(future.result() for future in futures)
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def format_table(outcomes: Sequence[Outcome], arch: Arch) -> str:
+    wgmma = arch is Arch.SM90
+    header = f"{'key':<24} {'label':<28} {'seconds':>8} {'cubin bytes':>12} {'wgmma':>6}  result"
+    lines = [header, "-" * len(header)]
+    for o in outcomes:
+        uses = ("yes" if o.uses_wgmma else "no") if wgmma and o.error is None else "-"
+        result = "ok" if o.error is None else f"error: {o.error}"
+        lines.append(
+            f"{o.key.value:<24} {o.label:<28} {o.seconds:>8.1f} {o.cubin_bytes:>12} {uses:>6}  {result}"
+        )
+    return "\n".join(lines)
+
+
+def main(*, arch: str, out_dir: str | None, jobs: int | None = None) -> int:
+    """Compile every case of `arch` ("sm_80" or "sm_90a"); 0 iff all compiled and every key is covered."""
+    target = parse_arch(arch)
+    cases = collect_cases(target)
+    missing = uncovered_keys(target, cases)
+    workers = default_jobs() if jobs is None else jobs
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"tileprefill-{arch}-") as scratch:
+        outcomes = compile_all(cases, target, out_dir if out_dir is not None else scratch, jobs=workers)
+    elapsed = time.perf_counter() - started
+    print(f"compile check {arch}: {len(cases)} cases, {workers} jobs, {elapsed:.1f}s")
+    print(format_table(outcomes, target))
+    failed = [o for o in outcomes if o.error is not None]
+    for key in missing:
+        print(f"uncovered: {key.value} serves {arch} but no module has a compile case for it")
+    if failed:
+        print(f"FAILED: {len(failed)} of {len(outcomes)} cases did not compile")
+    return 0 if not failed and not missing else 1
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tileprefill.compile_check", description=__doc__)
+    parser.add_argument("--arch", required=True, choices=sorted(_ARCHS))
+    parser.add_argument("--out-dir", default=None, help="keep each case's .cu and .cubin here")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = _parse(sys.argv[1:])
+    sys.exit(main(arch=args.arch, out_dir=args.out_dir, jobs=args.jobs))

@@ -1,0 +1,67 @@
+"""Tile configurations of the attention programs: one small table per architecture.
+
+Pure Python (no tilelang import), so kernel classes can choose a configuration
+without loading the compiler. A configuration is part of a program's static
+arguments, hence of its compile-cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """block_M query rows x block_N keys per step; num_stages K/V buffers; threads per CTA."""
+
+    block_M: int
+    block_N: int
+    num_stages: int
+    threads: int
+
+
+# SM90: one producer warpgroup (TMA or cp.async gathers) and two consumer
+# warpgroups of 64 query rows each (block_M = 128) that take turns on the tensor
+# cores (ping-pong), so one's softmax hides under the other's wgmma.
+# - D 64 / 128: 128 x 128 tiles, two K/V stages: Q 16/32 KiB + K/V 64/128 KiB of
+#   shared memory, 64 fp32 score registers per thread; the FlashAttention-3 shape.
+# - D 256: block_N 64 keeps the fp32 output (128 registers a thread) plus scores
+#   inside the consumers' 240 registers and Q 64 KiB + 2 x 64 KiB K/V in 227 KiB.
+SM90_CONFIGS: dict[int, TileConfig] = {
+    64: TileConfig(block_M=128, block_N=128, num_stages=2, threads=384),
+    128: TileConfig(block_M=128, block_N=128, num_stages=2, threads=384),
+    256: TileConfig(block_M=128, block_N=64, num_stages=2, threads=384),
+}
+
+# SM80 (also run by SM86/SM89): eight warps of 16 query rows (block_M = 128),
+# K and V single-buffered with the next tile's loads issued under the current
+# tile's math (TileLang's num_stages=1 pipeline). num_stages >= 2 is not an
+# option: with a data-dependent trip count (every causal or varlen loop here)
+# TileLang 0.1.15 emits a non-constant cp.async wait and fails to compile.
+# Four warps of 32 rows (the FlashAttention-2 shape) spill under TileLang's
+# register allocation at every head dim; eight warps do not (ptxas: D 64 198,
+# D 128 224, D 256 236 registers, no spills). block_N shrinks with D to keep the
+# fp32 scores plus output in registers, and shared memory stays under the 99 KiB
+# SM86/SM89 allow a block (Q + K + V: 48 / 64 / 96 KiB).
+SM80_CONFIGS: dict[int, TileConfig] = {
+    64: TileConfig(block_M=128, block_N=128, num_stages=1, threads=256),
+    128: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
+    256: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
+}
+
+
+def sm90_config(head_dim: int) -> TileConfig:
+    return _lookup(SM90_CONFIGS, head_dim, "sm90")
+
+
+def sm80_config(head_dim: int) -> TileConfig:
+    return _lookup(SM80_CONFIGS, head_dim, "sm80")
+
+
+def _lookup(table: dict[int, TileConfig], head_dim: int, arch: str) -> TileConfig:
+    try:
+        return table[head_dim]
+    except KeyError:
+        raise ValueError(
+            f"head_dim: expected one of {sorted(table)} for the {arch} attention kernels, got {head_dim}"
+        ) from None

@@ -1,0 +1,203 @@
+"""Pieces shared by the SM80 and SM90 attention programs.
+
+Every attention program computes, for one tile of query rows of one query head,
+an online softmax over tiles of keys (FlashAttention): running row maxima `m`,
+running row sums `l`, and an fp32 output accumulator rescaled by
+`alpha = exp2((m_old - m_new) * scale)` whenever the maximum grows. Scores are
+kept unscaled; `scale = sm_scale * log2(e)` is folded into the exp2 argument as
+one fused multiply-add per score.
+
+Masking is by selection, never by addition: a masked score becomes -inf whatever
+the key held, so a key row read from memory the call does not own (a cache row
+past `kv_seqlens[b]`, even a NaN) cannot reach a visible score. A row that has
+seen no visible key keeps `m = -inf`; its maximum is then taken as 0 so that its
+probabilities are exp2(-inf) = 0 rather than NaN, its `l` stays 0, and the
+program writes 0 for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import tilelang.language as T
+
+#: log2(e): exp(x) = exp2(x * LOG2E).
+LOG2E = 1.0 / math.log(2.0)
+
+#: The accumulation type of scores, softmax statistics and outputs.
+ACCUM = "float32"
+
+
+class KVSource(enum.Enum):
+    """Where a program reads q, k and v from (one program family per member)."""
+
+    DENSE = "dense"  # q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D)
+    RAGGED = "ragged"  # q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv
+    CONTIGUOUS = "contiguous"  # q (B, Sq, Hq, D), caches (B, S_max, Hkv, D), kv_seqlens
+    PAGED = "paged"  # q (Tq, Hq, D) by cu_seqlens_q, pages (P, page_size, Hkv, D), block_table
+    PAGED_TILED = "paged_tiled"  # as PAGED, page_size a power of two >= 16
+
+    @property
+    def ragged_q(self) -> bool:
+        """Whether q and the output are packed token-major by cu_seqlens_q."""
+        return self in (KVSource.RAGGED, KVSource.PAGED, KVSource.PAGED_TILED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one CTA computes: its sequence, head, query rows and key range (TIR scalars)."""
+
+    seq: Any  # batch index of the sequence
+    head: Any
+    kv_head: Any
+    q_first: Any  # token index of the sequence's first query (ragged q; 0 otherwise)
+    q0: Any  # first query row of the CTA's tile, counted within the sequence
+    q_len: Any  # query rows of the sequence the CTA may write (0 for a CTA without a tile)
+    kv_first: Any  # token index of the sequence's first key (ragged k/v; 0 otherwise)
+    kv_len: Any
+    offset: Any  # kv_len - q_len: causal row r sees keys <= r + offset
+    tiles: Any  # key tiles to process
+
+
+def work(
+    *,
+    seq: Any,
+    head: Any,
+    kv_head: Any,
+    q_first: Any,
+    q0: Any,
+    q_len: Any,
+    kv_first: Any,
+    kv_len: Any,
+    offset: Any,
+    tiles: Any,
+) -> Work:
+    """A `Work` whose derived scalars are held in registers (`T.alloc_var`), computed once.
+
+    Later index expressions then read one int32 instead of re-deriving, say, a
+    ragged tile's rows from cu_seqlens in every loop, which keeps the generated
+    code and TileLang's compile time small. Call inside a kernel.
+    """
+
+    def held(value: Any) -> Any:
+        return T.alloc_var("int32", init=value)[0]
+
+    return Work(
+        seq=seq,
+        head=head,
+        kv_head=kv_head,
+        q_first=held(q_first),
+        q0=held(q0),
+        q_len=held(q_len),
+        kv_first=held(kv_first),
+        kv_len=held(kv_len),
+        offset=held(offset),
+        tiles=held(tiles),
+    )
+
+
+def online_softmax(rows: int, cols: int, scale: float) -> Any:
+    """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics.
+
+    `first` (a Python bool) is True for the first key tile of a row tile: the
+    statistics start there, so `m_prev`/`alpha` are not read. Afterwards `s`
+    holds the fp32 probabilities, `alpha` the rescale factor of the output
+    accumulated so far and `l` the running row sums (already rescaled). The
+    caller casts `s` to the P @ V operand: on SM90 only once the previous
+    asynchronous P @ V, which reads that operand's registers, has completed.
+    """
+    neg_inf = -T.infinity(ACCUM)
+
+    @T.macro
+    def step(s: Any, m: Any, m_prev: Any, alpha: Any, row_sum: Any, l: Any, first: Any) -> None:
+        if first:
+            T.reduce_max(s, m, dim=1, clear=True)
+        else:
+            T.copy(m, m_prev)
+            T.reduce_max(s, m, dim=1, clear=False)
+        for i in T.Parallel(rows):
+            m[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
+        if not first:
+            for i in T.Parallel(rows):
+                alpha[i] = T.exp2((m_prev[i] - m[i]) * scale)
+        for i, j in T.Parallel(rows, cols):
+            s[i, j] = T.exp2(s[i, j] * scale - m[i] * scale)
+        T.reduce_sum(s, row_sum, dim=1)
+        if first:
+            T.copy(row_sum, l)
+        else:
+            for i in T.Parallel(rows):
+                l[i] = l[i] * alpha[i] + row_sum[i]
+
+    return step
+
+
+def visibility_mask(rows: int, cols: int, causal: bool) -> Any:
+    """The macro that sets score (i, j) to -inf unless query row `row0 + i` sees key `key0 + j`.
+
+    Keys at or past `kv_len` are never visible; with `causal`, query row r
+    (counted from the start of its sequence) sees keys `<= r + kv_len - q_len`
+    (bottom-right alignment; `offset = kv_len - q_len`).
+    """
+    neg_inf = -T.infinity(ACCUM)
+
+    @T.macro
+    def apply(s: Any, row0: Any, key0: Any, kv_len: Any, offset: Any) -> None:
+        for i, j in T.Parallel(rows, cols):
+            if causal:
+                s[i, j] = T.if_then_else(
+                    (key0 + j < kv_len) & (key0 + j <= offset + row0 + i), s[i, j], neg_inf
+                )
+            else:
+                s[i, j] = T.if_then_else(key0 + j < kv_len, s[i, j], neg_inf)
+
+    return apply
+
+
+def kv_tile_count(causal: bool, block_M: int, block_N: int) -> Any:
+    """The macro returning how many key tiles the query rows [q0, q0 + block_M) of a sequence need."""
+
+    @T.macro
+    def count(q0: Any, kv_len: Any, offset: Any) -> Any:
+        if causal:
+            # The last row of the tile sees keys [0, offset + q0 + block_M); none if that is <= 0.
+            return T.ceildiv(T.max(0, T.min(kv_len, offset + q0 + block_M)), block_N)
+        else:
+            return T.ceildiv(kv_len, block_N)
+
+    return count
+
+
+def locate_ragged_tile(block_M: int) -> Any:
+    """The macro returning (sequence, query tile) of CTA `cta` of a ragged batch, found on the device.
+
+    The grid has `T_q // block_M + B` CTAs, an upper bound on the query tiles of
+    any split of T_q tokens into B sequences: sequence b owns the CTAs
+    [start(b), start(b + 1)) with `start(b) = cu_seqlens_q[b] // block_M + b`,
+    at least ceildiv(q_len_b, block_M) of them. A CTA finds its b by binary
+    search over the monotone `start` (log2(B) reads of cu_seqlens_q) and takes
+    the tiles of its sequence last-first, so the longest causal tiles start
+    first. CTAs past a sequence's tiles (and all CTAs of empty sequences) get a
+    tile index outside [0, ceildiv(q_len_b, block_M)) and do no work.
+    """
+
+    @T.macro
+    def locate(cu_seqlens_q: Any, num_seqs: Any, cta: Any) -> Any:
+        lo = T.alloc_var("int32", init=0)
+        hi = T.alloc_var("int32", init=num_seqs)
+        # 31 halvings cover any int32 batch; finished iterations read nothing.
+        for _ in T.serial(31):
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                if cu_seqlens_q[mid] // block_M + mid <= cta:
+                    lo = mid
+                else:
+                    hi = mid
+        first_cta = cu_seqlens_q[lo] // block_M + lo
+        ctas = cu_seqlens_q[lo + 1] // block_M + lo + 1 - first_cta
+        return lo, ctas - 1 - (cta - first_cta)
+
+    return locate

@@ -1,0 +1,542 @@
+"""SM90 (Hopper) attention programs: warp-specialized, TMA-fed, wgmma, ping-pong consumers.
+
+One CTA computes 128 query rows of one query head (384 threads):
+
+- warpgroup 2, the producer, loads the Q tile once and then K and V tiles into a
+  ring of `num_stages` shared-memory slots: rectangular tiles with TMA
+  (dense, ragged, contiguous cache, and whole pages of the tiled paged cache),
+  rows gathered through the block table with cp.async for any page size. Each
+  slot has a `full` mbarrier (producer -> consumers) and a `free` one
+  (consumers -> producer).
+- warpgroups 0 and 1, the consumers, own 64 query rows each. Per key tile k a
+  consumer issues S = Q K_k^T and O += P_{k-1} V_{k-1} as asynchronous wgmma,
+  waits only for S, and runs the softmax of tile k while the P V product runs
+  (intra-warpgroup overlap). Two named barriers make the consumers take turns
+  issuing their GEMMs (ping-pong), so one warpgroup's softmax runs under the
+  other's tensor-core work.
+
+Tiles that need no mask (every row of the warpgroup sees every key) run a loop
+without the mask; the causal diagonal and the last, partial tile run the masked
+loop. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
+one compiled program serves every call with the same static arguments.
+
+A cache tile that ends past `kv_seqlens[b]` holds rows the call does not own
+(possibly NaN). Their scores are masked by selection; the producer additionally
+zeroes such V rows in shared memory before releasing the tile, since 0 * NaN
+would otherwise reach the output through P @ V.
+"""
+
+import dataclasses
+from typing import Any
+
+import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
+
+from tileprefill.kernels.tl.attention_configs import TileConfig
+from tileprefill.kernels.tl.attention_parts import (
+    ACCUM,
+    LOG2E,
+    KVSource,
+    Work,
+    kv_tile_count,
+    locate_ragged_tile,
+    online_softmax,
+    visibility_mask,
+    work,
+)
+
+#: Query rows of one consumer warpgroup (the M of one wgmma).
+ROWS_PER_CONSUMER = 64
+#: Threads of the two consumer warpgroups.
+CONSUMER_THREADS = 256
+#: Threads of the producer warpgroup.
+PRODUCER_THREADS = 128
+#: Named barrier ids (16 per CTA): TileLang reserves 0-2 (__syncthreads, cross-warp reductions)
+#: and numbers the partial barriers it inserts itself from 3 up, one per thread range
+#: (at most 3 here); ours stay clear of both.
+#: Consumer w waits on TURN_BARRIER + w for its turn to issue GEMMs.
+TURN_BARRIER = 8
+#: Consumer w syncs its own 128 threads on EPILOGUE_BARRIER + w before the output TMA store.
+EPILOGUE_BARRIER = 10
+#: Registers a thread of the 384-thread CTA is launched with (setmaxnreg redistributes them).
+REGISTERS_PER_THREAD = 168
+#: Columns of one 128-byte swizzle panel of a 16-bit tile (TMA copies a sub-tile panel by panel).
+PANEL = 64
+
+
+def dense(
+    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
+) -> Any:
+    """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D), out (B, Sq, Hq, D)."""
+    return _program(KVSource.DENSE, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+
+def ragged(
+    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
+) -> Any:
+    """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv int32 (B+1,), out (Tq, Hq, D)."""
+    return _program(KVSource.RAGGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+
+def contiguous(
+    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
+) -> Any:
+    """q (B, Sq, Hq, D), k/v caches (B, S_max, Hkv, D), kv_seqlens int32 (B,), out (B, Sq, Hq, D)."""
+    return _program(KVSource.CONTIGUOUS, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+
+def paged(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    sm_scale: float,
+    page_size: int,
+    config: TileConfig,
+) -> Any:
+    """q (Tq, Hq, D), pages (P, page_size, Hkv, D), block_table (B, max_pages), kv_seqlens (B,),
+    cu_seqlens_q (B+1,), out (Tq, Hq, D); any page size, rows gathered one by one."""
+    return _program(KVSource.PAGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config)
+
+
+def paged_tiled(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    sm_scale: float,
+    page_size: int,
+    config: TileConfig,
+) -> Any:
+    """As `paged`, for a page size that is a power of two >= 16: a key tile is whole pages or
+    lies inside one page, so each page's part of it is one rectangular TMA copy (per 64-column
+    swizzle panel)."""
+    block_N = config.block_N
+    if page_size < 16 or page_size & (page_size - 1) or (page_size < block_N and block_N % page_size):
+        raise ValueError(
+            f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
+        )
+    return _program(
+        KVSource.PAGED_TILED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config
+    )
+
+
+@dataclasses.dataclass
+class _Buffers:
+    """Global tensors, shared tiles and mbarriers of one CTA."""
+
+    Q: Any
+    K: Any
+    V: Any
+    O: Any
+    block_table: Any
+    # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
+    # between the consumers. With dense q, each also stages its consumer's output.
+    Qs: tuple[Any, Any]
+    Ks: Any  # (stages, block_N, D)
+    Vs: Any
+    q_full: Any
+    k_full: Any
+    v_full: Any
+    k_free: Any
+    v_free: Any
+    v_landed: Any  # a partial cache V tile has landed and may be cleaned
+
+
+def _program(
+    source: KVSource,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    sm_scale: float,
+    page_size: int,
+    config: TileConfig,
+) -> Any:
+    if heads % kv_heads:
+        raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
+    if config.block_M != 2 * ROWS_PER_CONSUMER or config.threads != CONSUMER_THREADS + PRODUCER_THREADS:
+        raise ValueError(f"config: expected block_M 128 and 384 threads for sm90, got {config}")
+    group = heads // kv_heads
+    half = ROWS_PER_CONSUMER
+    block_M = config.block_M
+    block_N = config.block_N
+    stages = config.num_stages
+    D = head_dim
+    scale = sm_scale * LOG2E
+    gathers = source is KVSource.PAGED
+    # Caches may hold garbage past kv_len inside a tile that TMA loads whole.
+    cleans_tail = source in (KVSource.CONTIGUOUS, KVSource.PAGED_TILED)
+    # setmaxnreg moves registers between warpgroups inside the CTA's launch allocation,
+    # 168 a thread (65536 / 384 rounded down to 8): producer + 2 x consumer <= 504, or the
+    # consumers' increase waits forever. A TMA producer needs few (24, as FlashAttention-3);
+    # a gathering one computes a block-table address per row and spills below ~88 (ptxas),
+    # which leaves its consumers 208 (enough for D <= 128; D 256 spills ~100 bytes there).
+    producer_regs, consumer_regs = (88, 208) if gathers else (24, 240)
+    assert producer_regs + 2 * consumer_regs <= REGISTERS_PER_THREAD * 3
+    policy = T.GemmWarpPolicy.FullRow
+
+    softmax = online_softmax(half, block_N, scale)
+    mask = visibility_mask(half, block_N, causal)
+    tile_count = kv_tile_count(causal, block_M, block_N)
+    locate = locate_ragged_tile(block_M)
+
+    @T.macro
+    def copy_rows(
+        src: Any, dst: Any, slot: Any, barriers: Any, barrier_index: Any, k: Any, w: Work, bt: Any
+    ) -> None:
+        """Start loading key tile k of `src` (K or V) into dst[slot]; barriers[barrier_index] counts
+        its bytes."""
+        if source is KVSource.DENSE or source is KVSource.CONTIGUOUS:
+            T.tma_copy(
+                src[w.seq, k * block_N : (k + 1) * block_N, w.kv_head, :],
+                dst[slot, :, :],
+                barrier=barriers[barrier_index],
+            )
+        elif source is KVSource.RAGGED:
+            start = w.kv_first + k * block_N
+            T.tma_copy(
+                src[start : start + block_N, w.kv_head, :], dst[slot, :, :], barrier=barriers[barrier_index]
+            )
+        elif source is KVSource.PAGED_TILED:
+            if page_size >= block_N:
+                # The tile lies inside one page (block_N divides page_size).
+                page = bt[w.seq, (k * block_N) // page_size]
+                row = (k * block_N) % page_size
+                T.tma_copy(
+                    src[page, row : row + block_N, w.kv_head, :],
+                    dst[slot, :, :],
+                    barrier=barriers[barrier_index],
+                )
+            else:
+                # The tile is whole pages; pages past the sequence re-read its last page
+                # (their rows are masked and, for V, zeroed) so that no block-table entry
+                # the call does not own is read.
+                # One copy per page and 64-column panel of the swizzled tile.
+                per_tile = block_N // page_size
+                last_page = (w.kv_len - 1) // page_size
+                for i in T.unroll(per_tile):
+                    page = bt[w.seq, T.min(k * per_tile + i, last_page)]
+                    for c in T.unroll(D // PANEL):
+                        T.tma_copy(
+                            src[page, 0:page_size, w.kv_head, c * PANEL : (c + 1) * PANEL],
+                            dst[slot, i * page_size : (i + 1) * page_size, c * PANEL : (c + 1) * PANEL],
+                            barrier=barriers[barrier_index],
+                        )
+        else:
+            # Any page size: gather row by row with cp.async. Positions past the
+            # sequence re-read its last key (finite data; masked in the scores).
+            for j, d in T.Parallel(block_N, D, prefer_async=True):
+                pos = T.min(k * block_N + j, w.kv_len - 1)
+                dst[slot, j, d] = src[bt[w.seq, pos // page_size], pos % page_size, w.kv_head, d]
+            T.fence_proxy_async()
+
+    @T.macro
+    def produce(w: Work, b: _Buffers) -> None:
+        T.set_max_nreg(producer_regs, 0)
+        if w.tiles > 0:
+            for c in (0, 1):
+                rows = w.q0 + c * half
+                if source.ragged_q:
+                    T.tma_copy(
+                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :], b.Qs[c], barrier=b.q_full
+                    )
+                else:
+                    T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
+            T.mbarrier_arrive(b.q_full)
+        for k in T.serial(w.tiles):
+            slot = k % stages
+            phase = (k // stages) % 2
+            T.mbarrier_wait_parity(b.k_free[slot], phase ^ 1)
+            copy_rows(b.K, b.Ks, slot, b.k_full, slot, k, w, b.block_table)
+            T.mbarrier_arrive(b.k_full[slot])
+            T.mbarrier_wait_parity(b.v_free[slot], phase ^ 1)
+            if cleans_tail:
+                if (k + 1) * block_N > w.kv_len:
+                    # The only partial tile of the sequence: let it land, zero the rows
+                    # past kv_len, then publish it.
+                    copy_rows(b.V, b.Vs, slot, b.v_landed, 0, k, w, b.block_table)
+                    T.mbarrier_arrive(b.v_landed)
+                    T.mbarrier_wait_parity(b.v_landed, 0)
+                    for j, d in T.Parallel(block_N, D):
+                        if k * block_N + j >= w.kv_len:
+                            b.Vs[slot, j, d] = T.cast(0, dtype)
+                    T.fence_proxy_async()
+                else:
+                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, k, w, b.block_table)
+            else:
+                copy_rows(b.V, b.Vs, slot, b.v_full, slot, k, w, b.block_table)
+            T.mbarrier_arrive(b.v_full[slot])
+
+    @T.macro
+    def attend_tile(
+        c: Any,
+        k: Any,
+        w: Work,
+        b: _Buffers,
+        s: Any,
+        p: Any,
+        o: Any,
+        m: Any,
+        m_prev: Any,
+        alpha: Any,
+        row_sum: Any,
+        l: Any,
+        masked: Any,
+    ) -> None:
+        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then softmax of S_k."""
+        slot = k % stages
+        prev = (k - 1) % stages
+        T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
+        T.mbarrier_wait_parity(b.k_full[slot], (k // stages) % 2)
+        T.wgmma_gemm(b.Qs[c], b.Ks[slot, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
+        for i, j in T.Parallel(half, D):
+            o[i, j] *= alpha[i]
+        T.mbarrier_wait_parity(b.v_full[prev], ((k - 1) // stages) % 2)
+        T.wgmma_gemm(p, b.Vs[prev, :, :], o, policy=policy)
+        T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
+        T.wait_wgmma(1)
+        T.mbarrier_arrive(b.k_free[slot])
+        if masked:
+            mask(s, w.q0 + c * half, k * block_N, w.kv_len, w.offset)
+        softmax(s, m, m_prev, alpha, row_sum, l, False)
+        T.wait_wgmma(0)
+        T.mbarrier_arrive(b.v_free[prev])
+        T.copy(s, p)
+
+    @T.macro
+    def consume(c: Any, w: Work, b: _Buffers) -> None:
+        T.set_max_nreg(consumer_regs, 1)
+        row0 = w.q0 + c * half
+        s = T.alloc_fragment([half, block_N], ACCUM)
+        p = T.alloc_fragment([half, block_N], dtype)
+        o = T.alloc_fragment([half, D], ACCUM)
+        m = T.alloc_fragment([half], ACCUM)
+        m_prev = T.alloc_fragment([half], ACCUM)
+        alpha = T.alloc_fragment([half], ACCUM)
+        row_sum = T.alloc_fragment([half], ACCUM)
+        l = T.alloc_fragment([half], ACCUM)
+        T.fill(o, 0)
+        T.fill(l, 0)
+        T.fill(alpha, 1)
+        if w.tiles > 0:
+            T.mbarrier_wait_parity(b.q_full, 0)
+            if c == 1:
+                # Consumer 0 issues first.
+                T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+            T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
+            T.mbarrier_wait_parity(b.k_full[0], 0)
+            T.wgmma_gemm(b.Qs[c], b.Ks[0, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
+            T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
+            T.wait_wgmma(0)
+            T.mbarrier_arrive(b.k_free[0])
+            mask(s, row0, 0, w.kv_len, w.offset)
+            softmax(s, m, m_prev, alpha, row_sum, l, True)
+            T.copy(s, p)
+            # Tiles before `split` are seen whole by every row of this consumer.
+            if causal:
+                unmasked = T.min(w.kv_len, T.max(0, w.offset + row0 + 1)) // block_N
+            else:
+                unmasked = w.kv_len // block_N
+            split = T.max(1, T.min(w.tiles, unmasked))
+            for k in T.serial(1, split):
+                attend_tile(c, k, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+            for k in T.serial(split, w.tiles):
+                attend_tile(c, k, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+            last = (w.tiles - 1) % stages
+            for i, j in T.Parallel(half, D):
+                o[i, j] *= alpha[i]
+            T.mbarrier_wait_parity(b.v_full[last], ((w.tiles - 1) // stages) % 2)
+            T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
+            T.wait_wgmma(0)
+            T.mbarrier_arrive(b.v_free[last])
+        for i, j in T.Parallel(half, D):
+            o[i, j] = T.if_then_else(l[i] > 0, o[i, j] / l[i], 0)
+        if source.ragged_q:
+            # Rows past q_len belong to the next sequence: store row by row from registers.
+            for i, d in T.Parallel(half, D):
+                if row0 + i < w.q_len:
+                    b.O[w.q_first + row0 + i, w.head, d] = T.cast(o[i, d], dtype)
+        else:
+            # Staged through this consumer's Q tile, then one TMA store; rows past Sq
+            # fall outside the tensor and are dropped.
+            T.copy(o, b.Qs[c])
+            T.fence_proxy_async()
+            T.sync_threads(EPILOGUE_BARRIER + c, 128)
+            T.copy(b.Qs[c], b.O[w.seq, row0 : row0 + half, w.head, :])
+
+    @T.macro
+    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+        Qs0 = T.alloc_shared([half, D], dtype)
+        Qs1 = T.alloc_shared([half, D], dtype)
+        Ks = T.alloc_shared([stages, block_N, D], dtype)
+        Vs = T.alloc_shared([stages, block_N, D], dtype)
+        T.annotate_layout(
+            {
+                Qs0: make_swizzled_layout(Qs0),
+                Qs1: make_swizzled_layout(Qs1),
+                Ks: make_swizzled_layout(Ks),
+                Vs: make_swizzled_layout(Vs),
+            }
+        )
+        # Every arrival is by a whole warpgroup; TMA bytes are counted on top.
+        q_full = T.alloc_barrier([PRODUCER_THREADS])
+        k_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
+        v_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
+        k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
+        v_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
+        v_landed = T.alloc_barrier([PRODUCER_THREADS])
+        b = _Buffers(
+            Q, K, V, O, block_table, (Qs0, Qs1), Ks, Vs, q_full, k_full, v_full, k_free, v_free, v_landed
+        )
+        with T.ws(2):
+            produce(w, b)
+        with T.ws(0):
+            consume(0, w, b)
+        with T.ws(1):
+            consume(1, w, b)
+
+    threads = config.threads
+
+    if source is KVSource.DENSE:
+        batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+
+        @T.prim_func
+        def main_dense(
+            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            O: T.Tensor([batch, seq_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                # Causal tiles see more keys the later they start: launch the last first.
+                tile = T.ceildiv(seq_q, block_M) - 1 - bx if causal else bx
+                offset = seq_kv - seq_q
+                tiles = tile_count(tile * block_M, seq_kv, offset)
+                w = work(
+                    seq=bz,
+                    head=by,
+                    kv_head=by // group,
+                    q_first=0,
+                    q0=tile * block_M,
+                    q_len=seq_q,
+                    kv_first=0,
+                    kv_len=seq_kv,
+                    offset=offset,
+                    tiles=tiles,
+                )
+                attend(w, Q, K, V, O, None)
+
+        return main_dense
+
+    if source is KVSource.RAGGED:
+        tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+
+        @T.prim_func
+        def main_ragged(
+            Q: T.Tensor([tokens_q, heads, D], dtype),
+            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
+            cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
+            O: T.Tensor([tokens_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
+                seq, tile = locate(cu_seqlens_q, seqs_plus_one - 1, bx)
+                q_first = cu_seqlens_q[seq]
+                q_len = cu_seqlens_q[seq + 1] - q_first
+                kv_first = cu_seqlens_kv[seq]
+                kv_len = cu_seqlens_kv[seq + 1] - kv_first
+                offset = kv_len - q_len
+                # A CTA without a tile runs with no keys and no rows to store (no early exit:
+                # the warp-specialized body must be entered by every thread).
+                has_tile = (tile >= 0) & (tile * block_M < q_len)
+                tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
+                rows = T.if_then_else(has_tile, q_len, 0)
+                w = work(
+                    seq=seq,
+                    head=by,
+                    kv_head=by // group,
+                    q_first=q_first,
+                    q0=tile * block_M,
+                    q_len=rows,
+                    kv_first=kv_first,
+                    kv_len=kv_len,
+                    offset=offset,
+                    tiles=tiles,
+                )
+                attend(w, Q, K, V, O, None)
+
+        return main_ragged
+
+    if source is KVSource.CONTIGUOUS:
+        batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
+
+        @T.prim_func
+        def main_contiguous(
+            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+            V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+            kv_seqlens: T.Tensor([batch], "int32"),
+            O: T.Tensor([batch, seq_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                tile = T.ceildiv(seq_q, block_M) - 1 - bx if causal else bx
+                kv_len = kv_seqlens[bz]
+                offset = kv_len - seq_q
+                tiles = tile_count(tile * block_M, kv_len, offset)
+                w = work(
+                    seq=bz,
+                    head=by,
+                    kv_head=by // group,
+                    q_first=0,
+                    q0=tile * block_M,
+                    q_len=seq_q,
+                    kv_first=0,
+                    kv_len=kv_len,
+                    offset=offset,
+                    tiles=tiles,
+                )
+                attend(w, Q, K, V, O, None)
+
+        return main_contiguous
+
+    batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+
+    @T.prim_func
+    def main_paged(
+        Q: T.Tensor([tokens_q, heads, D], dtype),
+        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        block_table: T.Tensor([batch, max_pages], "int32"),
+        kv_seqlens: T.Tensor([batch], "int32"),
+        cu_seqlens_q: T.Tensor([batch + 1], "int32"),
+        O: T.Tensor([tokens_q, heads, D], dtype),
+    ) -> None:
+        with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
+            seq, tile = locate(cu_seqlens_q, batch, bx)
+            q_first = cu_seqlens_q[seq]
+            q_len = cu_seqlens_q[seq + 1] - q_first
+            kv_len = kv_seqlens[seq]
+            offset = kv_len - q_len
+            has_tile = (tile >= 0) & (tile * block_M < q_len)
+            tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
+            rows = T.if_then_else(has_tile, q_len, 0)
+            w = work(
+                seq=seq,
+                head=by,
+                kv_head=by // group,
+                q_first=q_first,
+                q0=tile * block_M,
+                q_len=rows,
+                kv_first=0,
+                kv_len=kv_len,
+                offset=offset,
+                tiles=tiles,
+            )
+            attend(w, Q, K, V, O, block_table)
+
+    return main_paged

@@ -1,0 +1,547 @@
+"""The TileLang attention kernels on a GPU, against the reference kernels.
+
+Every SM80 and SM90 attention kernel class runs on fresh random inputs (the
+seed is printed; replay with TILEPREFILL_SEED) and is compared with the
+reference kernel of its family (fp32 torch): relative Frobenius error and max
+absolute error per dtype. Every call here is made so that a mistake cannot hide:
+
+- the output buffer the kernel receives is filled with NaN first (the
+  `_allocate_output` seam), so an element the kernel does not write fails;
+- cache rows past `kv_seqlens[b]`, unused pages and the block-table entries past
+  a sequence's pages are NaN / -1, so a kernel that reads what the call does not
+  own produces NaN (masked scores must not let 0 * NaN through P @ V);
+- query rows that see no key (causal with q_len > kv_len, or kv_len = 0) must be
+  exactly 0, and inputs must be bit-for-bit unchanged.
+
+The matrix: q_len < kv_len and q_len > kv_len, unaligned lengths (1, 37, 129,
+1000), zero-length sequences inside ragged batches, GQA groups 1/2/4/8/16, head
+dims 64/128/256, page sizes 1/5/48 (gathered) and 16/64/256 (tiled), fp16 and
+bf16, causal and non-causal. Plus empty inputs, long sequences, strided inputs,
+opcheck of the custom ops, torch.compile(fullgraph=True) and CUDA-graph replay
+with new lengths.
+
+SM90 kernels run on compute capability 9.0 only. SM80 kernels run on 8.x and
+also here on Hopper (their build carries sm_90 code of the same sm_80 program).
+All static configurations are compiled up front in parallel
+(`attention_tl.prebuild`); lengths and token counts are dynamic and never
+recompile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
+
+import attrs
+import pytest
+import torch
+
+from tileprefill.context import Arch
+from tileprefill.kernels import attention_tl
+from tileprefill.kernels.attention_tl import StaticFacts
+from tileprefill.kernels.base import (
+    ContiguousAttentionKernel,
+    DenseAttentionKernel,
+    PagedAttentionKernel,
+    RaggedAttentionKernel,
+)
+from tileprefill.kernels.reference import (
+    AttentionContiguousRefKernel,
+    AttentionDenseRefKernel,
+    AttentionPagedRefKernel,
+    AttentionRaggedRefKernel,
+)
+from tileprefill.kernels.registry import ALL_KERNELS
+from tileprefill.keys import AttentionKey
+from tileprefill.selection import Source, attention_traits, pages_tile_evenly
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("tilelang", reason="needs tilelang for the TileLang kernels")
+
+DEV = torch.device("cuda")
+try:
+    DEVICE_ARCH = Arch.of_device(DEV)
+except ValueError as exc:
+    pytest.skip(f"no TileLang attention code for this device: {exc}", allow_module_level=True)
+
+# ‖out - ref‖ / ‖ref‖ and max |out - ref| against the fp32 reference. The kernels round
+# the probabilities to the input dtype before P @ V (as FlashAttention does); outputs are
+# averages of N(0, 1) values.
+REL_ERR = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+ABS_ERR = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+ARCHS = [Arch.SM90, Arch.SM80]
+
+
+def runnable(arch: Arch) -> str | None:
+    """Why kernels built for `arch` cannot run on this device (None when they can)."""
+    if arch is Arch.SM90 and DEVICE_ARCH is not Arch.SM90:
+        return f"SM90 kernels need compute capability 9.0; this device runs {DEVICE_ARCH.value} code"
+    return None
+
+
+KEYS: dict[tuple[Source, Arch], AttentionKey] = {
+    (source, arch): key
+    for key in AttentionKey
+    for source, code in [attention_traits(key)]
+    for arch in ARCHS
+    if code.name == arch.name
+}
+
+
+def facts(
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool,
+    heads: int,
+    kv_heads: int,
+    page_size: int = 0,
+) -> StaticFacts:
+    return StaticFacts(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        causal=causal,
+        sm_scale=head_dim**-0.5,
+        page_size=page_size,
+    )
+
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+# The static configurations (one compiled program per arch each): every source, every
+# head dim and GQA group 1/2/4/8/16, both dtypes and causal modes, six page sizes.
+DENSE_CONFIGS = [
+    facts(128, F16, True, 32, 8),  # group 4
+    facts(128, BF16, False, 32, 2),  # group 16
+    facts(64, F16, True, 8, 8),  # group 1
+    facts(256, BF16, True, 16, 2),  # group 8
+]
+RAGGED_CONFIGS = [
+    facts(128, BF16, True, 16, 8),  # group 2
+    facts(64, F16, False, 16, 1),  # group 16
+]
+CONTIGUOUS_CONFIGS = [
+    facts(128, F16, True, 32, 4),  # group 8
+    facts(256, F16, False, 8, 8),  # group 1
+]
+PAGED_CONFIGS = [  # rows gathered through the block table
+    facts(128, F16, True, 32, 8, page_size=1),
+    facts(64, BF16, False, 8, 2, page_size=5),
+    facts(256, F16, True, 4, 2, page_size=48),
+]
+PAGED_TILED_CONFIGS = [  # whole pages per key tile, or a key tile inside one page
+    facts(128, F16, True, 32, 8, page_size=16),
+    facts(64, BF16, True, 16, 8, page_size=64),
+    facts(128, F16, False, 16, 2, page_size=256),
+]
+CONFIGS: dict[Source, list[StaticFacts]] = {
+    Source.DENSE: DENSE_CONFIGS,
+    Source.RAGGED: RAGGED_CONFIGS,
+    Source.CONTIGUOUS: CONTIGUOUS_CONFIGS,
+    Source.PAGED: PAGED_CONFIGS,
+    Source.PAGED_TILED: PAGED_TILED_CONFIGS,
+}
+
+
+def config_id(f: StaticFacts) -> str:
+    page = f"-page{f.page_size}" if f.page_size else ""
+    mode = "causal" if f.causal else "full"
+    return f"d{f.head_dim}-{f.dtype}-{mode}-g{f.heads // f.kv_heads}{page}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    """Compile every static configuration of this module in parallel before the first test."""
+    todo = [
+        (KEYS[source, arch], f)
+        for source, configs in CONFIGS.items()
+        for f in configs
+        for arch in ARCHS
+        if runnable(arch) is None
+    ]
+    attention_tl.prebuild(todo)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed() -> Iterator[int]:
+    seed = int(os.environ.get("TILEPREFILL_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"seed {seed} (replay with TILEPREFILL_SEED={seed})")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    yield seed
+
+
+def kernel_of(source: Source, arch: Arch) -> Callable[..., torch.Tensor]:
+    reason = runnable(arch)
+    if reason is not None:
+        pytest.skip(reason)
+    kernel = ALL_KERNELS[KEYS[source, arch]]()
+    family = {
+        Source.DENSE: DenseAttentionKernel,
+        Source.RAGGED: RaggedAttentionKernel,
+        Source.CONTIGUOUS: ContiguousAttentionKernel,
+        Source.PAGED: PagedAttentionKernel,
+        Source.PAGED_TILED: PagedAttentionKernel,
+    }[source]
+    assert isinstance(kernel, family)
+    return cast(Callable[..., torch.Tensor], kernel)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+@attrs.frozen
+class Case:
+    """One call: its tensors in call order, and the output rows that see no key (must be 0)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    blind_rows: torch.Tensor  # bool over the output's leading dims ((B, Sq) or (Tq,))
+
+
+def randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=DEV)
+
+
+def cumulative(lens: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV)
+
+
+def blind(q_len: int, kv_len: int, causal: bool) -> torch.Tensor:
+    """bool (q_len,): query rows of one sequence that see no key (bottom-right causal)."""
+    rows = torch.arange(q_len, device=DEV)
+    if kv_len == 0:
+        return torch.ones(q_len, dtype=torch.bool, device=DEV)
+    return kv_len - q_len + rows < 0 if causal else torch.zeros(q_len, dtype=torch.bool, device=DEV)
+
+
+def dtype_of(f: StaticFacts) -> torch.dtype:
+    return {"float16": F16, "bfloat16": BF16}[f.dtype]
+
+
+def dense_case(f: StaticFacts, batch: int, q_len: int, kv_len: int) -> Case:
+    dt = dtype_of(f)
+    q = randn(batch, q_len, f.heads, f.head_dim, dtype=dt)
+    k = randn(batch, kv_len, f.kv_heads, f.head_dim, dtype=dt)
+    v = randn(batch, kv_len, f.kv_heads, f.head_dim, dtype=dt)
+    return Case((q, k, v), blind(q_len, kv_len, f.causal).expand(batch, q_len))
+
+
+def ragged_case(f: StaticFacts, q_lens: Sequence[int], kv_lens: Sequence[int]) -> Case:
+    dt = dtype_of(f)
+    q = randn(sum(q_lens), f.heads, f.head_dim, dtype=dt)
+    k = randn(sum(kv_lens), f.kv_heads, f.head_dim, dtype=dt)
+    v = randn(sum(kv_lens), f.kv_heads, f.head_dim, dtype=dt)
+    rows = [blind(n, m, f.causal) for n, m in zip(q_lens, kv_lens, strict=True)]
+    return Case((q, k, v, cumulative(q_lens), cumulative(kv_lens)), torch.cat(rows))
+
+
+def contiguous_case(f: StaticFacts, q_len: int, kv_lens: Sequence[int], max_len: int) -> Case:
+    """Cache rows past each kv_len are NaN."""
+    dt = dtype_of(f)
+    batch = len(kv_lens)
+    q = randn(batch, q_len, f.heads, f.head_dim, dtype=dt)
+    caches = []
+    for _ in range(2):
+        cache = torch.full((batch, max_len, f.kv_heads, f.head_dim), float("nan"), dtype=dt, device=DEV)
+        for b, n in enumerate(kv_lens):
+            cache[b, :n] = randn(n, f.kv_heads, f.head_dim, dtype=dt)
+        caches.append(cache)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    rows = torch.stack([blind(q_len, n, f.causal) for n in kv_lens])
+    return Case((q, caches[0], caches[1], lens), rows)
+
+
+def paged_case(
+    f: StaticFacts,
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    *,
+    num_pages: int | None = None,
+    table_width: int | None = None,
+) -> Case:
+    """Pages of every sequence from a shuffled pool with spare pages; unused slots and spare pages
+    are NaN, block-table entries past a sequence's pages are -1."""
+    dt = dtype_of(f)
+    ps = f.page_size
+    need = [math.ceil(n / ps) for n in kv_lens]
+    num_pages = sum(need) + 3 if num_pages is None else num_pages
+    table_width = max([1, *need]) + 2 if table_width is None else table_width
+    assert sum(need) <= num_pages and max([0, *need]) <= table_width, "test setup: too few pages"
+    pool = random.sample(range(num_pages), num_pages)
+    table = torch.full((len(kv_lens), table_width), -1, dtype=torch.int32)
+    caches = [
+        torch.full((num_pages, ps, f.kv_heads, f.head_dim), float("nan"), dtype=dt, device=DEV)
+        for _ in range(2)
+    ]
+    cursor = 0
+    for b, (n_pages, n_keys) in enumerate(zip(need, kv_lens, strict=True)):
+        pages = torch.tensor(pool[cursor : cursor + n_pages], dtype=torch.long)
+        cursor += n_pages
+        table[b, :n_pages] = pages.to(torch.int32)
+        positions = torch.arange(n_keys)
+        for cache in caches:
+            cache[pages[positions // ps].to(DEV), (positions % ps).to(DEV)] = randn(
+                n_keys, f.kv_heads, f.head_dim, dtype=dt
+            )
+    q = randn(sum(q_lens), f.heads, f.head_dim, dtype=dt)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    rows = [blind(n, m, f.causal) for n, m in zip(q_lens, kv_lens, strict=True)]
+    return Case((q, caches[0], caches[1], table.to(DEV), lens, cumulative(q_lens)), torch.cat(rows))
+
+
+REFERENCES: dict[Source, Callable[..., torch.Tensor]] = {
+    Source.DENSE: AttentionDenseRefKernel(),
+    Source.RAGGED: AttentionRaggedRefKernel(),
+    Source.CONTIGUOUS: AttentionContiguousRefKernel(),
+    Source.PAGED: AttentionPagedRefKernel(),
+    Source.PAGED_TILED: AttentionPagedRefKernel(),
+}
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bits: equal bits is byte-for-byte equality, NaN included."""
+    return t.contiguous().view(torch.uint8)
+
+
+def nan_filled(q: torch.Tensor) -> torch.Tensor:
+    return torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+
+
+def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = kernel_of(source, arch)
+    before = [bits(t).clone() for t in case.tensors]
+    expected = REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_tl, "_allocate_output", nan_filled)
+        out = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    torch.cuda.synchronize()
+    q = case.tensors[0]
+    assert (out.shape, out.dtype, out.device) == (q.shape, q.dtype, q.device)
+    for i, (tensor, old) in enumerate(zip(case.tensors, before, strict=True)):
+        assert torch.equal(bits(tensor), old), f"input {i} changed"
+    assert not out.isnan().any(), "NaN in the output: an element was not written, or garbage leaked in"
+    assert not out.isinf().any()
+    if case.blind_rows.any():
+        assert torch.equal(out[case.blind_rows], torch.zeros_like(out[case.blind_rows])), (
+            "a row that sees no key is not exactly 0"
+        )
+    if out.numel() == 0:
+        return
+    diff = (out.float() - expected.float()).abs()
+    rel = (diff.norm() / expected.float().norm().clamp_min(1e-6)).item()
+    print(f"relative error {rel:.2e}, max abs error {diff.max().item():.2e}")
+    assert rel < REL_ERR[q.dtype], f"relative error {rel:.2e}"
+    assert diff.max().item() < ABS_ERR[q.dtype], f"max abs error {diff.max().item():.2e}"
+
+
+# ----------------------------------------------------------------------------------------- dense
+
+DENSE_SHAPES = [  # batch, q_len, kv_len
+    (2, 300, 300),
+    (1, 129, 1000),  # q_len < kv_len
+    (3, 1000, 37),  # q_len > kv_len: causal rows with no key
+    (1, 1, 1),
+    (2, 37, 129),
+    (1, 128, 256),  # whole tiles
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", DENSE_CONFIGS, ids=config_id)
+@pytest.mark.parametrize(("batch", "q_len", "kv_len"), DENSE_SHAPES)
+def test_dense(
+    arch: Arch, f: StaticFacts, batch: int, q_len: int, kv_len: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check(Source.DENSE, arch, f, dense_case(f, batch, q_len, kv_len), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_dense_long_sequences(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many key tiles: the running max and sum over ~30 rescales; the causal diagonal mid-sequence."""
+    f = DENSE_CONFIGS[0]
+    check(Source.DENSE, arch, f, dense_case(f, 1, random.randint(2900, 3100), 4001), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_dense_strided_and_misaligned_inputs(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k, v as slices of one fused qkv tensor (not contiguous), then shifted by one element."""
+    f = DENSE_CONFIGS[0]
+    qkv = randn(2, 77, f.heads + 2 * f.kv_heads, f.head_dim, dtype=F16)
+    q, k, v = torch.split(qkv, [f.heads, f.kv_heads, f.kv_heads], dim=2)
+    check(Source.DENSE, arch, f, Case((q, k, v), blind(77, 77, True).expand(2, 77)), monkeypatch)
+    flat = randn(q.numel() + 1, dtype=F16)
+    shifted = flat[1:].view(q.shape)
+    check(Source.DENSE, arch, f, Case((shifted, k, v), blind(77, 77, True).expand(2, 77)), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_dense_without_queries_or_keys(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = DENSE_CONFIGS[0]
+    check(Source.DENSE, arch, f, dense_case(f, 2, 0, 50), monkeypatch)
+    check(Source.DENSE, arch, f, dense_case(f, 2, 50, 0), monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------- ragged
+
+
+def ragged_lengths() -> list[tuple[list[int], list[int]]]:
+    """Zero-length sequences first, middle and last; q_len above and below kv_len; random lengths."""
+    n = random.randint(3, 7)
+    return [
+        ([0, 1, 37, 129, 0, 1000, 5, 0], [3, 1, 100, 129, 0, 1000, 0, 17]),
+        ([257], [129]),
+        ([random.randint(0, 300) for _ in range(n)], [random.randint(0, 600) for _ in range(n)]),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", RAGGED_CONFIGS, ids=config_id)
+def test_ragged(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
+    for q_lens, kv_lens in ragged_lengths():
+        print(f"q_lens {q_lens} kv_lens {kv_lens}")
+        check(Source.RAGGED, arch, f, ragged_case(f, q_lens, kv_lens), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_ragged_long_and_empty(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = RAGGED_CONFIGS[0]
+    check(Source.RAGGED, arch, f, ragged_case(f, [2500, 3, 1100], [4000, 3, 1100]), monkeypatch)
+    check(Source.RAGGED, arch, f, ragged_case(f, [0, 0], [5, 0]), monkeypatch)  # no queries
+    check(Source.RAGGED, arch, f, ragged_case(f, [4, 9], [0, 0]), monkeypatch)  # no keys
+
+
+# ------------------------------------------------------------------------------------ contiguous
+
+
+def contiguous_shapes() -> list[tuple[int, list[int], int]]:
+    """q_len, kv_lens, S_max: empty and full caches, q_len above and below kv_len."""
+    return [
+        (37, [100, 37, 0], 130),
+        (129, [1000, 5], 1024),
+        (1, [1, 9], 9),
+        (random.randint(1, 200), [random.randint(0, 700) for _ in range(3)], 700),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", CONTIGUOUS_CONFIGS, ids=config_id)
+def test_contiguous(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
+    for q_len, kv_lens, max_len in contiguous_shapes():
+        print(f"q_len {q_len} kv_lens {kv_lens} max_len {max_len}")
+        check(Source.CONTIGUOUS, arch, f, contiguous_case(f, q_len, kv_lens, max_len), monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------- paged
+
+
+def paged_lengths() -> list[tuple[list[int], list[int]]]:
+    n = random.randint(3, 7)
+    kv = [random.randint(0, 800) for _ in range(n)]
+    return [
+        ([0, 1, 37, 129, 0, 300, 5], [5, 1, 100, 129, 7, 1000, 3]),
+        ([random.randint(0, min(300, m + 20)) for m in kv], kv),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", PAGED_CONFIGS, ids=config_id)
+def test_paged(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
+    for q_lens, kv_lens in paged_lengths():
+        print(f"q_lens {q_lens} kv_lens {kv_lens}")
+        check(Source.PAGED, arch, f, paged_case(f, q_lens, kv_lens), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", PAGED_TILED_CONFIGS, ids=config_id)
+def test_paged_tiled(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pages_tile_evenly(f.page_size)
+    for q_lens, kv_lens in paged_lengths():
+        print(f"q_lens {q_lens} kv_lens {kv_lens}")
+        check(Source.PAGED_TILED, arch, f, paged_case(f, q_lens, kv_lens), monkeypatch)
+
+
+# --------------------------------------------------------------------- custom ops, compile, graphs
+
+
+def small_case(source: Source) -> tuple[StaticFacts, Case]:
+    f = CONFIGS[source][0]
+    match source:
+        case Source.DENSE:
+            return f, dense_case(f, 2, 70, 90)
+        case Source.RAGGED:
+            return f, ragged_case(f, [3, 0, 60], [50, 4, 60])
+        case Source.CONTIGUOUS:
+            return f, contiguous_case(f, 20, [45, 100], 128)
+        case Source.PAGED | Source.PAGED_TILED:
+            return f, paged_case(f, [3, 0, 60], [50, 4, 70])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("source", list(Source), ids=lambda s: s.name.lower())
+def test_opcheck(arch: Arch, source: Source) -> None:
+    """Schema, fake (meta) implementation and dispatch of each custom op."""
+    if runnable(arch) is not None:
+        pytest.skip(str(runnable(arch)))
+    f, case = small_case(source)
+    op = attention_tl.OPS[KEYS[source, arch]]
+    torch.library.opcheck(op, (*case.tensors, f.causal, f.sm_scale))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("source", [Source.DENSE, Source.PAGED_TILED], ids=lambda s: s.name.lower())
+def test_torch_compile_fullgraph(arch: Arch, source: Source) -> None:
+    """The kernel is one opaque op in a fullgraph-compiled function (no graph break)."""
+    kernel = kernel_of(source, arch)
+    f, case = small_case(source)
+
+    def attend_twice(*tensors: torch.Tensor) -> torch.Tensor:
+        return 2.0 * kernel(*tensors, causal=f.causal, sm_scale=f.sm_scale)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend_twice, fullgraph=True)
+    got = compiled(*case.tensors)
+    want = 2.0 * REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=2 * ABS_ERR[got.dtype])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_cuda_graph_replay_with_new_lengths(arch: Arch) -> None:
+    """Lengths are read on the device: one captured paged call serves new q, cache contents and
+    lengths of the same shapes."""
+    kernel = kernel_of(Source.PAGED_TILED, arch)
+    f = PAGED_TILED_CONFIGS[0]
+    shapes = {"num_pages": 64, "table_width": 40}
+    first = paged_case(f, [40, 7, 80], [300, 7, 500], **shapes)
+    static = [t.clone() for t in first.tensors]
+    kernel(*static, causal=f.causal, sm_scale=f.sm_scale)  # compile and warm up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(*static, causal=f.causal, sm_scale=f.sm_scale)
+    for q_lens, kv_lens in (
+        ([40, 7, 80], [300, 7, 500]),
+        ([0, 120, 7], [13, 400, 7]),
+        ([127, 0, 0], [127, 0, 3]),
+    ):
+        # Same shapes (127 query tokens, 64 pages, 40 table columns); new contents and lengths.
+        case = paged_case(f, q_lens, kv_lens, **shapes)
+        for target, source_tensor in zip(static, case.tensors, strict=True):
+            assert target.shape == source_tensor.shape, "test setup: the replay needs the captured shapes"
+            target.copy_(source_tensor)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = REFERENCES[Source.PAGED_TILED](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, want, rtol=0, atol=ABS_ERR[out.dtype])
