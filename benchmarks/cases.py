@@ -84,12 +84,19 @@ def make_inputs(case: Case, device: str = "cuda", seed: int = 0) -> Inputs:
     if case.kind == "dense":
         s_q, s_kv = case.q_lens[0], case.kv_lens[0]
         return Inputs(
-            randn(batch, s_q, HQ, D), randn(batch, s_kv, HKV, D), randn(batch, s_kv, HKV, D),
-            cu_q, cu_kv, kv_seqlens, empty_table,
+            randn(batch, s_q, HQ, D),
+            randn(batch, s_kv, HKV, D),
+            randn(batch, s_kv, HKV, D),
+            cu_q,
+            cu_kv,
+            kv_seqlens,
+            empty_table,
         )
     if case.kind == "ragged":
         tq, tkv = sum(case.q_lens), sum(case.kv_lens)
-        return Inputs(randn(tq, HQ, D), randn(tkv, HKV, D), randn(tkv, HKV, D), cu_q, cu_kv, kv_seqlens, empty_table)
+        return Inputs(
+            randn(tq, HQ, D), randn(tkv, HKV, D), randn(tkv, HKV, D), cu_q, cu_kv, kv_seqlens, empty_table
+        )
     # paged: every sequence's pages are scattered through one shuffled pool
     page = case.page_size
     pages_per_seq = max(-(-n // page) for n in case.kv_lens)
@@ -98,6 +105,11 @@ def make_inputs(case: Case, device: str = "cuda", seed: int = 0) -> Inputs:
     block_table = perm.view(batch, pages_per_seq).to(torch.int32).contiguous()
     tq = sum(case.q_lens)
     return Inputs(
-        randn(tq, HQ, D), randn(num_pages, page, HKV, D), randn(num_pages, page, HKV, D),
-        cu_q, cu_kv, kv_seqlens, block_table,
+        randn(tq, HQ, D),
+        randn(num_pages, page, HKV, D),
+        randn(num_pages, page, HKV, D),
+        cu_q,
+        cu_kv,
+        kv_seqlens,
+        block_table,
     )
