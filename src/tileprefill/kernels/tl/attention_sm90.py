@@ -33,16 +33,14 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
+from tileprefill.kernels.tl.attention_entries import entry_program, source_factories
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     LOG2E,
     KVSource,
     Work,
-    kv_tile_count,
-    locate_ragged_tile,
     online_softmax,
     visibility_mask,
-    work,
 )
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
@@ -62,65 +60,6 @@ EPILOGUE_BARRIER = 10
 REGISTERS_PER_THREAD = 168
 #: Columns of one 128-byte swizzle panel of a 16-bit tile (TMA copies a sub-tile panel by panel).
 PANEL = 64
-
-
-def dense(
-    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
-) -> Any:
-    """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D), out (B, Sq, Hq, D)."""
-    return _program(KVSource.DENSE, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-
-def ragged(
-    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
-) -> Any:
-    """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv int32 (B+1,), out (Tq, Hq, D)."""
-    return _program(KVSource.RAGGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-
-def contiguous(
-    heads: int, kv_heads: int, head_dim: int, dtype: str, causal: bool, sm_scale: float, config: TileConfig
-) -> Any:
-    """q (B, Sq, Hq, D), k/v caches (B, S_max, Hkv, D), kv_seqlens int32 (B,), out (B, Sq, Hq, D)."""
-    return _program(KVSource.CONTIGUOUS, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-
-def paged(
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    dtype: str,
-    causal: bool,
-    sm_scale: float,
-    page_size: int,
-    config: TileConfig,
-) -> Any:
-    """q (Tq, Hq, D), pages (P, page_size, Hkv, D), block_table (B, max_pages), kv_seqlens (B,),
-    cu_seqlens_q (B+1,), out (Tq, Hq, D); any page size, rows gathered one by one."""
-    return _program(KVSource.PAGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config)
-
-
-def paged_tiled(
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    dtype: str,
-    causal: bool,
-    sm_scale: float,
-    page_size: int,
-    config: TileConfig,
-) -> Any:
-    """As `paged`, for a page size that is a power of two >= 16: a key tile is whole pages or
-    lies inside one page, so each page's part of it is one rectangular TMA copy (per 64-column
-    swizzle panel)."""
-    block_N = config.block_N
-    if page_size < 16 or page_size & (page_size - 1) or (page_size < block_N and block_N % page_size):
-        raise ValueError(
-            f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
-        )
-    return _program(
-        KVSource.PAGED_TILED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config
-    )
 
 
 @dataclasses.dataclass
@@ -160,9 +99,7 @@ def _program(
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
     if config.block_M != 2 * ROWS_PER_CONSUMER or config.threads != CONSUMER_THREADS + PRODUCER_THREADS:
         raise ValueError(f"config: expected block_M 128 and 384 threads for sm90, got {config}")
-    group = heads // kv_heads
     half = ROWS_PER_CONSUMER
-    block_M = config.block_M
     block_N = config.block_N
     stages = config.num_stages
     D = head_dim
@@ -181,8 +118,6 @@ def _program(
 
     softmax = online_softmax(half, block_N, scale)
     mask = visibility_mask(half, block_N, causal)
-    tile_count = kv_tile_count(causal, block_M, block_N)
-    locate = locate_ragged_tile(block_M)
 
     @T.macro
     def copy_rows(
@@ -399,144 +334,9 @@ def _program(
         with T.ws(1):
             consume(1, w, b)
 
-    threads = config.threads
+    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
 
-    if source is KVSource.DENSE:
-        batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
 
-        @T.prim_func
-        def main_dense(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
-        ) -> None:
-            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
-                # Causal tiles see more keys the later they start: launch the last first.
-                tile = T.ceildiv(seq_q, block_M) - 1 - bx if causal else bx
-                offset = seq_kv - seq_q
-                tiles = tile_count(tile * block_M, seq_kv, offset)
-                w = work(
-                    seq=bz,
-                    head=by,
-                    kv_head=by // group,
-                    q_first=0,
-                    q0=tile * block_M,
-                    q_len=seq_q,
-                    kv_first=0,
-                    kv_len=seq_kv,
-                    offset=offset,
-                    tiles=tiles,
-                )
-                attend(w, Q, K, V, O, None)
-
-        return main_dense
-
-    if source is KVSource.RAGGED:
-        tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
-
-        @T.prim_func
-        def main_ragged(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
-            cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
-        ) -> None:
-            with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
-                seq, tile = locate(cu_seqlens_q, seqs_plus_one - 1, bx)
-                q_first = cu_seqlens_q[seq]
-                q_len = cu_seqlens_q[seq + 1] - q_first
-                kv_first = cu_seqlens_kv[seq]
-                kv_len = cu_seqlens_kv[seq + 1] - kv_first
-                offset = kv_len - q_len
-                # A CTA without a tile runs with no keys and no rows to store (no early exit:
-                # the warp-specialized body must be entered by every thread).
-                has_tile = (tile >= 0) & (tile * block_M < q_len)
-                tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
-                rows = T.if_then_else(has_tile, q_len, 0)
-                w = work(
-                    seq=seq,
-                    head=by,
-                    kv_head=by // group,
-                    q_first=q_first,
-                    q0=tile * block_M,
-                    q_len=rows,
-                    kv_first=kv_first,
-                    kv_len=kv_len,
-                    offset=offset,
-                    tiles=tiles,
-                )
-                attend(w, Q, K, V, O, None)
-
-        return main_ragged
-
-    if source is KVSource.CONTIGUOUS:
-        batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
-
-        @T.prim_func
-        def main_contiguous(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
-            V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
-            kv_seqlens: T.Tensor([batch], "int32"),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
-        ) -> None:
-            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
-                tile = T.ceildiv(seq_q, block_M) - 1 - bx if causal else bx
-                kv_len = kv_seqlens[bz]
-                offset = kv_len - seq_q
-                tiles = tile_count(tile * block_M, kv_len, offset)
-                w = work(
-                    seq=bz,
-                    head=by,
-                    kv_head=by // group,
-                    q_first=0,
-                    q0=tile * block_M,
-                    q_len=seq_q,
-                    kv_first=0,
-                    kv_len=kv_len,
-                    offset=offset,
-                    tiles=tiles,
-                )
-                attend(w, Q, K, V, O, None)
-
-        return main_contiguous
-
-    batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
-
-    @T.prim_func
-    def main_paged(
-        Q: T.Tensor([tokens_q, heads, D], dtype),
-        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-        block_table: T.Tensor([batch, max_pages], "int32"),
-        kv_seqlens: T.Tensor([batch], "int32"),
-        cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-        O: T.Tensor([tokens_q, heads, D], dtype),
-    ) -> None:
-        with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
-            seq, tile = locate(cu_seqlens_q, batch, bx)
-            q_first = cu_seqlens_q[seq]
-            q_len = cu_seqlens_q[seq + 1] - q_first
-            kv_len = kv_seqlens[seq]
-            offset = kv_len - q_len
-            has_tile = (tile >= 0) & (tile * block_M < q_len)
-            tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
-            rows = T.if_then_else(has_tile, q_len, 0)
-            w = work(
-                seq=seq,
-                head=by,
-                kv_head=by // group,
-                q_first=q_first,
-                q0=tile * block_M,
-                q_len=rows,
-                kv_first=0,
-                kv_len=kv_len,
-                offset=offset,
-                tiles=tiles,
-            )
-            attend(w, Q, K, V, O, block_table)
-
-    return main_paged
+# The public factories (what `attention_tl` compiles): one per KV source, each the shared
+# entry program of that source around this arch's `attend` body.
+dense, ragged, contiguous, paged, paged_tiled = source_factories(_program)

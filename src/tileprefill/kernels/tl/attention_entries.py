@@ -1,0 +1,265 @@
+"""The entry programs of the attention kernels, shared by SM80 and SM90.
+
+An entry program is the `T.prim_func` of one KV source: it declares the
+source's tensors, launches the grid and works out what each CTA computes (its
+sequence, head, query tile and key range: a `Work`). The per-arch body, a macro
+`attend(w, Q, K, V, O, block_table)`, then computes that tile. Only the body
+differs between architectures, so the grids, the tile order and the ragged tile
+search are written once, here.
+
+Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
+causal, sm_scale, page_size, config)`, which builds its body and returns
+`entry_program(...)`; `source_factories(program)` turns that into the public
+per-source factories (`dense`, `ragged`, ...) that `attention_tl` compiles.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import tilelang.language as T
+
+from tileprefill.kernels.tl.attention_configs import TileConfig
+from tileprefill.kernels.tl.attention_parts import KVSource, Work, kv_tile_count, locate_ragged_tile, work
+
+#: An arch's program builder: (source, heads, kv_heads, head_dim, dtype, causal, sm_scale,
+#: page_size, config) -> prim_func.
+ProgramBuilder = Callable[[KVSource, int, int, int, str, bool, float, int, TileConfig], Any]
+
+
+class SourceFactories(NamedTuple):
+    """The per-source program factories of one arch (distinct functions per arch: `build` caches by them)."""
+
+    dense: Callable[[int, int, int, str, bool, float, TileConfig], Any]
+    ragged: Callable[[int, int, int, str, bool, float, TileConfig], Any]
+    contiguous: Callable[[int, int, int, str, bool, float, TileConfig], Any]
+    paged: Callable[[int, int, int, str, bool, float, int, TileConfig], Any]
+    paged_tiled: Callable[[int, int, int, str, bool, float, int, TileConfig], Any]
+
+
+def source_factories(program: ProgramBuilder) -> SourceFactories:
+    """The public factories of an arch whose programs `program` builds."""
+
+    def dense(
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        causal: bool,
+        sm_scale: float,
+        config: TileConfig,
+    ) -> Any:
+        """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D), out (B, Sq, Hq, D)."""
+        return program(KVSource.DENSE, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+    def ragged(
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        causal: bool,
+        sm_scale: float,
+        config: TileConfig,
+    ) -> Any:
+        """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv int32 (B+1,), out (Tq, Hq, D)."""
+        return program(KVSource.RAGGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+    def contiguous(
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        causal: bool,
+        sm_scale: float,
+        config: TileConfig,
+    ) -> Any:
+        """q (B, Sq, Hq, D), k/v caches (B, S_max, Hkv, D), kv_seqlens int32 (B,), out (B, Sq, Hq, D)."""
+        return program(KVSource.CONTIGUOUS, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
+
+    def paged(
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        causal: bool,
+        sm_scale: float,
+        page_size: int,
+        config: TileConfig,
+    ) -> Any:
+        """q (Tq, Hq, D), pages (P, page_size, Hkv, D), block_table (B, max_pages), kv_seqlens (B,),
+        cu_seqlens_q (B+1,), out (Tq, Hq, D); any page size, rows gathered one by one."""
+        return program(KVSource.PAGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config)
+
+    def paged_tiled(
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        causal: bool,
+        sm_scale: float,
+        page_size: int,
+        config: TileConfig,
+    ) -> Any:
+        """As `paged`, for a page size that is a power of two >= 16: a key tile is whole pages or lies
+        inside one page, so each page's part of an unmasked tile is one rectangular copy (one
+        block-table read per page, not per row)."""
+        block_N = config.block_N
+        if page_size < 16 or page_size & (page_size - 1) or (page_size < block_N and block_N % page_size):
+            raise ValueError(
+                f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
+            )
+        return program(
+            KVSource.PAGED_TILED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config
+        )
+
+    return SourceFactories(dense, ragged, contiguous, paged, paged_tiled)
+
+
+def entry_program(
+    source: KVSource,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    page_size: int,
+    config: TileConfig,
+    attend: Any,
+) -> Any:
+    """The prim_func of `source` whose CTAs each run the macro `attend(w, Q, K, V, O, block_table)`.
+
+    Every CTA calls `attend`, also one without a query tile (ragged grids have
+    spare CTAs): its `Work` then has no key tiles and no rows to store. There is
+    no early exit, since SM90's warp-specialized body must be entered by every
+    thread of the CTA.
+    """
+    group = heads // kv_heads
+    block_M = config.block_M
+    threads = config.threads
+    D = head_dim
+    tile_count = kv_tile_count(causal, block_M, config.block_N)
+    locate = locate_ragged_tile(block_M)
+
+    @T.macro
+    def batched_work(bx: Any, by: Any, bz: Any, seq_q: Any, keys: Any) -> Work:
+        """The work of CTA (bx, by, bz) over q (B, Sq, ...): query tile bx of sequence bz, head by.
+        `keys` is seq_kv (dense) or the kv_seqlens tensor (contiguous cache)."""
+        # Causal tiles see more keys the later they start: launch the last first.
+        tile = T.ceildiv(seq_q, block_M) - 1 - bx if causal else bx
+        if source is KVSource.CONTIGUOUS:
+            kv_len = keys[bz]
+        else:
+            kv_len = keys
+        offset = kv_len - seq_q
+        tiles = tile_count(tile * block_M, kv_len, offset)
+        return work(
+            seq=bz,
+            head=by,
+            kv_head=by // group,
+            q_first=0,
+            q0=tile * block_M,
+            q_len=seq_q,
+            kv_first=0,
+            kv_len=kv_len,
+            offset=offset,
+            tiles=tiles,
+        )
+
+    @T.macro
+    def packed_work(bx: Any, by: Any, cu_seqlens_q: Any, num_seqs: Any, keys: Any) -> Work:
+        """The work of CTA (bx, by) over q packed by cu_seqlens_q: the query tile found by
+        `locate`, head by. `keys` is cu_seqlens_kv (ragged) or kv_seqlens (paged)."""
+        seq, tile = locate(cu_seqlens_q, num_seqs, bx)
+        q_first = cu_seqlens_q[seq]
+        q_len = cu_seqlens_q[seq + 1] - q_first
+        if source is KVSource.RAGGED:
+            kv_first = keys[seq]
+            kv_len = keys[seq + 1] - kv_first
+        else:
+            kv_first = 0
+            kv_len = keys[seq]
+        offset = kv_len - q_len
+        # A CTA without a tile runs with no keys and no rows to store.
+        has_tile = (tile >= 0) & (tile * block_M < q_len)
+        tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
+        rows = T.if_then_else(has_tile, q_len, 0)
+        return work(
+            seq=seq,
+            head=by,
+            kv_head=by // group,
+            q_first=q_first,
+            q0=tile * block_M,
+            q_len=rows,
+            kv_first=kv_first,
+            kv_len=kv_len,
+            offset=offset,
+            tiles=tiles,
+        )
+
+    if source is KVSource.DENSE:
+        batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+
+        @T.prim_func
+        def main_dense(
+            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            O: T.Tensor([batch, seq_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                w = batched_work(bx, by, bz, seq_q, seq_kv)
+                attend(w, Q, K, V, O, None)
+
+        return main_dense
+
+    if source is KVSource.RAGGED:
+        tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+
+        @T.prim_func
+        def main_ragged(
+            Q: T.Tensor([tokens_q, heads, D], dtype),
+            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
+            cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
+            O: T.Tensor([tokens_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
+                w = packed_work(bx, by, cu_seqlens_q, seqs_plus_one - 1, cu_seqlens_kv)
+                attend(w, Q, K, V, O, None)
+
+        return main_ragged
+
+    if source is KVSource.CONTIGUOUS:
+        batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
+
+        @T.prim_func
+        def main_contiguous(
+            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+            V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+            kv_seqlens: T.Tensor([batch], "int32"),
+            O: T.Tensor([batch, seq_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                w = batched_work(bx, by, bz, seq_q, kv_seqlens)
+                attend(w, Q, K, V, O, None)
+
+        return main_contiguous
+
+    batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+
+    @T.prim_func
+    def main_paged(
+        Q: T.Tensor([tokens_q, heads, D], dtype),
+        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        block_table: T.Tensor([batch, max_pages], "int32"),
+        kv_seqlens: T.Tensor([batch], "int32"),
+        cu_seqlens_q: T.Tensor([batch + 1], "int32"),
+        O: T.Tensor([tokens_q, heads, D], dtype),
+    ) -> None:
+        with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
+            w = packed_work(bx, by, cu_seqlens_q, batch, kv_seqlens)
+            attend(w, Q, K, V, O, block_table)
+
+    return main_paged
