@@ -89,18 +89,20 @@ def program(key: AttentionKey, facts: StaticFacts) -> tuple[Callable[..., Any], 
         from tileprefill.kernels.tl import attention_sm80
 
         programs, config = attention_sm80, attention_configs.sm80_config(facts.head_dim)
+    from tileprefill.kernels.tl.attention_parts import KVSource
+
     common = (facts.heads, facts.kv_heads, facts.head_dim, facts.dtype, facts.causal, facts.sm_scale)
     match source:
         case Source.DENSE:
-            return programs.dense, (*common, config)
+            return programs.program, (KVSource.DENSE, *common, 0, config)
         case Source.RAGGED:
-            return programs.ragged, (*common, config)
+            return programs.program, (KVSource.RAGGED, *common, 0, config)
         case Source.CONTIGUOUS:
-            return programs.contiguous, (*common, config)
+            return programs.program, (KVSource.CONTIGUOUS, *common, 0, config)
         case Source.PAGED:
-            return programs.paged, (*common, facts.page_size, config)
+            return programs.program, (KVSource.PAGED, *common, facts.page_size, config)
         case Source.PAGED_TILED:
-            return programs.paged_tiled, (*common, facts.page_size, config)
+            return programs.program, (KVSource.PAGED_TILED, *common, facts.page_size, config)
         case _:
             assert_never(source)
 

@@ -9,12 +9,12 @@ search are written once, here.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
 causal, sm_scale, page_size, config)`, which builds its body and returns
-`entry_program(...)`; `source_factories(program)` turns that into the public
-per-source factories (`dense`, `ragged`, ...) that `attention_tl` compiles.
+`entry_program(...)`; that module-level function is the factory `attention_tl`
+compiles (module-level, so compile workers in other processes can unpickle it).
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import tilelang.language as T
 
@@ -24,94 +24,6 @@ from tileprefill.kernels.tl.attention_parts import KVSource, Work, kv_tile_count
 #: An arch's program builder: (source, heads, kv_heads, head_dim, dtype, causal, sm_scale,
 #: page_size, config) -> prim_func.
 ProgramBuilder = Callable[[KVSource, int, int, int, str, bool, float, int, TileConfig], Any]
-
-
-class SourceFactories(NamedTuple):
-    """The per-source program factories of one arch (distinct functions per arch: `build` caches by them)."""
-
-    dense: Callable[[int, int, int, str, bool, float, TileConfig], Any]
-    ragged: Callable[[int, int, int, str, bool, float, TileConfig], Any]
-    contiguous: Callable[[int, int, int, str, bool, float, TileConfig], Any]
-    paged: Callable[[int, int, int, str, bool, float, int, TileConfig], Any]
-    paged_tiled: Callable[[int, int, int, str, bool, float, int, TileConfig], Any]
-
-
-def source_factories(program: ProgramBuilder) -> SourceFactories:
-    """The public factories of an arch whose programs `program` builds."""
-
-    def dense(
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: str,
-        causal: bool,
-        sm_scale: float,
-        config: TileConfig,
-    ) -> Any:
-        """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D), out (B, Sq, Hq, D)."""
-        return program(KVSource.DENSE, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-    def ragged(
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: str,
-        causal: bool,
-        sm_scale: float,
-        config: TileConfig,
-    ) -> Any:
-        """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv int32 (B+1,), out (Tq, Hq, D)."""
-        return program(KVSource.RAGGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-    def contiguous(
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: str,
-        causal: bool,
-        sm_scale: float,
-        config: TileConfig,
-    ) -> Any:
-        """q (B, Sq, Hq, D), k/v caches (B, S_max, Hkv, D), kv_seqlens int32 (B,), out (B, Sq, Hq, D)."""
-        return program(KVSource.CONTIGUOUS, heads, kv_heads, head_dim, dtype, causal, sm_scale, 0, config)
-
-    def paged(
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: str,
-        causal: bool,
-        sm_scale: float,
-        page_size: int,
-        config: TileConfig,
-    ) -> Any:
-        """q (Tq, Hq, D), pages (P, page_size, Hkv, D), block_table (B, max_pages), kv_seqlens (B,),
-        cu_seqlens_q (B+1,), out (Tq, Hq, D); any page size, rows gathered one by one."""
-        return program(KVSource.PAGED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config)
-
-    def paged_tiled(
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: str,
-        causal: bool,
-        sm_scale: float,
-        page_size: int,
-        config: TileConfig,
-    ) -> Any:
-        """As `paged`, for a page size that is a power of two >= 16: a key tile is whole pages or lies
-        inside one page, so each page's part of an unmasked tile is one rectangular copy (one
-        block-table read per page, not per row)."""
-        block_N = config.block_N
-        if page_size < 16 or page_size & (page_size - 1) or (page_size < block_N and block_N % page_size):
-            raise ValueError(
-                f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
-            )
-        return program(
-            KVSource.PAGED_TILED, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, config
-        )
-
-    return SourceFactories(dense, ragged, contiguous, paged, paged_tiled)
 
 
 def entry_program(
@@ -132,6 +44,10 @@ def entry_program(
     no early exit, since SM90's warp-specialized body must be entered by every
     thread of the CTA.
     """
+    if source is KVSource.PAGED_TILED and not _pages_tile(page_size, config.block_N):
+        raise ValueError(
+            f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
+        )
     group = heads // kv_heads
     block_M = config.block_M
     threads = config.threads
@@ -263,3 +179,12 @@ def entry_program(
             attend(w, Q, K, V, O, block_table)
 
     return main_paged
+
+
+def _pages_tile(page_size: int, block_N: int) -> bool:
+    """A key tile is whole pages or lies inside one page: each page's part is one rectangular copy."""
+    return (
+        page_size >= 16
+        and not page_size & (page_size - 1)
+        and (page_size >= block_N or not block_N % page_size)
+    )

@@ -20,7 +20,7 @@ from typing import Any
 import tilelang.language as T
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
-from tileprefill.kernels.tl.attention_entries import entry_program, source_factories
+from tileprefill.kernels.tl.attention_entries import entry_program
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     LOG2E,
@@ -31,7 +31,7 @@ from tileprefill.kernels.tl.attention_parts import (
 )
 
 
-def _program(
+def program(
     source: KVSource,
     heads: int,
     kv_heads: int,
@@ -141,8 +141,3 @@ def _program(
             T.copy(o, O[w.seq, w.q0 : w.q0 + block_M, w.head, :])
 
     return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
-
-
-# The public factories (what `attention_tl` compiles): one per KV source, each the shared
-# entry program of that source around this arch's `attend` body.
-dense, ragged, contiguous, paged, paged_tiled = source_factories(_program)

@@ -33,7 +33,7 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
-from tileprefill.kernels.tl.attention_entries import entry_program, source_factories
+from tileprefill.kernels.tl.attention_entries import entry_program
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     LOG2E,
@@ -84,7 +84,7 @@ class _Buffers:
     v_landed: Any  # a partial cache V tile has landed and may be cleaned
 
 
-def _program(
+def program(
     source: KVSource,
     heads: int,
     kv_heads: int,
@@ -335,8 +335,3 @@ def _program(
             consume(1, w, b)
 
     return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
-
-
-# The public factories (what `attention_tl` compiles): one per KV source, each the shared
-# entry program of that source around this arch's `attend` body.
-dense, ragged, contiguous, paged, paged_tiled = source_factories(_program)
