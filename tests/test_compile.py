@@ -53,10 +53,9 @@ def test_attention_cases_are_exactly_the_keys_of_the_arch(arch: Arch) -> None:
 
 def _facts_of(case: CompileCase) -> tuple[int, str, bool, int]:
     """(head_dim, dtype, causal, page_size) of an attention case, read from its program arguments."""
-    heads, kv_heads, head_dim, dtype, causal, sm_scale, *rest = case.args
+    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config = case.args
     assert isinstance(head_dim, int) and isinstance(dtype, str) and isinstance(causal, bool)
     assert (heads, kv_heads) == (32, 8) and sm_scale == pytest.approx(head_dim**-0.5)
-    page_size = rest[0] if len(rest) == 2 else 0
     assert isinstance(page_size, int)
     return head_dim, dtype, causal, page_size
 
