@@ -16,6 +16,7 @@ import torch
 from tileprefill import compile_check
 from tileprefill.context import Arch
 from tileprefill.kernels import attention_tl
+from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.compile import CompileCase
 from tileprefill.keys import AttentionKey
 from tileprefill.selection import Code, Source, attention_traits
@@ -140,3 +141,50 @@ def test_every_tilelang_attention_key_has_a_custom_op_with_the_output_shape_of_q
                 out = op(ragged_q, pages, pages, table, index[:2], index, True, 0.125)
                 q = ragged_q
         assert (out.shape, out.dtype, out.device) == (q.shape, q.dtype, meta), key.value
+
+
+class _CompiledForReal(Exception):
+    """Raised by a factory that `build` reached: it tried to compile."""
+
+
+def _refusing_factory(*args: object) -> object:
+    raise _CompiledForReal(args)
+
+
+def test_recording_builds_records_and_compiles_nothing() -> None:
+    """Inside: no factory runs and the launch does nothing. Outside again: `build` compiles."""
+    with compile_module.recording_builds() as requests:
+        kernel = compile_module.build(_refusing_factory, (1, "float16"), None, Arch.SM90)
+        compile_module.build(_refusing_factory, (2, "bfloat16"), (3,), Arch.SM80)
+        assert kernel(torch.zeros(1)) is None
+    assert requests == [
+        compile_module.BuildRequest(_refusing_factory, (1, "float16"), None, Arch.SM90),
+        compile_module.BuildRequest(_refusing_factory, (2, "bfloat16"), (3,), Arch.SM80),
+    ]
+    pytest.importorskip("tilelang")
+    with pytest.raises(_CompiledForReal):
+        compile_module.build(_refusing_factory, (9, "float16"), None, Arch.SM90)
+
+
+def test_nested_recordings_each_see_their_own_builds() -> None:
+    with compile_module.recording_builds() as outer:
+        compile_module.build(_refusing_factory, (1,), None, Arch.SM90)
+        with compile_module.recording_builds() as inner:
+            compile_module.build(_refusing_factory, (2,), None, Arch.SM90)
+        compile_module.build(_refusing_factory, (3,), None, Arch.SM90)
+    assert [r.args for r in outer] == [(1,), (3,)]
+    assert [r.args for r in inner] == [(2,)]
+
+
+def test_a_recorded_build_is_not_cached_by_the_kernel_modules() -> None:
+    """A warm-up must leave no do-nothing kernel behind: the RoPE and append modules ask `build`
+    again on their next call (a cache in front of `build` would hand back the recorded stub)."""
+    from tileprefill.context import DType
+    from tileprefill.kernels import append_tl, rope_tl
+
+    for _ in range(2):
+        with compile_module.recording_builds() as requests:
+            rope_tl._kernel(8, 128, 64, DType.FP16, False, Arch.SM90)
+            append_tl._contiguous_kernel(2, 128, DType.BF16, Arch.SM90)
+            append_tl._paged_kernel(2, 128, 16, DType.BF16, Arch.SM90)
+        assert len(requests) == 3

@@ -11,7 +11,6 @@ module does not import tilelang.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,15 +77,14 @@ def _check_int32(name: str, tensor: torch.Tensor, shape: tuple[int, ...], device
         )
 
 
-@functools.cache
 def _contiguous_kernel(num_kv_heads: int, head_dim: int, dtype: DType, arch: Arch) -> JITKernel:
-    """The compiled program of one static config (the import stays off the per-call path)."""
+    """The compiled program of one static config (cached by `build`; not here, so that a
+    warm-up under `recording_builds` leaves nothing behind)."""
     from tileprefill.kernels.tl.append import append_contiguous_program
 
     return build(append_contiguous_program, (num_kv_heads, head_dim, dtype.value), None, arch)
 
 
-@functools.cache
 def _paged_kernel(num_kv_heads: int, head_dim: int, page_size: int, dtype: DType, arch: Arch) -> JITKernel:
     from tileprefill.kernels.tl.append import append_paged_program
 

@@ -19,9 +19,6 @@ import tilelang: the program modules are imported on the first call.
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
-import os
 from collections.abc import Callable, Hashable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, assert_never, cast
@@ -37,7 +34,8 @@ from tileprefill.kernels.base import (
     PagedAttentionKernel,
     RaggedAttentionKernel,
 )
-from tileprefill.kernels.compile import CompileCase, build
+from tileprefill.kernels.compile import BuildRequest, CompileCase, build
+from tileprefill.kernels.compile import prebuild as compile_prebuild
 from tileprefill.keys import AttentionKey
 from tileprefill.selection import Code, Source, attention_traits
 
@@ -114,27 +112,13 @@ def build_program(key: AttentionKey, facts: StaticFacts) -> JITKernel:
 
 
 def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int | None = None) -> None:
-    """Compile the programs of `configs` ahead of the calls that need them.
-
-    Compilation is single-threaded in TileLang and nvcc, so it runs in up to
-    `jobs` worker processes (default: one per CPU, at most 16) that fill
-    TileLang's on-disk kernel cache; this process then loads each program from
-    that cache. Use it to warm up an engine (or a test session) for a known set
-    of shapes; calls work without it, compiling on first use.
-    """
-    todo = list(dict.fromkeys(configs))
-    workers = min(len(todo), jobs if jobs is not None else min(16, len(os.sched_getaffinity(0))))
-    if workers > 1:
-        context = multiprocessing.get_context("spawn")  # no inherited CUDA or compiler state
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for done in [pool.submit(_compile_only, key, facts) for key, facts in todo]:
-                done.result()
-    for key, facts in todo:
-        build_program(key, facts)
-
-
-def _compile_only(key: AttentionKey, facts: StaticFacts) -> None:
-    build_program(key, facts)
+    """Compile the programs of `configs` side by side, ahead of the calls that need them
+    (`kernels.compile.prebuild`): warms up an engine, or a test session, for known shapes."""
+    requests = []
+    for key, facts in configs:
+        factory, args = program(key, facts)
+        requests.append(BuildRequest(factory, args, None, program_arch(key)))
+    compile_prebuild(requests, jobs=jobs)
 
 
 def _facts(

@@ -5,13 +5,22 @@ torch or dispatch. `build()` lowers and compiles one for an arch, once per
 (factory, static arguments, arch), with an explicit target so that it works
 without a GPU (CI compiles every case of `compile_cases()` to cubins).
 tilelang is imported here lazily: `import tileprefill` never loads it.
+
+Warming up: compiling is single-threaded (TileLang, then nvcc), so a workload
+that needs many programs compiles them faster side by side. Run it once under
+`recording_builds()` (nothing is compiled or launched: every build is written
+down and answered with a kernel that does nothing), then `prebuild()` what was
+recorded in worker processes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
+import multiprocessing
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, assert_never
 
 import attrs
@@ -56,11 +65,73 @@ class CompileCase:
     out_idx: tuple[int, ...] | None
 
 
+@attrs.frozen
+class BuildRequest:
+    """One program `build()` was asked for: what a warm-up records and `prebuild()` compiles."""
+
+    factory: Callable[..., Any]
+    args: tuple[Hashable, ...]
+    out_idx: tuple[int, ...] | None
+    arch: Arch
+
+
+class _RecordedKernel:
+    """What `build()` returns while recording: launching it does nothing."""
+
+    def __call__(self, *tensors: object) -> None:
+        return None
+
+
+#: The requests of the innermost `recording_builds()` in progress, or None.
+_recorded: list[BuildRequest] | None = None
+
+
 def build(
     factory: Callable[..., Any], args: tuple[Hashable, ...], out_idx: tuple[int, ...] | None, arch: Arch
 ) -> JITKernel:
     """The compiled kernel of `factory(*args)` for `arch`, compiled on first use and then cached."""
+    if _recorded is not None:
+        _recorded.append(BuildRequest(factory, args, out_idx, arch))
+        return _RecordedKernel()  # type: ignore[return-value]
     return _build(factory, args, out_idx, target_arch(arch), None)
+
+
+@contextlib.contextmanager
+def recording_builds() -> Iterator[list[BuildRequest]]:
+    """Within, `build()` compiles nothing: it appends each request to the list this yields and
+    returns a kernel whose launch does nothing (outputs stay unwritten, caches unchanged).
+
+    For a warm-up pass over a known workload; not thread-safe, not for real calls.
+    """
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
+def prebuild(requests: Iterable[BuildRequest], *, jobs: int | None = None) -> None:
+    """Compile `requests` ahead of the calls that need them, side by side.
+
+    Up to `jobs` worker processes (default: one per CPU, at most 16) compile
+    into TileLang's on-disk kernel cache; this process then loads each program
+    from that cache into `build()`'s cache. Calls work without it, compiling on
+    first use, one at a time.
+    """
+    todo = list(dict.fromkeys(requests))
+    workers = min(len(todo), jobs if jobs is not None else min(16, len(os.sched_getaffinity(0))))
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # no inherited CUDA or compiler state
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for done in [pool.submit(_compile_only, request) for request in todo]:
+                done.result()
+    for request in todo:
+        _compile_only(request)
+
+
+def _compile_only(request: BuildRequest) -> None:
+    _build(request.factory, request.args, request.out_idx, target_arch(request.arch), None)
 
 
 def build_to(case: CompileCase, arch: Arch, output_dir: str) -> JITKernel:

@@ -77,11 +77,11 @@ def _check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     return dtype
 
 
-@functools.cache
 def _kernel(
     num_heads: int, head_dim: int, rotary_dim: int, dtype: DType, interleaved: bool, arch: Arch
 ) -> JITKernel:
-    """The compiled program of one static config (the import stays off the per-call path)."""
+    """The compiled program of one static config (cached by `build`; not here, so that a
+    warm-up under `recording_builds` leaves nothing behind)."""
     from tileprefill.kernels.tl.rope import rope_program
 
     return build(rope_program, (num_heads, head_dim, rotary_dim, dtype.value, interleaved), None, arch)
