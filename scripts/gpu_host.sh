@@ -4,6 +4,7 @@
 #   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
 #   scripts/gpu_host.sh bench                 ours + SDPA, and TileOPs in its own process
+#   scripts/gpu_host.sh costs                 first-call compile and per-call host time, to $OUT/costs.json
 # LIMIT (seconds, default 500) bounds each python run: `timeout` is put on python itself, because
 # a timeout on this script leaves its pytest workers running (seen: a later benchmark in the same
 # call then shared the machine with them). Do not run the GPU tests under pytest-xdist with many
@@ -35,5 +36,8 @@ case "$what" in
     timeout -k 5 "$limit" python3 benchmarks/bench_attention.py --peer "$out/peer.json" --out "$out/bench.json" "$@" 2>&1 \
       | grep -v '\[TileLang:' | tee "$out/bench.log"
     ;;
-  *) echo "usage: $0 tests|demo|bench" >&2; exit 2 ;;
+  costs)
+    timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" 2>&1 | grep -v '\[TileLang:'
+    ;;
+  *) echo "usage: $0 tests|demo|bench|costs" >&2; exit 2 ;;
 esac
