@@ -22,9 +22,9 @@ with new lengths.
 
 SM90 kernels run on compute capability 9.0 only. SM80 kernels run on 8.x and
 also here on Hopper (their build carries sm_90 code of the same sm_80 program).
-All static configurations are compiled up front in parallel
-(`attention_tl.prebuild`); lengths and token counts are dynamic and never
-recompile.
+All static configurations are compiled up front, side by side (`warm_up`, run
+by the `compiled_programs` fixture); lengths and token counts are dynamic and
+never recompile.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import AttentionKey
 from tileprefill.selection import Source, attention_traits, pages_tile_evenly
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -158,17 +158,14 @@ def config_id(f: StaticFacts) -> str:
     return f"d{f.head_dim}-{f.dtype}-{mode}-g{f.heads // f.kv_heads}{page}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled() -> None:
-    """Compile every static configuration of this module in parallel before the first test."""
-    todo = [
-        (KEYS[source, arch], f)
-        for source, configs in CONFIGS.items()
-        for f in configs
-        for arch in ARCHS
-        if runnable(arch) is None
-    ]
-    attention_tl.prebuild(todo)
+def warm_up() -> None:
+    """Build every static configuration of this module (the `compiled_programs` fixture runs this
+    under `recording_builds`, then compiles them side by side)."""
+    for source, configs in CONFIGS.items():
+        for f in configs:
+            for arch in ARCHS:
+                if runnable(arch) is None:
+                    attention_tl.build_program(KEYS[source, arch], f)
 
 
 @pytest.fixture(autouse=True)

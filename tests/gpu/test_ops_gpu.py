@@ -7,8 +7,9 @@ are checked on their caches too: every slot, not only the new ones.
 The kernels themselves are tested over their full matrix in test_attention_gpu.py
 and test_rope_append_gpu.py; here each Op runs a cover of it (every group size
 1..16, head dim 64/128/256, both dtypes and causal modes, page sizes 1/5/16/48/64,
-both RoPE layouts, partial rotary) rather than its product, so that the module's
-programs (about 40) compile in one parallel warm-up before the first test.
+both RoPE layouts, partial rotary) rather than its product: about 45 programs,
+compiled side by side before the first test (`warm_up`, run by the
+`compiled_programs` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill.kernels.compile import prebuild, recording_builds
 from tileprefill.keys import KernelKey
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -320,15 +320,9 @@ PAGED_APPEND = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled() -> None:
-    """Compile every program this module's calls need, side by side, before the first test.
-
-    One pass over every case (and the shapes of the graph, compile and demo
-    tests) with `recording_builds`: the Ops run their whole call path on CUDA
-    while no kernel is compiled or launched, which lists the programs; then
-    `prebuild` compiles them in parallel worker processes.
-    """
+def warm_up() -> None:
+    """One pass over every case and the shapes of the graph, compile and demo tests (the
+    `compiled_programs` fixture runs this under `recording_builds`, then compiles them side by side)."""
     from tileprefill.cli import main
 
     cases = [
@@ -341,14 +335,11 @@ def compiled() -> None:
         *PAGED,
         *PAGED_APPEND,
     ]
-    with recording_builds() as requests:
-        for case in cases:
-            case.make_op()(*[x.to(DEV) for x in case.inputs()])
-        tp.GQAPagedCacheAppendPrefill()(*[x.to(DEV) for x in _paged_append_inputs(torch.float16)[0]])
-        tp.GQAContiguousCacheAppendPrefill()(*[x.to(DEV) for x in _contiguous_append_inputs()])
-        main(["demo", "--device", "cuda"])  # its check fails here (nothing ran): only the builds count
-    print(f"prebuilding {len(set(requests))} programs")
-    prebuild(requests)
+    for case in cases:
+        case.make_op()(*[x.to(DEV) for x in case.inputs()])
+    tp.GQAPagedCacheAppendPrefill()(*[x.to(DEV) for x in _paged_append_inputs(torch.float16)[0]])
+    tp.GQAContiguousCacheAppendPrefill()(*[x.to(DEV) for x in _contiguous_append_inputs()])
+    main(["demo", "--device", "cuda"])  # its check fails here (nothing ran): only the builds count
 
 
 @pytest.mark.parametrize("case", DENSE, ids=case_ids(DENSE))

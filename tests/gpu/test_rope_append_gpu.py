@@ -22,13 +22,13 @@ import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch
+from tileprefill.context import Arch, DType
 from tileprefill.kernels import append_tl, rope_tl
 from tileprefill.kernels.base import ContiguousAppendKernel, PagedAppendKernel, RopeKernel
 from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import AppendKey, RopeKey
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -562,3 +562,38 @@ def test_torch_compile_fullgraph_sees_the_contiguous_mutation() -> None:
         torch.cuda.synchronize()
         assert torch.equal(case.k_cache, expected[0]) and torch.equal(case.v_cache, expected[1])
         assert torch.equal(out, torch.cat(expected, dim=-1) * 2)
+
+
+# --------------------------------------------------------------------------------------- warm-up
+
+
+def warm_up() -> None:
+    """Build the program of every static configuration this module runs (the `compiled_programs`
+    fixture runs this under `recording_builds`, then compiles them side by side)."""
+    here = rope_tl.device_arch(DEV)
+    rope_configs = [  # heads, head_dim, rotary_dim, dtype, arch
+        *((h, d, r, dtype, here) for h, d, r in ROPE_SHAPES for dtype in DTYPES),
+        (8, 128, 128, torch.bfloat16, here),  # many tokens
+        (4, 64, 64, torch.float16, here),  # single token, opcheck
+        (4, 128, 128, torch.float16, here),  # strided and misaligned
+        (8, 128, 64, torch.bfloat16, Arch.SM80),
+    ]
+    for heads, head_dim, rotary_dim, dtype, arch in rope_configs:
+        for interleaved in (False, True):
+            rope_tl._kernel(heads, head_dim, rotary_dim, DType.of(dtype, argument="x"), interleaved, arch)
+    contiguous_configs = [  # heads, head_dim, dtype, arch
+        *((h, d, dtype, here) for h, d in [(8, 128), (1, 64), (2, 256), (3, 36)] for dtype in DTYPES),
+        (2, 64, torch.float16, here),  # opcheck
+        (4, 64, torch.float16, here),  # torch.compile
+        (8, 128, torch.float16, Arch.SM80),
+    ]
+    for heads, head_dim, dtype, arch in contiguous_configs:
+        append_tl._contiguous_kernel(heads, head_dim, DType.of(dtype, argument="k_new"), arch)
+    paged_configs = [  # heads, head_dim, page_size, dtype, arch
+        *((h, d, p, dtype, here) for dtype, h, d, p in PAGED_CONFIGS),
+        (2, 64, 4, torch.float16, here),  # opcheck
+        (4, 128, 16, torch.float16, here),  # CUDA graph
+        (8, 128, 16, torch.float16, Arch.SM80),
+    ]
+    for heads, head_dim, page_size, dtype, arch in paged_configs:
+        append_tl._paged_kernel(heads, head_dim, page_size, DType.of(dtype, argument="k_new"), arch)
