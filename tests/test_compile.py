@@ -188,3 +188,22 @@ def test_a_recorded_build_is_not_cached_by_the_kernel_modules() -> None:
             append_tl._contiguous_kernel(2, 128, DType.BF16, Arch.SM90)
             append_tl._paged_kernel(2, 128, 16, DType.BF16, Arch.SM90)
         assert len(requests) == 3
+
+
+def test_attention_prebuild_compiles_what_the_kernels_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`attention_tl.prebuild` hands `kernels.compile.prebuild` the program of each config, for its arch."""
+    handed: list[compile_module.BuildRequest] = []
+
+    def capture(requests: list[compile_module.BuildRequest], *, jobs: int | None) -> None:
+        handed.extend(requests)
+
+    monkeypatch.setattr(attention_tl, "compile_prebuild", capture)
+    facts = attention_tl.StaticFacts(
+        heads=16, kv_heads=2, head_dim=64, dtype="bfloat16", causal=False, sm_scale=0.125, page_size=5
+    )
+    keys = [AttentionKey.PAGED_SM90, AttentionKey.PAGED_SM80]
+    attention_tl.prebuild([(key, facts) for key in keys])
+    assert handed == [
+        compile_module.BuildRequest(*attention_tl.program(key, facts), None, attention_tl.program_arch(key))
+        for key in keys
+    ]

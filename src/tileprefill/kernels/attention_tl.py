@@ -34,7 +34,7 @@ from tileprefill.kernels.base import (
     PagedAttentionKernel,
     RaggedAttentionKernel,
 )
-from tileprefill.kernels.compile import BuildRequest, CompileCase, build
+from tileprefill.kernels.compile import CompileCase, build, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
 from tileprefill.keys import AttentionKey
 from tileprefill.selection import Code, Source, attention_traits
@@ -112,12 +112,12 @@ def build_program(key: AttentionKey, facts: StaticFacts) -> JITKernel:
 
 
 def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int | None = None) -> None:
-    """Compile the programs of `configs` side by side, ahead of the calls that need them
-    (`kernels.compile.prebuild`): warms up an engine, or a test session, for known shapes."""
-    requests = []
-    for key, facts in configs:
-        factory, args = program(key, facts)
-        requests.append(BuildRequest(factory, args, None, program_arch(key)))
+    """Compile the programs of `configs` side by side, ahead of the calls that need them: warms up an
+    engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `build_program`
+    asks for)."""
+    with recording_builds() as requests:
+        for key, facts in configs:
+            build_program(key, facts)
     compile_prebuild(requests, jobs=jobs)
 
 
