@@ -47,6 +47,6 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    # Ours and torch SDPA; `scripts/gpu_host.sh bench` also times the TileOPs peer in its own process.
-    args = session.posargs or ["--out", "benchmarks/results/latest.json"]
-    session.run("python", "benchmarks/bench_attention.py", *args, env=_CACHE)
+    # Ours, torch SDPA and (with --peer-path or $TILEPREFILL_PEER_PATH) TileOPs in its own process;
+    # the whole default set unless told otherwise: `nox -s bench -- --quick`, `-- --suite paged`, `-- --list`.
+    session.run("python", "-m", "tileprefill", "bench", *session.posargs, env=_CACHE)

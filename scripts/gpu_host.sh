@@ -3,7 +3,8 @@
 # unpack the archives that ../shared/gpu/pack.sh wrote into .gpu/, then run what is asked.
 #   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
-#   scripts/gpu_host.sh bench                 ours + SDPA, and TileOPs in its own process
+#   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
+#                                             process) into $OUT; e.g. `bench --quick`
 #   scripts/gpu_host.sh costs                 first-call compile and per-call host time, to $OUT/costs.json
 # LIMIT (seconds, default 500) bounds each python run: `timeout` is put on python itself, because
 # a timeout on this script leaves its pytest workers running (seen: a later benchmark in the same
@@ -29,12 +30,8 @@ case "$what" in
     if [ -f .gpu/peer-site.tar.xz ] && [ ! -d /tmp/peer/tileops ]; then
       mkdir -p /tmp/peer && tar -xJf .gpu/peer-site.tar.xz -C /tmp/peer
     fi
-    if [ -d /tmp/peer/tileops ]; then
-      PYTHONPATH="/tmp/peer:/tmp/tl:$PWD/benchmarks" timeout -k 5 "$limit" python3 benchmarks/bench_peer.py --out "$out/peer.json" \
-        2>&1 | grep -v '\[TileLang:'
-    fi
-    timeout -k 5 "$limit" python3 benchmarks/bench_attention.py --peer "$out/peer.json" --out "$out/bench.json" "$@" 2>&1 \
-      | grep -v '\[TileLang:' | tee "$out/bench.log"
+    timeout -k 5 "$limit" python3 -m tileprefill bench --peer-path /tmp/peer:/tmp/tl --out-dir "$out" "$@" 2>&1 \
+      | tee "$out/bench.log"
     ;;
   costs)
     timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" 2>&1 | grep -v '\[TileLang:'

@@ -12,7 +12,7 @@ import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import attrs
 import pytest
@@ -26,12 +26,16 @@ from tileprefill.keys import KernelKey
 from tileprefill.ops import OpClass
 
 
-class AnyOp(Protocol):
+class Plannable(Protocol):
+    """An Op of any class, as `Oracle.plan_of` plans its calls."""
+
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> tp.BatchPlan[Any]: ...
+
+
+class AnyOp(Plannable, Protocol):
     """What tests call on an Op of any class (each Op's real signature names its inputs)."""
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
-    def plan_for(self, *inputs: torch.Tensor) -> tp.PrefillPlan: ...
-    def explain(self, *inputs: torch.Tensor) -> tp.Explanation: ...
 
     @property
     def kernel_map(self) -> Mapping[KernelKey, type[Kernel]]: ...
@@ -182,6 +186,11 @@ class Oracle:
     def inputs(op_cls: OpClass, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         """`named_inputs` in call order."""
         return tuple(Oracle.named_inputs(op_cls, gen).values())
+
+    @staticmethod
+    def plan_of(op: Plannable, op_cls: OpClass, inputs: Sequence[torch.Tensor]) -> tp.BatchPlan[Any]:
+        """The plan `op(*inputs)` makes (the Op's `plan` with the shape read off the inputs)."""
+        return op._plan_call({s.name: t for s, t in zip(op_cls.input_specs, inputs, strict=True)})
 
 
 @pytest.fixture(scope="session")

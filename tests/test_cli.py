@@ -35,7 +35,7 @@ PAGED_ROPE_APPEND = [
 def test_explain_paged_rope_append(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(PAGED_ROPE_APPEND) == 0
     out = capsys.readouterr().out
-    assert "plan: rope_neox_tl -> append_paged_tl -> attn_paged_tiled_sm90" in out
+    assert "plan: batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90" in out
     # every other candidate is listed with its reasons
     assert "attn_paged_sm90: supported, but a kernel earlier in preference order serves" in out
     assert "rope_neox_ref: torch reference code serves arch cpu; the call's arch is sm90" in out
@@ -47,14 +47,14 @@ def test_explain_runs_as_a_module() -> None:
         [sys.executable, "-m", "tileprefill", *PAGED_ROPE_APPEND], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert "plan: rope_neox_tl -> append_paged_tl -> attn_paged_tiled_sm90" in done.stdout
+    assert "plan: batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90" in done.stdout
 
 
 def test_explain_odd_page_size_uses_the_gather_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*PAGED_ROPE_APPEND[:-1], "7"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "plan: rope_neox_tl -> append_paged_tl -> attn_paged_sm90" in out
+    assert "plan: batch_paged_tl -> rope_append_neox_tl -> attn_paged_sm90" in out
     assert "attn_paged_tiled_sm90: page_size 7 is not a power of two >= 16" in out
 
 

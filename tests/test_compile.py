@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from tileprefill import compile_check
-from tileprefill.context import Arch
-from tileprefill.kernels import attention_tl
+from tileprefill.context import Arch, DType
+from tileprefill.kernels import attention_tl, launch
 from tileprefill.kernels import compile as compile_module
+from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.keys import AttentionKey
-from tileprefill.selection import Code, Source, attention_traits
+from tileprefill.keys import ALL_KEYS, AttentionKey
+from tileprefill.selection import Code, Source, attention_traits, code_of
 
 TL_ARCHS = [Arch.SM80, Arch.SM90]
 
@@ -40,7 +41,7 @@ def test_compile_cases_cover_every_tilelang_key(arch: Arch) -> None:
     """No compilation: every key whose TileLang kernel serves `arch` has a case (RoPE and append too)."""
     cases = compile_check.collect_cases(arch)
     assert compile_check.uncovered_keys(arch, cases) == ()
-    assert all(compile_check.serves(compile_check.key_code(case.key), arch) for case in cases), (
+    assert all(compile_check.serves(code_of(case.key), arch) for case in cases), (
         "a case compiles a key for an arch it does not serve"
     )
 
@@ -86,16 +87,17 @@ def test_cases_compile_what_the_kernels_run(arch: Arch) -> None:
     for case in attention_tl.compile_cases(arch):
         assert isinstance(case.key, AttentionKey)
         head_dim, dtype, causal, page_size = _facts_of(case)
-        facts = attention_tl.StaticFacts(
+        facts = StaticFacts(
+            arch=arch,
+            dtype=DType(dtype),
             heads=32,
             kv_heads=8,
             head_dim=head_dim,
-            dtype=dtype,
             causal=causal,
             sm_scale=head_dim**-0.5,
             page_size=page_size,
         )
-        assert attention_tl.program(case.key, facts) == (case.factory, case.args)
+        assert attention_tl.program(case.key, facts) == (case.factory, case.args, arch)
         assert attention_tl.program_arch(case.key) is arch
 
 
@@ -112,35 +114,35 @@ def test_importing_the_kernels_does_not_import_tilelang() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_every_tilelang_attention_key_has_a_custom_op_with_the_output_shape_of_q() -> None:
-    """The fake (meta) implementation gives torch.compile the output shape without running anything."""
-    tl_keys = [key for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90)]
-    assert set(attention_tl.OPS) == set(tl_keys)
-    meta = torch.device("meta")
-    dense_q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
-    ragged_q = torch.empty(41, 8, 64, dtype=torch.bfloat16, device=meta)
-    index = torch.empty(3, dtype=torch.int32, device=meta)
+def test_every_tilelang_key_has_one_launch_record_and_custom_op() -> None:
+    """One record per TileLang key; its custom op writes the outputs and caches in place and returns
+    nothing, so its fake (what torch.compile traces) runs nothing."""
+    tl_keys = {key for key in ALL_KEYS if code_of(key) is not Code.REF}
+    assert set(launch.OPS) == tl_keys
     for key in tl_keys:
-        op = getattr(torch.ops.tileprefill, key.value).default
-        match attention_traits(key)[0]:
-            case Source.DENSE:
-                kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
-                out = op(dense_q, kv, kv, True, 0.125)
-                q = dense_q
-            case Source.RAGGED:
-                kv = torch.empty(50, 2, 64, dtype=torch.bfloat16, device=meta)
-                out = op(ragged_q, kv, kv, index, index, False, 0.125)
-                q = ragged_q
-            case Source.CONTIGUOUS:
-                cache = torch.empty(2, 99, 2, 64, dtype=torch.float16, device=meta)
-                out = op(dense_q, cache, cache, index[:2], True, 0.125)
-                q = dense_q
-            case Source.PAGED | Source.PAGED_TILED:
-                pages = torch.empty(9, 16, 2, 64, dtype=torch.bfloat16, device=meta)
-                table = torch.empty(2, 4, dtype=torch.int32, device=meta)
-                out = op(ragged_q, pages, pages, table, index[:2], index, True, 0.125)
-                q = ragged_q
-        assert (out.shape, out.dtype, out.device) == (q.shape, q.dtype, meta), key.value
+        schema = getattr(torch.ops.tileprefill, key.value).default._schema
+        written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert written and list(schema.returns) == [], key.value
+    meta = torch.device("meta")
+    q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
+    kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
+    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0)
+    assert torch.ops.tileprefill.attn_dense_sm90(q, kv, kv, torch.empty_like(q), *facts) is None
+
+
+def test_launch_scalars_round_trip_the_static_facts() -> None:
+    facts = StaticFacts(
+        arch=Arch.SM80,
+        dtype=DType.BF16,
+        heads=16,
+        kv_heads=2,
+        head_dim=96,
+        causal=False,
+        sm_scale=0.1,
+        page_size=5,
+        rotary_dim=32,
+    )
+    assert launch._facts(launch._scalars(facts)) == facts
 
 
 class _CompiledForReal(Exception):
@@ -154,40 +156,41 @@ def _refusing_factory(*args: object) -> object:
 def test_recording_builds_records_and_compiles_nothing() -> None:
     """Inside: no factory runs and the launch does nothing. Outside again: `build` compiles."""
     with compile_module.recording_builds() as requests:
-        kernel = compile_module.build(_refusing_factory, (1, "float16"), None, Arch.SM90)
-        compile_module.build(_refusing_factory, (2, "bfloat16"), (3,), Arch.SM80)
+        kernel = compile_module.build(_refusing_factory, (1, "float16"), Arch.SM90)
+        compile_module.build(_refusing_factory, (2, "bfloat16"), Arch.SM80)
         assert kernel(torch.zeros(1)) is None
     assert requests == [
-        compile_module.BuildRequest(_refusing_factory, (1, "float16"), None, Arch.SM90),
-        compile_module.BuildRequest(_refusing_factory, (2, "bfloat16"), (3,), Arch.SM80),
+        compile_module.BuildRequest(_refusing_factory, (1, "float16"), Arch.SM90),
+        compile_module.BuildRequest(_refusing_factory, (2, "bfloat16"), Arch.SM80),
     ]
     pytest.importorskip("tilelang")
     with pytest.raises(_CompiledForReal):
-        compile_module.build(_refusing_factory, (9, "float16"), None, Arch.SM90)
+        compile_module.build(_refusing_factory, (9, "float16"), Arch.SM90)
 
 
 def test_nested_recordings_each_see_their_own_builds() -> None:
     with compile_module.recording_builds() as outer:
-        compile_module.build(_refusing_factory, (1,), None, Arch.SM90)
+        compile_module.build(_refusing_factory, (1,), Arch.SM90)
         with compile_module.recording_builds() as inner:
-            compile_module.build(_refusing_factory, (2,), None, Arch.SM90)
-        compile_module.build(_refusing_factory, (3,), None, Arch.SM90)
+            compile_module.build(_refusing_factory, (2,), Arch.SM90)
+        compile_module.build(_refusing_factory, (3,), Arch.SM90)
     assert [r.args for r in outer] == [(1,), (3,)]
     assert [r.args for r in inner] == [(2,)]
 
 
 def test_a_recorded_build_is_not_cached_by_the_kernel_modules() -> None:
-    """A warm-up must leave no do-nothing kernel behind: the RoPE and append modules ask `build`
-    again on their next call (a cache in front of `build` would hand back the recorded stub)."""
-    from tileprefill.context import DType
-    from tileprefill.kernels import append_tl, rope_tl
+    """A warm-up must leave no do-nothing kernel behind: binding a kernel asks `build` again each
+    time (a cache in front of `build` would hand back the recorded stub)."""
+    from tileprefill.kernels import append_tl, rope_append_tl, rope_tl
 
+    facts = StaticFacts(arch=Arch.SM90, dtype=DType.BF16, heads=8, kv_heads=2, head_dim=128, rotary_dim=64)
     for _ in range(2):
         with compile_module.recording_builds() as requests:
-            rope_tl._kernel(8, 128, 64, DType.FP16, False, Arch.SM90)
-            append_tl._contiguous_kernel(2, 128, DType.BF16, Arch.SM90)
-            append_tl._paged_kernel(2, 128, 16, DType.BF16, Arch.SM90)
-        assert len(requests) == 3
+            rope_tl.RopeNeoxTLKernel().bind(facts)
+            append_tl.AppendContiguousTLKernel().bind(facts)
+            append_tl.AppendPagedTLKernel().bind(facts._replace(page_size=16))
+            rope_append_tl.RopeAppendNeoxTLKernel().bind(facts)
+        assert len(requests) == 4
 
 
 def test_attention_prebuild_compiles_what_the_kernels_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,12 +201,17 @@ def test_attention_prebuild_compiles_what_the_kernels_build(monkeypatch: pytest.
         handed.extend(requests)
 
     monkeypatch.setattr(attention_tl, "compile_prebuild", capture)
-    facts = attention_tl.StaticFacts(
-        heads=16, kv_heads=2, head_dim=64, dtype="bfloat16", causal=False, sm_scale=0.125, page_size=5
+    facts = StaticFacts(
+        arch=Arch.SM90,
+        dtype=DType.BF16,
+        heads=16,
+        kv_heads=2,
+        head_dim=64,
+        causal=False,
+        sm_scale=0.125,
+        page_size=5,
     )
     keys = [AttentionKey.PAGED_SM90, AttentionKey.PAGED_SM80]
     attention_tl.prebuild([(key, facts) for key in keys])
-    assert handed == [
-        compile_module.BuildRequest(*attention_tl.program(key, facts), None, attention_tl.program_arch(key))
-        for key in keys
-    ]
+    programs = [attention_tl.program(key, facts) for key in keys]
+    assert handed == [compile_module.BuildRequest(p.factory, p.args, p.arch) for p in programs]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -46,9 +48,29 @@ def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: OpClass) 
     assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
         (op.output_spec.name, op.output_spec.dtype.value, op.output_spec.shape)
     ]
-    for method in ("plan_for", "explain"):
-        params = [n for n in inspect.signature(getattr(op, method)).parameters if n != "self"]
-        assert params == [i.name for i in entry.inputs], f"{op.__name__}.{method} takes other inputs"
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
+def test_plan_and_run_split_the_call_inputs(manifest: Manifest, op: OpClass) -> None:
+    """`plan` takes the metadata tensors, then the keyword-only shape; its plan's `run` the data
+    tensors; together they are the call's inputs, each in call order."""
+    entry = _entry(manifest, op)
+    plan_method: Callable[..., object] = op.plan  # type: ignore[union-attr]  # public Ops have one
+    plan = inspect.signature(plan_method)
+    tensors = [p for name, p in plan.parameters.items() if name != "self" and p.kind is not p.KEYWORD_ONLY]
+    keywords = [p for p in plan.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in tensors)
+    assert [p.name for p in tensors] == list(entry.plan.inputs) == list(op.plan_inputs)
+    hints = typing.get_type_hints(plan_method)
+    assert [p.name for p in keywords] == ["shape"] and hints["shape"].__name__ == entry.plan.shape
+    plan_class = hints["return"]
+    run = [p for name, p in inspect.signature(plan_class.run).parameters.items() if name != "self"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run)
+    assert [p.name for p in run] == list(entry.run.inputs) == [s.name for s in op.run_specs]
+    call = [i.name for i in entry.inputs]
+    assert sorted([*entry.plan.inputs, *entry.run.inputs]) == sorted(call)
+    for part in (entry.plan.inputs, entry.run.inputs):
+        assert list(part) == [n for n in call if n in part], f"{part} is not in call order"
 
 
 @pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)

@@ -25,7 +25,7 @@ from tileprefill.kernels.base import (
 )
 from tileprefill.kernels.reference import AttentionPagedRefKernel, AttentionRaggedRefKernel
 from tileprefill.kernels.registry import kernel_family
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.ops import PUBLIC_OPS, OpClass
 
 if TYPE_CHECKING:
@@ -349,8 +349,13 @@ EXPECTED_CPU_PLANS: dict[str, tuple[KernelKey, ...]] = {
         AttentionKey.CONTIGUOUS_REF,
     ),
     "GQAPagedCachePrefill": (AttentionKey.PAGED_REF,),
-    "GQAPagedCacheAppendPrefill": (AppendKey.PAGED_REF, AttentionKey.PAGED_REF),
-    "GQAPagedCacheRopeAppendPrefill": (RopeKey.NEOX_REF, AppendKey.PAGED_REF, AttentionKey.PAGED_REF),
+    "GQAPagedCacheAppendPrefill": (BatchKey.PAGED_REF, AppendKey.PAGED_REF, AttentionKey.PAGED_REF),
+    "GQAPagedCacheRopeAppendPrefill": (
+        BatchKey.PAGED_REF,
+        RopeKey.NEOX_REF,
+        AppendKey.PAGED_REF,
+        AttentionKey.PAGED_REF,
+    ),
 }
 
 
@@ -358,9 +363,10 @@ EXPECTED_CPU_PLANS: dict[str, tuple[KernelKey, ...]] = {
 def test_plan_for_and_explain_on_cpu(oracle: Oracle, op_cls: OpClass, gen: torch.Generator) -> None:
     op = oracle.make_op(op_cls)
     inputs = oracle.inputs(op_cls, gen)
-    plan = op.plan_for(*inputs)
-    assert plan.steps == EXPECTED_CPU_PLANS[op_cls.__name__]
-    explanation = op.explain(*inputs)
+    batch_plan = oracle.plan_of(op, op_cls, inputs)
+    assert batch_plan.steps == EXPECTED_CPU_PLANS[op_cls.__name__]
+    plan = batch_plan.plan
+    explanation = batch_plan.explain()
     assert explanation.plan == plan
     assert explanation.context.arch is tp.Arch.CPU and explanation.context.kv_layout is op_cls.kv_layout
     assert explanation.rejected and all(r.reasons for r in explanation.rejected)
@@ -370,8 +376,14 @@ def test_plan_for_and_explain_on_cpu(oracle: Oracle, op_cls: OpClass, gen: torch
 
 def test_interleaved_plan(oracle: Oracle, gen: torch.Generator) -> None:
     op = tp.GQAPagedCacheRopeAppendPrefill(rope=tp.RopeMode.INTERLEAVED)
-    plan = op.plan_for(*oracle.inputs(tp.GQAPagedCacheRopeAppendPrefill, gen))
-    assert plan.steps == (RopeKey.INTERLEAVED_REF, AppendKey.PAGED_REF, AttentionKey.PAGED_REF)
+    inputs = oracle.inputs(tp.GQAPagedCacheRopeAppendPrefill, gen)
+    plan = oracle.plan_of(op, tp.GQAPagedCacheRopeAppendPrefill, inputs)
+    assert plan.steps == (
+        BatchKey.PAGED_REF,
+        RopeKey.INTERLEAVED_REF,
+        AppendKey.PAGED_REF,
+        AttentionKey.PAGED_REF,
+    )
 
 
 ATTENTION_REF = {
@@ -381,6 +393,8 @@ ATTENTION_REF = {
     AttentionKey.PAGED_REF,
 }
 ALL_ROPE: set[KernelKey] = set(RopeKey)
+ROPE_APPEND: set[KernelKey] = set(RopeAppendKey)
+PAGED_BATCH: set[KernelKey] = set(BatchKey)
 PAGED_ATTENTION: set[KernelKey] = {
     AttentionKey.PAGED_REF,
     AttentionKey.PAGED_SM80,
@@ -403,11 +417,16 @@ EXPECTED_KEYS: dict[str, set[KernelKey]] = {
     "GQAContiguousCacheAppendPrefill": {AppendKey.CONTIGUOUS_REF, AppendKey.CONTIGUOUS_TL}
     | CONTIGUOUS_ATTENTION,
     "GQAContiguousCacheRopeAppendPrefill": ALL_ROPE
+    | ROPE_APPEND
     | {AppendKey.CONTIGUOUS_REF, AppendKey.CONTIGUOUS_TL}
     | CONTIGUOUS_ATTENTION,
     "GQAPagedCachePrefill": PAGED_ATTENTION,
-    "GQAPagedCacheAppendPrefill": {AppendKey.PAGED_REF, AppendKey.PAGED_TL} | PAGED_ATTENTION,
-    "GQAPagedCacheRopeAppendPrefill": ALL_ROPE | {AppendKey.PAGED_REF, AppendKey.PAGED_TL} | PAGED_ATTENTION,
+    "GQAPagedCacheAppendPrefill": PAGED_BATCH | {AppendKey.PAGED_REF, AppendKey.PAGED_TL} | PAGED_ATTENTION,
+    "GQAPagedCacheRopeAppendPrefill": PAGED_BATCH
+    | ALL_ROPE
+    | ROPE_APPEND
+    | {AppendKey.PAGED_REF, AppendKey.PAGED_TL}
+    | PAGED_ATTENTION,
 }
 
 

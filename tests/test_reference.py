@@ -24,10 +24,11 @@ from tileprefill.kernels.reference import (
     AttentionDenseRefKernel,
     AttentionPagedRefKernel,
     AttentionRaggedRefKernel,
+    BatchPagedRefKernel,
     RopeInterleavedRefKernel,
     RopeNeoxRefKernel,
 )
-from tileprefill.keys import AppendKey, AttentionKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -423,12 +424,31 @@ def test_append_paged(page_size: int, dtype: torch.dtype) -> None:
     _assert_unchanged(before, (k_new, v_new, block_table, cache_seqlens, cu_q))
 
 
+def test_paged_batch_positions_slots_and_lengths() -> None:
+    """Worked by hand: page size 4; sequence 0 has 2 cached keys and 3 new ones (pages 7, 2), sequence
+    1 none new, sequence 2 appends at 5.. through a table whose second entry is -1 (no page)."""
+    block_table = torch.tensor([[7, 2], [0, 0], [5, -1]], dtype=torch.int32)
+    cache_seqlens = torch.tensor([2, 9, 3], dtype=torch.int32)
+    cu_seqlens_q = torch.tensor([0, 3, 3, 6], dtype=torch.int32)
+    positions, slots, kv_seqlens = BatchPagedRefKernel()(
+        block_table, cache_seqlens, cu_seqlens_q, tokens=6, page_size=4
+    )
+    assert positions.tolist() == [2, 3, 4, 3, 4, 5]
+    # 2, 3 on page 7 (rows 28 + 2, 28 + 3); 4 on page 2 (row 8); 3 on page 5 (row 23); 4, 5 have no page
+    assert slots.tolist() == [30, 31, 8, 23, -1, -1]
+    assert kv_seqlens.tolist() == [5, 9, 6]
+    assert positions.dtype == slots.dtype == kv_seqlens.dtype == torch.int32
+
+
 # ---------------------------------------------------------------------------
 
 
 def test_one_reference_kernel_per_ref_key() -> None:
     ref_keys = {
-        k for family in (RopeKey, AppendKey, AttentionKey) for k in family if k.value.endswith("_ref")
+        k
+        for family in (BatchKey, RopeKey, AppendKey, AttentionKey)
+        for k in family
+        if k.value.endswith("_ref")
     }
     assert [cls.key for cls in KERNELS] == list(dict.fromkeys(cls.key for cls in KERNELS))
     assert {cls.key for cls in KERNELS} == ref_keys

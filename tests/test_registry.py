@@ -20,14 +20,18 @@ from tileprefill.kernels.base import (
     Kernel,
     PagedAppendKernel,
     PagedAttentionKernel,
+    PagedBatchKernel,
     RaggedAttentionKernel,
+    RopeAppendKernel,
     RopeKernel,
 )
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 
 # Written out key by key so that a wrong `kernel_family` is caught too.
 EXPECTED_FAMILY: dict[KernelKey, type[Kernel]] = {
+    BatchKey.PAGED_REF: PagedBatchKernel,
+    BatchKey.PAGED_TL: PagedBatchKernel,
     RopeKey.NEOX_REF: RopeKernel,
     RopeKey.INTERLEAVED_REF: RopeKernel,
     RopeKey.NEOX_TL: RopeKernel,
@@ -36,6 +40,8 @@ EXPECTED_FAMILY: dict[KernelKey, type[Kernel]] = {
     AppendKey.PAGED_REF: PagedAppendKernel,
     AppendKey.CONTIGUOUS_TL: ContiguousAppendKernel,
     AppendKey.PAGED_TL: PagedAppendKernel,
+    RopeAppendKey.NEOX_TL: RopeAppendKernel,
+    RopeAppendKey.INTERLEAVED_TL: RopeAppendKernel,
     AttentionKey.DENSE_REF: DenseAttentionKernel,
     AttentionKey.RAGGED_REF: RaggedAttentionKernel,
     AttentionKey.CONTIGUOUS_REF: ContiguousAttentionKernel,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import (
     Explanation,
     PrefillPlan,
@@ -44,6 +44,19 @@ EXPECTED_ROPE: dict[tuple[RopeMode, Arch], RopeKey] = {
     (RopeMode.INTERLEAVED, Arch.SM90): RopeKey.INTERLEAVED_TL,
 }
 
+#: Appends into a paged cache derive positions, slots and kv lengths once per plan.
+EXPECTED_BATCH: dict[Arch, BatchKey] = {
+    Arch.CPU: BatchKey.PAGED_REF,
+    Arch.SM80: BatchKey.PAGED_TL,
+    Arch.SM90: BatchKey.PAGED_TL,
+}
+#: TileLang arches rotate and append in one kernel, whatever the cache layout.
+EXPECTED_ROPE_APPEND: dict[tuple[RopeMode, Arch], RopeAppendKey] = {
+    (RopeMode.NEOX, Arch.SM80): RopeAppendKey.NEOX_TL,
+    (RopeMode.NEOX, Arch.SM90): RopeAppendKey.NEOX_TL,
+    (RopeMode.INTERLEAVED, Arch.SM80): RopeAppendKey.INTERLEAVED_TL,
+    (RopeMode.INTERLEAVED, Arch.SM90): RopeAppendKey.INTERLEAVED_TL,
+}
 EXPECTED_APPEND: dict[tuple[KVLayout, Arch], AppendKey] = {
     (KVLayout.CONTIGUOUS, Arch.CPU): AppendKey.CONTIGUOUS_REF,
     (KVLayout.CONTIGUOUS, Arch.SM80): AppendKey.CONTIGUOUS_TL,
@@ -146,6 +159,10 @@ def _check(fields: dict[str, object]) -> None:
     explanation = explain(ctx)
     expected_rope = None if ctx.rope is RopeMode.NONE else EXPECTED_ROPE[ctx.rope, ctx.arch]
     expected_append = EXPECTED_APPEND[ctx.kv_layout, ctx.arch] if ctx.append else None
+    expected_fused = EXPECTED_ROPE_APPEND.get((ctx.rope, ctx.arch)) if ctx.append else None
+    expected_batch = EXPECTED_BATCH[ctx.arch] if ctx.append and ctx.kv_layout is KVLayout.PAGED else None
+    if expected_fused is not None:
+        expected_rope = expected_append = None
     if ctx.arch is not Arch.CPU and ctx.head_dim not in TL_HEAD_DIMS:
         with pytest.raises(UnsupportedContextError) as unsupported:
             select_plan(ctx)
@@ -157,7 +174,9 @@ def _check(fields: dict[str, object]) -> None:
         for attention_key in AttentionKey:  # every attention candidate is listed with its reasons
             assert f"  {attention_key.value}: " in message
         # The RoPE and append steps did find their kernels; only attention is refused.
-        served: set[KernelKey] = {k for k in (expected_rope, expected_append) if k is not None}
+        served: set[KernelKey] = {
+            k for k in (expected_batch, expected_rope, expected_append, expected_fused) if k is not None
+        }
         for key in served:
             assert rejections(key, ctx) == (), (key, ctx)
         _check_explanation_accounts_for_every_key(explanation, served)
@@ -167,10 +186,11 @@ def _check(fields: dict[str, object]) -> None:
     assert explanation.plan == plan
     assert explanation.missing_steps == ()
     expected_attention = EXPECTED_ATTENTION[_attention_source(ctx), ctx.arch]
-    assert plan == PrefillPlan(expected_rope, expected_append, expected_attention), ctx
-    assert plan.steps == tuple(
-        k for k in (expected_rope, expected_append, expected_attention) if k is not None
-    )
+    assert plan == PrefillPlan(
+        expected_rope, expected_append, expected_attention, expected_fused, expected_batch
+    ), ctx
+    steps = (expected_batch, expected_rope, expected_append, expected_fused, expected_attention)
+    assert plan.steps == tuple(k for k in steps if k is not None)
     for key in plan.steps:
         assert rejections(key, ctx) == (), (key, ctx)
     _check_explanation_accounts_for_every_key(explanation, set(plan.steps))
@@ -208,8 +228,12 @@ def test_plan_describes_its_steps() -> None:
         ragged=True,
     )
     plan = select_plan(ctx)
-    assert str(plan) == "rope_neox_tl -> append_paged_tl -> attn_paged_tiled_sm90"
-    assert "plan: rope_neox_tl -> append_paged_tl -> attn_paged_tiled_sm90" in str(explain(ctx))
+    assert str(plan) == "batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90"
+    explanation = str(explain(ctx))
+    assert "plan: batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90" in explanation
+    # The separate steps it stands in for say why they were not used.
+    assert "rope_neox_tl: rope_append_neox_tl rotates and appends in one kernel" in explanation
+    assert "append_paged_tl: rope_append_neox_tl rotates and appends in one kernel" in explanation
 
 
 def test_selection_does_not_import_tilelang() -> None:

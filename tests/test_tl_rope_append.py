@@ -60,45 +60,47 @@ def _written(schema: torch.FunctionSchema) -> set[str]:
     return {arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
 
 
-def test_rope_op_mutates_nothing_and_returns_a_tensor() -> None:
-    schema = _schema("rope")
-    assert not schema.is_mutable
-    assert _written(schema) == set()
-    assert [ret.type.kind() for ret in schema.returns] == ["TensorType"]
+@pytest.mark.parametrize("key", [RopeKey.NEOX_TL, RopeKey.INTERLEAVED_TL], ids=lambda k: k.value)
+def test_rope_op_writes_only_its_output(key: RopeKey) -> None:
+    schema = _schema(key.value)
+    assert schema.is_mutable
+    assert _written(schema) == {"out"}
+    assert list(schema.returns) == []
 
 
 @pytest.mark.parametrize(
-    ("name", "caches"),
-    [("append_contiguous", {"k_cache", "v_cache"}), ("append_paged", {"k_pages", "v_pages"})],
+    ("key", "caches"),
+    [(AppendKey.CONTIGUOUS_TL, {"k_cache", "v_cache"}), (AppendKey.PAGED_TL, {"k_pages", "v_pages"})],
+    ids=lambda x: x.value if isinstance(x, AppendKey) else "",
 )
-def test_append_ops_declare_exactly_the_two_caches_as_mutated(name: str, caches: set[str]) -> None:
-    schema = _schema(name)
+def test_append_ops_declare_exactly_the_two_caches_as_mutated(key: AppendKey, caches: set[str]) -> None:
+    schema = _schema(key.value)
     assert schema.is_mutable
     assert _written(schema) == caches
     assert list(schema.returns) == []
 
 
-def test_rope_fake_gives_a_new_tensor_of_the_input_shape() -> None:
-    x = torch.empty(7, 4, 64, dtype=torch.bfloat16, device="meta")
-    positions = torch.empty(7, dtype=torch.int32, device="meta")
-    table = torch.empty(100, 16, dtype=torch.float32, device="meta")
-    out = torch.ops.tileprefill.rope(x, positions, table, table, True)
-    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+def test_fakes_return_nothing() -> None:
+    """What torch.compile traces: every launch writes its outputs in place and returns nothing."""
+    meta = torch.device("meta")
+    x = torch.empty(7, 4, 64, dtype=torch.bfloat16, device=meta)
+    positions = torch.empty(7, dtype=torch.int32, device=meta)
+    table = torch.empty(100, 16, dtype=torch.float32, device=meta)
+    facts = ("sm90", "bfloat16", 4, 4, 64, True, 1.0, 0, 32)
+    assert torch.ops.tileprefill.rope_neox_tl(x, positions, table, table, torch.empty_like(x), *facts) is None
+    new = torch.empty(2, 3, 4, 64, dtype=torch.float16, device=meta)
+    cache = torch.empty(2, 9, 4, 64, dtype=torch.float16, device=meta)
+    lens = torch.empty(2, dtype=torch.int32, device=meta)
+    assert torch.ops.tileprefill.append_contiguous_tl(new, new, cache, cache, lens, *facts) is None
+    tokens = torch.empty(6, 4, 64, dtype=torch.float16, device=meta)
+    pages = torch.empty(5, 16, 4, 64, dtype=torch.float16, device=meta)
+    block_table = torch.empty(2, 3, dtype=torch.int32, device=meta)
+    cu = torch.empty(3, dtype=torch.int32, device=meta)
+    op = torch.ops.tileprefill.append_paged_tl
+    assert op(tokens, tokens, pages, pages, block_table, lens, cu, *facts) is None
 
 
-def test_append_fakes_return_nothing() -> None:
-    new = torch.empty(2, 3, 4, 64, dtype=torch.float16, device="meta")
-    cache = torch.empty(2, 9, 4, 64, dtype=torch.float16, device="meta")
-    lens = torch.empty(2, dtype=torch.int32, device="meta")
-    assert torch.ops.tileprefill.append_contiguous(new, new, cache, cache, lens) is None
-    tokens = torch.empty(6, 4, 64, dtype=torch.float16, device="meta")
-    pages = torch.empty(5, 16, 4, 64, dtype=torch.float16, device="meta")
-    table = torch.empty(2, 3, dtype=torch.int32, device="meta")
-    cu = torch.empty(3, dtype=torch.int32, device="meta")
-    assert torch.ops.tileprefill.append_paged(tokens, tokens, pages, pages, table, lens, cu) is None
-
-
-# --- bad metadata is rejected by name, before any launch (CPU tensors reach the real implementation) ---
+# --- bad metadata is rejected by name, before any launch (the kernel classes check CPU tensors too) ---
 
 
 def _rope_inputs() -> dict[str, torch.Tensor]:
@@ -131,7 +133,7 @@ def _rope_inputs() -> dict[str, torch.Tensor]:
 def test_rope_op_rejects_bad_metadata_by_name(name: str, bad: torch.Tensor, message: str) -> None:
     inputs = {**_rope_inputs(), name: bad}
     with pytest.raises((ValueError, TypeError)) as info:
-        torch.ops.tileprefill.rope(*inputs.values(), False)
+        rope_tl.RopeNeoxTLKernel()(*inputs.values())
     assert message in str(info.value)
 
 
@@ -178,7 +180,7 @@ def test_append_paged_op_rejects_bad_metadata_by_name(name: str, bad: torch.Tens
     before = {key: t.clone() for key, t in inputs.items() if key in ("k_pages", "v_pages")}
     inputs[name] = bad
     with pytest.raises(ValueError) as info:
-        torch.ops.tileprefill.append_paged(*inputs.values())
+        append_tl.AppendPagedTLKernel()(*inputs.values())
     assert message in str(info.value)
     for key, cache in before.items():
         if inputs[key] is not bad:
@@ -189,7 +191,7 @@ def test_append_contiguous_op_rejects_a_cache_of_another_batch() -> None:
     new = torch.randn(2, 3, 4, 64, dtype=torch.float16)
     cache = torch.randn(3, 9, 4, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"k_cache: expected batch 2"):
-        torch.ops.tileprefill.append_contiguous(new, new, cache, cache, torch.zeros(2, dtype=torch.int32))
+        append_tl.AppendContiguousTLKernel()(new, new, cache, cache, torch.zeros(2, dtype=torch.int32))
 
 
 # --- the programs: factories reject what they cannot build, and lower (no nvcc) for edge configs ---

@@ -489,8 +489,8 @@ def test_unsupported_call_raises_with_reasons(
             op(*inputs.values())
         assert "head_dim 48 is not compiled" in str(raised.value)
         assert torch.equal(oracle.bits(inputs["k_pages"]), before)
-        with pytest.raises(tp.UnsupportedContextError):
-            op.plan_for(*inputs.values())
-        assert op.explain(*inputs.values()).missing_steps == ("attention",)
+        with pytest.raises(tp.UnsupportedContextError) as planned:
+            oracle.plan_of(op, tp.GQAPagedCacheAppendPrefill, tuple(inputs.values()))
+        assert planned.value.explanation.missing_steps == ("attention",)
     finally:
         base._plan_of.cache_clear()

@@ -5,8 +5,11 @@ Importing this package does not import tilelang.
 """
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.ops import (
+    BatchPlan,
+    ContiguousShape,
+    DenseShape,
     GQAContiguousCacheAppendPrefill,
     GQAContiguousCachePrefill,
     GQAContiguousCacheRopeAppendPrefill,
@@ -17,6 +20,8 @@ from tileprefill.ops import (
     GQARopePrefill,
     GQAVarlenPrefill,
     GQAVarlenRopePrefill,
+    PagedShape,
+    VarlenShape,
 )
 from tileprefill.selection import Explanation, PrefillPlan, UnsupportedContextError, explain, select_plan
 
@@ -24,7 +29,10 @@ __all__ = [
     "AppendKey",
     "Arch",
     "AttentionKey",
+    "BatchPlan",
+    "ContiguousShape",
     "DType",
+    "DenseShape",
     "Explanation",
     "GQAContiguousCacheAppendPrefill",
     "GQAContiguousCachePrefill",
@@ -38,11 +46,14 @@ __all__ = [
     "GQAVarlenRopePrefill",
     "KVLayout",
     "KernelKey",
+    "PagedShape",
     "PrefillContext",
     "PrefillPlan",
+    "RopeAppendKey",
     "RopeKey",
     "RopeMode",
     "UnsupportedContextError",
+    "VarlenShape",
     "explain",
     "select_plan",
 ]

@@ -1,9 +1,10 @@
-"""`python -m tileprefill {explain,demo,compile}`.
+"""`python -m tileprefill {explain,demo,compile,bench}`.
 
 - explain: the plan a context gets, and why every other kernel was not chosen.
 - demo: a small engine loop (chunked prefill of several requests into one shared
   paged cache with RoPE), checked against a dense recomputation.
 - compile: lower and compile every TileLang kernel for one arch (no GPU needed).
+- bench: time our Ops against torch SDPA and TileOPs (see tileprefill.bench).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Protocol, assert_never
@@ -18,10 +21,12 @@ from typing import Protocol, assert_never
 import attrs
 import torch
 
+from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
+from tileprefill.bench.cases import Suite
+from tileprefill.bench.settings import PEER_PATH_ENV, BenchSettings
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
-from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill
-from tileprefill.selection import Code, PrefillPlan, append_traits, attention_traits, explain, rope_traits
+from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill, PagedShape, VarlenShape
+from tileprefill.selection import Code, PrefillPlan, code_of, explain
 
 _DTYPES = {"fp16": DType.FP16, "bf16": DType.BF16}
 #: (atol, rtol) the demo accepts between chunked and dense outputs: a couple of ulps of the dtype,
@@ -55,7 +60,10 @@ class CompileArgs:
     out_dir: str | None
 
 
-Command = ExplainArgs | DemoArgs | CompileArgs
+#: `bench`'s arguments are the run's settings record (tileprefill.bench.settings).
+BenchArgs = BenchSettings
+
+Command = ExplainArgs | DemoArgs | CompileArgs | BenchArgs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(command)
         case CompileArgs():
             return run_compile(command)
+        case BenchSettings():
+            return run_bench(command)
         case _:
             assert_never(command)
 
@@ -98,6 +108,50 @@ def _parser() -> argparse.ArgumentParser:
     comp = commands.add_parser("compile", help="compile every TileLang kernel for one arch (no GPU needed)")
     comp.add_argument("--arch", required=True, choices=["sm_80", "sm_90a"])
     comp.add_argument("--out", default=None, help="keep the .cu and .cubin files under this folder")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time our Ops against torch SDPA and TileOPs; JSON, markdown and plots",
+        description="Time our Ops (validate=False) against torch SDPA (flash, cuDNN) and TileOPs 0.1.0 "
+        "(its own process) on one machine. With no selection flag, the whole default set runs.",
+    )
+    bench.add_argument(
+        "--suite", action="append", choices=[s.value for s in Suite], help="only this suite (repeatable)"
+    )
+    bench.add_argument(
+        "--dtype", action="append", choices=sorted(BENCH_DTYPES), help="only this dtype (repeatable)"
+    )
+    bench.add_argument("--quick", action="store_true", help="a small representative subset of every suite")
+    bench.add_argument("--max-cases", type=int, default=None, help="at most N cases of each suite")
+    bench.add_argument("--out-dir", default="benchmarks/results", help="where the outputs go")
+    bench.add_argument("--name", default=None, help="output file stem (default: <device>-<date>-<selection>)")
+    bench.add_argument(
+        "--peer-path",
+        default=os.environ.get(PEER_PATH_ENV),
+        help=f"PYTHONPATH of the TileOPs process, e.g. /tmp/peer:/tmp/tl (default ${PEER_PATH_ENV}; "
+        "none: no peer run)",
+    )
+    bench.add_argument("--no-peer", action="store_true", help="do not run the peer")
+    bench.add_argument("--peer-timeout", type=float, default=300.0, help="seconds the peer process may take")
+    bench.add_argument(
+        "--peer-results", default=None, help="fold in this peer JSON instead of running the peer"
+    )
+    bench.add_argument("--peer-only", action="store_true", help="time only the peer")
+    bench.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up, ms")
+    bench.add_argument("--rep-ms", type=int, default=100, help="do_bench repetitions, ms")
+    bench.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    bench.add_argument("--jobs", type=int, default=None, help="prebuild worker processes")
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny cases on the CPU (reference kernels, wall clock), no peer",
+    )
+    bench.add_argument(
+        "--list", action="store_true", help="print the selected cases and counts; time nothing"
+    )
+    bench.add_argument(
+        "--merge", nargs="+", default=(), metavar="JSON", help="combine the JSON of split runs; time nothing"
+    )
     return parser
 
 
@@ -119,6 +173,29 @@ def parse_args(argv: Sequence[str] | None) -> Command:
         )
     if command == "demo":
         return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype])
+    if command == "bench":
+        return BenchSettings(
+            suites=tuple(Suite(s) for s in ns.suite or ()),
+            dtypes=tuple(str(d) for d in ns.dtype or ()),
+            quick=bool(ns.quick),
+            max_cases=None if ns.max_cases is None else int(ns.max_cases),
+            out_dir=str(ns.out_dir),
+            name=None if ns.name is None else str(ns.name),
+            peer_path=None if ns.no_peer or not ns.peer_path else str(ns.peer_path),
+            peer_timeout_s=float(ns.peer_timeout),
+            peer_results=None if ns.peer_results is None else str(ns.peer_results),
+            peer_only=bool(ns.peer_only),
+            warmup_ms=int(ns.warmup_ms),
+            rep_ms=int(ns.rep_ms),
+            device=str(ns.device),
+            dry_run=bool(ns.dry_run),
+            list_only=bool(ns.list),
+            jobs=None if ns.jobs is None else int(ns.jobs),
+            merge=tuple(str(p) for p in ns.merge),
+            command=shlex.join(
+                [sys.executable, "-m", "tileprefill", *(sys.argv[1:] if argv is None else argv)]
+            ),
+        )
     return CompileArgs(arch=str(ns.arch), out_dir=None if ns.out is None else str(ns.out))
 
 
@@ -167,18 +244,6 @@ def run_explain(args: ExplainArgs) -> int:
 
 
 # --- demo ------------------------------------------------------------------------------------------
-
-
-def code_of(key: KernelKey) -> Code:
-    match key:
-        case RopeKey():
-            return rope_traits(key)[1]
-        case AppendKey():
-            return append_traits(key)[1]
-        case AttentionKey():
-            return attention_traits(key)[1]
-        case _:
-            assert_never(key)
 
 
 def kernels_kind(plan: PrefillPlan) -> str:
@@ -269,8 +334,19 @@ def run_demo(args: DemoArgs) -> int:
             cos,
             sin,
         )
-        plan = op.plan_for(*inputs)
-        out = op(*inputs)
+        # The engine pattern: plan once per batch (metadata), run per layer (data; one layer here).
+        shape = PagedShape(
+            tokens_q=sum(lens),
+            page_size=page_size,
+            heads=hq,
+            kv_heads=hkv,
+            head_dim=head_dim,
+            dtype=inputs[0].dtype,
+            device=device,
+        )
+        batch_plan = op.plan(inputs[5], inputs[6], inputs[7], shape=shape)
+        out = batch_plan.run(*inputs[:5], *inputs[8:])
+        plan = batch_plan.plan
         kinds.add(kernels_kind(plan))
         print(
             f"chunk step {step}: {len(batch)} sequences, q lens {lens}, "
@@ -299,7 +375,17 @@ def run_demo(args: DemoArgs) -> int:
         torch.equal(v_pages[torch.tensor(r.pages, device=device)].reshape(-1, hkv, head_dim)[: len(r.v)], r.v)
         for r in requests
     )
-    print(f"dense recomputation: {dense.plan_for(*dense_inputs)}")
+    q, k = dense_inputs[0], dense_inputs[1]
+    dense_shape = VarlenShape(
+        tokens_q=q.shape[0],
+        tokens_kv=k.shape[0],
+        heads=q.shape[1],
+        kv_heads=k.shape[1],
+        head_dim=q.shape[2],
+        dtype=q.dtype,
+        device=device,
+    )
+    print(f"dense recomputation: {dense.plan(dense_inputs[3], dense_inputs[4], shape=dense_shape).plan}")
     print(
         f"max abs error chunked vs dense: {error:.3e} (within atol {atol:.1e} + rtol {rtol:.1e}: {within}); "
         f"values in pages exact: {values_exact}"
@@ -336,3 +422,16 @@ def run_compile(args: CompileArgs) -> int:
     # Imported when the command runs: compile_check imports tilelang.
     compile_main: CompileMain = importlib.import_module("tileprefill.compile_check").main
     return compile_main(arch=args.arch, out_dir=args.out_dir)
+
+
+# --- bench -----------------------------------------------------------------------------------------
+
+
+class BenchMain(Protocol):
+    def __call__(self, settings: BenchSettings) -> int: ...
+
+
+def run_bench(args: BenchArgs) -> int:
+    # Imported when the command runs: the runner imports the Ops' kernels, triton and matplotlib lazily.
+    bench_main: BenchMain = importlib.import_module("tileprefill.bench.runner").run
+    return bench_main(args)

@@ -20,18 +20,17 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import assert_never
 
 import attrs
 
 from tileprefill.context import Arch
-from tileprefill.kernels import append_tl, attention_tl, rope_tl
+from tileprefill.kernels import append_tl, attention_tl, batch_tl, rope_append_tl, rope_tl
 from tileprefill.kernels.compile import CompileCase, build_to
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
-from tileprefill.selection import Code, append_traits, attention_traits, rope_traits
+from tileprefill.keys import ALL_KEYS, KernelKey
+from tileprefill.selection import Code, code_of
 
 #: The modules whose `compile_cases(arch)` CI compiles.
-CASE_MODULES: tuple[ModuleType, ...] = (attention_tl, rope_tl, append_tl)
+CASE_MODULES: tuple[ModuleType, ...] = (attention_tl, rope_tl, append_tl, rope_append_tl, batch_tl)
 
 _ARCHS: dict[str, Arch] = {"sm_80": Arch.SM80, "sm_90a": Arch.SM90}
 
@@ -56,36 +55,14 @@ def parse_arch(arch: str) -> Arch:
         raise ValueError(f"arch: expected one of {sorted(_ARCHS)}, got {arch!r}") from None
 
 
-def key_code(key: KernelKey) -> Code:
-    match key:
-        case RopeKey():
-            return rope_traits(key)[1]
-        case AppendKey():
-            return append_traits(key)[1]
-        case AttentionKey():
-            return attention_traits(key)[1]
-        case _:
-            assert_never(key)
-
-
 def serves(code: Code, arch: Arch) -> bool:
-    """Whether a kernel built as `code` runs on `arch` (so CI must compile it for that arch)."""
-    match code:
-        case Code.REF:
-            return False
-        case Code.TL:
-            return arch is Arch.SM80 or arch is Arch.SM90
-        case Code.SM80:
-            return arch is Arch.SM80
-        case Code.SM90:
-            return arch is Arch.SM90
-        case _:
-            assert_never(code)
+    """Whether a TileLang kernel built as `code` runs on `arch` (so CI must compile it for that arch)."""
+    return code is not Code.REF and arch in code.serves
 
 
 def tilelang_keys(arch: Arch) -> tuple[KernelKey, ...]:
     """Every key whose TileLang kernel serves `arch`."""
-    return tuple(key for key in ALL_KEYS if serves(key_code(key), arch))
+    return tuple(key for key in ALL_KEYS if serves(code_of(key), arch))
 
 
 def collect_cases(arch: Arch, modules: Sequence[ModuleType] = CASE_MODULES) -> tuple[CompileCase, ...]:

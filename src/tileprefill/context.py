@@ -9,6 +9,7 @@ combinations no public Op can produce, so `select_plan` never sees them.
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 import torch
@@ -50,6 +51,12 @@ class Arch(enum.Enum):
         raise ValueError(
             f"device {device}: expected a CUDA device of compute capability 8.x or 9.0, got {major}.{minor}"
         )
+
+
+@functools.cache
+def arch_of(device: torch.device) -> Arch:
+    """The Arch of a device, read once per device (the one place device facts are probed)."""
+    return Arch.of_device(device)
 
 
 class DType(enum.Enum):

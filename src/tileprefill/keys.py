@@ -1,7 +1,9 @@
 """Kernel keys: one enum member per concrete Kernel class.
 
-A plan is a sequence of keys, one per step: an optional RoPE step, an
-optional append step, and the attention step. Keys name what a kernel does
+A plan is a sequence of keys, one per step: an optional batch step (run once
+per plan: what every layer's kernels share), an optional RoPE step, an
+optional append step (or one fused RoPE + append step in their place), and
+the attention step. Keys name what a kernel does
 and the code it is built for (`_REF` is the torch reference, `_TL` a TileLang
 kernel that is the same program for SM80 and SM90, `_SM80`/`_SM90` TileLang
 kernels tuned per architecture).
@@ -11,6 +13,14 @@ from __future__ import annotations
 
 import enum
 from typing import TypeAlias
+
+
+class BatchKey(enum.Enum):
+    """What a batch's layers share, derived once per plan: positions, cache slots and kv lengths of the
+    new tokens of an append into a paged cache."""
+
+    PAGED_REF = "batch_paged_ref"
+    PAGED_TL = "batch_paged_tl"
 
 
 class RopeKey(enum.Enum):
@@ -25,6 +35,13 @@ class AppendKey(enum.Enum):
     PAGED_REF = "append_paged_ref"
     CONTIGUOUS_TL = "append_contiguous_tl"
     PAGED_TL = "append_paged_tl"
+
+
+class RopeAppendKey(enum.Enum):
+    """RoPE of q and the new keys plus the cache write, one kernel (by slot: any cache layout)."""
+
+    NEOX_TL = "rope_append_neox_tl"
+    INTERLEAVED_TL = "rope_append_interleaved_tl"
 
 
 class AttentionKey(enum.Enum):
@@ -47,9 +64,9 @@ class AttentionKey(enum.Enum):
     PAGED_TILED_SM90 = "attn_paged_tiled_sm90"
 
 
-KernelKey: TypeAlias = RopeKey | AppendKey | AttentionKey
+KernelKey: TypeAlias = BatchKey | RopeKey | AppendKey | RopeAppendKey | AttentionKey
 
-ALL_KEYS: tuple[KernelKey, ...] = (*RopeKey, *AppendKey, *AttentionKey)
+ALL_KEYS: tuple[KernelKey, ...] = (*BatchKey, *RopeKey, *AppendKey, *RopeAppendKey, *AttentionKey)
 
 
 def key_from_value(value: str) -> KernelKey:

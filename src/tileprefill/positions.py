@@ -48,3 +48,32 @@ def batch_positions(
 def sequence_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """int32 (B,): the length of each packed sequence."""
     return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
+
+
+def paged_slots(
+    block_table: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, page_size: int
+) -> torch.Tensor:
+    """int32 (T,): the row of a paged cache viewed as (num_pages * page_size, Hkv, D) that each packed
+    token at `positions` goes to, or -1 where its page is outside the block table or names no page.
+
+    An entry past the pool (>= num_pages) gives a row past the cache, which the kernels skip too.
+    """
+    if block_table.shape[1] == 0:
+        return torch.full_like(positions, -1, dtype=torch.int32)
+    seq = sequence_index(cu_seqlens, positions.shape[0])
+    page = torch.div(positions, page_size, rounding_mode="floor")
+    inside = (positions >= 0) & (page < block_table.shape[1])
+    entry = block_table[seq.long(), page.clamp(0, block_table.shape[1] - 1).long()]
+    inside &= entry >= 0
+    rows = entry * page_size + positions - page * page_size
+    return torch.where(inside, rows, -1).to(torch.int32)
+
+
+def contiguous_slots(cache_seqlens: torch.Tensor, seqlen: int, max_seq: int) -> torch.Tensor:
+    """int32 (B * seqlen,): the row of a contiguous cache viewed as (B * max_seq, Hkv, D) that new
+    token i of sequence b goes to (position cache_seqlens[b] + i), or -1 past the cache."""
+    positions = batch_positions(cache_seqlens.shape[0], seqlen, cache_seqlens.device, offsets=cache_seqlens)
+    batch = torch.arange(cache_seqlens.shape[0], dtype=torch.int32, device=cache_seqlens.device)
+    rows = batch.repeat_interleave(seqlen) * max_seq + positions
+    inside = (positions >= 0) & (positions < max_seq)
+    return torch.where(inside, rows, -1).to(torch.int32)

@@ -2,8 +2,9 @@
 
 `select_plan(ctx)` reads only the context. Each step (RoPE, append,
 attention) walks its keys in preference order and takes the first one with
-no rejection reasons; `rejections(key, ctx)` is the single statement of what
-each key's kernel can serve. Every `match` ends in `assert_never`, so a new
+no rejection reasons; a call that rotates and appends first looks for a fused
+RoPE + append kernel, which then stands in for both steps. `rejections(key, ctx)`
+is the single statement of what each key's kernel can serve. Every `match` ends in `assert_never`, so a new
 enum member fails `mypy --strict` until every decision here handles it.
 Nothing falls back silently: when a step has no kernel, `select_plan` raises
 `UnsupportedContextError` carrying every candidate's reasons.
@@ -18,34 +19,55 @@ from typing import TypeVar, assert_never
 import attrs
 
 from tileprefill.context import Arch, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 
-K = TypeVar("K", RopeKey, AppendKey, AttentionKey)
+K = TypeVar("K", BatchKey, RopeKey, AppendKey, RopeAppendKey, AttentionKey)
 
 #: Head dims the TileLang attention kernels are compiled for.
 TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 
 
 class Code(enum.Enum):
-    """What a key's kernel is built as, and so which arches it serves."""
+    """What a key's kernel is built as, and so which arches it serves (`serves`, the one statement
+    of that rule)."""
 
     REF = "torch reference"
     TL = "TileLang (sm80 and sm90)"
     SM80 = "TileLang sm80"
     SM90 = "TileLang sm90"
 
+    @property
+    def serves(self) -> tuple[Arch, ...]:
+        """The arches whose calls a kernel of this code serves."""
+        match self:
+            case Code.REF:
+                return (Arch.CPU,)
+            case Code.TL:
+                return (Arch.SM80, Arch.SM90)
+            case Code.SM80:
+                return (Arch.SM80,)
+            case Code.SM90:
+                return (Arch.SM90,)
+            case _:
+                assert_never(self)
+
 
 @attrs.frozen
 class PrefillPlan:
-    """The ordered steps of one call: RoPE, then append, then attention."""
+    """The ordered steps of one call: the batch step (once per plan), RoPE, then append (or both fused
+    in `rope_append`), then attention."""
 
     rope: RopeKey | None
     append: AppendKey | None
     attention: AttentionKey
+    rope_append: RopeAppendKey | None = None
+    batch: BatchKey | None = None
 
     @property
     def steps(self) -> tuple[KernelKey, ...]:
-        leading: list[KernelKey] = [k for k in (self.rope, self.append) if k is not None]
+        leading: list[KernelKey] = [
+            k for k in (self.batch, self.rope, self.append, self.rope_append) if k is not None
+        ]
         return (*leading, self.attention)
 
     def __str__(self) -> str:
@@ -96,6 +118,11 @@ ROPE_PREFERENCE: tuple[RopeKey, ...] = (
     RopeKey.NEOX_REF,
     RopeKey.INTERLEAVED_REF,
 )
+BATCH_PREFERENCE: tuple[BatchKey, ...] = (BatchKey.PAGED_TL, BatchKey.PAGED_REF)
+ROPE_APPEND_PREFERENCE: tuple[RopeAppendKey, ...] = (
+    RopeAppendKey.NEOX_TL,
+    RopeAppendKey.INTERLEAVED_TL,
+)
 APPEND_PREFERENCE: tuple[AppendKey, ...] = (
     AppendKey.CONTIGUOUS_TL,
     AppendKey.PAGED_TL,
@@ -129,18 +156,28 @@ def select_plan(ctx: PrefillContext) -> PrefillPlan:
 
 
 def explain(ctx: PrefillContext) -> Explanation:
-    rope = _first_supported(ROPE_PREFERENCE, ctx) if needs_rope_step(ctx) else None
-    append = _first_supported(APPEND_PREFERENCE, ctx) if ctx.append else None
+    batch = _first_supported(BATCH_PREFERENCE, ctx) if needs_batch_step(ctx) else None
+    fused = _first_supported(ROPE_APPEND_PREFERENCE, ctx) if needs_rope_step(ctx) and ctx.append else None
+    rope = _first_supported(ROPE_PREFERENCE, ctx) if needs_rope_step(ctx) and fused is None else None
+    append = _first_supported(APPEND_PREFERENCE, ctx) if ctx.append and fused is None else None
     attention = _first_supported(ATTENTION_PREFERENCE, ctx)
     missing: list[str] = []
-    if needs_rope_step(ctx) and rope is None:
+    if needs_batch_step(ctx) and batch is None:
+        missing.append("batch")
+    if needs_rope_step(ctx) and rope is None and fused is None:
         missing.append("rope")
-    if ctx.append and append is None:
+    if ctx.append and append is None and fused is None:
         missing.append("append")
     if attention is None:
         missing.append("attention")
-    chosen = {rope, append, attention}
-    candidates: tuple[KernelKey, ...] = (*ROPE_PREFERENCE, *APPEND_PREFERENCE, *ATTENTION_PREFERENCE)
+    chosen = {batch, rope, append, fused, attention}
+    candidates: tuple[KernelKey, ...] = (
+        *BATCH_PREFERENCE,
+        *ROPE_APPEND_PREFERENCE,
+        *ROPE_PREFERENCE,
+        *APPEND_PREFERENCE,
+        *ATTENTION_PREFERENCE,
+    )
     rejected = tuple(
         Rejection(
             key, rejections(key, ctx) or ("supported, but a kernel earlier in preference order serves",)
@@ -148,8 +185,21 @@ def explain(ctx: PrefillContext) -> Explanation:
         for key in candidates
         if key not in chosen
     )
-    plan = None if attention is None or missing else PrefillPlan(rope, append, attention)
+    if fused is not None:
+        # The fused kernel serves both steps: the separate ones were not looked for.
+        rejected = tuple(
+            Rejection(r.key, (f"{fused.value} rotates and appends in one kernel",))
+            if isinstance(r.key, RopeKey | AppendKey) and not rejections(r.key, ctx)
+            else r
+            for r in rejected
+        )
+    plan = None if attention is None or missing else PrefillPlan(rope, append, attention, fused, batch)
     return Explanation(ctx, plan, rejected, tuple(missing))
+
+
+def needs_batch_step(ctx: PrefillContext) -> bool:
+    """An append into a paged cache derives each new token's position and slot once per plan."""
+    return ctx.append and ctx.kv_layout is KVLayout.PAGED
 
 
 def needs_rope_step(ctx: PrefillContext) -> bool:
@@ -172,6 +222,10 @@ def _first_supported(keys: Sequence[K], ctx: PrefillContext) -> K | None:
 def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
     """Why the kernel of `key` cannot serve `ctx`; empty when it can."""
     match key:
+        case BatchKey():
+            code = batch_traits(key)
+            reasons = [] if needs_batch_step(ctx) else ["the call appends nothing to a paged cache"]
+            return (*reasons, *_code_rejections(code, ctx))
         case RopeKey():
             mode, code = rope_traits(key)
             reasons = [] if ctx.rope is mode else [f"rope is {ctx.rope.value}, this kernel does {mode.value}"]
@@ -182,8 +236,51 @@ def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
             if ctx.kv_layout is not layout:
                 reasons.append(f"kv_layout is {ctx.kv_layout.value}, this kernel appends to {layout.value}")
             return (*reasons, *_code_rejections(code, ctx))
+        case RopeAppendKey():
+            mode, code = rope_append_traits(key)
+            reasons = [] if ctx.rope is mode else [f"rope is {ctx.rope.value}, this kernel does {mode.value}"]
+            if not ctx.append:
+                reasons.append("the call appends nothing")
+            return (*reasons, *_code_rejections(code, ctx))
         case AttentionKey():
             return _attention_rejections(key, ctx)
+        case _:
+            assert_never(key)
+
+
+def code_of(key: KernelKey) -> Code:
+    """What the kernel of `key` is built as."""
+    match key:
+        case BatchKey():
+            return batch_traits(key)
+        case RopeKey():
+            return rope_traits(key)[1]
+        case AppendKey():
+            return append_traits(key)[1]
+        case RopeAppendKey():
+            return rope_append_traits(key)[1]
+        case AttentionKey():
+            return attention_traits(key)[1]
+        case _:
+            assert_never(key)
+
+
+def batch_traits(key: BatchKey) -> Code:
+    match key:
+        case BatchKey.PAGED_REF:
+            return Code.REF
+        case BatchKey.PAGED_TL:
+            return Code.TL
+        case _:
+            assert_never(key)
+
+
+def rope_append_traits(key: RopeAppendKey) -> tuple[RopeMode, Code]:
+    match key:
+        case RopeAppendKey.NEOX_TL:
+            return RopeMode.NEOX, Code.TL
+        case RopeAppendKey.INTERLEAVED_TL:
+            return RopeMode.INTERLEAVED, Code.TL
         case _:
             assert_never(key)
 
@@ -307,22 +404,10 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
 
 
 def _code_rejections(code: Code, ctx: PrefillContext) -> tuple[str, ...]:
-    match code:
-        case Code.REF:
-            ok = ctx.arch is Arch.CPU
-            served = "arch cpu"
-        case Code.TL:
-            ok = ctx.arch is Arch.SM80 or ctx.arch is Arch.SM90
-            served = "arch sm80 or sm90"
-        case Code.SM80:
-            ok = ctx.arch is Arch.SM80
-            served = "arch sm80"
-        case Code.SM90:
-            ok = ctx.arch is Arch.SM90
-            served = "arch sm90"
-        case _:
-            assert_never(code)
-    return () if ok else (f"{code.value} code serves {served}; the call's arch is {ctx.arch.value}",)
+    if ctx.arch in code.serves:
+        return ()
+    served = " or ".join(a.value for a in code.serves)
+    return (f"{code.value} code serves arch {served}; the call's arch is {ctx.arch.value}",)
 
 
 def _describe(ctx: PrefillContext) -> str:

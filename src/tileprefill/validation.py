@@ -80,23 +80,39 @@ class Binding(NamedTuple):
 Dims = Mapping[str, Binding]
 
 
-def check_metadata(specs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor]) -> dict[str, Binding]:
+def check_metadata(
+    specs: Sequence[TensorSpec],
+    tensors: Sequence[torch.Tensor],
+    *,
+    bound: Mapping[str, Binding] | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Binding]:
     """Check every input against its spec; return the size of each shape symbol.
 
-    The first input (q) fixes the device and the activation dtype. A symbol is
-    bound by the first input that has it; later inputs must agree.
+    The first input (q) fixes the device and the activation dtype unless `device` and
+    `dtype` are given (a plan's). A symbol is bound by `bound` or else by the first input
+    that has it; later inputs must agree.
     """
-    dims: dict[str, Binding] = {}
+    dims: dict[str, Binding] = dict(bound or {})
+    if not specs:
+        return dims
     first = specs[0].name
-    device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+    if device is None:
+        device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+        device_source = first
+    else:
+        device_source = "the plan"
     for s, t in zip(specs, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{s.name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.device != device:
             raise ValueError(
-                f"{s.name}: expected a tensor on {device} (the device of {first}), got {t.device}"
+                f"{s.name}: expected a tensor on {device} (the device of {device_source}), got {t.device}"
             )
-        _check_dtype(s, t, tensors[0].dtype, first)
+        _check_dtype(
+            s, t, tensors[0].dtype if dtype is None else dtype, first if dtype is None else "the plan"
+        )
         if t.dim() != len(s.dims):
             raise ValueError(
                 f"{s.name}: expected shape {s.shape} (rank {len(s.dims)}), "
@@ -104,17 +120,17 @@ def check_metadata(specs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor])
             )
         for dim, size in zip(s.dims, t.shape, strict=True):
             value = size - dim.offset
-            bound = dims.get(dim.symbol)
-            if bound is None:
+            known = dims.get(dim.symbol)
+            if known is None:
                 if value < 0:
                     raise ValueError(
                         f"{s.name}: expected shape {s.shape} with {dim} >= {dim.offset}, got {size}"
                     )
                 dims[dim.symbol] = Binding(value, s.name)
-            elif bound.value != value:
+            elif known.value != value:
                 raise ValueError(
-                    f"{s.name}: expected shape {s.shape} with {dim.symbol}={bound.value} "
-                    f"(from {bound.source}), got {tuple(t.shape)}"
+                    f"{s.name}: expected shape {s.shape} with {dim.symbol}={known.value} "
+                    f"(from {known.source}), got {tuple(t.shape)}"
                 )
         if not t.is_contiguous():
             raise ValueError(
@@ -128,6 +144,8 @@ def _check_dtype(s: TensorSpec, t: torch.Tensor, q_dtype: torch.dtype, first: st
     match s.dtype:
         case DtypeRule.ACTIVATION:
             ok, expected = t.dtype in _ACTIVATION_DTYPES, "float16 or bfloat16"
+            if ok and first == "the plan" and t.dtype != q_dtype:
+                ok, expected = False, f"{q_dtype} (the dtype of the plan)"
         case DtypeRule.SAME_AS_Q:
             ok, expected = t.dtype == q_dtype, f"{q_dtype} (the dtype of {first})"
         case DtypeRule.INT32:
@@ -191,13 +209,23 @@ def check_rope_table_length(dims: Dims, needed: int, why: str) -> None:
 # --- value checks (validate=True only: they copy index tensors to the host) -------------------------
 
 
-def host_list(t: torch.Tensor) -> list[int]:
-    """The values of a small int32 index tensor, on the host (synchronises with the device)."""
-    return [int(x) for x in t.cpu().tolist()]
+def host_values(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The values of small int32 index tensors, each flattened, on the host: one device-to-host copy
+    for all of them (it synchronises with the device)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors]).tolist()
+    values: list[list[int]] = []
+    start = 0
+    for t in tensors:
+        values.append(flat[start : start + t.numel()])
+        start += t.numel()
+    return values
 
 
-def host_table(t: torch.Tensor) -> list[list[int]]:
-    return [[int(x) for x in row] for row in t.cpu().tolist()]
+def rows(values: Sequence[int], count: int, width: int) -> list[list[int]]:
+    """A flattened (count, width) table as its rows."""
+    return [list(values[i * width : (i + 1) * width]) for i in range(count)]
 
 
 def check_cu_seqlens(name: str, cu: Sequence[int], total: int, total_source: str) -> list[int]:

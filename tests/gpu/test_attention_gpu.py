@@ -17,8 +17,14 @@ The matrix: q_len < kv_len and q_len > kv_len, unaligned lengths (1, 37, 129,
 1000), zero-length sequences inside ragged batches, GQA groups 1/2/4/8/16, head
 dims 64/128/256, page sizes 1/5/48 (gathered) and 16/64/256 (tiled), fp16 and
 bf16, causal and non-causal. Plus empty inputs, long sequences, strided inputs,
-opcheck of the custom ops, torch.compile(fullgraph=True) and CUDA-graph replay
-with new lengths.
+opcheck of the custom ops (`tileprefill::attn_*`: they write a caller-allocated
+output in place and take the static facts as scalars), torch.compile(fullgraph=True)
+of the allocating call and of a bound launch writing its output, and CUDA-graph
+replay with new lengths.
+
+Every call is made twice: the allocating `kernel(...)` and the launch `kernel.bind(facts)`
+returns, writing a NaN-filled buffer the test allocates; both must agree bit for bit
+(one program, one launch path).
 
 SM90 kernels run on compute capability 9.0 only. SM80 kernels run on 8.x and
 also here on Hopper (their build carries sm_90 code of the same sm_80 program).
@@ -34,21 +40,22 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch
-from tileprefill.kernels import attention_tl
-from tileprefill.kernels.attention_tl import StaticFacts
+from tileprefill.context import Arch, DType
+from tileprefill.kernels import attention_tl, launch
 from tileprefill.kernels.base import (
     ContiguousAttentionKernel,
     DenseAttentionKernel,
     PagedAttentionKernel,
     RaggedAttentionKernel,
+    StaticFacts,
 )
+from tileprefill.kernels.launch import Launcher
 from tileprefill.kernels.reference import (
     AttentionContiguousRefKernel,
     AttentionDenseRefKernel,
@@ -104,15 +111,22 @@ def facts(
     kv_heads: int,
     page_size: int = 0,
 ) -> StaticFacts:
+    """A static configuration of the matrix, for every arch (`on(f, arch)` gives the facts of one)."""
     return StaticFacts(
+        arch=Arch.CPU,  # replaced by the test's arch: see `on`
+        dtype=DType.of(dtype, argument="dtype"),
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        dtype=str(dtype).removeprefix("torch."),
         causal=causal,
         sm_scale=head_dim**-0.5,
         page_size=page_size,
     )
+
+
+def on(f: StaticFacts, arch: Arch) -> StaticFacts:
+    """The facts of configuration `f` for the programs of `arch` (what `facts_of` gives a call)."""
+    return f._replace(arch=arch)
 
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -155,7 +169,7 @@ CONFIGS: dict[Source, list[StaticFacts]] = {
 def config_id(f: StaticFacts) -> str:
     page = f"-page{f.page_size}" if f.page_size else ""
     mode = "causal" if f.causal else "full"
-    return f"d{f.head_dim}-{f.dtype}-{mode}-g{f.heads // f.kv_heads}{page}"
+    return f"d{f.head_dim}-{f.dtype.value}-{mode}-g{f.heads // f.kv_heads}{page}"
 
 
 def warm_up() -> None:
@@ -165,7 +179,7 @@ def warm_up() -> None:
         for f in configs:
             for arch in ARCHS:
                 if runnable(arch) is None:
-                    attention_tl.build_program(KEYS[source, arch], f)
+                    Launcher(attention_tl.RECORDS[KEYS[source, arch]], on(f, arch))
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +191,14 @@ def fresh_seed() -> Iterator[int]:
     yield seed
 
 
-def kernel_of(source: Source, arch: Arch) -> Callable[..., torch.Tensor]:
+class AttentionKernel(Protocol):
+    """What the tests call on an attention kernel of any family (each names its own tensors)."""
+
+    def __call__(self, *tensors: torch.Tensor, causal: bool, sm_scale: float) -> torch.Tensor: ...
+    def bind(self, facts: StaticFacts) -> Callable[..., None]: ...
+
+
+def kernel_of(source: Source, arch: Arch) -> AttentionKernel:
     reason = runnable(arch)
     if reason is not None:
         pytest.skip(reason)
@@ -190,7 +211,7 @@ def kernel_of(source: Source, arch: Arch) -> Callable[..., torch.Tensor]:
         Source.PAGED_TILED: PagedAttentionKernel,
     }[source]
     assert isinstance(kernel, family)
-    return cast(Callable[..., torch.Tensor], kernel)
+    return cast(AttentionKernel, kernel)
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -221,7 +242,7 @@ def blind(q_len: int, kv_len: int, causal: bool) -> torch.Tensor:
 
 
 def dtype_of(f: StaticFacts) -> torch.dtype:
-    return {"float16": F16, "bfloat16": BF16}[f.dtype]
+    return f.dtype.torch_dtype
 
 
 def dense_case(f: StaticFacts, batch: int, q_len: int, kv_len: int) -> Case:
@@ -318,14 +339,22 @@ def nan_filled(q: torch.Tensor) -> torch.Tensor:
 
 def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = kernel_of(source, arch)
+    q = case.tensors[0]
+    # The allocating call builds the program warm_up built (same key, same static facts).
+    called = attention_tl.facts_of(
+        KEYS[source, arch], q, case.tensors[1], causal=f.causal, sm_scale=f.sm_scale
+    )
+    assert called == on(f, arch), f"test setup: the call's facts {called} are not the config's"
     before = [bits(t).clone() for t in case.tensors]
     expected = REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
     with monkeypatch.context() as patch:
         patch.setattr(attention_tl, "_allocate_output", nan_filled)
         out = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    bound = nan_filled(q)
+    kernel.bind(on(f, arch))(*case.tensors, bound)
     torch.cuda.synchronize()
-    q = case.tensors[0]
     assert (out.shape, out.dtype, out.device) == (q.shape, q.dtype, q.device)
+    assert torch.equal(bits(bound), bits(out)), "the bound launch and the allocating call differ"
     for i, (tensor, old) in enumerate(zip(case.tensors, before, strict=True)):
         assert torch.equal(bits(tensor), old), f"input {i} changed"
     assert not out.isnan().any(), "NaN in the output: an element was not written, or garbage leaked in"
@@ -472,6 +501,21 @@ def test_paged_tiled(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch
 # --------------------------------------------------------------------- custom ops, compile, graphs
 
 
+def scalars(f: StaticFacts) -> tuple[str, str, int, int, int, bool, float, int, int]:
+    """The static facts as the custom ops take them, after the tensors (their schema's order)."""
+    return (
+        f.arch.value,
+        f.dtype.value,
+        f.heads,
+        f.kv_heads,
+        f.head_dim,
+        f.causal,
+        f.sm_scale,
+        f.page_size,
+        f.rotary_dim,
+    )
+
+
 def small_case(source: Source) -> tuple[StaticFacts, Case]:
     f = CONFIGS[source][0]
     match source:
@@ -488,12 +532,22 @@ def small_case(source: Source) -> tuple[StaticFacts, Case]:
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
 @pytest.mark.parametrize("source", list(Source), ids=lambda s: s.name.lower())
 def test_opcheck(arch: Arch, source: Source) -> None:
-    """Schema, fake (meta) implementation and dispatch of each custom op."""
+    """Schema (the output is the one tensor written), fake (meta) implementation and dispatch of each
+    custom op: its tensors, a NaN-filled output, then the static facts as scalars."""
     if runnable(arch) is not None:
         pytest.skip(str(runnable(arch)))
     f, case = small_case(source)
-    op = attention_tl.OPS[KEYS[source, arch]]
-    torch.library.opcheck(op, (*case.tensors, f.causal, f.sm_scale))
+    key = KEYS[source, arch]
+    assert attention_tl.RECORDS[key].mutates == ("out",)
+    op = launch.OPS[key]
+    q = case.tensors[0]
+    torch.library.opcheck(op, (*case.tensors, nan_filled(q), *scalars(on(f, arch))))
+    # The op launches the program of its scalars: what the allocating call computes, bit for bit.
+    out = nan_filled(q)
+    op(*case.tensors, out, *scalars(on(f, arch)))
+    want = kernel_of(source, arch)(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    torch.cuda.synchronize()
+    assert torch.equal(bits(out), bits(want))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
@@ -511,6 +565,33 @@ def test_torch_compile_fullgraph(arch: Arch, source: Source) -> None:
     got = compiled(*case.tensors)
     want = 2.0 * REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
     torch.testing.assert_close(got, want, rtol=0, atol=2 * ABS_ERR[got.dtype])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("source", [Source.RAGGED, Source.PAGED], ids=lambda s: s.name.lower())
+def test_torch_compile_fullgraph_sees_the_output_written_by_a_bound_launch(
+    arch: Arch, source: Source
+) -> None:
+    """A launch bound outside the compiled function (what a plan holds) writes a buffer the function
+    allocates: the compiler must order the reads of that buffer after the custom op writes it."""
+    kernel = kernel_of(source, arch)
+    f, case = small_case(source)
+    attend = kernel.bind(on(f, arch))
+
+    def attend_into_nan_then_read(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.full_like(tensors[0], float("nan"))
+        attend(*tensors, out)
+        return out * 2.0, out.isnan().any()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend_into_nan_then_read, fullgraph=True)
+    for _ in range(2):  # new data, same shapes: the second call must not see the first's values
+        f, case = small_case(source)
+        doubled, any_nan = compiled(*case.tensors)
+        want = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+        torch.cuda.synchronize()
+        assert not bool(any_nan), "the read of the output ran before the write"
+        assert torch.equal(bits(doubled), bits(want * 2.0))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)

@@ -5,9 +5,14 @@ replayed with TILEPREFILL_SEED). RoPE outputs come from a NaN-poisoned
 allocator, so an element the kernel forgets to write shows up. Append caches
 are filled with random data first and compared whole with the reference's:
 bit-exact, and exactly the expected slots differ from the cache before the call.
-Also: the SM80 build on this GPU, misaligned and strided inputs, opcheck of the
-custom ops, CUDA-graph replay with new data, and torch.compile(fullgraph=True)
-seeing the cache mutation.
+Every RoPE call is also made through the launch `bind(facts)` returns (a NaN-filled
+output the test allocates), bit for bit the allocating call's. Also: the SM80
+build on this GPU, misaligned and strided inputs, opcheck of the mutating custom
+ops (`tileprefill::rope_<mode>_tl`, `append_<layout>_tl`, `rope_append_<mode>_tl`:
+tensors, then the static facts as scalars), CUDA-graph replay with new data, and
+torch.compile(fullgraph=True) seeing the cache mutation. The fused RoPE + append
+program is tested over its matrix in test_rope_append_slots_gpu.py; here only its
+custom op is checked.
 """
 
 from __future__ import annotations
@@ -22,11 +27,18 @@ import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch, DType
-from tileprefill.kernels import append_tl, rope_tl
-from tileprefill.kernels.base import ContiguousAppendKernel, PagedAppendKernel, RopeKernel
+from tileprefill.context import Arch, DType, arch_of
+from tileprefill.kernels import append_tl, launch, rope_append_tl, rope_tl
+from tileprefill.kernels.base import (
+    ContiguousAppendKernel,
+    PagedAppendKernel,
+    RopeAppendKernel,
+    RopeKernel,
+    StaticFacts,
+)
+from tileprefill.kernels.launch import Launcher
 from tileprefill.kernels.registry import ALL_KERNELS
-from tileprefill.keys import AppendKey, RopeKey
+from tileprefill.keys import AppendKey, KernelKey, RopeAppendKey, RopeKey
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 
@@ -76,6 +88,47 @@ def paged_kernels() -> tuple[PagedAppendKernel, PagedAppendKernel]:
     return tl, ref
 
 
+def scalars(f: StaticFacts) -> tuple[str, str, int, int, int, bool, float, int, int]:
+    """The static facts as the custom ops take them, after the tensors (their schema's order)."""
+    return (
+        f.arch.value,
+        f.dtype.value,
+        f.heads,
+        f.kv_heads,
+        f.head_dim,
+        f.causal,
+        f.sm_scale,
+        f.page_size,
+        f.rotary_dim,
+    )
+
+
+def rope_facts(x: torch.Tensor, rotary_dim: int, arch: Arch | None = None) -> StaticFacts:
+    """The static facts `RopeKernel.__call__` builds for x (T, H, D) on this device."""
+    _, heads, head_dim = x.shape
+    return StaticFacts(
+        arch=arch_of(x.device) if arch is None else arch,
+        dtype=DType.of(x.dtype, argument="x"),
+        heads=heads,
+        kv_heads=heads,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+    )
+
+
+def append_facts(new: torch.Tensor, page_size: int = 0, arch: Arch | None = None) -> StaticFacts:
+    """The static facts the append kernels build for new keys (..., Hkv, D) on this device."""
+    kv_heads, head_dim = new.shape[-2], new.shape[-1]
+    return StaticFacts(
+        arch=arch_of(new.device) if arch is None else arch,
+        dtype=DType.of(new.dtype, argument="k_new"),
+        heads=kv_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+    )
+
+
 def poison_allocator(nbytes: int) -> None:
     """Leave NaN in the allocator's free blocks so the next output of this size starts as NaN."""
     for size in (nbytes, 64 << 20):
@@ -101,26 +154,37 @@ def positions_after_cache(q_lens: Sequence[int], cache_lens: Sequence[int]) -> t
 
 @pytest.fixture
 def as_sm80(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the SM80 build (its cubin carries sm_90 code of the same PTX) on this GPU."""
-    if rope_tl.device_arch(DEV) is Arch.SM80:
+    """Run the SM80 build (its cubin carries sm_90 code of the same PTX) on this GPU: the kernel
+    modules read the device's arch through `arch_of`, imported by name."""
+    if arch_of(DEV) is Arch.SM80:
         return
-    monkeypatch.setattr(rope_tl, "device_arch", lambda device: Arch.SM80)
-    monkeypatch.setattr(append_tl, "device_arch", lambda device: Arch.SM80)
+    monkeypatch.setattr(rope_tl, "arch_of", lambda device: Arch.SM80)
+    monkeypatch.setattr(append_tl, "arch_of", lambda device: Arch.SM80)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
 
 
 def check_rope(
-    mode: str, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    mode: str,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    arch: Arch | None = None,
 ) -> None:
+    """`arch`: the one the kernel builds for (this device's unless `as_sm80` patched it)."""
     tl, ref = rope_kernels(mode)
     x_before = x.clone()
     expected = ref(x, positions, cos, sin)
     poison_allocator(x.numel() * x.element_size())
     out = tl(x, positions, cos, sin)
+    # The launch a plan holds, for the facts the call built (arch included: `as_sm80` patches it).
+    bound = torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEV)
+    tl.bind(rope_facts(x, 2 * cos.shape[1], arch))(x, positions, cos, sin, bound)
     torch.cuda.synchronize()
     assert torch.equal(x, x_before), "the kernel changed its input"
+    assert torch.equal(bound.view(torch.int16), out.view(torch.int16)), "bound launch != allocating call"
     assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
     assert not out.isnan().any(), "NaN in the output: an element was not written"
     rotary_dim = 2 * cos.shape[1]
@@ -201,14 +265,32 @@ def test_rope_of_strided_and_misaligned_inputs(mode: str) -> None:
 def test_rope_sm80_build(mode: str) -> None:
     cos, sin = rope_tables(2048, 64)
     positions = torch.randint(0, 2048, (333,), dtype=torch.int32, device=DEV)
-    check_rope(mode, torch.randn(333, 8, 128, dtype=torch.bfloat16, device=DEV), positions, cos, sin)
+    x = torch.randn(333, 8, 128, dtype=torch.bfloat16, device=DEV)
+    check_rope(mode, x, positions, cos, sin, Arch.SM80)
 
 
-def test_rope_opcheck() -> None:
+def written_by(key: KernelKey) -> set[str]:
+    """The tensors the schema of `key`'s custom op marks as written."""
+    schema = getattr(torch.ops.tileprefill, key.value).default._schema
+    return {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+@pytest.mark.parametrize("key", [RopeKey.NEOX_TL, RopeKey.INTERLEAVED_TL], ids=lambda k: k.value)
+def test_rope_opcheck(key: RopeKey) -> None:
+    """x, positions, cos, sin, then the output it writes in place, then the static facts."""
+    assert written_by(key) == {"out"}
     cos, sin = rope_tables(128, 64)
     x = torch.randn(19, 4, 64, dtype=torch.float16, device=DEV)
     positions = torch.randint(0, 128, (19,), dtype=torch.int32, device=DEV)
-    torch.library.opcheck(rope_tl.rope_op, (x, positions, cos, sin, True))
+    out = torch.full_like(x, float("nan"))
+    args = (x, positions, cos, sin, out, *scalars(rope_facts(x, 64)))
+    torch.library.opcheck(launch.OPS[key], args)
+    launch.OPS[key](*args)
+    tl = ALL_KERNELS[key]()
+    assert isinstance(tl, RopeKernel)
+    want = tl(x, positions, cos, sin)
+    torch.cuda.synchronize()
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16)), "the op and the kernel differ"
 
 
 # ------------------------------------------------------------------------------- contiguous append
@@ -287,8 +369,17 @@ def test_append_contiguous_sm80_build() -> None:
 
 
 def test_append_contiguous_opcheck() -> None:
+    """The two caches are the tensors written; the op writes what the kernel writes."""
+    assert written_by(AppendKey.CONTIGUOUS_TL) == {"k_cache", "v_cache"}
     case = contiguous_case(3, 5, 12, 2, 64, torch.float16)
-    torch.library.opcheck(append_tl.append_contiguous_op, case.args)
+    op = launch.OPS[AppendKey.CONTIGUOUS_TL]
+    torch.library.opcheck(op, (*case.args, *scalars(append_facts(case.k_new))))
+    _, ref = contiguous_kernels()
+    expected = (case.k_cache.clone(), case.v_cache.clone())
+    ref(case.k_new, case.v_new, *expected, case.cache_seqlens)
+    op(*case.args, *scalars(append_facts(case.k_new)))
+    torch.cuda.synchronize()
+    assert torch.equal(case.k_cache, expected[0]) and torch.equal(case.v_cache, expected[1])
 
 
 # ------------------------------------------------------------------------------------ paged append
@@ -452,8 +543,58 @@ def test_append_paged_rejects_a_strided_cache_untouched() -> None:
 
 
 def test_append_paged_opcheck() -> None:
+    """The two page pools are the tensors written; the op writes what the reference writes."""
+    assert written_by(AppendKey.PAGED_TL) == {"k_pages", "v_pages"}
     case = paged_case([2, 0, 5], [3, 1, 0], 4, 2, 64, torch.float16)
-    torch.library.opcheck(append_tl.append_paged_op, case.args)
+    op = launch.OPS[AppendKey.PAGED_TL]
+    facts = append_facts(case.k_new, page_size=4)
+    torch.library.opcheck(op, (*case.args, *scalars(facts)))
+    _, ref = paged_kernels()
+    expected = (case.k_pages.clone(), case.v_pages.clone())
+    ref(case.k_new, case.v_new, *expected, case.block_table, case.cache_seqlens, case.cu_seqlens_q)
+    op(*case.args, *scalars(facts))
+    torch.cuda.synchronize()
+    assert torch.equal(case.k_pages, expected[0]) and torch.equal(case.v_pages, expected[1])
+
+
+ROPE_APPEND_OPCHECK = StaticFacts(  # group 4, partial rotary
+    arch=Arch.CPU, dtype=DType.BF16, heads=8, kv_heads=2, head_dim=128, rotary_dim=64
+)
+
+
+@pytest.mark.parametrize("key", list(RopeAppendKey), ids=lambda k: k.value)
+def test_rope_append_opcheck(key: RopeAppendKey) -> None:
+    """q, k_new, v_new, positions, slots, cos, sin, the caches as rows and q_out: the caches and q_out
+    are written. Slots are distinct rows of the caches, one token with slot -1 writes no row."""
+    assert written_by(key) == {"k_rows", "v_rows", "q_out"}
+    f = ROPE_APPEND_OPCHECK._replace(arch=arch_of(DEV))
+    tokens, num_rows, dt = 23, 64, f.dtype.torch_dtype
+    cos, sin = rope_tables(256, f.rotary_dim)
+    slots = torch.randperm(num_rows, device=DEV)[:tokens].to(torch.int32)
+    slots[5] = -1
+    args = (
+        torch.randn(tokens, f.heads, f.head_dim, dtype=dt, device=DEV),
+        torch.randn(tokens, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
+        torch.randn(tokens, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
+        torch.randint(0, 256, (tokens,), dtype=torch.int32, device=DEV),
+        slots,
+        cos,
+        sin,
+        torch.randn(num_rows, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
+        torch.randn(num_rows, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
+        torch.full((tokens, f.heads, f.head_dim), float("nan"), dtype=dt, device=DEV),
+    )
+    torch.library.opcheck(launch.OPS[key], (*args, *scalars(f)))
+    # The direct launch a plan holds writes what the custom op writes, bit for bit.
+    direct = [t.clone() for t in args]
+    kernel = ALL_KERNELS[key]()
+    assert isinstance(kernel, RopeAppendKernel)
+    kernel.bind(f)(*direct)
+    launch.OPS[key](*args, *scalars(f))
+    torch.cuda.synchronize()
+    for name, got, want in zip(("k_rows", "v_rows", "q_out"), args[7:], direct[7:], strict=True):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: op != launch"
+    assert not args[9].isnan().any(), "q_out: a row was not written"
 
 
 # ------------------------------------------------------------------------- CUDA graphs, torch.compile
@@ -570,7 +711,7 @@ def test_torch_compile_fullgraph_sees_the_contiguous_mutation() -> None:
 def warm_up() -> None:
     """Build the program of every static configuration this module runs (the `compiled_programs`
     fixture runs this under `recording_builds`, then compiles them side by side)."""
-    here = rope_tl.device_arch(DEV)
+    here = arch_of(DEV)
     rope_configs = [  # heads, head_dim, rotary_dim, dtype, arch
         *((h, d, r, dtype, here) for h, d, r in ROPE_SHAPES for dtype in DTYPES),
         (8, 128, 128, torch.bfloat16, here),  # many tokens
@@ -579,8 +720,9 @@ def warm_up() -> None:
         (8, 128, 64, torch.bfloat16, Arch.SM80),
     ]
     for heads, head_dim, rotary_dim, dtype, arch in rope_configs:
-        for interleaved in (False, True):
-            rope_tl._kernel(heads, head_dim, rotary_dim, DType.of(dtype, argument="x"), interleaved, arch)
+        x = torch.empty(0, heads, head_dim, dtype=dtype)
+        for rope_key in rope_tl.RECORDS:
+            Launcher(rope_tl.RECORDS[rope_key], rope_facts(x, rotary_dim, arch))
     contiguous_configs = [  # heads, head_dim, dtype, arch
         *((h, d, dtype, here) for h, d in [(8, 128), (1, 64), (2, 256), (3, 36)] for dtype in DTYPES),
         (2, 64, torch.float16, here),  # opcheck
@@ -588,7 +730,8 @@ def warm_up() -> None:
         (8, 128, torch.float16, Arch.SM80),
     ]
     for heads, head_dim, dtype, arch in contiguous_configs:
-        append_tl._contiguous_kernel(heads, head_dim, DType.of(dtype, argument="k_new"), arch)
+        new = torch.empty(0, heads, head_dim, dtype=dtype)
+        Launcher(append_tl.RECORDS[AppendKey.CONTIGUOUS_TL], append_facts(new, 0, arch))
     paged_configs = [  # heads, head_dim, page_size, dtype, arch
         *((h, d, p, dtype, here) for dtype, h, d, p in PAGED_CONFIGS),
         (2, 64, 4, torch.float16, here),  # opcheck
@@ -596,4 +739,7 @@ def warm_up() -> None:
         (8, 128, 16, torch.float16, Arch.SM80),
     ]
     for heads, head_dim, page_size, dtype, arch in paged_configs:
-        append_tl._paged_kernel(heads, head_dim, page_size, DType.of(dtype, argument="k_new"), arch)
+        new = torch.empty(0, heads, head_dim, dtype=dtype)
+        Launcher(append_tl.RECORDS[AppendKey.PAGED_TL], append_facts(new, page_size, arch))
+    for rope_append_key in rope_append_tl.RECORDS:  # opcheck
+        Launcher(rope_append_tl.RECORDS[rope_append_key], ROPE_APPEND_OPCHECK._replace(arch=here))

@@ -1,28 +1,67 @@
 """TileLang append kernels: new keys/values into a contiguous or a paged cache, sm80 and sm90.
 
-Each launch is registered as a custom op that declares the two caches it
-writes (`tileprefill::append_contiguous`, `tileprefill::append_paged`), so
-torch.compile orders reads of the caches after it; eager calls skip the op's
-dispatch, and CUDA graphs replay the launch like any other kernel. No host
-syncs: the destination of every token is found on the device. tilelang and the
-program factories are imported inside the launches only: importing this
-module does not import tilelang.
+Each program (`kernels/tl/append.py`) launches through the one launch path
+(`kernels/launch.py`), whose custom op (`tileprefill::append_contiguous_tl`,
+`tileprefill::append_paged_tl`) declares the two caches it writes, so
+torch.compile orders reads of the caches after it. No host syncs: the
+destination of every token is found on the device. tilelang and the program
+factories are imported when a program is first built.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import ClassVar, Final
 
 import torch
 
-from tileprefill.context import Arch, DType
-from tileprefill.kernels.base import ContiguousAppendKernel, Kernel, PagedAppendKernel
-from tileprefill.kernels.compile import CompileCase, build
-from tileprefill.kernels.rope_tl import ALIGNMENT_BYTES, aligned, device_arch, on_device
+from tileprefill.context import Arch, DType, arch_of
+from tileprefill.kernels.base import (
+    ContiguousAppendKernel,
+    ContiguousAppendLaunch,
+    Kernel,
+    PagedAppendKernel,
+    PagedAppendLaunch,
+    StaticFacts,
+)
+from tileprefill.kernels.compile import CompileCase
+from tileprefill.kernels.launch import (
+    KernelRecord,
+    Launcher,
+    Program,
+    check_cuda,
+    check_writable,
+    register,
+)
 from tileprefill.keys import AppendKey
 
-if TYPE_CHECKING:
-    from tilelang import JITKernel
+
+def program(key: AppendKey, facts: StaticFacts) -> Program:
+    from tileprefill.kernels.tl.append import append_contiguous_program, append_paged_program
+
+    if key is AppendKey.PAGED_TL:
+        args = (facts.kv_heads, facts.head_dim, facts.page_size, facts.dtype.value)
+        return Program(append_paged_program, args, facts.arch)
+    return Program(append_contiguous_program, (facts.kv_heads, facts.head_dim, facts.dtype.value), facts.arch)
+
+
+RECORDS: Final[dict[AppendKey, KernelRecord]] = {
+    AppendKey.CONTIGUOUS_TL: register(
+        KernelRecord(
+            key=AppendKey.CONTIGUOUS_TL,
+            tensors=("k_new", "v_new", "k_cache", "v_cache", "cache_seqlens"),
+            mutates=("k_cache", "v_cache"),
+            program=lambda facts: program(AppendKey.CONTIGUOUS_TL, facts),
+        )
+    ),
+    AppendKey.PAGED_TL: register(
+        KernelRecord(
+            key=AppendKey.PAGED_TL,
+            tensors=("k_new", "v_new", "k_pages", "v_pages", "block_table", "cache_seqlens", "cu_seqlens_q"),
+            mutates=("k_pages", "v_pages"),
+            program=lambda facts: program(AppendKey.PAGED_TL, facts),
+        )
+    ),
+}
 
 
 def _check_new(k_new: torch.Tensor, v_new: torch.Tensor, dims: int) -> DType:
@@ -56,17 +95,7 @@ def _check_caches(new: torch.Tensor, caches: dict[str, torch.Tensor], batch: int
             raise ValueError(
                 f"{name}: expected batch {batch} (that of k_new), got shape {tuple(cache.shape)}"
             )
-        if not cache.is_contiguous() or cache.data_ptr() % ALIGNMENT_BYTES:
-            raise ValueError(
-                f"{name}: expected a contiguous tensor whose data is {ALIGNMENT_BYTES}-byte aligned, "
-                f"got strides {cache.stride()} at address {cache.data_ptr():#x}"
-            )
-
-
-def _check_cuda(k_new: torch.Tensor) -> None:
-    """Last, so that the checks before it also run (and are tested) on CPU tensors."""
-    if not k_new.is_cuda:
-        raise ValueError(f"k_new: expected a CUDA tensor for the TileLang kernel, got device {k_new.device}")
+        check_writable(name, cache)
 
 
 def _check_int32(name: str, tensor: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
@@ -77,113 +106,36 @@ def _check_int32(name: str, tensor: torch.Tensor, shape: tuple[int, ...], device
         )
 
 
-def _contiguous_kernel(num_kv_heads: int, head_dim: int, dtype: DType, arch: Arch) -> JITKernel:
-    """The compiled program of one static config (cached by `build`; not here, so that a
-    warm-up under `recording_builds` leaves nothing behind)."""
-    from tileprefill.kernels.tl.append import append_contiguous_program
-
-    return build(append_contiguous_program, (num_kv_heads, head_dim, dtype.value), None, arch)
-
-
-def _paged_kernel(num_kv_heads: int, head_dim: int, page_size: int, dtype: DType, arch: Arch) -> JITKernel:
-    from tileprefill.kernels.tl.append import append_paged_program
-
-    return build(append_paged_program, (num_kv_heads, head_dim, page_size, dtype.value), None, arch)
-
-
-def append_contiguous(
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-) -> None:
-    """k_new/v_new (B, S, Hkv, D) into k_cache/v_cache (B, S_max, Hkv, D) at rows cache_seqlens[b] + i."""
-    dtype = _check_new(k_new, v_new, dims=4)
-    batch, new_len, num_kv_heads, head_dim = k_new.shape
-    _check_caches(k_new, {"k_cache": k_cache, "v_cache": v_cache}, batch)
-    _check_int32("cache_seqlens", cache_seqlens, (batch,), k_new.device)
-    _check_cuda(k_new)
-    if batch == 0 or new_len == 0:
-        return  # nothing to write, and an empty grid is not a valid launch
-    kernel = _contiguous_kernel(num_kv_heads, head_dim, dtype, device_arch(k_new.device))
-    with on_device(k_new.device):
-        kernel(aligned(k_new), aligned(v_new), k_cache, v_cache, cache_seqlens.contiguous())
-
-
-#: `append_contiguous` as a custom op that writes the two caches: what torch.compile traces.
-append_contiguous_op = torch.library.custom_op(
-    "tileprefill::append_contiguous", append_contiguous, mutates_args=("k_cache", "v_cache")
-)
-
-
-@append_contiguous_op.register_fake
-def _append_contiguous_fake(
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-) -> None:
-    return None
-
-
-def append_paged(
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-) -> None:
-    """Token t = cu_seqlens_q[b] + i of k_new/v_new (T, Hkv, D) goes to position p = cache_seqlens[b] + i
-    of k_pages/v_pages (num_pages, page_size, Hkv, D): page block_table[b, p // page_size], row
-    p % page_size."""
-    dtype = _check_new(k_new, v_new, dims=3)
-    _check_caches(k_new, {"k_pages": k_pages, "v_pages": v_pages}, None)
-    batch, max_pages = block_table.shape if block_table.dim() == 2 else (-1, -1)  # -1: never matches
-    _check_int32("block_table", block_table, (batch, max_pages), k_new.device)
-    _check_int32("cache_seqlens", cache_seqlens, (batch,), k_new.device)
-    _check_int32("cu_seqlens_q", cu_seqlens_q, (batch + 1,), k_new.device)
-    _check_cuda(k_new)
-    num_tokens, num_kv_heads, head_dim = k_new.shape
-    if num_tokens == 0 or batch == 0 or k_pages.shape[0] == 0:
-        return  # nothing to write, and an empty grid is not a valid launch
-    kernel = _paged_kernel(num_kv_heads, head_dim, k_pages.shape[1], dtype, device_arch(k_new.device))
-    with on_device(k_new.device):
-        kernel(
-            aligned(k_new),
-            aligned(v_new),
-            k_pages,
-            v_pages,
-            block_table.contiguous(),
-            cache_seqlens.contiguous(),
-            cu_seqlens_q.contiguous(),
-        )
-
-
-#: `append_paged` as a custom op that writes the two caches: what torch.compile traces.
-append_paged_op = torch.library.custom_op(
-    "tileprefill::append_paged", append_paged, mutates_args=("k_pages", "v_pages")
-)
-
-
-@append_paged_op.register_fake
-def _append_paged_fake(
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-) -> None:
-    return None
+def _facts(k_new: torch.Tensor, dtype: DType, page_size: int) -> StaticFacts:
+    kv_heads, head_dim = k_new.shape[-2], k_new.shape[-1]
+    return StaticFacts(
+        arch=arch_of(k_new.device),
+        dtype=dtype,
+        heads=kv_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+    )
 
 
 class AppendContiguousTLKernel(ContiguousAppendKernel):
-    key = AppendKey.CONTIGUOUS_TL
+    key: ClassVar[AppendKey] = AppendKey.CONTIGUOUS_TL
+
+    def bind(self, facts: StaticFacts) -> ContiguousAppendLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            k_new: torch.Tensor,
+            v_new: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            cache_seqlens: torch.Tensor,
+        ) -> None:
+            if k_new.shape[0] == 0 or k_new.shape[1] == 0:
+                return  # nothing to write, and an empty grid is not a valid launch
+            launcher(k_new, v_new, k_cache, v_cache, cache_seqlens)
+
+        return launch
 
     def __call__(
         self,
@@ -193,13 +145,42 @@ class AppendContiguousTLKernel(ContiguousAppendKernel):
         v_cache: torch.Tensor,
         cache_seqlens: torch.Tensor,
     ) -> None:
-        # Eager calls (CUDA-graph capture included) skip the custom-op dispatch (see rope_tl).
-        launch = append_contiguous_op if torch.compiler.is_compiling() else append_contiguous
-        launch(k_new, v_new, k_cache, v_cache, cache_seqlens)
+        """k_new/v_new (B, S, Hkv, D) into k_cache/v_cache (B, S_max, Hkv, D) at rows cache_seqlens[b] + i."""
+        dtype = _check_new(k_new, v_new, dims=4)
+        _check_caches(k_new, {"k_cache": k_cache, "v_cache": v_cache}, k_new.shape[0])
+        _check_int32("cache_seqlens", cache_seqlens, (k_new.shape[0],), k_new.device)
+        check_cuda("k_new", k_new)
+        self.bind(_facts(k_new, dtype, 0))(k_new, v_new, k_cache, v_cache, cache_seqlens)
 
 
 class AppendPagedTLKernel(PagedAppendKernel):
-    key = AppendKey.PAGED_TL
+    key: ClassVar[AppendKey] = AppendKey.PAGED_TL
+
+    def bind(self, facts: StaticFacts) -> PagedAppendLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            k_new: torch.Tensor,
+            v_new: torch.Tensor,
+            k_pages: torch.Tensor,
+            v_pages: torch.Tensor,
+            block_table: torch.Tensor,
+            cache_seqlens: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+        ) -> None:
+            if k_new.shape[0] == 0 or block_table.shape[0] == 0 or k_pages.shape[0] == 0:
+                return  # nothing to write, and an empty grid is not a valid launch
+            launcher(
+                k_new,
+                v_new,
+                k_pages,
+                v_pages,
+                block_table,
+                cache_seqlens,
+                cu_seqlens_q,
+            )
+
+        return launch
 
     def __call__(
         self,
@@ -211,7 +192,17 @@ class AppendPagedTLKernel(PagedAppendKernel):
         cache_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
     ) -> None:
-        launch = append_paged_op if torch.compiler.is_compiling() else append_paged
+        """Token t = cu_seqlens_q[b] + i of k_new/v_new (T, Hkv, D) goes to position p = cache_seqlens[b] + i
+        of k_pages/v_pages (num_pages, page_size, Hkv, D): page block_table[b, p // page_size], row
+        p % page_size."""
+        dtype = _check_new(k_new, v_new, dims=3)
+        _check_caches(k_new, {"k_pages": k_pages, "v_pages": v_pages}, None)
+        batch, max_pages = block_table.shape if block_table.dim() == 2 else (-1, -1)  # -1: never matches
+        _check_int32("block_table", block_table, (batch, max_pages), k_new.device)
+        _check_int32("cache_seqlens", cache_seqlens, (batch,), k_new.device)
+        _check_int32("cu_seqlens_q", cu_seqlens_q, (batch + 1,), k_new.device)
+        check_cuda("k_new", k_new)
+        launch = self.bind(_facts(k_new, dtype, k_pages.shape[1]))
         launch(k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, cu_seqlens_q)
 
 
@@ -220,30 +211,20 @@ KERNELS: tuple[type[Kernel], ...] = (AppendContiguousTLKernel, AppendPagedTLKern
 
 def compile_cases(arch: Arch) -> tuple[CompileCase, ...]:
     """Representative static configs of every key above (the programs are the same for every arch)."""
-    from tileprefill.kernels.tl.append import append_contiguous_program, append_paged_program
-
-    contiguous = tuple(
-        CompileCase(
-            key=AppendKey.CONTIGUOUS_TL,
-            label=f"{AppendKey.CONTIGUOUS_TL.value}_hkv{heads}_d{head_dim}_{dtype.value}",
-            factory=append_contiguous_program,
-            args=(heads, head_dim, dtype.value),
-            out_idx=None,
-        )
-        for heads, head_dim, dtype in ((8, 128, DType.FP16), (4, 64, DType.BF16))
+    configs = (  # key, kv heads, head dim, page size, dtype
+        (AppendKey.CONTIGUOUS_TL, 8, 128, 0, DType.FP16),
+        (AppendKey.CONTIGUOUS_TL, 4, 64, 0, DType.BF16),
+        (AppendKey.PAGED_TL, 8, 128, 1, DType.FP16),
+        (AppendKey.PAGED_TL, 8, 128, 16, DType.BF16),
+        (AppendKey.PAGED_TL, 2, 256, 5, DType.FP16),
     )
-    paged = tuple(
-        CompileCase(
-            key=AppendKey.PAGED_TL,
-            label=f"{AppendKey.PAGED_TL.value}_hkv{heads}_d{head_dim}_p{page_size}_{dtype.value}",
-            factory=append_paged_program,
-            args=(heads, head_dim, page_size, dtype.value),
-            out_idx=None,
+    cases = []
+    for key, heads, head_dim, page_size, dtype in configs:
+        facts = StaticFacts(
+            arch=arch, dtype=dtype, heads=heads, kv_heads=heads, head_dim=head_dim, page_size=page_size
         )
-        for heads, head_dim, page_size, dtype in (
-            (8, 128, 1, DType.FP16),
-            (8, 128, 16, DType.BF16),
-            (2, 256, 5, DType.FP16),
-        )
-    )
-    return (*contiguous, *paged)
+        factory, args, _ = program(key, facts)
+        page = f"_p{page_size}" if key is AppendKey.PAGED_TL else ""
+        label = f"{key.value}_hkv{heads}_d{head_dim}{page}_{dtype.value}"
+        cases.append(CompileCase(key=key, label=label, factory=factory, args=args))
+    return tuple(cases)

@@ -1,85 +1,63 @@
 """TileLang attention kernels: one class per SM80/SM90 attention key.
 
 Each class launches the TileLang program of its key (`kernels/tl/attention_sm80.py`
-or `attention_sm90.py`) through a torch custom op, `tileprefill::<key value>`
-(e.g. `tileprefill::attn_paged_sm90`), so that `torch.compile(fullgraph=True)`
-and CUDA graphs see one opaque op with a known output shape. A call:
-
-1. allocates the output (B, Sq, Hq, D) / (Tq, Hq, D) like q;
-2. builds the program for the call's static facts (heads, kv heads, head dim,
-   dtype, causal, sm_scale, page size, arch), once per process and cached
-   (`kernels.compile.build`); token counts, batch, sequence lengths, pages and
-   cache sizes are dynamic in the program and never recompile;
-3. launches it on the current stream. No host synchronisation.
+or `attention_sm90.py`) through the one launch path (`kernels/launch.py`): its
+record names the program's tensors (the output last; callers allocate it) and
+how static facts (heads, kv heads, head dim, dtype, causal, sm_scale, page size,
+arch) become the program's arguments. `bind(facts)` resolves the compiled
+program once per plan; token counts, batch, sequence lengths, pages and cache
+sizes are dynamic in the program and never recompile. No host synchronisation.
 
 SM80 programs are compiled for sm_80 and run on every 8.x device (and on
 Hopper); SM90 programs are compiled for sm_90a. Importing this module does not
-import tilelang: the program modules are imported on the first call.
+import tilelang: the program modules are imported on the first build.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Iterable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, assert_never, cast
+from typing import ClassVar, Final, assert_never, cast
 
-import attrs
 import torch
 
-from tileprefill.context import Arch
+from tileprefill.context import Arch, DType
 from tileprefill.kernels.base import (
     ContiguousAttentionKernel,
+    ContiguousAttentionLaunch,
     DenseAttentionKernel,
+    DenseAttentionLaunch,
     Kernel,
     PagedAttentionKernel,
+    PagedAttentionLaunch,
     RaggedAttentionKernel,
+    RaggedAttentionLaunch,
+    StaticFacts,
 )
-from tileprefill.kernels.compile import CompileCase, build, recording_builds
+from tileprefill.kernels.compile import CompileCase, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, register
 from tileprefill.keys import AttentionKey
 from tileprefill.selection import Code, Source, attention_traits
 
-if TYPE_CHECKING:
-    from tilelang import JITKernel
-    from torch._library.custom_ops import CustomOpDef
-
-_DTYPE_NAMES: Final[dict[torch.dtype, str]] = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
 
 def program_arch(key: AttentionKey) -> Arch:
-    """The arch the program of a TileLang attention key is compiled for."""
+    """The arch the program of a TileLang attention key is compiled for: the one its code serves."""
     _, code = attention_traits(key)
-    match code:
-        case Code.SM80:
-            return Arch.SM80
-        case Code.SM90:
-            return Arch.SM90
-        case Code.REF | Code.TL:
-            raise ValueError(f"key: expected a per-arch TileLang attention key, got {key.value}")
-        case _:
-            assert_never(code)
+    if code is Code.REF or len(code.serves) != 1:
+        raise ValueError(f"key: expected a per-arch TileLang attention key, got {key.value}")
+    return code.serves[0]
 
 
-@attrs.frozen(kw_only=True)
-class StaticFacts:
-    """What a compiled attention program is specialised for (its compile-cache key, with the arch)."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str  # "float16" | "bfloat16"
-    causal: bool
-    sm_scale: float
-    page_size: int = 0  # paged sources only
-
-
-def program(key: AttentionKey, facts: StaticFacts) -> tuple[Callable[..., Any], tuple[Hashable, ...]]:
+def program(key: AttentionKey, facts: StaticFacts) -> Program:
     """The program factory of `key` and its static arguments for `facts` (what `build` compiles)."""
     from tileprefill.kernels.tl import attention_configs
+    from tileprefill.kernels.tl.attention_parts import KVSource
 
     source, _ = attention_traits(key)
     programs: ModuleType
-    if program_arch(key) is Arch.SM90:
+    arch = program_arch(key)
+    if arch is Arch.SM90:
         from tileprefill.kernels.tl import attention_sm90
 
         programs, config = attention_sm90, attention_configs.sm90_config(facts.head_dim)
@@ -87,47 +65,70 @@ def program(key: AttentionKey, facts: StaticFacts) -> tuple[Callable[..., Any], 
         from tileprefill.kernels.tl import attention_sm80
 
         programs, config = attention_sm80, attention_configs.sm80_config(facts.head_dim)
-    from tileprefill.kernels.tl.attention_parts import KVSource
-
-    common = (facts.heads, facts.kv_heads, facts.head_dim, facts.dtype, facts.causal, facts.sm_scale)
-    match source:
-        case Source.DENSE:
-            return programs.program, (KVSource.DENSE, *common, 0, config)
-        case Source.RAGGED:
-            return programs.program, (KVSource.RAGGED, *common, 0, config)
-        case Source.CONTIGUOUS:
-            return programs.program, (KVSource.CONTIGUOUS, *common, 0, config)
-        case Source.PAGED:
-            return programs.program, (KVSource.PAGED, *common, facts.page_size, config)
-        case Source.PAGED_TILED:
-            return programs.program, (KVSource.PAGED_TILED, *common, facts.page_size, config)
-        case _:
-            assert_never(source)
+    paged = source is Source.PAGED or source is Source.PAGED_TILED
+    args = (
+        KVSource(_PROGRAM_SOURCES[source]),
+        facts.heads,
+        facts.kv_heads,
+        facts.head_dim,
+        facts.dtype.value,
+        facts.causal,
+        facts.sm_scale,
+        facts.page_size if paged else 0,
+        config,
+    )
+    return Program(programs.program, args, arch)
 
 
-def build_program(key: AttentionKey, facts: StaticFacts) -> JITKernel:
-    """The compiled program of `key` for `facts` (compiled on first use, then cached)."""
-    factory, args = program(key, facts)
-    return build(factory, args, None, program_arch(key))
+#: The program family (`attention_parts.KVSource` value) of each source.
+_PROGRAM_SOURCES: Final[dict[Source, str]] = {
+    Source.DENSE: "dense",
+    Source.RAGGED: "ragged",
+    Source.CONTIGUOUS: "contiguous",
+    Source.PAGED: "paged",
+    Source.PAGED_TILED: "paged_tiled",
+}
+
+#: The program's tensor parameters of each source, in order (the output last).
+_TENSORS: Final[dict[Source, tuple[str, ...]]] = {
+    Source.DENSE: ("q", "k", "v", "out"),
+    Source.RAGGED: ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_kv", "out"),
+    Source.CONTIGUOUS: ("q", "k_cache", "v_cache", "kv_seqlens", "out"),
+    Source.PAGED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
+    Source.PAGED_TILED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
+}
+
+
+def _record(key: AttentionKey) -> KernelRecord:
+    source, _ = attention_traits(key)
+    return register(
+        KernelRecord(
+            key=key, tensors=_TENSORS[source], mutates=("out",), program=lambda facts: program(key, facts)
+        )
+    )
+
+
+#: The launch record of every TileLang attention key (registered at import; tilelang is not imported).
+RECORDS: Final[dict[AttentionKey, KernelRecord]] = {
+    key: _record(key) for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90)
+}
 
 
 def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int | None = None) -> None:
     """Compile the programs of `configs` side by side, ahead of the calls that need them: warms up an
-    engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `build_program`
-    asks for)."""
+    engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `bind` asks for)."""
     with recording_builds() as requests:
         for key, facts in configs:
-            build_program(key, facts)
+            Launcher(RECORDS[key], facts)
     compile_prebuild(requests, jobs=jobs)
 
 
-def _facts(
-    q: torch.Tensor, kv: torch.Tensor, *, causal: bool, sm_scale: float, page_size: int
+def facts_of(
+    key: AttentionKey, q: torch.Tensor, kv: torch.Tensor, *, causal: bool, sm_scale: float
 ) -> StaticFacts:
-    """The static facts of a call, checked: q (..., Hq, D) and k/v (..., Hkv, D) of one dtype."""
-    dtype = _DTYPE_NAMES.get(q.dtype)
-    if dtype is None:
-        raise TypeError(f"q: expected dtype float16 or bfloat16, got {q.dtype}")
+    """The static facts of an allocating call (`__call__`), checked: q (..., Hq, D) and k/v (..., Hkv, D)
+    of one dtype; the page size of a paged cache (NP, PS, Hkv, D) is its second dim."""
+    dtype = DType.of(q.dtype, argument="q")
     if kv.dtype != q.dtype:
         raise TypeError(f"k/v: expected the dtype of q ({q.dtype}), got {kv.dtype}")
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -136,14 +137,17 @@ def _facts(
         raise ValueError(f"k/v: expected head_dim {head_dim} (that of q), got {kv.shape[-1]}")
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"k/v: expected a number of heads dividing q's {heads}, got {kv_heads}")
+    source, _ = attention_traits(key)
+    paged = source is Source.PAGED or source is Source.PAGED_TILED
     return StaticFacts(
+        arch=program_arch(key),
+        dtype=dtype,
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        dtype=dtype,
         causal=causal,
         sm_scale=float(sm_scale),
-        page_size=page_size,
+        page_size=kv.shape[1] if paged else 0,
     )
 
 
@@ -152,170 +156,60 @@ def _check_index(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected dtype int32, got {tensor.dtype}")
 
 
-def _program_input(t: torch.Tensor) -> torch.Tensor:
-    """`t` as the programs read it: contiguous, starting on a 16-byte boundary (TMA requires it)."""
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
 def _allocate_output(q: torch.Tensor) -> torch.Tensor:
-    """The output buffer of a call, shaped like q (uninitialised: the program writes every element;
-    GPU tests replace this function to hand the program a NaN-filled buffer and prove it)."""
+    """The output buffer of an allocating call, shaped like q (uninitialised: the program writes every
+    element; GPU tests replace this function to hand the program a NaN-filled buffer and prove it)."""
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _launch(
-    key: AttentionKey, tensors: tuple[torch.Tensor, ...], causal: bool, sm_scale: float
-) -> torch.Tensor:
-    """Run the program of `key` on `tensors` (q, k-like, v-like, index tensors...); returns the output."""
-    source, _ = attention_traits(key)
-    q, k = tensors[0], tensors[1]
-    paged = source is Source.PAGED or source is Source.PAGED_TILED
-    for name, index in zip(_INDEX_NAMES[source], tensors[3:], strict=True):
-        _check_index(name, index)
-    facts = _facts(q, k, causal=causal, sm_scale=sm_scale, page_size=k.shape[1] if paged else 0)
-    out = _allocate_output(q)
-    if out.numel() == 0:
-        return out
-    # No key can be visible: every row is 0 (and a TMA descriptor of an empty tensor is invalid).
-    no_keys = k.shape[0] == 0 or (k.dim() == 4 and k.shape[1] == 0)
-    if paged:
-        no_keys = no_keys or tensors[3].shape[1] == 0  # a block table with no pages
-    if no_keys:
-        return out.zero_()
-    kernel = build_program(key, facts)
-    kernel(*(_program_input(t) for t in tensors), out)
-    return out
-
-
-_INDEX_NAMES: Final[dict[Source, tuple[str, ...]]] = {
-    Source.DENSE: (),
-    Source.RAGGED: ("cu_seqlens_q", "cu_seqlens_kv"),
-    Source.CONTIGUOUS: ("kv_seqlens",),
-    Source.PAGED: ("block_table", "kv_seqlens", "cu_seqlens_q"),
-    Source.PAGED_TILED: ("block_table", "kv_seqlens", "cu_seqlens_q"),
-}
-
-_PAGED_SCHEMA: Final = (
-    "(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor kv_seqlens, "
-    "Tensor cu_seqlens_q, bool causal, float sm_scale) -> Tensor"
-)
-_SCHEMAS: Final[dict[Source, str]] = {
-    Source.DENSE: "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> Tensor",
-    Source.RAGGED: (
-        "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_kv, bool causal, "
-        "float sm_scale) -> Tensor"
-    ),
-    Source.CONTIGUOUS: (
-        "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_seqlens, bool causal, float sm_scale) -> Tensor"
-    ),
-    Source.PAGED: _PAGED_SCHEMA,
-    Source.PAGED_TILED: _PAGED_SCHEMA,
-}
-
-
-def _dense_impl(key: AttentionKey) -> Callable[..., torch.Tensor]:
-    def attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
-    ) -> torch.Tensor:
-        return _launch(key, (q, k, v), causal, sm_scale)
-
-    return attention
-
-
-def _ragged_impl(key: AttentionKey) -> Callable[..., torch.Tensor]:
-    def attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        causal: bool,
-        sm_scale: float,
-    ) -> torch.Tensor:
-        return _launch(key, (q, k, v, cu_seqlens_q, cu_seqlens_kv), causal, sm_scale)
-
-    return attention
-
-
-def _contiguous_impl(key: AttentionKey) -> Callable[..., torch.Tensor]:
-    def attention(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        causal: bool,
-        sm_scale: float,
-    ) -> torch.Tensor:
-        return _launch(key, (q, k_cache, v_cache, kv_seqlens), causal, sm_scale)
-
-    return attention
-
-
-def _paged_impl(key: AttentionKey) -> Callable[..., torch.Tensor]:
-    def attention(
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        causal: bool,
-        sm_scale: float,
-    ) -> torch.Tensor:
-        return _launch(key, (q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q), causal, sm_scale)
-
-    return attention
-
-
-def _output_like_q(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-    """The fake (meta) implementation: every attention op returns a tensor shaped like q."""
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-_IMPLS: Final[dict[Source, Callable[[AttentionKey], Callable[..., torch.Tensor]]]] = {
-    Source.DENSE: _dense_impl,
-    Source.RAGGED: _ragged_impl,
-    Source.CONTIGUOUS: _contiguous_impl,
-    Source.PAGED: _paged_impl,
-    Source.PAGED_TILED: _paged_impl,
-}
-
-
-def _register_op(key: AttentionKey) -> CustomOpDef:
-    source, _ = attention_traits(key)
-    op = torch.library.custom_op(
-        f"tileprefill::{key.value}",
-        _IMPLS[source](key),
-        mutates_args=(),
-        device_types="cuda",
-        schema=_SCHEMAS[source],
-    )
-    op.register_fake(_output_like_q)
-    return op
-
-
-#: The custom op of every TileLang attention key (registered at import; tilelang is not imported).
-OPS: Final[dict[AttentionKey, CustomOpDef]] = {
-    key: _register_op(key)
-    for key in AttentionKey
-    if attention_traits(key)[1] is Code.SM80 or attention_traits(key)[1] is Code.SM90
-}
-
-
-def _run(key: AttentionKey, *args: object) -> torch.Tensor:
-    return cast(torch.Tensor, OPS[key](*args))
+def _without_keys(kv: torch.Tensor) -> bool:
+    """No key can be visible: every row is 0 (and a TMA descriptor of an empty tensor is invalid)."""
+    return kv.shape[0] == 0 or (kv.dim() == 4 and kv.shape[1] == 0)
 
 
 class _DenseTL(DenseAttentionKernel):
+    def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+            if out.numel() == 0:
+                return
+            if _without_keys(k):
+                out.zero_()
+                return
+            launcher(q, k, v, out)
+
+        return launch
+
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
     ) -> torch.Tensor:
-        return _run(self.key, q, k, v, causal, sm_scale)
+        out = _allocate_output(q)
+        self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale))(q, k, v, out)
+        return out
 
 
 class _RaggedTL(RaggedAttentionKernel):
+    def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+            cu_seqlens_kv: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            if out.numel() == 0:
+                return
+            if _without_keys(k):
+                out.zero_()
+                return
+            launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
+
+        return launch
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -327,10 +221,34 @@ class _RaggedTL(RaggedAttentionKernel):
         causal: bool,
         sm_scale: float,
     ) -> torch.Tensor:
-        return _run(self.key, q, k, v, cu_seqlens_q, cu_seqlens_kv, causal, sm_scale)
+        _check_index("cu_seqlens_q", cu_seqlens_q)
+        _check_index("cu_seqlens_kv", cu_seqlens_kv)
+        out = _allocate_output(q)
+        launch = self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale))
+        launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
+        return out
 
 
 class _ContiguousTL(ContiguousAttentionKernel):
+    def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            q: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            kv_seqlens: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            if out.numel() == 0:
+                return
+            if _without_keys(k_cache):
+                out.zero_()
+                return
+            launcher(q, k_cache, v_cache, kv_seqlens, out)
+
+        return launch
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -341,10 +259,43 @@ class _ContiguousTL(ContiguousAttentionKernel):
         causal: bool,
         sm_scale: float,
     ) -> torch.Tensor:
-        return _run(self.key, q, k_cache, v_cache, kv_seqlens, causal, sm_scale)
+        _check_index("kv_seqlens", kv_seqlens)
+        out = _allocate_output(q)
+        launch = self.bind(facts_of(self.key, q, k_cache, causal=causal, sm_scale=sm_scale))
+        launch(q, k_cache, v_cache, kv_seqlens, out)
+        return out
 
 
 class _PagedTL(PagedAttentionKernel):
+    def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            q: torch.Tensor,
+            k_pages: torch.Tensor,
+            v_pages: torch.Tensor,
+            block_table: torch.Tensor,
+            kv_seqlens: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            if out.numel() == 0:
+                return
+            if _without_keys(k_pages) or block_table.shape[1] == 0:
+                out.zero_()
+                return
+            launcher(
+                q,
+                k_pages,
+                v_pages,
+                block_table,
+                kv_seqlens,
+                cu_seqlens_q,
+                out,
+            )
+
+        return launch
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -357,7 +308,16 @@ class _PagedTL(PagedAttentionKernel):
         causal: bool,
         sm_scale: float,
     ) -> torch.Tensor:
-        return _run(self.key, q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, causal, sm_scale)
+        for name, index in (
+            ("block_table", block_table),
+            ("kv_seqlens", kv_seqlens),
+            ("cu_seqlens_q", cu_seqlens_q),
+        ):
+            _check_index(name, index)
+        out = _allocate_output(q)
+        launch = self.bind(facts_of(self.key, q, k_pages, causal=causal, sm_scale=sm_scale))
+        launch(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
+        return out
 
 
 class AttentionDenseSM80Kernel(_DenseTL):
@@ -440,9 +400,10 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
     plus the other head dims, bf16 and non-causal for dense, and page sizes for the paged ones."""
 
     def facts(
-        head_dim: int = 128, dtype: str = "float16", causal: bool = True, page_size: int = 0
+        head_dim: int = 128, dtype: DType = DType.FP16, causal: bool = True, page_size: int = 0
     ) -> StaticFacts:
         return StaticFacts(
+            arch=Arch.CPU,  # replaced by the key's arch in compile_cases
             heads=32,
             kv_heads=8,
             head_dim=head_dim,
@@ -458,7 +419,7 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                 ("d128 fp16 causal", facts()),
                 ("d64 fp16 causal", facts(head_dim=64)),
                 ("d256 fp16 causal", facts(head_dim=256)),
-                ("d128 bf16 causal", facts(dtype="bfloat16")),
+                ("d128 bf16 causal", facts(dtype=DType.BF16)),
                 ("d128 fp16 non-causal", facts(causal=False)),
             )
         case Source.RAGGED | Source.CONTIGUOUS:
@@ -486,6 +447,6 @@ def compile_cases(arch: Arch) -> tuple[CompileCase, ...]:
             continue
         source, _ = attention_traits(key)
         for label, facts in _representative(source):
-            factory, args = program(key, facts)
-            cases.append(CompileCase(key=key, label=label, factory=factory, args=args, out_idx=None))
+            factory, args, _ = program(key, facts._replace(arch=arch))
+            cases.append(CompileCase(key=key, label=label, factory=factory, args=args))
     return tuple(cases)

@@ -1,19 +1,33 @@
 """Kernel base classes: one abstract class per plan step family.
 
-A concrete Kernel serves exactly one key (`key`), says which contexts it can
-serve through `supports(ctx)` (the reasons from `selection.rejections`, the
-single statement of each key's capabilities), and is called by an Op with
-tensors that the Op has already validated. Kernels take no optional tensors.
-Kernels are constructed with no arguments and must be cheap to construct;
-compiled programs are cached by the kernel modules, not by instances.
+A concrete Kernel serves exactly one key (`key`); which contexts a key can
+serve is stated once, in `selection.rejections`. An Op calls kernels with
+tensors it has already validated, in two phases:
+
+- `bind(facts)` once per plan: the kernel resolves everything that depends only
+  on the static facts of the calls (for a TileLang kernel, its compiled
+  program) and returns a *launch*, a callable of fixed tensor arguments that
+  writes into caller-allocated outputs and returns nothing;
+- the launch, once per run (every layer).
+
+`__call__` is the same computation as one allocating call (tests and tools
+use it). The default `bind` wraps `__call__`, so a kernel class that only
+implements `__call__` (a reference kernel, or a `kernel_map` override) works
+in plans unchanged; TileLang kernels override `bind` with their fast path.
+Kernels take no optional tensors, are constructed with no arguments and are
+cheap to construct.
 
 Shapes (B batch, S/T tokens, Hq/Hkv heads, D head dim, R rotary dim):
 
+- paged batch (once per plan): block_table (B, MP), cache_seqlens (B,), cu_seqlens_q
+  (B+1,) -> positions (T,), slots (T,), kv_seqlens (B,)
 - RoPE: x (T, H, D), positions int32 (T,), cos/sin float32 (P, R/2) -> new (T, H, D)
 - contiguous append: k_new/v_new (B, S, Hkv, D) into caches (B, S_max, Hkv, D)
   at rows cache_seqlens[b] + i
 - paged append: k_new/v_new (T, Hkv, D) packed by cu_seqlens_q into pages
   (num_pages, page_size, Hkv, D) at position cache_seqlens[b] + i
+- RoPE + append by slot: q (T, Hq, D) rotated into q_out; k_new (T, Hkv, D)
+  rotated and v_new written at row slots[t] of caches viewed as (S, Hkv, D)
 - attention: see each family; causal masks are bottom-right aligned and a query
   row that sees no key is 0.
 """
@@ -21,22 +35,182 @@ Shapes (B batch, S/T tokens, Hq/Hkv heads, D head dim, R rotary dim):
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
-from tileprefill.context import PrefillContext
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeKey
-from tileprefill.selection import rejections
+from tileprefill.context import Arch, DType
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+
+
+class StaticFacts(NamedTuple):
+    """What a kernel is specialised for: the same in every call a plan serves.
+
+    `heads` are the heads of the rows a kernel reads first (query heads for
+    attention and RoPE of q, kv heads for RoPE of keys and for append).
+    Fields a family does not read are 0 (`page_size` outside paged caches,
+    `rotary_dim` outside RoPE) or the defaults below.
+    """
+
+    arch: Arch
+    dtype: DType
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = True
+    sm_scale: float = 1.0
+    page_size: int = 0
+    rotary_dim: int = 0
 
 
 class Kernel(abc.ABC):
     key: ClassVar[KernelKey]
 
-    @classmethod
-    def supports(cls, ctx: PrefillContext) -> tuple[str, ...]:
-        """Why this kernel cannot serve `ctx`; empty when it can."""
-        return rejections(cls.key, ctx)
+
+# --- launches: what `bind` returns (outputs are the caller's, written in place) ---------------------
+
+
+class PagedBatchLaunch(Protocol):
+    def __call__(
+        self,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+    ) -> None: ...
+
+
+class RopeLaunch(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None: ...
+
+
+class ContiguousAppendLaunch(Protocol):
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+    ) -> None: ...
+
+
+class PagedAppendLaunch(Protocol):
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+    ) -> None: ...
+
+
+class RopeAppendLaunch(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        q_out: torch.Tensor,
+    ) -> None: ...
+
+
+class DenseAttentionLaunch(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+class RaggedAttentionLaunch(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None: ...
+
+
+class ContiguousAttentionLaunch(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None: ...
+
+
+class PagedAttentionLaunch(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None: ...
+
+
+# --- the families -----------------------------------------------------------------------------------
+
+
+class PagedBatchKernel(Kernel):
+    """What the layers of an append into a paged cache share, derived once per plan: each new token's
+    position (cache_seqlens[b] + i) and cache row (slot; -1 where its page is outside the block table
+    or its entry is negative), and each sequence's kv length (cache_seqlens[b] + q_len_b)."""
+
+    key: ClassVar[BatchKey]
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        tokens: int,
+        page_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, slots, kv_seqlens), int32 (T,), (T,), (B,)."""
+
+    def bind(self, facts: StaticFacts) -> PagedBatchLaunch:
+        def launch(
+            block_table: torch.Tensor,
+            cache_seqlens: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+            positions: torch.Tensor,
+            slots: torch.Tensor,
+            kv_seqlens: torch.Tensor,
+        ) -> None:
+            derived = self(
+                block_table, cache_seqlens, cu_seqlens_q, tokens=positions.shape[0], page_size=facts.page_size
+            )
+            for out, value in zip((positions, slots, kv_seqlens), derived, strict=True):
+                out.copy_(value)
+
+        return launch
 
 
 class RopeKernel(Kernel):
@@ -47,6 +221,14 @@ class RopeKernel(Kernel):
         self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """A new (T, H, D) tensor: x with its first R = 2 * cos.shape[1] dims rotated at `positions`."""
+
+    def bind(self, facts: StaticFacts) -> RopeLaunch:
+        def launch(
+            x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+        ) -> None:
+            out.copy_(self(x, positions, cos, sin))
+
+        return launch
 
 
 class ContiguousAppendKernel(Kernel):
@@ -62,6 +244,9 @@ class ContiguousAppendKernel(Kernel):
         cache_seqlens: torch.Tensor,
     ) -> None:
         """Write k_new[b, i] / v_new[b, i] into k_cache[b, cache_seqlens[b] + i] / v_cache[...]."""
+
+    def bind(self, facts: StaticFacts) -> ContiguousAppendLaunch:
+        return self
 
 
 class PagedAppendKernel(Kernel):
@@ -81,6 +266,25 @@ class PagedAppendKernel(Kernel):
         """Write token t = cu_seqlens_q[b] + i of k_new/v_new at position p = cache_seqlens[b] + i,
         i.e. page block_table[b, p // page_size], row p % page_size."""
 
+    def bind(self, facts: StaticFacts) -> PagedAppendLaunch:
+        return self
+
+
+class RopeAppendKernel(Kernel):
+    """RoPE of q and the new keys, and the write of the new keys and values, in one kernel.
+
+    The caches are viewed as rows (S, Hkv, D) (a paged cache as (num_pages *
+    page_size, Hkv, D), a contiguous one as (B * S_max, Hkv, D)); `slots[t]` is
+    the row token t goes to, computed once per plan. A slot outside [0, S)
+    writes nothing.
+    """
+
+    key: ClassVar[RopeAppendKey]
+
+    @abc.abstractmethod
+    def bind(self, facts: StaticFacts) -> RopeAppendLaunch:
+        """`facts.heads` are q's heads, `facts.kv_heads` the new keys' heads."""
+
 
 class DenseAttentionKernel(Kernel):
     key: ClassVar[AttentionKey]
@@ -90,6 +294,12 @@ class DenseAttentionKernel(Kernel):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D) -> (B, Sq, Hq, D)."""
+
+    def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
+        def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+            out.copy_(self(q, k, v, causal=facts.causal, sm_scale=facts.sm_scale))
+
+        return launch
 
 
 class RaggedAttentionKernel(Kernel):
@@ -109,6 +319,21 @@ class RaggedAttentionKernel(Kernel):
     ) -> torch.Tensor:
         """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens int32 (B+1,) -> (Tq, Hq, D)."""
 
+    def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
+        def launch(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+            cu_seqlens_kv: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            out.copy_(
+                self(q, k, v, cu_seqlens_q, cu_seqlens_kv, causal=facts.causal, sm_scale=facts.sm_scale)
+            )
+
+        return launch
+
 
 class ContiguousAttentionKernel(Kernel):
     key: ClassVar[AttentionKey]
@@ -125,6 +350,18 @@ class ContiguousAttentionKernel(Kernel):
         sm_scale: float,
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k/v_cache (B, S_max, Hkv, D)."""
+
+    def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
+        def launch(
+            q: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            kv_seqlens: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            out.copy_(self(q, k_cache, v_cache, kv_seqlens, causal=facts.causal, sm_scale=facts.sm_scale))
+
+        return launch
 
 
 class PagedAttentionKernel(Kernel):
@@ -145,3 +382,28 @@ class PagedAttentionKernel(Kernel):
     ) -> torch.Tensor:
         """q (Tq, Hq, D) packed by cu_seqlens_q over the first kv_seqlens[b] keys of sequence b,
         key p at page block_table[b, p // page_size], row p % page_size -> (Tq, Hq, D)."""
+
+    def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
+        def launch(
+            q: torch.Tensor,
+            k_pages: torch.Tensor,
+            v_pages: torch.Tensor,
+            block_table: torch.Tensor,
+            kv_seqlens: torch.Tensor,
+            cu_seqlens_q: torch.Tensor,
+            out: torch.Tensor,
+        ) -> None:
+            out.copy_(
+                self(
+                    q,
+                    k_pages,
+                    v_pages,
+                    block_table,
+                    kv_seqlens,
+                    cu_seqlens_q,
+                    causal=facts.causal,
+                    sm_scale=facts.sm_scale,
+                )
+            )
+
+        return launch

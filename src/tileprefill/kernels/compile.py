@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -62,7 +63,6 @@ class CompileCase:
     label: str
     factory: Callable[..., Any]
     args: tuple[Hashable, ...]
-    out_idx: tuple[int, ...] | None
 
 
 @attrs.frozen
@@ -71,7 +71,6 @@ class BuildRequest:
 
     factory: Callable[..., Any]
     args: tuple[Hashable, ...]
-    out_idx: tuple[int, ...] | None
     arch: Arch
 
 
@@ -86,14 +85,17 @@ class _RecordedKernel:
 _recorded: list[BuildRequest] | None = None
 
 
-def build(
-    factory: Callable[..., Any], args: tuple[Hashable, ...], out_idx: tuple[int, ...] | None, arch: Arch
-) -> JITKernel:
+def is_recorded(kernel: object) -> bool:
+    """Whether `kernel` is what `build()` returned while recording (its launch does nothing)."""
+    return isinstance(kernel, _RecordedKernel)
+
+
+def build(factory: Callable[..., Any], args: tuple[Hashable, ...], arch: Arch) -> JITKernel:
     """The compiled kernel of `factory(*args)` for `arch`, compiled on first use and then cached."""
     if _recorded is not None:
-        _recorded.append(BuildRequest(factory, args, out_idx, arch))
+        _recorded.append(BuildRequest(factory, args, arch))
         return _RecordedKernel()  # type: ignore[return-value]
-    return _build(factory, args, out_idx, target_arch(arch), None)
+    return _build(factory, args, target_arch(arch), None)
 
 
 @contextlib.contextmanager
@@ -131,24 +133,24 @@ def prebuild(requests: Iterable[BuildRequest], *, jobs: int | None = None) -> No
 
 
 def _compile_only(request: BuildRequest) -> None:
-    _build(request.factory, request.args, request.out_idx, target_arch(request.arch), None)
+    _build(request.factory, request.args, target_arch(request.arch), None)
 
 
 def build_to(case: CompileCase, arch: Arch, output_dir: str) -> JITKernel:
     """Compile `case` for `arch` and keep its .cu and .cubin (.fatbin for sm_80) under `output_dir` (CI)."""
-    return _build(case.factory, case.args, case.out_idx, target_arch(arch), output_dir)
+    return _build(case.factory, case.args, target_arch(arch), output_dir)
 
 
 @functools.cache
 def _build(
     factory: Callable[..., Any],
     args: tuple[Hashable, ...],
-    out_idx: tuple[int, ...] | None,
     nvcc_arch: str,
     output_dir: str | None,
 ) -> JITKernel:
     import tilelang
 
+    _quiet(tilelang)
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     target = tilelang.tvm.target.Target(_target_spec(nvcc_arch))
     pass_configs: dict[str, Any] = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
@@ -165,7 +167,7 @@ def _build(
         with target:
             return tilelang.compile(
                 program,
-                out_idx=list(out_idx) if out_idx is not None else None,
+                out_idx=None,  # every output is a parameter the caller allocates
                 target=target,
                 execution_backend="tvm_ffi",
                 pass_configs=pass_configs,
@@ -173,3 +175,15 @@ def _build(
     finally:
         if output_dir is not None and cached:
             tilelang.enable_cache()
+
+
+@functools.cache
+def _quiet(tilelang: Any) -> None:
+    """TileLang prints INFO lines of its own (through a handler that writes to stdout) whenever it
+    compiles. Route them through `logging` like any library's: silent unless the application turns
+    the `tilelang` logger (or the root logger) up to INFO."""
+    logger = logging.getLogger(tilelang.__name__)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

@@ -32,15 +32,41 @@ from tileprefill.kernels.base import (
     Kernel,
     PagedAppendKernel,
     PagedAttentionKernel,
+    PagedBatchKernel,
     RaggedAttentionKernel,
     RopeKernel,
 )
-from tileprefill.keys import AppendKey, AttentionKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey
+from tileprefill.positions import paged_slots, ragged_positions, sequence_lengths
 
 # Query rows per chunk of one sequence's attention; with the element budget it
 # bounds the fp32 scores held at once (a chunk's scores are Hq x rows x keys).
 _MAX_QUERY_ROWS = 2048
 _SCORE_ELEMENTS_BUDGET = 1 << 26
+
+
+# ---------------------------------------------------------------------------
+# The batch step
+
+
+class BatchPagedRefKernel(PagedBatchKernel):
+    """Torch ops on the device (no host sync): positions, slots and kv lengths of the new tokens."""
+
+    key: ClassVar[BatchKey] = BatchKey.PAGED_REF
+
+    def __call__(
+        self,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        tokens: int,
+        page_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions = ragged_positions(cu_seqlens_q, tokens, offsets=cache_seqlens)
+        slots = paged_slots(block_table, positions, cu_seqlens_q, page_size)
+        kv_seqlens = (cache_seqlens + sequence_lengths(cu_seqlens_q)).to(torch.int32)
+        return positions, slots, kv_seqlens
 
 
 # ---------------------------------------------------------------------------
@@ -280,6 +306,7 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
 
 
 KERNELS: tuple[type[Kernel], ...] = (
+    BatchPagedRefKernel,
     RopeNeoxRefKernel,
     RopeInterleavedRefKernel,
     AppendContiguousRefKernel,

@@ -7,7 +7,7 @@ from types import MappingProxyType
 from typing import assert_never
 
 from tileprefill.context import KVLayout
-from tileprefill.kernels import append_tl, attention_tl, reference, rope_tl
+from tileprefill.kernels import append_tl, attention_tl, batch_tl, reference, rope_append_tl, rope_tl
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
@@ -15,21 +15,27 @@ from tileprefill.kernels.base import (
     Kernel,
     PagedAppendKernel,
     PagedAttentionKernel,
+    PagedBatchKernel,
     RaggedAttentionKernel,
+    RopeAppendKernel,
     RopeKernel,
 )
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import Source, append_traits, attention_traits
 
 
 def kernel_family(key: KernelKey) -> type[Kernel]:
     """The abstract base class whose call signature the kernel of `key` implements."""
     match key:
+        case BatchKey():
+            return PagedBatchKernel
         case RopeKey():
             return RopeKernel
         case AppendKey():
             layout, _ = append_traits(key)
             return PagedAppendKernel if layout is KVLayout.PAGED else ContiguousAppendKernel
+        case RopeAppendKey():
+            return RopeAppendKernel
         case AttentionKey():
             source, _ = attention_traits(key)
             match source:
@@ -49,7 +55,14 @@ def kernel_family(key: KernelKey) -> type[Kernel]:
 
 def _collect() -> dict[KernelKey, type[Kernel]]:
     found: dict[KernelKey, type[Kernel]] = {}
-    for cls in (*reference.KERNELS, *rope_tl.KERNELS, *append_tl.KERNELS, *attention_tl.KERNELS):
+    for cls in (
+        *reference.KERNELS,
+        *batch_tl.KERNELS,
+        *rope_tl.KERNELS,
+        *append_tl.KERNELS,
+        *rope_append_tl.KERNELS,
+        *attention_tl.KERNELS,
+    ):
         if cls.key in found:
             raise RuntimeError(f"kernel key {cls.key.value} has two classes: {found[cls.key]} and {cls}")
         if not issubclass(cls, kernel_family(cls.key)):

@@ -1,54 +1,49 @@
 """TileLang RoPE kernels (NEOX and INTERLEAVED): one program for sm80 and sm90.
 
-The launch is registered as the custom op `tileprefill::rope` (no mutation,
-with a fake implementation), so torch.compile traces it as one opaque node
-returning a new tensor; eager calls skip the op's dispatch. tilelang and the
-program factory are imported inside the launch only: importing this module
-does not import tilelang. The helpers here (`device_arch`, `on_device`,
-`aligned`) serve the append kernels too.
+The program (`kernels/tl/rope.py`) rotates x (T, H, D) at one position per
+token into a new tensor; it launches through the one launch path
+(`kernels/launch.py`), whose custom op `tileprefill::rope_<mode>_tl` is what
+torch.compile traces. tilelang and the program factory are imported when a
+program is first built: importing this module does not import tilelang.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Final
 
 import torch
 
-from tileprefill.context import Arch, DType
-from tileprefill.kernels.base import Kernel, RopeKernel
-from tileprefill.kernels.compile import CompileCase, build
+from tileprefill.context import Arch, DType, arch_of
+from tileprefill.kernels.base import Kernel, RopeKernel, RopeLaunch, StaticFacts
+from tileprefill.kernels.compile import CompileCase
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, register
 from tileprefill.keys import RopeKey
 
-if TYPE_CHECKING:
-    from tilelang import JITKernel
 
-#: TileLang reads x and cos/sin in 16-byte vectors.
-ALIGNMENT_BYTES = 16
+def program(key: RopeKey, facts: StaticFacts) -> Program:
+    from tileprefill.kernels.tl.rope import rope_program
 
-
-@functools.cache
-def device_arch(device: torch.device) -> Arch:
-    """The arch a TileLang kernel for `device` is compiled for (read once per device)."""
-    return Arch.of_device(device)
+    args = (facts.heads, facts.head_dim, facts.rotary_dim, facts.dtype.value, key is RopeKey.INTERLEAVED_TL)
+    return Program(rope_program, args, facts.arch)
 
 
-def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """TileLang launches on the current CUDA device: switch to `device` only when it is another."""
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+def _record(key: RopeKey) -> KernelRecord:
+    return register(
+        KernelRecord(
+            key=key,
+            tensors=("x", "positions", "cos", "sin", "out"),
+            mutates=("out",),
+            program=lambda facts: program(key, facts),
+        )
+    )
 
 
-def aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` if it is contiguous and 16-byte aligned, else such a copy of it (for inputs only)."""
-    if tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT_BYTES == 0:
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
+RECORDS: Final[dict[RopeKey, KernelRecord]] = {
+    key: _record(key) for key in (RopeKey.NEOX_TL, RopeKey.INTERLEAVED_TL)
+}
 
 
-def _check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> DType:
+def check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> DType:
     """Metadata only (no host sync): what the program needs and TileLang would reject obscurely."""
     dtype = DType.of(x.dtype, argument="x")
     if x.dim() != 3:
@@ -72,73 +67,52 @@ def _check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     for name, tensor in (("positions", positions), ("cos", cos), ("sin", sin)):
         if tensor.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (that of x), got {tensor.device}")
-    if not x.is_cuda:  # last, so that the checks above also run (and are tested) on CPU tensors
-        raise ValueError(f"x: expected a CUDA tensor for the TileLang kernel, got device {x.device}")
+    check_cuda("x", x)
     return dtype
 
 
-def _kernel(
-    num_heads: int, head_dim: int, rotary_dim: int, dtype: DType, interleaved: bool, arch: Arch
-) -> JITKernel:
-    """The compiled program of one static config (cached by `build`; not here, so that a
-    warm-up under `recording_builds` leaves nothing behind)."""
-    from tileprefill.kernels.tl.rope import rope_program
-
-    return build(rope_program, (num_heads, head_dim, rotary_dim, dtype.value, interleaved), None, arch)
-
-
-def rope(
-    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
-) -> torch.Tensor:
-    """x (T, H, D) rotated at `positions` by cos/sin (P, R/2) into a new contiguous tensor."""
-    dtype = _check_rope(x, positions, cos, sin)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out  # an empty grid is not a valid launch
-    _, num_heads, head_dim = x.shape
-    kernel = _kernel(num_heads, head_dim, 2 * cos.shape[1], dtype, interleaved, device_arch(x.device))
-    with on_device(x.device):
-        kernel(aligned(x), positions.contiguous(), aligned(cos), aligned(sin), out)
-    return out
-
-
-#: `rope` as the custom op `tileprefill::rope`: what torch.compile traces (see `_RopeTLKernel`).
-rope_op = torch.library.custom_op("tileprefill::rope", rope, mutates_args=())
-
-
-@rope_op.register_fake
-def _rope_fake(
-    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
-) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
 class _RopeTLKernel(RopeKernel):
-    interleaved: ClassVar[bool]
+    def bind(self, facts: StaticFacts) -> RopeLaunch:
+        launcher = Launcher(RECORDS[self.key], facts)
+
+        def launch(
+            x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+        ) -> None:
+            if out.numel() == 0:
+                return  # an empty grid is not a valid launch
+            launcher(x, positions, cos, sin, out)
+
+        return launch
 
     def __call__(
         self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            out: torch.Tensor = rope_op(x, positions, cos, sin, self.interleaved)
-            return out
-        # Eager (CUDA-graph capture included): the same function without the custom-op
-        # dispatch, which cost 5-20 us of host time a call on an H100 host.
-        return rope(x, positions, cos, sin, self.interleaved)
+        """x (T, H, D) rotated at `positions` by cos/sin (P, R/2) into a new contiguous tensor."""
+        dtype = check_rope(x, positions, cos, sin)
+        _, heads, head_dim = x.shape
+        facts = StaticFacts(
+            arch=arch_of(x.device),
+            dtype=dtype,
+            heads=heads,
+            kv_heads=heads,
+            head_dim=head_dim,
+            rotary_dim=2 * cos.shape[1],
+        )
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self.bind(facts)(x, positions, cos, sin, out)
+        return out
 
 
 class RopeNeoxTLKernel(_RopeTLKernel):
     """Rotates halves: (x[:R/2], x[R/2:R])."""
 
-    key = RopeKey.NEOX_TL
-    interleaved = False
+    key: ClassVar[RopeKey] = RopeKey.NEOX_TL
 
 
 class RopeInterleavedTLKernel(_RopeTLKernel):
     """Rotates adjacent pairs: (x[0:R:2], x[1:R:2])."""
 
-    key = RopeKey.INTERLEAVED_TL
-    interleaved = True
+    key: ClassVar[RopeKey] = RopeKey.INTERLEAVED_TL
 
 
 KERNELS: tuple[type[Kernel], ...] = (RopeNeoxTLKernel, RopeInterleavedTLKernel)
@@ -146,8 +120,6 @@ KERNELS: tuple[type[Kernel], ...] = (RopeNeoxTLKernel, RopeInterleavedTLKernel)
 
 def compile_cases(arch: Arch) -> tuple[CompileCase, ...]:
     """Representative static configs of every key above (the program is the same for every arch)."""
-    from tileprefill.kernels.tl.rope import rope_program
-
     configs = (  # key, heads, head_dim, rotary_dim, dtype
         (RopeKey.NEOX_TL, 32, 128, 128, DType.FP16),
         (RopeKey.NEOX_TL, 8, 128, 64, DType.FP16),
@@ -155,13 +127,12 @@ def compile_cases(arch: Arch) -> tuple[CompileCase, ...]:
         (RopeKey.INTERLEAVED_TL, 32, 128, 128, DType.FP16),
         (RopeKey.INTERLEAVED_TL, 8, 256, 64, DType.BF16),
     )
-    return tuple(
-        CompileCase(
-            key=key,
-            label=f"{key.value}_h{heads}_d{head_dim}_r{rotary_dim}_{dtype.value}",
-            factory=rope_program,
-            args=(heads, head_dim, rotary_dim, dtype.value, key is RopeKey.INTERLEAVED_TL),
-            out_idx=None,
+    cases = []
+    for key, heads, head_dim, rotary_dim, dtype in configs:
+        facts = StaticFacts(
+            arch=arch, dtype=dtype, heads=heads, kv_heads=heads, head_dim=head_dim, rotary_dim=rotary_dim
         )
-        for key, heads, head_dim, rotary_dim, dtype in configs
-    )
+        factory, args, _ = program(key, facts)
+        label = f"{key.value}_h{heads}_d{head_dim}_r{rotary_dim}_{dtype.value}"
+        cases.append(CompileCase(key=key, label=label, factory=factory, args=args))
+    return tuple(cases)

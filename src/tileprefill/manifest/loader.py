@@ -53,12 +53,29 @@ class KernelEntry:
 
 
 @attrs.frozen
+class PlanEntry:
+    """`op.plan(<inputs>, shape=<shape>)`: the per-batch metadata tensors, in order, and the shape class."""
+
+    inputs: tuple[str, ...]
+    shape: str
+
+
+@attrs.frozen
+class RunEntry:
+    """`plan.run(<inputs>)`: the per-layer data tensors, in order."""
+
+    inputs: tuple[str, ...]
+
+
+@attrs.frozen
 class OpEntry:
     name: str
     kv_layout: KVLayout
     inputs: tuple[TensorEntry, ...]
     outputs: tuple[TensorEntry, ...]
     params: tuple[ParamEntry, ...]
+    plan: PlanEntry
+    run: RunEntry
     kernel_map: tuple[KernelEntry, ...]
 
 
@@ -130,8 +147,26 @@ def _op(item: object, where: str) -> OpEntry:
             _param(p, f"{where}.signature.params[{i}]")
             for i, p in enumerate(_list(signature.get("params"), f"{where}.signature.params"))
         ),
+        plan=_plan(signature.get("plan"), f"{where}.signature.plan"),
+        run=RunEntry(
+            _names(
+                _mapping(signature.get("run"), f"{where}.signature.run").get("inputs"),
+                f"{where}.signature.run.inputs",
+            )
+        ),
         kernel_map=tuple(kernels),
     )
+
+
+def _plan(value: object, where: str) -> PlanEntry:
+    entry = _mapping(value, where)
+    return PlanEntry(
+        _names(entry.get("inputs"), f"{where}.inputs"), _str(entry.get("shape"), f"{where}.shape")
+    )
+
+
+def _names(value: object, where: str) -> tuple[str, ...]:
+    return tuple(_str(item, f"{where}[{i}]") for i, item in enumerate(_list(value, where)))
 
 
 def _tensors(value: object, where: str) -> tuple[TensorEntry, ...]:

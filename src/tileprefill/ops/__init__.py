@@ -2,25 +2,29 @@
 
 from typing import TypeAlias
 
-from tileprefill.ops.base import PrefillOp
+from tileprefill.ops.base import BatchPlan, PrefillOp
 from tileprefill.ops.contiguous import (
     ContiguousCacheOp,
+    ContiguousShape,
     GQAContiguousCacheAppendPrefill,
     GQAContiguousCachePrefill,
     GQAContiguousCacheRopeAppendPrefill,
 )
 from tileprefill.ops.dense import (
+    DenseShape,
     GQAPrefill,
     GQARopePrefill,
     GQAVarlenPrefill,
     GQAVarlenRopePrefill,
     NoCacheOp,
+    VarlenShape,
 )
 from tileprefill.ops.paged import (
     GQAPagedCacheAppendPrefill,
     GQAPagedCachePrefill,
     GQAPagedCacheRopeAppendPrefill,
     PagedCacheOp,
+    PagedShape,
 )
 
 #: The class of a public Op (each extends one layout base).
@@ -42,7 +46,10 @@ PUBLIC_OPS: tuple[OpClass, ...] = (
 
 __all__ = [
     "PUBLIC_OPS",
+    "BatchPlan",
     "ContiguousCacheOp",
+    "ContiguousShape",
+    "DenseShape",
     "GQAContiguousCacheAppendPrefill",
     "GQAContiguousCachePrefill",
     "GQAContiguousCacheRopeAppendPrefill",
@@ -56,5 +63,7 @@ __all__ = [
     "NoCacheOp",
     "OpClass",
     "PagedCacheOp",
+    "PagedShape",
     "PrefillOp",
+    "VarlenShape",
 ]

@@ -1,15 +1,25 @@
-"""What every public Op shares: constructor, kernel map, checks, plan selection, kernel lookup.
+"""What every public Op shares: constructor, kernel map, plan selection, and the plan/run split.
 
-An Op turns its fixed, ordered tensor inputs into a `PrefillContext`, asks
-`select_plan` for the steps, looks each step's key up in its `kernel_map` and
-runs the kernels in order. A layout base class (`ops/dense.py`,
-`ops/contiguous.py`, `ops/paged.py`) says how one layout's inputs become a
-context and which kernel calls a plan means; a public Op only names its inputs.
+An engine calls attention once per layer per step, so an Op splits a call in two:
 
-The call path must trace under `torch.compile(fullgraph=True)` and run under
-CUDA graph capture when `validate=False`: it reads only metadata, and the
-decision from metadata to plan is one cached function that the compiler treats
-as a constant (`plan_steps`).
+- `op.plan(<metadata tensors>, shape=<the data tensors' shape facts>)`, once per
+  batch: builds the `PrefillContext`, asks `select_plan` for the steps, binds
+  each step's kernel (a TileLang kernel resolves its compiled program here),
+  runs the value checks (with `validate=True`, one device-to-host copy for all
+  metadata tensors; none with `validate=False`) and derives what the kernels
+  need that no layer changes: token positions, cache slots, kv lengths.
+- `plan.run(<data tensors>)`, once per layer: metadata checks that read no
+  device memory, the output allocation, and the launches.
+
+`op(<all inputs>)` is `op.plan(...).run(...)` in one call. A layout module
+(`ops/dense.py`, `ops/contiguous.py`, `ops/paged.py`) says how one layout's
+inputs become a context, what its plan derives and which launches a plan
+means; a public Op names its inputs and writes each signature once.
+
+The one-shot call must trace under `torch.compile(fullgraph=True)` and `run`
+must run under CUDA-graph capture when `validate=False`: neither reads device
+values on the host, and the decision from metadata to plan is one cached
+function that the compiler treats as a constant (`plan_steps`).
 """
 
 from __future__ import annotations
@@ -18,16 +28,16 @@ import abc
 import functools
 import itertools
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import ClassVar, Generic, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.kernels.base import Kernel, RopeKernel
+from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode, arch_of
+from tileprefill.kernels.base import Kernel, StaticFacts
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, KernelKey, RopeKey
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import (
     TL_ATTENTION_HEAD_DIMS,
     Explanation,
@@ -37,25 +47,26 @@ from tileprefill.selection import (
     select_plan,
 )
 from tileprefill.validation import (
+    Binding,
     Dims,
     DtypeRule,
     TensorSpec,
     check_heads,
     check_metadata,
     check_positive,
+    rotary_dim_of,
     spec,
 )
-from tileprefill.validation import rotary_dim_of as _rotary_dim_of
+
+KernelT = TypeVar("KernelT", bound=Kernel)
 
 #: The RoPE tables every RoPE Op takes last: float32 (max_position, rotary_dim // 2).
 COS = spec("cos", DtypeRule.FLOAT32, "P, R2")
 SIN = spec("sin", DtypeRule.FLOAT32, "P, R2")
 
-InputsT = TypeVar("InputsT", bound=tuple[torch.Tensor | None, ...])
-
 
 class CallFacts(NamedTuple):
-    """The metadata of one call that the context is made of (hashable, no tensors)."""
+    """The metadata of one plan that the context is made of (hashable, no tensors)."""
 
     kv_layout: KVLayout
     rope: RopeMode
@@ -68,12 +79,6 @@ class CallFacts(NamedTuple):
     causal: bool
     page_size: int
     ragged: bool
-
-
-@functools.cache
-def arch_of(device: torch.device) -> Arch:
-    """The Arch of a device, read once per device."""
-    return Arch.of_device(device)
 
 
 def context_of(facts: CallFacts) -> PrefillContext:
@@ -98,26 +103,37 @@ def _plan_of(facts: CallFacts) -> PrefillPlan:
 
 
 class StepNames(NamedTuple):
-    """The `.value` of each key of a plan: what the traced call path looks kernels up by."""
+    """The `.value` of each key of a plan (what the traced call path looks kernels up by), and of the
+    arch the context was read for."""
 
+    batch: str | None
     rope: str | None
     append: str | None
+    rope_append: str | None
     attention: str
+    arch: str
 
 
-def plan_steps(*facts: object) -> tuple[str | None, str | None, str]:
+def plan_steps(*facts: object) -> tuple[str | None, str | None, str | None, str | None, str, str]:
     """The plan of a call, as key values, from the fields of its CallFacts (cached).
 
     Under torch.compile this is a constant of the trace (see `_mark_plan_constant`). It
     deals in plain values because the tracer passes a constant function plain values and
     cannot hash the enum members it returns.
     """
-    plan = _plan_of(CallFacts(*facts))  # type: ignore[arg-type]
+    call = CallFacts(*facts)  # type: ignore[arg-type]
+    plan = _plan_of(call)
     return (
+        None if plan.batch is None else plan.batch.value,
         None if plan.rope is None else plan.rope.value,
         None if plan.append is None else plan.append.value,
+        None if plan.rope_append is None else plan.rope_append.value,
         plan.attention.value,
+        arch_of(call.device).value,
     )
+
+
+_ARCHS: dict[str, Arch] = {arch.value: arch for arch in Arch}
 
 
 @functools.cache
@@ -129,6 +145,23 @@ def _mark_plan_constant() -> None:
     first Op construction rather than at import: it imports torch._dynamo (about a second).
     """
     torch.compiler.assume_constant_result(plan_steps)  # type: ignore[no-untyped-call]
+
+
+class ShapeFacts(Protocol):
+    """What every layout's plan shape says of the data tensors of every layer (each layout adds sizes)."""
+
+    @property
+    def heads(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def rotary_dim(self) -> int: ...
 
 
 def candidate_keys(
@@ -164,10 +197,135 @@ def candidate_keys(
 
 
 def _is_kernel_key(key: object) -> bool:
-    return isinstance(key, RopeKey | AppendKey | AttentionKey)
+    return isinstance(key, BatchKey | RopeKey | AppendKey | RopeAppendKey | AttentionKey)
 
 
-class PrefillOp(abc.ABC, Generic[InputsT]):
+def metadata_specs(specs: Sequence[TensorSpec], names: Sequence[str]) -> tuple[TensorSpec, ...]:
+    """The specs of `names`, in the order of `specs` (the call order)."""
+    chosen = tuple(s for s in specs if s.name in names)
+    assert [s.name for s in chosen] == list(names), f"{names} are not in call order"
+    return chosen
+
+
+class Requirement(NamedTuple):
+    """A fact `plan` read from the metadata values that a data tensor's size must satisfy in `run`.
+
+    `holds(size)` is checked on the host (no device read); `fail(size)` raises the error
+    that names the argument, the expected and the actual value.
+    """
+
+    symbol: str
+    holds: Callable[[int], bool]
+    fail: Callable[[int], None]
+
+
+class _Expected(NamedTuple):
+    """What a plan expects of one data tensor: its dtype and shape. A leading size the plan does not
+    fix (pages in the pool, rows of a RoPE table) is `lead`, bound by the first tensor that has it;
+    `shape` is then the rest."""
+
+    dtype: torch.dtype
+    lead: str | None
+    shape: tuple[int, ...]
+
+
+def _expected(s: TensorSpec, dims: Dims, q_dtype: torch.dtype) -> _Expected:
+    dtype = {DtypeRule.INT32: torch.int32, DtypeRule.FLOAT32: torch.float32}.get(s.dtype, q_dtype)
+    first, *rest = s.dims
+    lead = None if first.symbol in dims else first.symbol
+    known = rest if lead is not None else s.dims
+    assert all(d.symbol in dims for d in known), f"{s.name}: only a leading size may be left free by a plan"
+    return _Expected(dtype, lead, tuple(dims[d.symbol].value + d.offset for d in known))
+
+
+BatchT = TypeVar("BatchT")
+
+
+class BatchPlan(Generic[BatchT]):
+    """What `op.plan(...)` returns: the steps of a batch and what its runs share. Immutable.
+
+    Subclasses (one per public Op) add `run(<data tensors>)`, which checks the data
+    tensors' metadata against the plan (reading no device memory) and launches.
+    """
+
+    def __init__(
+        self,
+        op: PrefillOp,
+        steps: StepNames,
+        context: CallFacts,
+        dims: Dims,
+        requirements: Sequence[Requirement],
+        batch: BatchT,
+    ) -> None:
+        #: What the layout's runs share: metadata tensors, what plan derived, the bound launches.
+        self._batch = batch
+        self._op = op
+        self._steps = steps
+        self._context = context
+        self._dims = dict(dims)
+        self._requirements = tuple(requirements)
+        self._data_specs = op.run_specs
+        self._device = context.device
+        self._expected = tuple(_expected(s, dims, context.q_dtype) for s in op.run_specs)
+
+    @property
+    def plan(self) -> PrefillPlan:
+        """The selected kernel keys, step by step."""
+        return _plan_of(self._context)
+
+    @property
+    def steps(self) -> tuple[KernelKey, ...]:
+        """The plan's kernel keys, in the order they launch."""
+        return self.plan.steps
+
+    def explain(self) -> Explanation:
+        """The chosen plan and why every other kernel was not chosen."""
+        return explain(context_of(self._context))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.plan})"
+
+    def _check(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Metadata checks of the data tensors against the plan (no device read), then the plan's
+        requirements on the sizes the plan left free.
+
+        The fast path compares each tensor with what the plan expects of it; on any difference
+        the full `check_metadata` runs and raises the error that names the argument (a
+        difference it does not see cannot exist: both read the same specs and sizes).
+        """
+        free: dict[str, int] = {}
+        for t, expected in zip(tensors, self._expected, strict=True):
+            if not (
+                isinstance(t, torch.Tensor)
+                and t.dtype == expected.dtype
+                and t.device == self._device
+                and t.is_contiguous()
+            ):
+                break
+            shape = t.shape
+            if expected.lead is None:
+                if shape != expected.shape:
+                    break
+                continue
+            if len(shape) != len(expected.shape) + 1 or shape[1:] != expected.shape:
+                break
+            if free.setdefault(expected.lead, shape[0]) != shape[0]:
+                break
+        else:
+            for requirement in self._requirements:
+                size = (
+                    free[requirement.symbol]
+                    if requirement.symbol in free
+                    else self._dims[requirement.symbol].value
+                )
+                if not requirement.holds(size):
+                    requirement.fail(size)
+            return
+        check_metadata(self._data_specs, tensors, bound=self._dims, device=self._device)
+        raise AssertionError(f"plan check: {[tuple(t.shape) for t in tensors]} differ from the plan")
+
+
+class PrefillOp(abc.ABC):
     """Base of the public Ops. Subclasses declare their traits and input specs as class variables."""
 
     # Traits of the Op: what contexts it builds (and so which kernels can serve it).
@@ -178,6 +336,13 @@ class PrefillOp(abc.ABC, Generic[InputsT]):
     #: The Op's tensor inputs, in call order, and its output (the manifest lists the same).
     input_specs: ClassVar[tuple[TensorSpec, ...]]
     output_spec: ClassVar[TensorSpec]
+    #: The names of the inputs `plan` takes (the per-batch metadata); `run` takes the others.
+    plan_inputs: ClassVar[tuple[str, ...]]
+    #: The specs of `plan`'s and `run`'s tensor inputs, in call order (derived).
+    plan_specs: ClassVar[tuple[TensorSpec, ...]]
+    run_specs: ClassVar[tuple[TensorSpec, ...]]
+    #: The class of this Op's plans (it adds `run` with the Op's data tensors).
+    plan_class: ClassVar[type[BatchPlan[Any]]]
     #: The keys any call of this Op may plan, and the registered kernel class of each.
     kernel_keys: ClassVar[tuple[KernelKey, ...]]
     default_kernel_map: ClassVar[Mapping[KernelKey, type[Kernel]]]
@@ -185,6 +350,8 @@ class PrefillOp(abc.ABC, Generic[InputsT]):
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
         if "input_specs" in cls.__dict__:  # a public Op, not a layout base
+            cls.plan_specs = metadata_specs(cls.input_specs, cls.plan_inputs)
+            cls.run_specs = tuple(s for s in cls.input_specs if s.name not in cls.plan_inputs)
             cls.kernel_keys = candidate_keys(
                 cls.kv_layout, ragged=cls.ragged, rotates=cls.rotates, appends=cls.appends
             )
@@ -220,7 +387,7 @@ class PrefillOp(abc.ABC, Generic[InputsT]):
         self.kernel_map: Mapping[KernelKey, type[Kernel]] = MappingProxyType(
             {**self.default_kernel_map, **overrides}
         )
-        # Kernels are cheap to construct; one instance per key, looked up by key value on the call path.
+        # Kernels are cheap to construct; one instance per key, looked up by key value in `plan`.
         self._kernels: dict[str, Kernel] = {key.value: cls() for key, cls in self.kernel_map.items()}
 
     @classmethod
@@ -231,8 +398,8 @@ class PrefillOp(abc.ABC, Generic[InputsT]):
         for key, kernel in kernel_map.items():
             if not _is_kernel_key(key):
                 raise TypeError(
-                    f"kernel_map: expected RopeKey, AppendKey or AttentionKey keys, got {key!r} "
-                    f"({type(key).__name__})"
+                    "kernel_map: expected BatchKey, RopeKey, AppendKey, RopeAppendKey or AttentionKey keys, "
+                    f"got {key!r} ({type(key).__name__})"
                 )
             if key not in cls.kernel_keys:
                 raise ValueError(
@@ -257,94 +424,129 @@ class PrefillOp(abc.ABC, Generic[InputsT]):
             checked[key] = kernel
         return checked
 
-    # --- the shared call path --------------------------------------------------------------------
+    # --- what `plan` shares ----------------------------------------------------------------------
 
-    def _run(self, inputs: InputsT) -> torch.Tensor:
-        dims = self._check_metadata(inputs)
-        if self.validate:
-            self._check_values(inputs, dims)
-        steps = StepNames(*plan_steps(*self._facts(inputs, dims)))
-        return self._execute(steps, inputs, dims)
+    @staticmethod
+    def _concrete_device(device: torch.device | str) -> torch.device:
+        """`device` with its index: "cuda" is the current CUDA device, as tensors made on it say."""
+        concrete = torch.device(device)
+        index: int | None = concrete.index
+        if concrete.type == "cuda" and index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return concrete
 
-    def _plan_for(self, inputs: InputsT) -> PrefillPlan:
-        dims = self._check_metadata(inputs)
-        return _plan_of(self._facts(inputs, dims))
-
-    def _explain(self, inputs: InputsT) -> Explanation:
-        dims = self._check_metadata(inputs)
-        return explain(context_of(self._facts(inputs, dims)))
-
-    def _check_metadata(self, inputs: InputsT) -> Dims:
-        tensors = tuple(getattr(inputs, s.name) for s in self.input_specs)
-        dims = check_metadata(self.input_specs, tensors)
-        check_positive(dims, [s for s in ("Hq", "Hkv", "D", "PS", "R2", "P") if s in dims])
+    def _shape_dims(self, shape: ShapeFacts) -> dict[str, Binding]:
+        """The shape symbols a plan's `shape` fixes, checked like the inputs' sizes would be."""
+        for field in ("heads", "kv_heads", "head_dim"):
+            value = getattr(shape, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"shape.{field}: expected an int, got {value!r}")
+        DType.of(shape.dtype, argument="shape.dtype")
+        dims = {
+            "Hq": Binding(shape.heads, "shape.heads"),
+            "Hkv": Binding(shape.kv_heads, "shape.kv_heads"),
+            "D": Binding(shape.head_dim, "shape.head_dim"),
+        }
+        check_positive(dims, ("Hq", "Hkv", "D"))
         check_heads(dims)
-        if self.rope is not RopeMode.NONE:
-            _rotary_dim_of(dims, self.rotary_dim)
-        self._check_layout_metadata(dims)
         return dims
 
-    def _facts(self, inputs: InputsT, dims: Dims) -> CallFacts:
+    def _metadata_dims(
+        self, shape: ShapeFacts, tensors: Sequence[torch.Tensor], extra: Mapping[str, Binding]
+    ) -> dict[str, Binding]:
+        """Check `plan`'s tensors (on the shape's device) and bind every symbol a plan knows."""
+        dims = {**self._shape_dims(shape), **extra}
+        for s, t in zip(self.plan_specs, tensors, strict=True):
+            if isinstance(t, torch.Tensor) and t.device != shape.device:
+                raise ValueError(
+                    f"{s.name}: expected a tensor on {shape.device} (shape.device), got {t.device}"
+                )
+        bound = check_metadata(self.plan_specs, tensors, bound=dims, device=shape.device)
+        if self.rotates and self.rotary_dim is not None:
+            bound["R2"] = Binding(self.rotary_dim // 2, "rotary_dim")
+        return bound
+
+    def _check_call(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Binding]:
+        """The metadata checks of a one-shot call, over all its inputs at once, so that every error
+        names the input it is about; returns the size of each shape symbol."""
+        dims = check_metadata(self.input_specs, [tensors[s.name] for s in self.input_specs])
+        check_positive(dims, [s for s in ("Hq", "Hkv", "D", "PS", "R2", "P") if s in dims])
+        check_heads(dims)
+        if self.rotates:
+            rotary_dim_of(dims, self.rotary_dim)
+        return dims
+
+    def _facts(self, shape: ShapeFacts, page_size: int) -> CallFacts:
         # Under torch.compile with dynamic shapes a size may be symbolic. The plan needs the value:
         # operator.index (unlike int()) makes the tracer specialise it, guarding on it.
         return CallFacts(
             kv_layout=self.kv_layout,
             rope=self.rope,
             append=self.appends,
-            q_dtype=self._tensor(inputs, 0).dtype,
-            kv_dtype=self._tensor(inputs, 1).dtype,
-            device=self._tensor(inputs, 0).device,
-            head_dim=operator.index(dims["D"].value),
-            group_size=operator.index(dims["Hq"].value // dims["Hkv"].value),
+            q_dtype=shape.dtype,
+            kv_dtype=shape.dtype,
+            device=shape.device,
+            head_dim=operator.index(shape.head_dim),
+            group_size=operator.index(shape.heads // shape.kv_heads),
             causal=self.causal,
-            page_size=operator.index(dims["PS"].value) if "PS" in dims else 0,
+            page_size=operator.index(page_size),
             ragged=self.ragged,
         )
 
-    def _tensor(self, inputs: InputsT, index: int) -> torch.Tensor:
-        t = getattr(inputs, self.input_specs[index].name)
-        assert isinstance(t, torch.Tensor)
-        return t
+    def _select(self, facts: CallFacts) -> StepNames:
+        return StepNames(*plan_steps(*facts))
 
-    def _scale(self, dims: Dims) -> float:
-        return self.sm_scale if self.sm_scale is not None else float(dims["D"].value) ** -0.5
+    def static_facts(
+        self, facts: CallFacts, steps: StepNames, shape: ShapeFacts, *, rotary_dim: int = 0
+    ) -> StaticFacts:
+        """What the plan's kernels are specialised for."""
+        return StaticFacts(
+            arch=_ARCHS[steps.arch],
+            dtype=DType.of(shape.dtype, argument="shape.dtype"),
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
+            causal=self.causal,
+            sm_scale=self.sm_scale if self.sm_scale is not None else float(shape.head_dim) ** -0.5,
+            page_size=facts.page_size,
+            rotary_dim=rotary_dim,
+        )
 
-    def _kernel(self, name: str) -> Kernel:
-        """This Op's kernel instance for the key whose value is `name` (its class extends the key's
-        family: `kernel_map` is checked on construction)."""
+    def _kernel_of(self, name: str, family: Callable[..., KernelT]) -> KernelT:
+        """This Op's kernel instance for the key whose value is `name`, typed as the family the plan
+        step needs (its class extends the key's family: `kernel_map` is checked on construction)."""
         kernel = self._kernels.get(name)
         if kernel is None:
             raise LookupError(
-                f"{type(self).__name__}: the plan needs kernel {name}, but kernel_map has no class for it: "
-                f"expected one of {sorted(self._kernels)}, got {name}; pass kernel_map={{<its key>: <class>}}"
+                f"{type(self).__name__}: the plan needs kernel {name}, but kernel_map has no class for "
+                f"it: expected one of {sorted(self._kernels)}, got {name}; pass "
+                f"kernel_map={{<its key>: <class>}}"
             )
-        return kernel
+        assert isinstance(kernel, family)  # type: ignore[arg-type]
+        return kernel  # type: ignore[return-value]
 
-    def _rotate(
-        self, name: str, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        """A rotated copy of x (..., H, D): the RoPE kernel sees it as (T, H, D)."""
-        kernel = self._kernel(name)
-        assert isinstance(kernel, RopeKernel)
-        flat = x.reshape(-1, x.shape[-2], x.shape[-1])
-        return kernel(flat, positions, cos, sin).reshape(x.shape)
-
-    # --- what each layout says -------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def _check_layout_metadata(self, dims: Dims) -> None:
-        """Shape checks beyond the specs (always run)."""
-
-    @abc.abstractmethod
-    def _check_values(self, inputs: InputsT, dims: Dims) -> None:
-        """Checks that read index tensors' values (validate=True only)."""
-
-    @abc.abstractmethod
-    def _execute(self, steps: StepNames, inputs: InputsT, dims: Dims) -> torch.Tensor:
-        """Run the plan's kernels in order; return the attention output."""
+    def _rotary_dim(self, shape: ShapeFacts) -> int:
+        """The rotary dim a RoPE plan's kernels are built for: the constructor's, else the shape's."""
+        if self.rotary_dim is not None:
+            if shape.rotary_dim not in (0, self.rotary_dim):
+                raise ValueError(
+                    f"shape.rotary_dim: expected 0 or {self.rotary_dim} (the Op's rotary_dim), "
+                    f"got {shape.rotary_dim}"
+                )
+            return self.rotary_dim
+        if (
+            isinstance(shape.rotary_dim, bool)
+            or not isinstance(shape.rotary_dim, int)
+            or shape.rotary_dim < 2
+        ):
+            raise ValueError(
+                f"shape.rotary_dim: expected 2 * cos.shape[1] (an even int >= 2: the Op was built without "
+                f"rotary_dim), got {shape.rotary_dim!r}"
+            )
+        return shape.rotary_dim
 
 
-class RotatingOp(PrefillOp[InputsT]):
+class RotatingOp(PrefillOp):
     """An Op that rotates q and the keys with RoPE before attention."""
 
     rotates: ClassVar[bool] = True
@@ -374,9 +576,3 @@ class RotatingOp(PrefillOp[InputsT]):
         super().__init__(causal=causal, sm_scale=sm_scale, kernel_map=kernel_map, validate=validate)
         self.rope = rope
         self.rotary_dim = rotary_dim
-
-
-def required(t: torch.Tensor | None) -> torch.Tensor:
-    """An input a layout reads only for some Ops: present whenever the Op's specs name it."""
-    assert t is not None
-    return t

@@ -1,37 +1,55 @@
-"""Ops over a contiguous KV cache (B, S_max, Hkv, D): read-only, append, and RoPE + append."""
+"""Ops over a contiguous KV cache (B, S_max, Hkv, D): read-only, append, and RoPE + append.
+
+`plan(<lengths>, shape=ContiguousShape(...))` takes the batch's lengths; `run`
+takes the data tensors of one layer.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
 
 from tileprefill.context import KVLayout
-from tileprefill.kernels.base import ContiguousAppendKernel, ContiguousAttentionKernel
-from tileprefill.ops.base import COS, SIN, PrefillOp, RotatingOp, StepNames, required
-from tileprefill.positions import batch_positions
-from tileprefill.selection import Explanation, PrefillPlan
+from tileprefill.kernels.base import (
+    ContiguousAppendKernel,
+    ContiguousAppendLaunch,
+    ContiguousAttentionKernel,
+    ContiguousAttentionLaunch,
+    RopeAppendKernel,
+    RopeAppendLaunch,
+    RopeKernel,
+    RopeLaunch,
+)
+from tileprefill.kernels.launch import check_writable
+from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp
+from tileprefill.positions import batch_positions, contiguous_slots
 from tileprefill.validation import (
+    Binding,
     Dims,
     DtypeRule,
     check_append_capacity,
     check_lengths,
     check_rope_positions,
-    host_list,
+    host_values,
+    rotary_dim_of,
     spec,
 )
 
 
-class ContiguousInputs(NamedTuple):
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    kv_seqlens: torch.Tensor | None = None
-    k_new: torch.Tensor | None = None
-    v_new: torch.Tensor | None = None
-    cache_seqlens: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
+class ContiguousShape(NamedTuple):
+    """The data tensors' sizes a contiguous-cache plan is made for: q (B, Sq, Hq, D), caches
+    (B, S_max, Hkv, D) (the batch comes from the lengths tensor)."""
+
+    seq_q: int
+    max_seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
 
 
 _Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D")
@@ -44,84 +62,240 @@ _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
 
 
-class ContiguousCacheOp(PrefillOp[ContiguousInputs]):
+class _Batch(NamedTuple):
+    """What a contiguous-cache plan's runs share."""
+
+    kv_seqlens: torch.Tensor  # keys attended per sequence (cached + new for append Ops)
+    cache_seqlens: torch.Tensor
+    positions: torch.Tensor  # RoPE positions of the new tokens, (B * Sq,) (empty unless RoPE)
+    slots: torch.Tensor  # cache rows of the new tokens (empty unless fused RoPE + append)
+    attention: ContiguousAttentionLaunch
+    append: ContiguousAppendLaunch | None
+    rope_q: RopeLaunch | None
+    rope_k: RopeLaunch | None
+    rope_append: RopeAppendLaunch | None
+
+
+class ContiguousPlan(BatchPlan["_Batch"]):
+    def _run(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b = self._batch
+        if b.append is not None or b.rope_append is not None:
+            # The caches are written in place: they cannot be copied into the layout the programs need.
+            check_writable("k_cache", k_cache)
+            check_writable("v_cache", v_cache)
+        if b.rope_append is not None:
+            assert k_new is not None and v_new is not None and cos is not None and sin is not None
+            rotated = torch.empty_like(q)
+            tokens, rows_of = (-1, *q.shape[-2:]), (-1, *k_cache.shape[-2:])
+            b.rope_append(
+                q.view(tokens),
+                k_new.view(rows_of),
+                v_new.view(rows_of),
+                b.positions,
+                b.slots,
+                cos,
+                sin,
+                k_cache.view(rows_of),
+                v_cache.view(rows_of),
+                rotated.view(tokens),
+            )
+            q = rotated
+        elif b.append is not None:
+            assert k_new is not None and v_new is not None
+            if b.rope_q is not None and b.rope_k is not None:
+                assert cos is not None and sin is not None
+                rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k_new)
+                q_rows, k_rows = (-1, *q.shape[-2:]), (-1, *k_new.shape[-2:])
+                b.rope_q(q.view(q_rows), b.positions, cos, sin, rotated_q.view(q_rows))
+                b.rope_k(k_new.view(k_rows), b.positions, cos, sin, rotated_k.view(k_rows))
+                q, k_new = rotated_q, rotated_k
+            b.append(k_new, v_new, k_cache, v_cache, b.cache_seqlens)
+        out = torch.empty_like(q)
+        b.attention(q, k_cache, v_cache, b.kv_seqlens, out)
+        return out
+
+
+class ContiguousCacheOp(PrefillOp):
     """Layout CONTIGUOUS: [RoPE of q and k_new at cache_seqlens[b] + i, append,] attention.
 
     Append Ops write k_new[b, i] / v_new[b, i] at row cache_seqlens[b] + i of the caches
     and attend over cache_seqlens[b] + Sq keys.
     """
 
+    plan_class: ClassVar[type[ContiguousPlan]]
     kv_layout: ClassVar[KVLayout] = KVLayout.CONTIGUOUS
 
-    def _check_layout_metadata(self, dims: Dims) -> None:
-        if self.appends and dims["Sq"].value > dims["Smax"].value:
+    def _plan_contiguous(
+        self, lengths: torch.Tensor, shape: ContiguousShape, plan_class: type[ContiguousPlan]
+    ) -> ContiguousPlan:
+        shape = shape._replace(device=self._concrete_device(shape.device))
+        extra = {
+            "Sq": Binding(shape.seq_q, "shape.seq_q"),
+            "Smax": Binding(shape.max_seq, "shape.max_seq"),
+        }
+        dims = self._metadata_dims(shape, [lengths], extra)
+        if self.appends and shape.seq_q > shape.max_seq:
             raise ValueError(
-                f"k_cache: expected S_max >= Sq = {dims['Sq'].value} (room for the new keys), "
-                f"got S_max = {dims['Smax'].value}"
+                f"k_cache: expected S_max >= Sq = {shape.seq_q} (room for the new keys), "
+                f"got S_max = {shape.max_seq}"
             )
+        facts = self._facts(shape, 0)
+        steps = self._select(facts)
+        rotary_dim = self._rotary_dim(shape) if self.rotates else 0
+        if self.rotates:
+            dims["R2"] = Binding(rotary_dim // 2, "rotary_dim")
+        requirements = self._check_values(lengths, dims) if self.validate else []
+        static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
+        empty = torch.empty(0, dtype=torch.int32, device=shape.device)
+        positions = slots = empty
+        if self.appends:
+            cache_seqlens = lengths
+            kv_seqlens = (cache_seqlens + shape.seq_q).to(torch.int32)
+            if self.rotates:
+                positions = batch_positions(
+                    lengths.shape[0], shape.seq_q, shape.device, offsets=cache_seqlens
+                )
+            if steps.rope_append is not None:
+                slots = contiguous_slots(cache_seqlens, shape.seq_q, shape.max_seq)
+        else:
+            cache_seqlens = kv_seqlens = lengths
+        batch = _Batch(
+            kv_seqlens=kv_seqlens,
+            cache_seqlens=cache_seqlens,
+            positions=positions,
+            slots=slots,
+            attention=self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(static),
+            append=(
+                None
+                if steps.append is None
+                else self._kernel_of(steps.append, ContiguousAppendKernel).bind(static)
+            ),
+            rope_q=None if steps.rope is None else self._kernel_of(steps.rope, RopeKernel).bind(static),
+            rope_k=(
+                None
+                if steps.rope is None
+                else self._kernel_of(steps.rope, RopeKernel).bind(static._replace(heads=shape.kv_heads))
+            ),
+            rope_append=(
+                None
+                if steps.rope_append is None
+                else self._kernel_of(steps.rope_append, RopeAppendKernel).bind(static)
+            ),
+        )
+        return plan_class(self, steps, facts, dims, requirements, batch)
 
-    def _check_values(self, inputs: ContiguousInputs, dims: Dims) -> None:
+    def _check_values(self, lengths: torch.Tensor, dims: Dims) -> list[Requirement]:
+        """The value checks (one host copy of the lengths)."""
+        (values,) = host_values([lengths])
         capacity = dims["Smax"].value
         if not self.appends:
-            check_lengths("kv_seqlens", host_list(required(inputs.kv_seqlens)), capacity, "S_max of k_cache")
-            return
-        cache_lens = host_list(required(inputs.cache_seqlens))
+            check_lengths("kv_seqlens", values, capacity, "S_max of k_cache")
+            return []
         q_len = dims["Sq"].value
-        check_append_capacity(
-            "cache_seqlens", cache_lens, [q_len] * len(cache_lens), capacity, "S_max of k_cache"
-        )
-        if self.rotates and q_len:
-            last = [n + q_len - 1 for n in cache_lens]
-            check_rope_positions("cos", last, dims["P"].value, "new tokens sit at cache_seqlens[b] + i")
+        check_append_capacity("cache_seqlens", values, [q_len] * len(values), capacity, "S_max of k_cache")
+        if not (self.rotates and q_len):
+            return []
+        last = [n + q_len - 1 for n in values]
+        highest = max(last, default=-1)
+        return [
+            Requirement(
+                "P",
+                lambda rows: highest < rows,
+                lambda rows: check_rope_positions(
+                    "cos", last, rows, "new tokens sit at cache_seqlens[b] + i"
+                ),
+            )
+        ]
 
-    def _execute(self, steps: StepNames, inputs: ContiguousInputs, dims: Dims) -> torch.Tensor:
-        q = inputs.q
-        if steps.append is None:
-            kv_lens = required(inputs.kv_seqlens)
-        else:
-            cache_lens = required(inputs.cache_seqlens)
-            k_new, v_new = required(inputs.k_new), required(inputs.v_new)
-            if steps.rope is not None:
-                cos, sin = required(inputs.cos), required(inputs.sin)
-                positions = batch_positions(dims["B"].value, dims["Sq"].value, q.device, offsets=cache_lens)
-                q = self._rotate(steps.rope, q, positions, cos, sin)
-                k_new = self._rotate(steps.rope, k_new, positions, cos, sin)
-            append = self._kernel(steps.append)
-            assert isinstance(append, ContiguousAppendKernel)
-            append(k_new, v_new, inputs.k_cache, inputs.v_cache, cache_lens)
-            kv_lens = cache_lens + dims["Sq"].value
-        attention = self._kernel(steps.attention)
-        assert isinstance(attention, ContiguousAttentionKernel)
-        return attention(
-            q, inputs.k_cache, inputs.v_cache, kv_lens, causal=self.causal, sm_scale=self._scale(dims)
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> ContiguousPlan:
+        """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
+        dims = self._check_call(tensors)
+        q = tensors["q"]
+        shape = ContiguousShape(
+            seq_q=dims["Sq"].value,
+            max_seq=dims["Smax"].value,
+            heads=dims["Hq"].value,
+            kv_heads=dims["Hkv"].value,
+            head_dim=dims["D"].value,
+            dtype=q.dtype,
+            device=q.device,
+            rotary_dim=rotary_dim_of(dims, self.rotary_dim) if self.rotates else 0,
         )
+        self._shape_dims(shape)
+        lengths = tensors["cache_seqlens" if self.appends else "kv_seqlens"]
+        return self._plan_contiguous(lengths, shape, self.plan_class)
+
+    def _call(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`plan(...).run(...)` of one call's inputs."""
+        plan = self._plan_call(tensors)
+        plan._check([tensors[s.name] for s in self.run_specs])
+        return plan._run(
+            tensors["q"],
+            tensors.get("k_new"),
+            tensors.get("v_new"),
+            tensors["k_cache"],
+            tensors["v_cache"],
+            tensors.get("cos"),
+            tensors.get("sin"),
+        )
+
+
+# --- the public Ops ----------------------------------------------------------------------------------
+
+
+class GQAContiguousCachePrefillPlan(ContiguousPlan):
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of this layer's q over the first kv_seqlens[b] rows of its caches."""
+        self._check((q, k_cache, v_cache))
+        return self._run(q, None, None, k_cache, v_cache, None, None)
 
 
 class GQAContiguousCachePrefill(ContiguousCacheOp):
     """Attention of q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k_cache, v_cache
     (B, S_max, Hkv, D) -> (B, Sq, Hq, D). kv_seqlens counts the query chunk's own keys;
     causal masks are bottom-right aligned (a query that sees no key outputs 0).
+    `plan(kv_seqlens, shape=ContiguousShape(...))`, then `run(q, k_cache, v_cache)`.
 
     `validate=False` skips (it reads device values): kv_seqlens[b] in [0, S_max].
     """
 
     input_specs = (_Q, _K_CACHE, _V_CACHE, _KV_SEQLENS)
+    plan_inputs = ("kv_seqlens",)
     output_spec = _OUT
+    plan_class = GQAContiguousCachePrefillPlan
 
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_seqlens: torch.Tensor
     ) -> torch.Tensor:
-        return self._run(ContiguousInputs(q, k_cache, v_cache, kv_seqlens=kv_seqlens))
+        return self._call(dict(q=q, k_cache=k_cache, v_cache=v_cache, kv_seqlens=kv_seqlens))
 
-    def plan_for(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_seqlens: torch.Tensor
-    ) -> PrefillPlan:
-        return self._plan_for(ContiguousInputs(q, k_cache, v_cache, kv_seqlens=kv_seqlens))
+    def plan(self, kv_seqlens: torch.Tensor, *, shape: ContiguousShape) -> GQAContiguousCachePrefillPlan:
+        plan = self._plan_contiguous(kv_seqlens, shape, GQAContiguousCachePrefillPlan)
+        assert isinstance(plan, GQAContiguousCachePrefillPlan)
+        return plan
 
-    def explain(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_seqlens: torch.Tensor
-    ) -> Explanation:
-        return self._explain(ContiguousInputs(q, k_cache, v_cache, kv_seqlens=kv_seqlens))
+
+class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan):
+    def run(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Append this layer's new keys and values to its caches, then attend."""
+        self._check((q, k_new, v_new, k_cache, v_cache))
+        return self._run(q, k_new, v_new, k_cache, v_cache, None, None)
 
 
 class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
@@ -130,13 +304,16 @@ class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
 
     cache_seqlens is not changed: the caller advances it. Every check runs before the
     first write, so a rejected call leaves the caches unchanged.
+    `plan(cache_seqlens, shape=ContiguousShape(...))`, then `run(q, k_new, v_new, k_cache, v_cache)`.
     `validate=False` skips (they read device values): cache_seqlens[b] >= 0 and
     cache_seqlens[b] + Sq <= S_max.
     """
 
     appends: ClassVar[bool] = True
     input_specs = (_Q, _K_NEW, _V_NEW, _K_CACHE, _V_CACHE, _CACHE_SEQLENS)
+    plan_inputs = ("cache_seqlens",)
     output_spec = _OUT
+    plan_class = GQAContiguousCacheAppendPrefillPlan
 
     def __call__(
         self,
@@ -147,42 +324,48 @@ class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
         v_cache: torch.Tensor,
         cache_seqlens: torch.Tensor,
     ) -> torch.Tensor:
-        return self._run(ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens))
+        return self._call(
+            dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+        )
 
-    def plan_for(
+    def plan(
+        self, cache_seqlens: torch.Tensor, *, shape: ContiguousShape
+    ) -> GQAContiguousCacheAppendPrefillPlan:
+        plan = self._plan_contiguous(cache_seqlens, shape, GQAContiguousCacheAppendPrefillPlan)
+        assert isinstance(plan, GQAContiguousCacheAppendPrefillPlan)
+        return plan
+
+
+class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan):
+    def run(
         self,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-    ) -> PrefillPlan:
-        return self._plan_for(ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens))
-
-    def explain(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-    ) -> Explanation:
-        return self._explain(ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens))
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate this layer's q and new keys, append the keys and values to its caches, then attend."""
+        self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
+        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin)
 
 
-class GQAContiguousCacheRopeAppendPrefill(RotatingOp[ContiguousInputs], ContiguousCacheOp):
+class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
     """`GQAContiguousCacheAppendPrefill` with RoPE: q and k_new are rotated (copies) at
     positions cache_seqlens[b] + i, the rotated keys are appended, then attention.
 
-    cos, sin float32 (P, rotary_dim // 2). `validate=False` skips (they read device
-    values): the cache_seqlens checks of the append Op, and cache_seqlens[b] + Sq - 1 < P.
+    cos, sin float32 (P, rotary_dim // 2). `plan(cache_seqlens, shape=ContiguousShape(...))`,
+    then `run(q, k_new, v_new, k_cache, v_cache, cos, sin)`. `validate=False` skips (they read
+    device values): the cache_seqlens checks of the append Op, and cache_seqlens[b] + Sq - 1 < P.
     """
 
     appends: ClassVar[bool] = True
     input_specs = (_Q, _K_NEW, _V_NEW, _K_CACHE, _V_CACHE, _CACHE_SEQLENS, COS, SIN)
+    plan_inputs = ("cache_seqlens",)
     output_spec = _OUT
+    plan_class = GQAContiguousCacheRopeAppendPrefillPlan
 
     def __call__(
         self,
@@ -195,34 +378,22 @@ class GQAContiguousCacheRopeAppendPrefill(RotatingOp[ContiguousInputs], Contiguo
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        return self._run(ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens, cos, sin))
-
-    def plan_for(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> PrefillPlan:
-        return self._plan_for(
-            ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens, cos, sin)
+        return self._call(
+            dict(
+                q=q,
+                k_new=k_new,
+                v_new=v_new,
+                k_cache=k_cache,
+                v_cache=v_cache,
+                cache_seqlens=cache_seqlens,
+                cos=cos,
+                sin=sin,
+            )
         )
 
-    def explain(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> Explanation:
-        return self._explain(
-            ContiguousInputs(q, k_cache, v_cache, None, k_new, v_new, cache_seqlens, cos, sin)
-        )
+    def plan(
+        self, cache_seqlens: torch.Tensor, *, shape: ContiguousShape
+    ) -> GQAContiguousCacheRopeAppendPrefillPlan:
+        plan = self._plan_contiguous(cache_seqlens, shape, GQAContiguousCacheRopeAppendPrefillPlan)
+        assert isinstance(plan, GQAContiguousCacheRopeAppendPrefillPlan)
+        return plan

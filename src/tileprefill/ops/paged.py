@@ -2,20 +2,35 @@
 
 q is packed token-major (Tq, Hq, D) with cu_seqlens_q; key position p of sequence b
 lives at page block_table[b, p // page_size], row p % page_size.
+
+`plan(block_table, <lengths>, cu_seqlens_q, shape=PagedShape(...))` takes the
+batch's metadata; `run` takes the data tensors of one layer.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
 
 from tileprefill.context import KVLayout
-from tileprefill.kernels.base import PagedAppendKernel, PagedAttentionKernel
-from tileprefill.ops.base import COS, SIN, PrefillOp, RotatingOp, StepNames, required
-from tileprefill.positions import ragged_positions, sequence_lengths
-from tileprefill.selection import Explanation, PrefillPlan
+from tileprefill.kernels.base import (
+    PagedAppendKernel,
+    PagedAppendLaunch,
+    PagedAttentionKernel,
+    PagedAttentionLaunch,
+    PagedBatchKernel,
+    RopeAppendKernel,
+    RopeAppendLaunch,
+    RopeKernel,
+    RopeLaunch,
+)
+from tileprefill.kernels.launch import check_writable
+from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp
 from tileprefill.validation import (
+    Binding,
     Dims,
     DtypeRule,
     check_append_capacity,
@@ -23,24 +38,24 @@ from tileprefill.validation import (
     check_cu_seqlens,
     check_lengths,
     check_rope_positions,
-    host_list,
-    host_table,
+    host_values,
+    rotary_dim_of,
+    rows,
     spec,
 )
 
 
-class PagedInputs(NamedTuple):
-    q: torch.Tensor
-    k_pages: torch.Tensor
-    v_pages: torch.Tensor
-    block_table: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    kv_seqlens: torch.Tensor | None = None
-    k_new: torch.Tensor | None = None
-    v_new: torch.Tensor | None = None
-    cache_seqlens: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
+class PagedShape(NamedTuple):
+    """The data tensors' sizes a paged plan is made for (the same in every layer of the batch)."""
+
+    tokens_q: int  # Tq: q (Tq, Hq, D)
+    page_size: int  # PS: pages (num_pages, PS, Hkv, D)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
 
 
 _Q = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D")
@@ -55,64 +70,238 @@ _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
 
 
-class PagedCacheOp(PrefillOp[PagedInputs]):
+class PagedPlan(BatchPlan["_Batch"]):
+    """A paged batch: the block table, lengths, and (appending) each new token's position and slot."""
+
+    def _run(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b = self._batch
+        if b.append is not None or b.rope_append is not None:
+            # The caches are written in place: they cannot be copied into the layout the programs need.
+            check_writable("k_pages", k_pages)
+            check_writable("v_pages", v_pages)
+        if b.rope_append is not None:
+            assert k_new is not None and v_new is not None and cos is not None and sin is not None
+            rotated = torch.empty_like(q)
+            rows_of = (-1, *k_new.shape[-2:])
+            b.rope_append(
+                q,
+                k_new,
+                v_new,
+                b.positions,
+                b.slots,
+                cos,
+                sin,
+                k_pages.view(rows_of),
+                v_pages.view(rows_of),
+                rotated,
+            )
+            q = rotated
+        elif b.append is not None:
+            assert k_new is not None and v_new is not None
+            if b.rope_q is not None and b.rope_k is not None:
+                assert cos is not None and sin is not None
+                rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k_new)
+                b.rope_q(q, b.positions, cos, sin, rotated_q)
+                b.rope_k(k_new, b.positions, cos, sin, rotated_k)
+                q, k_new = rotated_q, rotated_k
+            b.append(k_new, v_new, k_pages, v_pages, b.block_table, b.cache_seqlens, b.cu_seqlens_q)
+        out = torch.empty_like(q)
+        b.attention(q, k_pages, v_pages, b.block_table, b.kv_seqlens, b.cu_seqlens_q, out)
+        return out
+
+
+class _Batch(NamedTuple):
+    """What a paged plan's runs share: metadata tensors, what plan derived, the bound launches."""
+
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    kv_seqlens: torch.Tensor  # keys attended per sequence (cached + new for append Ops)
+    cache_seqlens: torch.Tensor  # append Ops; kv_seqlens otherwise (unused)
+    positions: torch.Tensor  # positions of the new tokens (append Ops; empty otherwise)
+    slots: torch.Tensor  # cache rows of the new tokens (append Ops; empty otherwise)
+    attention: PagedAttentionLaunch
+    append: PagedAppendLaunch | None
+    rope_q: RopeLaunch | None
+    rope_k: RopeLaunch | None
+    rope_append: RopeAppendLaunch | None
+
+
+class PagedCacheOp(PrefillOp):
     """Layout PAGED: [RoPE of q and k_new at cache_seqlens[b] + i, append,] attention.
 
     Append Ops write new token i of sequence b at position cache_seqlens[b] + i and
     attend over cache_seqlens[b] + q_len_b keys (q_len_b from cu_seqlens_q, on the device).
     """
 
+    plan_class: ClassVar[type[PagedPlan]]
     kv_layout: ClassVar[KVLayout] = KVLayout.PAGED
     ragged: ClassVar[bool] = True
 
-    def _check_layout_metadata(self, dims: Dims) -> None:
-        pass  # every paged shape rule is in the specs; capacities depend on values
+    def _plan_paged(
+        self,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        shape: PagedShape,
+        plan_class: type[PagedPlan],
+    ) -> PagedPlan:
+        shape = shape._replace(device=self._concrete_device(shape.device))
+        extra = {
+            "Tq": Binding(shape.tokens_q, "shape.tokens_q"),
+            "PS": Binding(shape.page_size, "shape.page_size"),
+        }
+        metadata = {"block_table": block_table, "cu_seqlens_q": cu_seqlens_q}
+        metadata["cache_seqlens" if self.appends else "kv_seqlens"] = lengths
+        dims = self._metadata_dims(shape, [metadata[s.name] for s in self.plan_specs], extra)
+        if shape.page_size < 1:
+            raise ValueError(f"shape.page_size: expected an integer >= 1, got {shape.page_size}")
+        facts = self._facts(shape, shape.page_size)
+        plan = self._select(facts)
+        rotary_dim = self._rotary_dim(shape) if self.rotates else 0
+        if self.rotates:
+            dims["R2"] = Binding(rotary_dim // 2, "rotary_dim")
+        requirements = self._check_values(block_table, lengths, cu_seqlens_q, dims) if self.validate else []
+        static = self.static_facts(facts, plan, shape, rotary_dim=rotary_dim)
+        if plan.batch is not None:
+            # The batch step: one int32 buffer holds positions and slots (T each) and kv lengths (B).
+            tokens, sequences = shape.tokens_q, dims["B"].value
+            derived = torch.empty(2 * tokens + sequences, dtype=torch.int32, device=shape.device)
+            positions, slots = derived[:tokens], derived[tokens : 2 * tokens]
+            cache_seqlens, kv_seqlens = lengths, derived[2 * tokens :]
+            derive = self._kernel_of(plan.batch, PagedBatchKernel).bind(static)
+            derive(block_table, cache_seqlens, cu_seqlens_q, positions, slots, kv_seqlens)
+        else:
+            positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
+            cache_seqlens = kv_seqlens = lengths
+        batch = _Batch(
+            block_table=block_table,
+            cu_seqlens_q=cu_seqlens_q,
+            kv_seqlens=kv_seqlens,
+            cache_seqlens=cache_seqlens,
+            positions=positions,
+            slots=slots,
+            attention=self._kernel_of(plan.attention, PagedAttentionKernel).bind(static),
+            append=None
+            if plan.append is None
+            else self._kernel_of(plan.append, PagedAppendKernel).bind(static),
+            rope_q=None if plan.rope is None else self._kernel_of(plan.rope, RopeKernel).bind(static),
+            rope_k=(
+                None
+                if plan.rope is None
+                else self._kernel_of(plan.rope, RopeKernel).bind(static._replace(heads=shape.kv_heads))
+            ),
+            rope_append=(
+                None
+                if plan.rope_append is None
+                else self._kernel_of(plan.rope_append, RopeAppendKernel).bind(static)
+            ),
+        )
+        return plan_class(self, plan, facts, dims, requirements, batch)
 
-    def _check_values(self, inputs: PagedInputs, dims: Dims) -> None:
-        q_lens = check_cu_seqlens("cu_seqlens_q", host_list(inputs.cu_seqlens_q), dims["Tq"].value, "q")
+    def _check_values(
+        self, block_table: torch.Tensor, lengths: torch.Tensor, cu_seqlens_q: torch.Tensor, dims: Dims
+    ) -> list[Requirement]:
+        """The value checks (one host copy of the metadata). What depends on data sizes the plan does
+        not fix (num_pages, the RoPE table's rows) is returned as requirements `run` checks."""
+        table_values, length_values, cu = host_values([block_table, lengths, cu_seqlens_q])
+        q_lens = check_cu_seqlens("cu_seqlens_q", cu, dims["Tq"].value, "q")
         page_size = dims["PS"].value
         capacity = dims["MP"].value * page_size
         capacity_is = f"max_pages {dims['MP'].value} * page_size {page_size}"
+        requirements: list[Requirement] = []
         if self.appends:
-            cache_lens = host_list(required(inputs.cache_seqlens))
+            cache_lens = length_values
             check_append_capacity("cache_seqlens", cache_lens, q_lens, capacity, capacity_is)
             kv_lens = [c + n for c, n in zip(cache_lens, q_lens, strict=True)]
             if self.rotates:
                 last = [c + n - 1 if n else -1 for c, n in zip(cache_lens, q_lens, strict=True)]
-                check_rope_positions("cos", last, dims["P"].value, "new tokens sit at cache_seqlens[b] + i")
+                requirements.append(_rope_rows(last))
         else:
-            kv_lens = host_list(required(inputs.kv_seqlens))
+            kv_lens = length_values
             check_lengths("kv_seqlens", kv_lens, capacity, capacity_is)
-        check_block_table(host_table(inputs.block_table), kv_lens, page_size, dims["NP"].value)
+        table = rows(table_values, dims["B"].value, dims["MP"].value)
+        used = [
+            entry for row, n in zip(table, kv_lens, strict=True) for entry in row[: math.ceil(n / page_size)]
+        ]
+        if used:
+            low, high = min(used), max(used)
+            requirements.append(
+                Requirement(
+                    "NP",
+                    lambda pages: 0 <= low and high < pages,
+                    lambda pages: check_block_table(table, kv_lens, page_size, pages),
+                )
+            )
+        return requirements
 
-    def _execute(self, steps: StepNames, inputs: PagedInputs, dims: Dims) -> torch.Tensor:
-        q, cu_q = inputs.q, inputs.cu_seqlens_q
-        if steps.append is None:
-            kv_lens = required(inputs.kv_seqlens)
-        else:
-            cache_lens = required(inputs.cache_seqlens)
-            k_new, v_new = required(inputs.k_new), required(inputs.v_new)
-            if steps.rope is not None:
-                cos, sin = required(inputs.cos), required(inputs.sin)
-                positions = ragged_positions(cu_q, dims["Tq"].value, offsets=cache_lens)
-                q = self._rotate(steps.rope, q, positions, cos, sin)
-                k_new = self._rotate(steps.rope, k_new, positions, cos, sin)
-            append = self._kernel(steps.append)
-            assert isinstance(append, PagedAppendKernel)
-            append(k_new, v_new, inputs.k_pages, inputs.v_pages, inputs.block_table, cache_lens, cu_q)
-            kv_lens = cache_lens + sequence_lengths(cu_q)
-        attention = self._kernel(steps.attention)
-        assert isinstance(attention, PagedAttentionKernel)
-        return attention(
-            q,
-            inputs.k_pages,
-            inputs.v_pages,
-            inputs.block_table,
-            kv_lens,
-            cu_q,
-            causal=self.causal,
-            sm_scale=self._scale(dims),
+    # --- the one-shot call ------------------------------------------------------------------------
+
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> PagedPlan:
+        """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
+        dims = self._check_call(tensors)
+        q = tensors["q"]
+        shape = PagedShape(
+            tokens_q=dims["Tq"].value,
+            page_size=dims["PS"].value,
+            heads=dims["Hq"].value,
+            kv_heads=dims["Hkv"].value,
+            head_dim=dims["D"].value,
+            dtype=q.dtype,
+            device=q.device,
+            rotary_dim=rotary_dim_of(dims, self.rotary_dim) if self.rotates else 0,
         )
+        self._shape_dims(shape)
+        plan = self._plan_paged(
+            tensors["block_table"],
+            tensors["cache_seqlens" if self.appends else "kv_seqlens"],
+            tensors["cu_seqlens_q"],
+            shape,
+            self.plan_class,
+        )
+        return plan
+
+    def _call(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`plan(...).run(...)` of one call's inputs."""
+        plan = self._plan_call(tensors)
+        plan._check([tensors[s.name] for s in self.run_specs])
+        return plan._run(
+            tensors["q"],
+            tensors.get("k_new"),
+            tensors.get("v_new"),
+            tensors["k_pages"],
+            tensors["v_pages"],
+            tensors.get("cos"),
+            tensors.get("sin"),
+        )
+
+
+def _rope_rows(last: list[int]) -> Requirement:
+    """cos/sin need a row for the last position each sequence rotates (-1: none)."""
+    highest = max(last, default=-1)
+    return Requirement(
+        "P",
+        lambda rows_: highest < rows_,
+        lambda rows_: check_rope_positions("cos", last, rows_, "new tokens sit at cache_seqlens[b] + i"),
+    )
+
+
+# --- the public Ops ----------------------------------------------------------------------------------
+
+
+class GQAPagedCachePrefillPlan(PagedPlan):
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        """Attention of this layer's q over its pages (the plan's block table and kv_seqlens)."""
+        self._check((q, k_pages, v_pages))
+        return self._run(q, None, None, k_pages, v_pages, None, None)
 
 
 class GQAPagedCachePrefill(PagedCacheOp):
@@ -121,13 +310,17 @@ class GQAPagedCachePrefill(PagedCacheOp):
     -> (Tq, Hq, D). kv_seqlens counts the query chunk's own keys; causal masks are
     bottom-right aligned (a query that sees no key outputs 0). Any page_size >= 1.
 
+    `plan(block_table, kv_seqlens, cu_seqlens_q, shape=PagedShape(...))` once per batch, then
+    `run(q, k_pages, v_pages)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): cu_seqlens_q starts at 0, never
     decreases and ends at Tq; kv_seqlens[b] in [0, max_pages * page_size]; the block_table
     entries of the pages each sequence reads are in [0, num_pages).
     """
 
     input_specs = (_Q, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _KV_SEQLENS, _CU_Q)
+    plan_inputs = ("block_table", "kv_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    plan_class = GQAPagedCachePrefillPlan
 
     def __call__(
         self,
@@ -138,33 +331,42 @@ class GQAPagedCachePrefill(PagedCacheOp):
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
     ) -> torch.Tensor:
-        return self._run(PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, kv_seqlens=kv_seqlens))
+        return self._call(
+            dict(
+                q=q,
+                k_pages=k_pages,
+                v_pages=v_pages,
+                block_table=block_table,
+                kv_seqlens=kv_seqlens,
+                cu_seqlens_q=cu_seqlens_q,
+            )
+        )
 
-    def plan_for(
+    def plan(
         self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-    ) -> PrefillPlan:
-        return self._plan_for(
-            PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, kv_seqlens=kv_seqlens)
-        )
+        *,
+        shape: PagedShape,
+    ) -> GQAPagedCachePrefillPlan:
+        plan = self._plan_paged(block_table, kv_seqlens, cu_seqlens_q, shape, GQAPagedCachePrefillPlan)
+        assert isinstance(plan, GQAPagedCachePrefillPlan)
+        return plan
 
-    def explain(
+
+class GQAPagedCacheAppendPrefillPlan(PagedPlan):
+    def run(
         self,
         q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
         k_pages: torch.Tensor,
         v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-    ) -> Explanation:
-        return self._explain(
-            PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, kv_seqlens=kv_seqlens)
-        )
+    ) -> torch.Tensor:
+        """Append this layer's new keys and values to its pages, then attend."""
+        self._check((q, k_new, v_new, k_pages, v_pages))
+        return self._run(q, k_new, v_new, k_pages, v_pages, None, None)
 
 
 class GQAPagedCacheAppendPrefill(PagedCacheOp):
@@ -174,6 +376,8 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
     cache_seqlens is not changed: the caller advances it. The caller allocates the pages:
     block_table must cover cache_seqlens[b] + q_len_b positions. Every check runs before the
     first write, so a rejected call leaves the pages unchanged.
+    `plan(block_table, cache_seqlens, cu_seqlens_q, shape=PagedShape(...))` once per batch, then
+    `run(q, k_new, v_new, k_pages, v_pages)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): the cu_seqlens_q checks;
     cache_seqlens[b] >= 0 and cache_seqlens[b] + q_len_b <= max_pages * page_size; the block_table
     entries of the pages each sequence uses are in [0, num_pages).
@@ -181,7 +385,9 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
 
     appends: ClassVar[bool] = True
     input_specs = (_Q, _K_NEW, _V_NEW, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _CACHE_SEQLENS, _CU_Q)
+    plan_inputs = ("block_table", "cache_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    plan_class = GQAPagedCacheAppendPrefillPlan
 
     def __call__(
         self,
@@ -194,52 +400,66 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
         cache_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
     ) -> torch.Tensor:
-        return self._run(
-            PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens)
+        return self._call(
+            dict(
+                q=q,
+                k_new=k_new,
+                v_new=v_new,
+                k_pages=k_pages,
+                v_pages=v_pages,
+                block_table=block_table,
+                cache_seqlens=cache_seqlens,
+                cu_seqlens_q=cu_seqlens_q,
+            )
         )
 
-    def plan_for(
+    def plan(
+        self,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        shape: PagedShape,
+    ) -> GQAPagedCacheAppendPrefillPlan:
+        plan = self._plan_paged(
+            block_table, cache_seqlens, cu_seqlens_q, shape, GQAPagedCacheAppendPrefillPlan
+        )
+        assert isinstance(plan, GQAPagedCacheAppendPrefillPlan)
+        return plan
+
+
+class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan):
+    def run(
         self,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         k_pages: torch.Tensor,
         v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-    ) -> PrefillPlan:
-        return self._plan_for(
-            PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens)
-        )
-
-    def explain(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-    ) -> Explanation:
-        return self._explain(
-            PagedInputs(q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens)
-        )
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate this layer's q and new keys, append the keys and values to its pages, then attend."""
+        self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
+        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin)
 
 
-class GQAPagedCacheRopeAppendPrefill(RotatingOp[PagedInputs], PagedCacheOp):
+class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
     """`GQAPagedCacheAppendPrefill` with RoPE: q and k_new are rotated (copies) at positions
     cache_seqlens[b] + i, the rotated keys are appended, then attention.
 
-    cos, sin float32 (P, rotary_dim // 2). `validate=False` skips (they read device values):
-    the checks of the append Op, and cache_seqlens[b] + q_len_b - 1 < P.
+    cos, sin float32 (P, rotary_dim // 2). `plan(block_table, cache_seqlens, cu_seqlens_q,
+    shape=PagedShape(...))` once per batch (it computes every new token's position and cache
+    slot), then `run(q, k_new, v_new, k_pages, v_pages, cos, sin)` per layer; `op(...)` does both.
+    `validate=False` skips (they read device values): the checks of the append Op, and
+    cache_seqlens[b] + q_len_b - 1 < P.
     """
 
     appends: ClassVar[bool] = True
     input_specs = (_Q, _K_NEW, _V_NEW, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _CACHE_SEQLENS, _CU_Q, COS, SIN)
+    plan_inputs = ("block_table", "cache_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    plan_class = GQAPagedCacheRopeAppendPrefillPlan
 
     def __call__(
         self,
@@ -254,46 +474,31 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp[PagedInputs], PagedCacheOp):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        return self._run(
-            PagedInputs(
-                q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens, cos, sin
+        return self._call(
+            dict(
+                q=q,
+                k_new=k_new,
+                v_new=v_new,
+                k_pages=k_pages,
+                v_pages=v_pages,
+                block_table=block_table,
+                cache_seqlens=cache_seqlens,
+                cu_seqlens_q=cu_seqlens_q,
+                cos=cos,
+                sin=sin,
             )
         )
 
-    def plan_for(
+    def plan(
         self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
         block_table: torch.Tensor,
         cache_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> PrefillPlan:
-        return self._plan_for(
-            PagedInputs(
-                q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens, cos, sin
-            )
+        *,
+        shape: PagedShape,
+    ) -> GQAPagedCacheRopeAppendPrefillPlan:
+        plan = self._plan_paged(
+            block_table, cache_seqlens, cu_seqlens_q, shape, GQAPagedCacheRopeAppendPrefillPlan
         )
-
-    def explain(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        cache_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> Explanation:
-        return self._explain(
-            PagedInputs(
-                q, k_pages, v_pages, block_table, cu_seqlens_q, None, k_new, v_new, cache_seqlens, cos, sin
-            )
-        )
+        assert isinstance(plan, GQAPagedCacheRopeAppendPrefillPlan)
+        return plan

@@ -13,17 +13,13 @@ causal, sm_scale, page_size, config)`, which builds its body and returns
 compiles (module-level, so compile workers in other processes can unpickle it).
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import tilelang.language as T
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
 from tileprefill.kernels.tl.attention_parts import KVSource, Work, kv_tile_count, locate_ragged_tile, work
-
-#: An arch's program builder: (source, heads, kv_heads, head_dim, dtype, causal, sm_scale,
-#: page_size, config) -> prim_func.
-ProgramBuilder = Callable[[KVSource, int, int, int, str, bool, float, int, TileConfig], Any]
+from tileprefill.selection import pages_tile_evenly
 
 
 def entry_program(
@@ -182,9 +178,6 @@ def entry_program(
 
 
 def _pages_tile(page_size: int, block_N: int) -> bool:
-    """A key tile is whole pages or lies inside one page: each page's part is one rectangular copy."""
-    return (
-        page_size >= 16
-        and not page_size & (page_size - 1)
-        and (page_size >= block_N or not block_N % page_size)
-    )
+    """A key tile is whole pages or lies inside one page: each page's part is one rectangular copy.
+    The rule the selection states (`pages_tile_evenly`), for this program's power-of-two block_N."""
+    return pages_tile_evenly(page_size) and (page_size >= block_N or not block_N % page_size)

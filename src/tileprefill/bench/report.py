@@ -1,0 +1,267 @@
+"""A run's outputs: the JSON (everything), a markdown table per suite, one PNG plot per suite.
+
+TFLOP/s count only visible keys; ratios are ours over theirs in speed (their time /
+our time: above 1 we are faster). A measurement that is not there is "n/a" with
+its reason listed under the table. matplotlib is imported only to draw (Agg).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+
+from tileprefill.bench.cases import Case, Suite
+from tileprefill.bench.results import (
+    LABELS,
+    OURS,
+    OURS_ATTENTION,
+    PEERS,
+    TILEOPS,
+    CaseResult,
+    Measurement,
+    RunResult,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist  # type: ignore[import-not-found, unused-ignore]
+
+
+@attrs.frozen
+class OutputPaths:
+    """Where a run with file stem `stem` writes under `out_dir`."""
+
+    out_dir: Path
+    stem: str
+
+    @property
+    def json(self) -> Path:
+        return self.out_dir / f"{self.stem}.json"
+
+    @property
+    def markdown(self) -> Path:
+        return self.out_dir / f"{self.stem}.md"
+
+    @property
+    def peer_json(self) -> Path:
+        return self.out_dir / f"{self.stem}-peer.json"
+
+    @property
+    def peer_log(self) -> Path:
+        return self.out_dir / f"{self.stem}-peer.log"
+
+    def plot(self, suite: Suite) -> Path:
+        return self.out_dir / f"{self.stem}-{suite.value}.png"
+
+
+def write_all(result: RunResult, paths: OutputPaths) -> list[Path]:
+    """JSON, markdown and the plots; returns the paths written."""
+    write_json(result, paths.json)
+    write_markdown(result, paths.markdown)
+    return [paths.json, paths.markdown, *write_plots(result, paths)]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def write_json(result: RunResult, path: Path) -> None:
+    _atomic_write(path, json.dumps(result.to_json(), indent=2) + "\n")
+
+
+# --- markdown ----------------------------------------------------------------------------------------
+
+
+def _tflops(m: Measurement | None, case: Case, notes: _Notes, label: str) -> str:
+    if m is None:
+        return "–"
+    value = m.tflops(case.flops)
+    if value is None:
+        return f"n/a{notes.mark(label, m.error or 'no figure')}"
+    return number(value) + (notes.mark(label, m.note) if m.note else "")
+
+
+def number(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.3g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+class _Notes:
+    """Numbered footnotes of one table, each distinct text once."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def mark(self, label: str, text: str) -> str:
+        entry = f"{label}: {text}"
+        if entry not in self.texts:
+            self.texts.append(entry)
+        return f" [{self.texts.index(entry) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i}] {text}" for i, text in enumerate(self.texts, 1)] + ([""] if self.texts else [])
+
+
+def _table(results: Sequence[CaseResult], *, rope: bool, references: bool) -> list[str]:
+    notes = _Notes()
+    head = ["case", "work"] if not references else ["figure quoted in", "case"]
+    head += ["ours, TFLOP/s", "kernel"]
+    if rope:
+        head += [f"{LABELS[OURS_ATTENTION]}, TFLOP/s", "full ÷ alone, time"]
+    head += [LABELS[p] for p in PEERS] + [f"vs {LABELS[p]}" for p in PEERS] + ["rel. err vs SDPA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        case = r.case
+        row = (
+            [", ".join(case.labels), f"`{case.name}`"] if references else [f"`{case.name}`", case.describe()]
+        )
+        row += [_tflops(r.results.get(OURS), case, notes, LABELS[OURS]), f"`{r.kernel}`" if r.kernel else "–"]
+        if rope:
+            alone = r.speedup(OURS_ATTENTION)
+            row += [
+                _tflops(r.results.get(OURS_ATTENTION), case, notes, LABELS[OURS_ATTENTION]),
+                "–" if alone is None else f"{1 / alone:.2f}",
+            ]
+        row += [_tflops(r.results.get(p), case, notes, LABELS[p]) for p in PEERS]
+        row += [_ratio(r.speedup(p)) for p in PEERS]
+        errors = r.relative_error.values()
+        row.append(f"{max(errors):.1e}" if errors else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, "", *notes.lines()]
+
+
+def markdown(result: RunResult) -> str:
+    device = result.device
+    name = str(device.get("name", "?"))
+    versions = ", ".join(f"{k} {v}" for k, v in result.versions.items())
+    lines = [
+        f"# tileprefill benchmark: {name}, {result.started[:10]}",
+        "",
+        f"- device: {name} ({device.get('arch', '?')}"
+        + (f", {device['sms']} SMs" if "sms" in device else "")
+        + f"); {versions}",
+        f"- command: `{result.command}`",
+        f"- timing: {result.timer}; TFLOP/s count only visible keys (causal is bottom-right aligned); "
+        "ratios are ours ÷ theirs in speed (their time / our time), one run on one machine",
+        f"- compile: {result.compile.programs} programs of ours prebuilt side by side in "
+        f"{result.compile.seconds:.0f} s before any timing"
+        + (f" (prebuild failed: {result.compile.error})" if result.compile.error else ""),
+        f"- {_peer_line(result)}",
+        "- SDPA: `enable_gqa`, `causal_lower_right` where q and kv lengths differ; ragged: one call per "
+        "sequence; contiguous and paged: on the cache gathered to dense (gather not timed); "
+        "rope-append: attention FLOPs over the time of the whole RoPE + append + attention Op",
+        "- status: "
+        + ("complete, " + result.finished if result.finished else "**partial** (run in progress)"),
+        "",
+    ]
+    references = [r for r in result.cases if r.case.labels]
+    if references:
+        lines += ["## Cases quoted in the README and issue 7", ""]
+        lines += _table(references, rope=False, references=True)
+    for suite in Suite:
+        rows = [r for r in result.cases if r.case.suite is suite]
+        if rows:
+            lines += [f"## {suite.value} ({len(rows)} cases)", ""]
+            lines += _table(rows, rope=suite is Suite.ROPE_APPEND, references=False)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _peer_line(result: RunResult) -> str:
+    peer = result.peer
+    if peer.available:
+        ran = f"in its own process, {peer.seconds:.0f} s" if peer.ran else peer.command
+        versions = ", ".join(f"{k} {v}" for k, v in peer.versions.items())
+        done = sum(r.results.get(TILEOPS, Measurement()).ok for r in result.cases)
+        extra = f"; {peer.reason}" if peer.reason else ""
+        return f"{peer.name}: {ran} ({versions}); {done} of {len(result.cases)} cases timed{extra}"
+    return f"{peer.name}: no figures: {peer.reason or 'not run'}"
+
+
+def write_markdown(result: RunResult, path: Path) -> None:
+    _atomic_write(path, markdown(result))
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key that orders the numbers inside `text` by value ("page 16" after "page 2")."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text))
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+
+def write_plots(result: RunResult, paths: OutputPaths) -> list[Path]:
+    """One PNG per suite with results: TFLOP/s against sequence length, a panel per series of the
+    grid (cases outside the grids are in the tables only), a line per implementation."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+        from matplotlib import ticker  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as error:
+        print(f"no plots: {error}", file=sys.stderr)
+        return []
+    written = []
+    for suite in Suite:
+        rows = [r for r in result.cases if r.case.suite is suite]
+        series = sorted({r.case.series or "other cases" for r in rows}, key=_natural)
+        if not rows:
+            continue
+        columns = min(6, len(series))
+        lines_of = -(-len(series) // columns)
+        height = 3.2 * lines_of + 1.0
+        figure, axes = plt.subplots(
+            lines_of,
+            columns,
+            figsize=(4.2 * columns, height),
+            squeeze=False,
+            sharey=True,
+            gridspec_kw={"hspace": 0.6, "wspace": 0.15, "left": 0.06, "right": 0.99, "bottom": 0.6 / height},
+        )
+        handles: dict[str, Artist] = {}
+        for index, title in enumerate(series):
+            axis = axes[index // columns][index % columns]
+            members = sorted(
+                (r for r in rows if (r.case.series or "other cases") == title), key=lambda r: r.case.seq_len
+            )
+            for impl in (OURS, OURS_ATTENTION, *PEERS):
+                points = [
+                    (r.case.seq_len, t)
+                    for r in members
+                    if impl in r.results and (t := r.results[impl].tflops(r.case.flops)) is not None
+                ]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    style = "none" if title == "other cases" else "-"  # unrelated cases: no line
+                    axis.plot(xs, ys, marker="o", linestyle=style, label=LABELS[impl])
+            axis.set_xscale("log", base=2)
+            axis.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel("sequence length (longest kv)", fontsize=8)
+            axis.set_ylabel("TFLOP/s", fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.grid(True, alpha=0.3)
+            for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        figure.subplots_adjust(top=1 - 0.9 / height)
+        figure.legend(list(handles.values()), list(handles), loc="upper left", ncols=len(handles), fontsize=8)
+        for index in range(len(series), lines_of * columns):
+            axes[index // columns][index % columns].set_visible(False)
+        device = result.device.get("name", "?")
+        figure.suptitle(f"{suite.value}: {device}, {result.started[:10]}", fontsize=11, y=1 - 0.2 / height)
+        path = paths.plot(suite)
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        written.append(path)
+    return written

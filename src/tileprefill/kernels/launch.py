@@ -1,0 +1,213 @@
+"""The one launch path of every TileLang kernel.
+
+Every TileLang kernel key has one `KernelRecord`: the tensor parameters of its
+program in order (outputs are parameters too: callers allocate them), the ones
+the program writes, and how the static facts of a plan become the program's
+factory and arguments. `register(record)` makes it the custom op
+`tileprefill::<key value>`; `Launcher(record, facts)` is what a plan holds:
+
+- in eager calls (CUDA-graph capture included) a launch is a direct call of
+  the compiled program's TVM-FFI entry function, so no Python wrapper of
+  TileLang's and no torch dispatch sit on the hot path;
+- while `torch.compile` traces, a launch is the custom op, which declares the
+  tensors the program writes so that the compiler orders reads after it.
+
+Every custom op returns nothing and has one schema shape: the record's tensors,
+then the static facts as scalars. Its implementation rebuilds the launcher from
+those (compiled once, cached by `build`). tilelang is imported only when a
+program is built: importing this module does not import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import attrs
+import torch
+
+from tileprefill.context import Arch, DType
+from tileprefill.kernels.base import StaticFacts
+from tileprefill.kernels.compile import build, is_recorded
+from tileprefill.keys import KernelKey
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
+
+
+class Program(NamedTuple):
+    """A TileLang program factory and the static arguments it is called with, for one arch."""
+
+    factory: Callable[..., Any]
+    args: tuple[Hashable, ...]
+    arch: Arch
+
+
+@attrs.frozen
+class KernelRecord:
+    """What the launch path knows of one TileLang kernel key."""
+
+    key: KernelKey
+    #: The program's tensor parameters, in order (outputs included).
+    tensors: tuple[str, ...]
+    #: The parameters the program writes (its outputs and any cache).
+    mutates: tuple[str, ...]
+    #: The program that serves `facts` (a pure function of them).
+    program: Callable[[StaticFacts], Program]
+
+    @property
+    def op_name(self) -> str:
+        return f"tileprefill::{self.key.value}"
+
+    @property
+    def schema(self) -> str:
+        tensors = ", ".join(
+            f"Tensor(a{i}!) {name}" if name in self.mutates else f"Tensor {name}"
+            for i, name in enumerate(self.tensors)
+        )
+        return f"({tensors}, {_FACTS_SCHEMA}) -> ()"
+
+
+#: The static facts as custom-op scalars, in `StaticFacts` order.
+_FACTS_SCHEMA: Final = (
+    "str arch, str dtype, int heads, int kv_heads, int head_dim, bool causal, float sm_scale, "
+    "int page_size, int rotary_dim"
+)
+
+
+def _scalars(facts: StaticFacts) -> tuple[object, ...]:
+    return (facts.arch.value, facts.dtype.value, *facts[2:])
+
+
+def _facts(scalars: tuple[Any, ...]) -> StaticFacts:
+    arch, dtype, *rest = scalars
+    return StaticFacts(Arch(arch), DType(dtype), *rest)
+
+
+#: The custom op of every registered record, by key.
+OPS: dict[KernelKey, CustomOpDef] = {}
+_RECORDS: dict[KernelKey, KernelRecord] = {}
+
+
+def register(record: KernelRecord) -> KernelRecord:
+    """Register `record`'s custom op (at import of its kernel module; tilelang is not imported)."""
+    if record.key in _RECORDS:
+        raise RuntimeError(f"kernel key {record.key.value} has two launch records")
+    count = len(record.tensors)
+
+    def launch_op(*arguments: Any) -> None:
+        tensors, scalars = arguments[:count], arguments[count:]
+        Launcher(record, _facts(scalars)).direct(*tensors)
+
+    def fake(*arguments: Any) -> None:
+        return None
+
+    op = torch.library.custom_op(
+        record.op_name, launch_op, mutates_args=record.mutates, device_types="cuda", schema=record.schema
+    )
+    op.register_fake(fake)
+    OPS[record.key] = op
+    _RECORDS[record.key] = record
+    return record
+
+
+def _entry_function(kernel: Any) -> Callable[..., object]:
+    """The TVM-FFI function a compiled TileLang kernel runs, called with every parameter (outputs
+    included): TileLang's own `__call__` wraps it in per-call Python (argument stitching, output
+    allocation) that costs about 10 us. Falls back to the kernel itself for other backends."""
+    adapter = getattr(kernel, "adapter", None)
+    exportable = getattr(adapter, "get_exportable_executable", None)
+    if exportable is None:
+        return kernel  # type: ignore[no-any-return]
+    executable = exportable()
+    # A freshly compiled kernel holds an Executable (linked on first use); one loaded from
+    # TileLang's disk cache holds the loaded runtime module itself.
+    module = executable.jit() if hasattr(type(executable), "jit") else executable
+    return module.main  # type: ignore[no-any-return]
+
+
+class Launcher:
+    """One compiled program for one set of static facts, ready to launch (what `bind` returns).
+
+    Built once per plan. While torch.compile traces, nothing is built: a launch is then
+    the custom op, whose implementation builds (cached) when the compiled graph runs.
+    """
+
+    __slots__ = ("_entry", "_inputs", "_op", "_scalars")
+
+    def __init__(self, record: KernelRecord, facts: StaticFacts) -> None:
+        self._op = OPS[record.key]
+        self._scalars = _scalars(facts)
+        #: Which parameters are read only (those may be copied into the layout the program reads).
+        self._inputs = tuple(name not in record.mutates for name in record.tensors)
+        self._entry: Callable[..., object] | None = None
+        if torch.compiler.is_compiling():
+            return
+        program = record.program(facts)
+        kernel = build(program.factory, program.args, program.arch)
+        # A warm-up's recorded build launches nothing.
+        self._entry = kernel if is_recorded(kernel) else _entry_function(kernel)
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            self._op(*tensors, *self._scalars)
+        else:
+            self.direct(*tensors)
+
+    def direct(self, *tensors: torch.Tensor) -> None:
+        """Launch on the current stream of the tensors' device. Read-only inputs that are not
+        contiguous and 16-byte aligned are copied first; written ones were checked by the caller."""
+        entry = self._entry
+        assert entry is not None, "a launcher built while tracing launches through its custom op"
+        tensors = tuple(aligned(t) if read else t for t, read in zip(tensors, self._inputs, strict=True))
+        index = tensors[0].device.index
+        if index is None or index == torch.cuda.current_device():
+            entry(*tensors)
+            return
+        with torch.cuda.device(index):
+            entry(*tensors)
+
+
+#: TileLang reads inputs in 16-byte vectors (and TMA needs 16-byte aligned tiles).
+ALIGNMENT_BYTES = 16
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` if it is contiguous and 16-byte aligned, else such a copy of it (for inputs only:
+    a written tensor cannot be copied, see `check_writable`)."""
+    if tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT_BYTES == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def check_writable(name: str, tensor: torch.Tensor) -> None:
+    """A tensor a program writes in place must come contiguous and aligned (metadata only). While
+    torch.compile traces, the address is not known (and not traceable): contiguity is checked."""
+    misaligned = not torch.compiler.is_compiling() and tensor.data_ptr() % ALIGNMENT_BYTES != 0
+    if not tensor.is_contiguous() or misaligned:
+        raise ValueError(
+            f"{name}: expected a contiguous tensor whose data is {ALIGNMENT_BYTES}-byte aligned, "
+            f"got strides {tensor.stride()} at address {tensor.data_ptr():#x}"
+        )
+
+
+def check_cuda(name: str, tensor: torch.Tensor) -> None:
+    """TileLang programs run on CUDA tensors only (checked last, so that the checks before it also
+    run, and are tested, on CPU tensors)."""
+    if not tensor.is_cuda:
+        raise ValueError(
+            f"{name}: expected a CUDA tensor for the TileLang kernel, got device {tensor.device}"
+        )
+
+
+__all__ = [
+    "ALIGNMENT_BYTES",
+    "OPS",
+    "KernelRecord",
+    "Launcher",
+    "Program",
+    "aligned",
+    "check_cuda",
+    "check_writable",
+    "register",
+]
