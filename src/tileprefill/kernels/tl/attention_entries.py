@@ -13,6 +13,7 @@ causal, sm_scale, page_size, config)`, which builds its body and returns
 compiles (module-level, so compile workers in other processes can unpickle it).
 """
 
+import dataclasses
 from typing import Any
 
 import tilelang.language as T
@@ -175,6 +176,105 @@ def entry_program(
             attend(w, Q, K, V, O, block_table)
 
     return main_paged
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The query tiles of one persistent CTA: `count` of them (a TIR scalar); `work(i)`, a macro,
+    is the `Work` of its i-th."""
+
+    count: Any
+    work: Any
+
+
+def persistent_program(
+    source: KVSource,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    config: TileConfig,
+    attend_tiles: Any,
+) -> Any:
+    """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
+    macro `attend_tiles(schedule, Q, K, V, O, block_table)` over its `Schedule`: a static
+    schedule (no device-side counter, CUDA-graph safe). The order is the one measured
+    fastest of two on an H200 (benchmarks/kernel-notes.md), per mask:
+
+    - non-causal: sections of one (sequence, KV head); inside one, the query heads of
+      the KV group fastest, then the query tiles. The CTAs resident at one time then
+      share one or two KV heads' K/V, which stays in L2 (a D 128 tile does ~128 FLOP a
+      byte of K/V, under the H200's ~206, so it needs that reuse); heads fastest
+      streamed every KV head at once and ran 3-5% slower at S 4096-16384. Round r
+      takes tiles [r ctas, (r + 1) ctas), dealt snake-wise (equal tiles: no effect on
+      balance).
+    - causal: query heads fastest, then sequences, then query tiles longest first
+      (tile index descending) over the whole launch, dealt round-robin: CTA c takes
+      tiles c, c + ctas, ... The section order (longest first inside each section
+      only) left CTAs unbalanced: 22% slower at S 8192.
+    """
+    if source is not KVSource.DENSE or config.persistent_ctas <= 0:
+        raise ValueError(f"persistent grid: expected the dense source and persistent_ctas > 0, got {source}")
+    group = heads // kv_heads
+    block_M = config.block_M
+    ctas = config.persistent_ctas
+    D = head_dim
+    tile_count = kv_tile_count(causal, block_M, config.block_N)
+    batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+
+    @T.macro
+    def tile_work(cta: Any, i: Any, m_tiles: Any, batch: Any, seq_q: Any, seq_kv: Any) -> Work:
+        """The `Work` of CTA `cta`'s i-th tile."""
+        if causal:
+            t = cta + i * ctas
+            head = t % heads
+            rest = t // heads
+            seq = rest % batch
+            tile = m_tiles - 1 - rest // batch
+        else:
+            t = i * ctas + T.if_then_else(i % 2 == 0, cta, ctas - 1 - cta)
+            g = t % group
+            rest = t // group
+            tile = rest % m_tiles
+            section = rest // m_tiles  # sequence * kv_heads + KV head
+            head = (section % kv_heads) * group + g
+            seq = section // kv_heads
+        offset = seq_kv - seq_q
+        return work(
+            seq=seq,
+            head=head,
+            kv_head=head // group,
+            q_first=0,
+            q0=tile * block_M,
+            q_len=seq_q,
+            kv_first=0,
+            kv_len=seq_kv,
+            offset=offset,
+            tiles=tile_count(tile * block_M, seq_kv, offset),
+            hold_ids=True,
+        )
+
+    @T.prim_func
+    def main_dense(
+        Q: T.Tensor([batch, seq_q, heads, D], dtype),
+        K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+        V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+        O: T.Tensor([batch, seq_q, heads, D], dtype),
+    ) -> None:
+        with T.Kernel(ctas, threads=config.threads) as bx:
+            m_tiles = T.ceildiv(seq_q, block_M)
+            total = m_tiles * heads * batch
+            if causal:
+                count = T.ceildiv(T.max(total - bx, 0), ctas)
+            else:
+                rounds = total // ctas
+                last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)
+                count = rounds + T.if_then_else(last < total % ctas, 1, 0)
+            schedule = Schedule(count, lambda i: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv))
+            attend_tiles(schedule, Q, K, V, O, None)
+
+    return main_dense
 
 
 def _pages_tile(page_size: int, block_N: int) -> bool:

@@ -74,17 +74,21 @@ def work(
     kv_len: Any,
     offset: Any,
     tiles: Any,
+    hold_ids: bool = False,
 ) -> Work:
     """A `Work` whose derived scalars are held in registers (`T.alloc_var`), computed once.
 
     Later index expressions then read one int32 instead of re-deriving, say, a
     ragged tile's rows from cu_seqlens in every loop, which keeps the generated
-    code and TileLang's compile time small. Call inside a kernel.
+    code and TileLang's compile time small. `hold_ids` holds the sequence and head
+    indices too (a persistent CTA derives them from its tile index). Call inside a kernel.
     """
 
     def held(value: Any) -> Any:
         return T.alloc_var("int32", init=value)[0]
 
+    if hold_ids:
+        seq, head, kv_head = held(seq), held(head), held(kv_head)
     return Work(
         seq=seq,
         head=head,
@@ -99,7 +103,7 @@ def work(
     )
 
 
-def online_softmax(rows: int, cols: int, scale: float) -> Any:
+def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
     """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics.
 
     `first` (a Python bool) is True for the first key tile of a row tile: the
@@ -108,6 +112,10 @@ def online_softmax(rows: int, cols: int, scale: float) -> Any:
     accumulated so far and `l` the running row sums (already rescaled). The
     caller casts `s` to the P @ V operand: on SM90 only once the previous
     asynchronous P @ V, which reads that operand's registers, has completed.
+
+    `guard_empty=False` drops the `m == -inf -> 0` select: only for tiles every
+    row sees at least one key of (then the new maximum is finite), after a
+    first tile that ran guarded.
     """
     neg_inf = -T.infinity(ACCUM)
 
@@ -118,8 +126,9 @@ def online_softmax(rows: int, cols: int, scale: float) -> Any:
         else:
             T.copy(m, m_prev)
             T.reduce_max(s, m, dim=1, clear=False)
-        for i in T.Parallel(rows):
-            m[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
+        if guard_empty:
+            for i in T.Parallel(rows):
+                m[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
         if not first:
             for i in T.Parallel(rows):
                 alpha[i] = T.exp2((m_prev[i] - m[i]) * scale)

@@ -15,9 +15,19 @@ One CTA computes 128 query rows of one query head (384 threads):
   issuing their GEMMs (ping-pong), so one warpgroup's softmax runs under the
   other's tensor-core work.
 
-Tiles that need no mask (every row of the warpgroup sees every key) run a loop
-without the mask; the causal diagonal and the last, partial tile run the masked
-loop. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
+Per key tile the output is rescaled (`o *= alpha`) after the P V product has been
+waited for, outside the window in which the consumers take turns (as FlashAttention-3
+does). Tiles that need no mask (every row of the warpgroup sees every key) run a loop
+without the mask and without the empty-row guard of the softmax; the causal diagonal
+and the last, partial tile run the masked loop.
+
+Dense programs with `config.persistent_ctas > 0` launch that many CTAs (one per SM);
+each computes a static list of query tiles one after another (see
+`attention_entries.persistent_program` for the order). The K/V ring and the Q tile's
+barriers run on across tiles (phases counted by `kbase`, `qround`), the consumers
+release the Q tile after their last Q K^T, and the output is staged in tiles of its
+own, so the next tile's Q and first K/V tiles load under the current tile's last
+P V product and epilogue. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
 one compiled program serves every call with the same static arguments.
 
 A cache tile that ends past `kv_seqlens[b]` holds rows the call does not own
@@ -33,7 +43,7 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
-from tileprefill.kernels.tl.attention_entries import entry_program
+from tileprefill.kernels.tl.attention_entries import Schedule, entry_program, persistent_program
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     LOG2E,
@@ -72,11 +82,15 @@ class _Buffers:
     O: Any
     block_table: Any
     # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
-    # between the consumers. With dense q, each also stages its consumer's output.
+    # between the consumers.
     Qs: tuple[Any, Any]
+    # (64, D) per consumer, staging its output for the TMA store (dense q): Qs itself,
+    # or, persistent, separate tiles, so that the next tile's Q may land meanwhile.
+    Os: tuple[Any, Any]
     Ks: Any  # (stages, block_N, D)
     Vs: Any
     q_full: Any
+    q_free: Any  # persistent: both consumers are done with the Q tile
     k_full: Any
     v_full: Any
     k_free: Any
@@ -117,7 +131,10 @@ def program(
     policy = T.GemmWarpPolicy.FullRow
 
     softmax = online_softmax(half, block_N, scale)
+    # Tiles every row of the consumer sees whole: the row maxima are finite.
+    softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
     mask = visibility_mask(half, block_N, causal)
+    persistent = source is KVSource.DENSE and config.persistent_ctas > 0
 
     @T.macro
     def copy_rows(
@@ -170,9 +187,13 @@ def program(
             T.fence_proxy_async()
 
     @T.macro
-    def produce(w: Work, b: _Buffers) -> None:
-        T.set_max_nreg(producer_regs, 0)
+    def produce_tile(w: Work, b: _Buffers, kbase: Any, qround: Any) -> None:
+        """Load the Q tile of `w`, then its key tiles in the order the consumers use them:
+        K(0), then K(k) before V(k - 1), so a K tile never waits behind the previous V's slot.
+        `kbase` key tiles and `qround` Q tiles went through the rings before this one."""
         if w.tiles > 0:
+            if persistent:
+                T.mbarrier_wait_parity(b.q_free, (qround % 2) ^ 1)
             for c in (0, 1):
                 rows = w.q0 + c * half
                 if source.ragged_q:
@@ -182,34 +203,38 @@ def program(
                 else:
                     T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
             T.mbarrier_arrive(b.q_full)
-        for k in T.serial(w.tiles):
-            slot = k % stages
-            phase = (k // stages) % 2
-            T.mbarrier_wait_parity(b.k_free[slot], phase ^ 1)
-            copy_rows(b.K, b.Ks, slot, b.k_full, slot, k, w, b.block_table)
-            T.mbarrier_arrive(b.k_full[slot])
-            T.mbarrier_wait_parity(b.v_free[slot], phase ^ 1)
-            if cleans_tail:
-                if (k + 1) * block_N > w.kv_len:
-                    # The only partial tile of the sequence: let it land, zero the rows
-                    # past kv_len, then publish it.
-                    copy_rows(b.V, b.Vs, slot, b.v_landed, 0, k, w, b.block_table)
-                    T.mbarrier_arrive(b.v_landed)
-                    T.mbarrier_wait_parity(b.v_landed, 0)
-                    for j, d in T.Parallel(block_N, D):
-                        if k * block_N + j >= w.kv_len:
-                            b.Vs[slot, j, d] = T.cast(0, dtype)
-                    T.fence_proxy_async()
+        for k in T.serial(w.tiles + 1):
+            if k < w.tiles:
+                slot = (kbase + k) % stages
+                T.mbarrier_wait_parity(b.k_free[slot], ((kbase + k) // stages) % 2 ^ 1)
+                copy_rows(b.K, b.Ks, slot, b.k_full, slot, k, w, b.block_table)
+                T.mbarrier_arrive(b.k_full[slot])
+            if k > 0:
+                v = k - 1
+                slot = (kbase + v) % stages
+                T.mbarrier_wait_parity(b.v_free[slot], ((kbase + v) // stages) % 2 ^ 1)
+                if cleans_tail:
+                    if (v + 1) * block_N > w.kv_len:
+                        # The only partial tile of the sequence: let it land, zero the rows
+                        # past kv_len, then publish it.
+                        copy_rows(b.V, b.Vs, slot, b.v_landed, 0, v, w, b.block_table)
+                        T.mbarrier_arrive(b.v_landed)
+                        T.mbarrier_wait_parity(b.v_landed, 0)
+                        for j, d in T.Parallel(block_N, D):
+                            if v * block_N + j >= w.kv_len:
+                                b.Vs[slot, j, d] = T.cast(0, dtype)
+                        T.fence_proxy_async()
+                    else:
+                        copy_rows(b.V, b.Vs, slot, b.v_full, slot, v, w, b.block_table)
                 else:
-                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, k, w, b.block_table)
-            else:
-                copy_rows(b.V, b.Vs, slot, b.v_full, slot, k, w, b.block_table)
-            T.mbarrier_arrive(b.v_full[slot])
+                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, v, w, b.block_table)
+                T.mbarrier_arrive(b.v_full[slot])
 
     @T.macro
     def attend_tile(
         c: Any,
         k: Any,
+        kbase: Any,
         w: Work,
         b: _Buffers,
         s: Any,
@@ -222,52 +247,53 @@ def program(
         l: Any,
         masked: Any,
     ) -> None:
-        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then softmax of S_k."""
-        slot = k % stages
-        prev = (k - 1) % stages
+        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
+        of S_k under the P V product and, once that is done, O *= alpha_k (outside the turn window
+        in which the two consumers take turns issuing GEMMs)."""
+        n = kbase + k
+        slot = n % stages
+        prev = (n - 1) % stages
         T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
-        T.mbarrier_wait_parity(b.k_full[slot], (k // stages) % 2)
+        T.mbarrier_wait_parity(b.k_full[slot], (n // stages) % 2)
         T.wgmma_gemm(b.Qs[c], b.Ks[slot, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
-        for i, j in T.Parallel(half, D):
-            o[i, j] *= alpha[i]
-        T.mbarrier_wait_parity(b.v_full[prev], ((k - 1) // stages) % 2)
+        T.mbarrier_wait_parity(b.v_full[prev], ((n - 1) // stages) % 2)
         T.wgmma_gemm(p, b.Vs[prev, :, :], o, policy=policy)
         T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
         T.wait_wgmma(1)
+        # Pin the accumulators after the waits, so nvcc reads none of them earlier.
+        T.warpgroup_fence_operand(s)
         T.mbarrier_arrive(b.k_free[slot])
         if masked:
             mask(s, w.q0 + c * half, k * block_N, w.kv_len, w.offset)
-        softmax(s, m, m_prev, alpha, row_sum, l, False)
+            softmax(s, m, m_prev, alpha, row_sum, l, False)
+        else:
+            softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
         T.wait_wgmma(0)
+        T.warpgroup_fence_operand(o)
         T.mbarrier_arrive(b.v_free[prev])
+        for i, j in T.Parallel(half, D):
+            o[i, j] *= alpha[i]
         T.copy(s, p)
 
     @T.macro
-    def consume(c: Any, w: Work, b: _Buffers) -> None:
-        T.set_max_nreg(consumer_regs, 1)
+    def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
+        """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
+        s, p, o, m, m_prev, alpha, row_sum, l = f
         row0 = w.q0 + c * half
-        s = T.alloc_fragment([half, block_N], ACCUM)
-        p = T.alloc_fragment([half, block_N], dtype)
-        o = T.alloc_fragment([half, D], ACCUM)
-        m = T.alloc_fragment([half], ACCUM)
-        m_prev = T.alloc_fragment([half], ACCUM)
-        alpha = T.alloc_fragment([half], ACCUM)
-        row_sum = T.alloc_fragment([half], ACCUM)
-        l = T.alloc_fragment([half], ACCUM)
         T.fill(o, 0)
         T.fill(l, 0)
-        T.fill(alpha, 1)
         if w.tiles > 0:
-            T.mbarrier_wait_parity(b.q_full, 0)
-            if c == 1:
+            T.mbarrier_wait_parity(b.q_full, qround % 2)
+            if c == 1 and not persistent:
                 # Consumer 0 issues first.
                 T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+            first = kbase % stages
             T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
-            T.mbarrier_wait_parity(b.k_full[0], 0)
-            T.wgmma_gemm(b.Qs[c], b.Ks[0, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
+            T.mbarrier_wait_parity(b.k_full[first], (kbase // stages) % 2)
+            T.wgmma_gemm(b.Qs[c], b.Ks[first, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
             T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
             T.wait_wgmma(0)
-            T.mbarrier_arrive(b.k_free[0])
+            T.mbarrier_arrive(b.k_free[first])
             mask(s, row0, 0, w.kv_len, w.offset)
             softmax(s, m, m_prev, alpha, row_sum, l, True)
             T.copy(s, p)
@@ -278,60 +304,147 @@ def program(
                 unmasked = w.kv_len // block_N
             split = T.max(1, T.min(w.tiles, unmasked))
             for k in T.serial(1, split):
-                attend_tile(c, k, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
             for k in T.serial(split, w.tiles):
-                attend_tile(c, k, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
-            last = (w.tiles - 1) % stages
-            for i, j in T.Parallel(half, D):
-                o[i, j] *= alpha[i]
-            T.mbarrier_wait_parity(b.v_full[last], ((w.tiles - 1) // stages) % 2)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+            if persistent:
+                # Every Q K^T of the tile is done: the next tile's Q may land.
+                T.mbarrier_arrive(b.q_free)
+            last = (kbase + w.tiles - 1) % stages
+            T.mbarrier_wait_parity(b.v_full[last], ((kbase + w.tiles - 1) // stages) % 2)
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
+        # One reciprocal a row, not a division an element (row_sum is free now).
+        for i in T.Parallel(half):
+            row_sum[i] = T.if_then_else(l[i] > 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] = T.if_then_else(l[i] > 0, o[i, j] / l[i], 0)
+            o[i, j] *= row_sum[i]
         if source.ragged_q:
             # Rows past q_len belong to the next sequence: store row by row from registers.
             for i, d in T.Parallel(half, D):
                 if row0 + i < w.q_len:
                     b.O[w.q_first + row0 + i, w.head, d] = T.cast(o[i, d], dtype)
         else:
-            # Staged through this consumer's Q tile, then one TMA store; rows past Sq
-            # fall outside the tensor and are dropped.
-            T.copy(o, b.Qs[c])
+            # Staged in shared memory, then one TMA store; rows past Sq fall outside the
+            # tensor and are dropped.
+            if persistent:
+                # The previous tile's store has read the staging tile (its issuing thread
+                # waited for that).
+                T.sync_threads(EPILOGUE_BARRIER + c, 128)
+            T.copy(o, b.Os[c])
             T.fence_proxy_async()
             T.sync_threads(EPILOGUE_BARRIER + c, 128)
-            T.copy(b.Qs[c], b.O[w.seq, row0 : row0 + half, w.head, :])
+            T.copy(b.Os[c], b.O[w.seq, row0 : row0 + half, w.head, :])
 
     @T.macro
-    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+    def fragments() -> Any:
+        s = T.alloc_fragment([half, block_N], ACCUM)
+        p = T.alloc_fragment([half, block_N], dtype)
+        o = T.alloc_fragment([half, D], ACCUM)
+        m = T.alloc_fragment([half], ACCUM)
+        m_prev = T.alloc_fragment([half], ACCUM)
+        alpha = T.alloc_fragment([half], ACCUM)
+        row_sum = T.alloc_fragment([half], ACCUM)
+        l = T.alloc_fragment([half], ACCUM)
+        return s, p, o, m, m_prev, alpha, row_sum, l
+
+    @T.macro
+    def buffers(Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> _Buffers:
         Qs0 = T.alloc_shared([half, D], dtype)
         Qs1 = T.alloc_shared([half, D], dtype)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
         Vs = T.alloc_shared([stages, block_N, D], dtype)
-        T.annotate_layout(
-            {
-                Qs0: make_swizzled_layout(Qs0),
-                Qs1: make_swizzled_layout(Qs1),
-                Ks: make_swizzled_layout(Ks),
-                Vs: make_swizzled_layout(Vs),
-            }
-        )
+        layouts = {
+            Qs0: make_swizzled_layout(Qs0),
+            Qs1: make_swizzled_layout(Qs1),
+            Ks: make_swizzled_layout(Ks),
+            Vs: make_swizzled_layout(Vs),
+        }
+        Os: tuple[Any, Any] = (Qs0, Qs1)
+        if persistent:
+            # One buffer for both consumers: TileLang's shared-memory planner orders the
+            # warp-specialized regions one after another and would otherwise overlay a
+            # consumer-1-only tile on Qs0, which the producer refills meanwhile.
+            Ost = T.alloc_shared([2, half, D], dtype)
+            layouts[Ost] = make_swizzled_layout(Ost)
+            Os = (Ost[0, :, :], Ost[1, :, :])
+        T.annotate_layout(layouts)
         # Every arrival is by a whole warpgroup; TMA bytes are counted on top.
         q_full = T.alloc_barrier([PRODUCER_THREADS])
+        q_free = T.alloc_barrier([CONSUMER_THREADS])
         k_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
         v_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
         k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_landed = T.alloc_barrier([PRODUCER_THREADS])
-        b = _Buffers(
-            Q, K, V, O, block_table, (Qs0, Qs1), Ks, Vs, q_full, k_full, v_full, k_free, v_free, v_landed
+        return _Buffers(
+            Q,
+            K,
+            V,
+            O,
+            block_table,
+            (Qs0, Qs1),
+            Os,
+            Ks,
+            Vs,
+            q_full,
+            q_free,
+            k_full,
+            v_full,
+            k_free,
+            v_free,
+            v_landed,
         )
-        with T.ws(2):
-            produce(w, b)
-        with T.ws(0):
-            consume(0, w, b)
-        with T.ws(1):
-            consume(1, w, b)
 
+    @T.macro
+    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+        """One query tile per CTA."""
+        b = buffers(Q, K, V, O, block_table)
+        with T.ws(2):
+            T.set_max_nreg(producer_regs, 0)
+            produce_tile(w, b, 0, 0)
+        with T.ws(0):
+            T.set_max_nreg(consumer_regs, 1)
+            consume_tile(0, w, b, 0, 0, fragments())
+        with T.ws(1):
+            T.set_max_nreg(consumer_regs, 1)
+            consume_tile(1, w, b, 0, 0, fragments())
+
+    @T.macro
+    def consume_all(c: Any, schedule: Schedule, b: _Buffers) -> None:
+        T.set_max_nreg(consumer_regs, 1)
+        f = fragments()
+        kbase = T.alloc_var("int32", init=0)
+        qround = T.alloc_var("int32", init=0)
+        if c == 1:
+            # Consumer 0 issues first; afterwards the turns alternate across tiles.
+            T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+        for i in T.serial(schedule.count):
+            w = schedule.work(i)
+            consume_tile(c, w, b, kbase, qround, f)
+            kbase = kbase + w.tiles
+            qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
+
+    @T.macro
+    def attend_tiles(schedule: Schedule, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+        """Persistent: the CTA's query tiles one after another; the K/V rings and the Q tile's
+        barriers run on across tiles (phases counted by kbase and qround)."""
+        b = buffers(Q, K, V, O, block_table)
+        with T.ws(2):
+            T.set_max_nreg(producer_regs, 0)
+            kbase = T.alloc_var("int32", init=0)
+            qround = T.alloc_var("int32", init=0)
+            for i in T.serial(schedule.count):
+                w = schedule.work(i)
+                produce_tile(w, b, kbase, qround)
+                kbase = kbase + w.tiles
+                qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
+        with T.ws(0):
+            consume_all(0, schedule, b)
+        with T.ws(1):
+            consume_all(1, schedule, b)
+
+    if persistent:
+        return persistent_program(source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles)
     return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)

@@ -1,0 +1,478 @@
+"""GPU probe of the SM90 attention programs: correctness against a float32 reference and
+old-vs-new timing, side by side in one process (see benchmarks/kernel-notes.md).
+
+Run on a Hopper GPU from the repository root:
+
+    python benchmarks/kernel_probe.py [--quick] [--out DIR]
+
+The program modules are loaded without importing `tileprefill` itself (stub parent
+packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
+of the package is being edited. `_old_attention_sm90.py` beside this file, if present,
+is the previous program module, timed beside the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+import types
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+for _name, _sub in (("tileprefill", "src/tileprefill"), ("tileprefill.kernels", "src/tileprefill/kernels")):
+    if _name not in sys.modules:
+        _stub = types.ModuleType(_name)
+        _stub.__path__ = [str(ROOT / _sub)]
+        sys.modules[_name] = _stub
+
+from tileprefill.kernels.tl import attention_configs, attention_sm90  # noqa: E402
+from tileprefill.kernels.tl.attention_parts import KVSource  # noqa: E402
+
+
+def _old_module() -> Any:
+    path = pathlib.Path(__file__).with_name("_old_attention_sm90.py")
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("_old_attention_sm90", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_old_attention_sm90"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+OLD = _old_module()
+MODULES = {"new": attention_sm90, "old": OLD}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prog:
+    """One program: module name, source, static facts and whether it runs persistent."""
+
+    module: str
+    source: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    page_size: int = 0
+    persistent: bool = True
+
+    def factory_args(self) -> tuple[Any, ...]:
+        config = attention_configs.sm90_config(self.head_dim)
+        if not self.persistent:
+            config = dataclasses.replace(config, persistent_ctas=0)
+        return (
+            KVSource(self.source),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.causal,
+            self.head_dim**-0.5,
+            self.page_size,
+            config,
+        )
+
+
+_KERNELS: dict[Prog, Any] = {}
+#: Where the probe's tensors live ("cpu" only to test the probe itself with fake kernels).
+DEV = "cuda"
+
+
+def compile_prog(prog: Prog) -> float:
+    import tilelang
+
+    if prog in _KERNELS:
+        return 0.0
+    start = time.time()
+    func = MODULES[prog.module].program(*prog.factory_args())
+    target = tilelang.tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    with target:
+        kernel = tilelang.compile(
+            func,
+            target=target,
+            execution_backend="tvm_ffi",
+            pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True},
+        )
+    _KERNELS[prog] = kernel
+    return time.time() - start
+
+
+def _compile_worker(prog: Prog) -> tuple[Prog, float, str | None]:
+    try:
+        return prog, compile_prog(prog), None
+    except Exception as error:  # reported, not raised: one bad program must not hide the rest
+        return prog, 0.0, f"{type(error).__name__}: {error}"[:2000]
+
+
+def prebuild(progs: list[Prog], log: Any) -> dict[Prog, str]:
+    failed: dict[Prog, str] = {}
+    todo = list(dict.fromkeys(progs))
+    context = multiprocessing.get_context("spawn")
+    # One process a program, a few more than cores: one round of compiles instead of two.
+    workers = min(len(todo), len(os.sched_getaffinity(0)) + 8)
+    start = time.time()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for prog, seconds, error in pool.map(_compile_worker, todo):
+            log(f"compiled {prog} in {seconds:.1f}s" + (f" FAILED {error}" if error else ""))
+            if error:
+                failed[prog] = error
+    for prog in todo:
+        if prog not in failed:
+            compile_prog(prog)  # from TileLang's cache
+    log(f"prebuild of {len(todo)} programs: {time.time() - start:.1f}s")
+    return failed
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference(q: Any, k: Any, v: Any, q_len: int, kv_len: int, causal: bool, scale: float) -> Any:
+    """float32 attention of one sequence: q (Sq, H, D), k/v (Skv, Hkv, D) -> (Sq, H, D); rows that
+    see no key are 0. Bottom-right causal."""
+    import torch
+
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    qf = q[:q_len].float().transpose(0, 1)  # H, Sq, D
+    kf = k[:kv_len].float().transpose(0, 1).repeat_interleave(group, 0)
+    vf = v[:kv_len].float().transpose(0, 1).repeat_interleave(group, 0)
+    out = torch.zeros_like(qf)
+    rows = torch.arange(q_len, device=q.device)[:, None]
+    cols = torch.arange(kv_len, device=q.device)[None, :]
+    visible = (cols <= rows + kv_len - q_len) if causal else torch.ones_like(rows * cols, dtype=torch.bool)
+    chunk = max(1, (1 << 28) // max(1, q_len * max(kv_len, 1)))
+    for h0 in range(0, heads, chunk):
+        s = torch.einsum("hqd,hkd->hqk", qf[h0 : h0 + chunk], kf[h0 : h0 + chunk]) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out[h0 : h0 + chunk] = torch.einsum("hqk,hkd->hqd", p, vf[h0 : h0 + chunk])
+    return out.transpose(0, 1)
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def check(name: str, got: Any, want: Any, results: list[dict[str, Any]], log: Any, tol: float = 2e-2) -> None:
+    got = got.float()
+    nan = bool(got.isnan().any())
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    ok = (not nan) and err <= tol
+    results.append({"check": name, "max_abs_err": err, "nan": nan, "ok": ok})
+    log(f"{'ok  ' if ok else 'FAIL'} {name}: max abs err {err:.3e} nan={nan}")
+
+
+def dense_case(
+    prog: Prog, batch: int, seq_q: int, seq_kv: int, results: list[dict[str, Any]], log: Any
+) -> None:
+    import torch
+
+    dt = _dtype(prog.dtype)
+    q = torch.randn(batch, seq_q, prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(batch, seq_kv, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn(batch, seq_kv, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    out = torch.full_like(q, float("nan"))
+    _KERNELS[prog](q, k, v, out)
+    torch.cuda.synchronize()
+    want = torch.stack(
+        [reference(q[b], k[b], v[b], seq_q, seq_kv, prog.causal, prog.head_dim**-0.5) for b in range(batch)]
+    )
+    check(f"{prog} B{batch} Sq{seq_q} Skv{seq_kv}", out, want, results, log)
+
+
+def ragged_case(
+    prog: Prog, q_lens: list[int], kv_lens: list[int], results: list[dict[str, Any]], log: Any
+) -> None:
+    import torch
+
+    dt = _dtype(prog.dtype)
+    cq = torch.tensor([0, *itertools_accumulate(q_lens)], dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0, *itertools_accumulate(kv_lens)], dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(sum(kv_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn(sum(kv_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    out = torch.full_like(q, float("nan"))
+    _KERNELS[prog](q, k, v, cq, ck, out)
+    torch.cuda.synchronize()
+    parts = []
+    for b, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
+        qs, ks = int(cq[b]), int(ck[b])
+        parts.append(
+            reference(
+                q[qs : qs + ql], k[ks : ks + kl], v[ks : ks + kl], ql, kl, prog.causal, prog.head_dim**-0.5
+            )
+        )
+    check(f"{prog} q{q_lens} kv{kv_lens}", out, torch.cat(parts), results, log)
+
+
+def itertools_accumulate(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for value in values:
+        total += value
+        out.append(total)
+    return out
+
+
+def contiguous_case(
+    prog: Prog, seq_q: int, kv_lens: list[int], max_seq: int, results: list[dict[str, Any]], log: Any
+) -> None:
+    import torch
+
+    dt = _dtype(prog.dtype)
+    batch = len(kv_lens)
+    q = torch.randn(batch, seq_q, prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(batch, max_seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn(batch, max_seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    for b, kl in enumerate(kv_lens):
+        k[b, kl:] = float("nan")
+        v[b, kl:] = float("nan")
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    _KERNELS[prog](q, k, v, lens, out)
+    torch.cuda.synchronize()
+    want = torch.stack(
+        [
+            reference(q[b], k[b], v[b], seq_q, kl, prog.causal, prog.head_dim**-0.5)
+            for b, kl in enumerate(kv_lens)
+        ]
+    )
+    check(f"{prog} Sq{seq_q} kv{kv_lens}", out, want, results, log)
+
+
+def paged_case(
+    prog: Prog, q_lens: list[int], kv_lens: list[int], results: list[dict[str, Any]], log: Any
+) -> None:
+    import torch
+
+    dt = _dtype(prog.dtype)
+    ps = prog.page_size
+    batch = len(q_lens)
+    pages_of = [math.ceil(kl / ps) for kl in kv_lens]
+    max_pages = max(1, max(pages_of))
+    num_pages = sum(pages_of) + 3
+    perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
+    table = torch.zeros(batch, max_pages, dtype=torch.int32, device=DEV)
+    kp = torch.full((num_pages, ps, prog.kv_heads, prog.head_dim), float("nan"), device=DEV, dtype=dt)
+    vp = torch.full_like(kp, float("nan"))
+    ks, vs = [], []
+    used = 0
+    for b, kl in enumerate(kv_lens):
+        kb = torch.randn(kl, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+        vb = torch.randn_like(kb)
+        ks.append(kb)
+        vs.append(vb)
+        for i in range(pages_of[b]):
+            page = int(perm[used])
+            used += 1
+            table[b, i] = page
+            rows = min(ps, kl - i * ps)
+            kp[page, :rows] = kb[i * ps : i * ps + rows]
+            vp[page, :rows] = vb[i * ps : i * ps + rows]
+    cq = torch.tensor([0, *itertools_accumulate(q_lens)], dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    out = torch.full_like(q, float("nan"))
+    _KERNELS[prog](q, kp, vp, table, lens, cq, out)
+    torch.cuda.synchronize()
+    parts = []
+    for b, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
+        qs = int(cq[b])
+        parts.append(reference(q[qs : qs + ql], ks[b], vs[b], ql, kl, prog.causal, prog.head_dim**-0.5))
+    check(f"{prog} q{q_lens} kv{kv_lens}", out, torch.cat(parts), results, log)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def visible_pairs(seq_q: int, seq_kv: int, causal: bool) -> int:
+    if not causal:
+        return seq_q * seq_kv
+    offset = seq_kv - seq_q
+    return sum(min(seq_kv, max(0, r + offset + 1)) for r in range(seq_q))
+
+
+def time_dense(prog: Prog, batch: int, seq: int) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    dt = _dtype(prog.dtype)
+    q = torch.randn(batch, seq, prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(batch, seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn(batch, seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    out = torch.empty_like(q)
+    kernel = _KERNELS[prog]
+    ms = do_bench(lambda: kernel(q, k, v, out), warmup=100, rep=400, return_mode="median")
+    flops = 4 * batch * prog.heads * prog.head_dim * visible_pairs(seq, seq, prog.causal)
+    return flops / (ms * 1e-3) / 1e12
+
+
+def time_ragged(prog: Prog, q_lens: list[int]) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    dt = _dtype(prog.dtype)
+    cq = torch.tensor([0, *itertools_accumulate(q_lens)], dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(sum(q_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn_like(k)
+    out = torch.empty_like(q)
+    kernel = _KERNELS[prog]
+    ms = do_bench(lambda: kernel(q, k, v, cq, cq, out), warmup=100, rep=400, return_mode="median")
+    flops = sum(4 * prog.heads * prog.head_dim * visible_pairs(n, n, prog.causal) for n in q_lens)
+    return flops / (ms * 1e-3) / 1e12
+
+
+# (label, batch, seq, heads, kv_heads, D, dtype, causal): the issue's dense cases.
+DENSE_TIMING = [
+    ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False),
+    ("B1 S8192 32/8 D128 causal bf16", 1, 8192, 32, 8, 128, "bfloat16", True),
+    ("B4 S4096 32/8 D128 nc fp16", 4, 4096, 32, 8, 128, "float16", False),
+    ("B2 S4096 64/4 D128 causal fp16", 2, 4096, 64, 4, 128, "float16", True),
+    ("B4 S2048 32/8 D64 causal bf16", 4, 2048, 32, 8, 64, "bfloat16", True),
+    ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
+    ("B1 S16384 32/8 D128 nc bf16", 1, 16384, 32, 8, 128, "bfloat16", False),
+]
+#: The cases the old program is timed on too (the rest were measured against it in call 1).
+OLD_TIMED = {
+    "B1 S8192 32/8 D128 nc bf16",
+    "B1 S8192 32/8 D128 causal bf16",
+    "B4 S4096 32/8 D128 nc fp16",
+    "B8 S1024 40/8 D128 causal bf16",
+    "B1 S16384 32/8 D128 nc bf16",
+}
+RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe"))
+    parser.add_argument("--quick", action="store_true", help="correctness only")
+    parser.add_argument("--ragged", action="store_true", help="time the ragged case too")
+    args = parser.parse_args()
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "probe.log", "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    import torch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    log(f"device {torch.cuda.get_device_name()} sms {sms}")
+    modules = ["new", "old"] if OLD is not None else ["new"]
+    timing: list[tuple[str, Prog, Any]] = []
+    for label, batch, seq, h, hk, d, dt, causal in DENSE_TIMING:
+        for module in modules:
+            if module == "old" and label not in OLD_TIMED:
+                continue
+            timing.append((f"{label} [{module}]", Prog(module, "dense", h, hk, d, dt, causal), (batch, seq)))
+        not_persistent = Prog("new", "dense", h, hk, d, dt, causal, persistent=False)
+        timing.append((f"{label} [new, not persistent]", not_persistent, (batch, seq)))
+    ragged_timing = [
+        (f"ragged 8 mixed causal bf16 [{m}]", Prog(m, "ragged", 32, 8, 128, "bfloat16", True))
+        for m in modules
+        if args.ragged
+    ]
+
+    # Mostly the timed programs (compiled anyway), on unaligned shapes; D 256 runs non-persistent.
+    correctness: list[tuple[Prog, Any]] = [
+        (Prog("new", "dense", 32, 8, 128, "bfloat16", False), [(2, 300, 777), (1, 1000, 1000), (3, 129, 64)]),
+        (
+            Prog("new", "dense", 32, 8, 128, "bfloat16", True),
+            [(2, 300, 777), (2, 777, 300), (1, 1000, 1000), (1, 1, 1)],
+        ),
+        (
+            Prog("new", "dense", 40, 8, 128, "bfloat16", True, persistent=False),
+            [(2, 777, 300), (1, 1000, 1000)],
+        ),
+        (Prog("new", "dense", 32, 8, 64, "bfloat16", True), [(2, 555, 555), (1, 200, 50)]),
+        (Prog("new", "dense", 64, 4, 128, "float16", True), [(1, 640, 1111), (2, 100, 100)]),
+        (Prog("new", "dense", 32, 8, 128, "float16", False), [(1, 257, 129)]),
+        (Prog("new", "dense", 16, 1, 256, "bfloat16", True), [(2, 300, 500), (1, 129, 64)]),
+    ]
+    ragged_checks = [
+        (Prog("new", "ragged", 32, 8, 128, "bfloat16", True), ([5, 0, 300, 128, 129], [5, 7, 500, 128, 100]))
+    ]
+    contiguous_checks = [
+        (Prog("new", "contiguous", 32, 8, 128, "bfloat16", True), (200, [500, 150, 0, 333], 640))
+    ]
+    paged_checks = [
+        (Prog("new", "paged", 32, 8, 128, "bfloat16", True, page_size=1), ([100, 0, 37], [300, 10, 37])),
+        (
+            Prog("new", "paged_tiled", 32, 8, 128, "bfloat16", True, page_size=16),
+            ([100, 0, 37], [300, 10, 37]),
+        ),
+    ]
+    progs = [p for _, p, _ in timing] + [p for _, p in ragged_timing]
+    progs += [p for p, _ in correctness + ragged_checks + contiguous_checks + paged_checks]
+    failed = prebuild(progs, log)
+
+    results: list[dict[str, Any]] = []
+    torch.manual_seed(0)
+    for prog, shapes in correctness:
+        if prog in failed:
+            continue
+        for batch, sq, skv in shapes:
+            dense_case(prog, batch, sq, skv, results, log)
+    for prog, (ql, kl) in ragged_checks:
+        if prog not in failed:
+            ragged_case(prog, ql, kl, results, log)
+    for prog, (sq, kl, mx) in contiguous_checks:
+        if prog not in failed:
+            contiguous_case(prog, sq, kl, mx, results, log)
+    for prog, (ql, kl) in paged_checks:
+        if prog not in failed:
+            paged_case(prog, ql, kl, results, log)
+    # The timed programs on a shape of their own, checked too.
+    for _label, prog, (batch, seq) in timing:
+        if prog.module == "new" and prog not in failed:
+            dense_case(prog, min(batch, 2), min(seq, 2048) + 33, min(seq, 2048) + 33, results, log)
+
+    timings: list[dict[str, Any]] = []
+    if not args.quick:
+        for label, prog, (batch, seq) in timing:
+            if prog in failed:
+                continue
+            tflops = time_dense(prog, batch, seq)
+            timings.append({"case": label, "tflops": tflops})
+            log(f"time {label}: {tflops:.1f} TFLOP/s")
+        for label, prog in ragged_timing:
+            if prog in failed:
+                continue
+            tflops = time_ragged(prog, RAGGED_LENS)
+            timings.append({"case": label, "tflops": tflops})
+            log(f"time {label}: {tflops:.1f} TFLOP/s")
+    (out_dir / "probe.json").write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "checks": results,
+                "timings": timings,
+                "failed": {str(k): v for k, v in failed.items()},
+            },
+            indent=1,
+        )
+    )
+    bad = [r for r in results if not r["ok"]]
+    log(f"checks: {len(results) - len(bad)} ok, {len(bad)} failed; compile failures {len(failed)}")
+
+
+if __name__ == "__main__":
+    main()
