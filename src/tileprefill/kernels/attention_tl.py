@@ -417,9 +417,10 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
         case Source.DENSE:
             return (
                 ("d128 fp16 causal", facts()),
-                ("d64 fp16 causal", facts(head_dim=64)),
+                # bf16 rides on the D64 case: one program fewer per arch (each persistent SM90 dense
+                # program takes about a minute of nvcc on a CI core).
+                ("d64 bf16 causal", facts(head_dim=64, dtype=DType.BF16)),
                 ("d256 fp16 causal", facts(head_dim=256)),
-                ("d128 bf16 causal", facts(dtype=DType.BF16)),
                 ("d128 fp16 non-causal", facts(causal=False)),
             )
         case Source.RAGGED | Source.CONTIGUOUS:
