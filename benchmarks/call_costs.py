@@ -251,8 +251,48 @@ def chunked(requests: int, cached: int, new: int, page: int, dtype: torch.dtype)
         "full_over_alone_one_shot": times["attention_alone_one_shot"] / times["full_op_one_shot"],
         "full_over_alone_run": times["attention_alone_run"] / times["full_op_run"],
     }
+    if PROFILE_LINES is not None:
+        PROFILE_LINES.append(f"== kernels of one run of the full Op, {result['case']}")
+        PROFILE_LINES.append(kernel_table(lambda: plan.run(q, k_new, v_new, k_pages, v_pages, cos, sin)))
     print(json.dumps(result), flush=True)
     return result
+
+
+#: With --profile: the text of each profile, written at the end.
+PROFILE_LINES: list[str] | None = None
+
+
+def kernel_table(fn: Callable[[], object]) -> str:
+    """GPU time per kernel of 20 calls of `fn` (torch.profiler), after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+def host_profile(name: str, fn: Callable[[], object], calls: int = 300) -> str:
+    """Where the host time of `fn` goes (cProfile, cumulative), after a warm-up."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    return f"== host profile of {calls} calls of {name}\n{text.getvalue()}"
 
 
 def main() -> int:
@@ -261,7 +301,12 @@ def main() -> int:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    parser.add_argument(
+        "--profile", help="also write host profiles of the paged plans and the chunked runs' kernels here"
+    )
     args = parser.parse_args()
+    global PROFILE_LINES
+    PROFILE_LINES = [] if args.profile else None
     import tilelang
 
     dtype = getattr(torch, args.dtype)
@@ -309,10 +354,19 @@ def main() -> int:
                 row["plan_validate_true"] = per_call_us(plan, 500)
                 row["one_shot_validate_true"] = per_call_us(call, 500)
             print(name, row, flush=True)
+    if PROFILE_LINES is not None:
+        for validate in (False, True):
+            _, plan, _ = tiny.calls(validate)["GQAPagedCacheRopeAppendPrefill"]
+            PROFILE_LINES.append(
+                host_profile(f"GQAPagedCacheRopeAppendPrefill.plan validate={validate}", plan)
+            )
     for requests_, cached, new, page in ((32, 512, 128, 32), (2, 2048, 256, 1)):
         report["chunked"].append(chunked(requests_, cached, new, page, dtype))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+    if args.profile and PROFILE_LINES is not None:
+        with open(args.profile, "w") as f:
+            f.write("\n\n".join(PROFILE_LINES))
     sdpa = report["per_call_us"]["sdpa"]
     print(f"\nper call, us (SDPA {sdpa:.1f}):")
     print(f"{'op':<38}{'run':>8}{'plan':>8}{'plan+v':>8}{'once':>8}{'once+v':>8}  run/SDPA")

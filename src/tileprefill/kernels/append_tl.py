@@ -122,7 +122,7 @@ class AppendContiguousTLKernel(ContiguousAppendKernel):
     key: ClassVar[AppendKey] = AppendKey.CONTIGUOUS_TL
 
     def bind(self, facts: StaticFacts) -> ContiguousAppendLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             k_new: torch.Tensor,
@@ -157,7 +157,7 @@ class AppendPagedTLKernel(PagedAppendKernel):
     key: ClassVar[AppendKey] = AppendKey.PAGED_TL
 
     def bind(self, facts: StaticFacts) -> PagedAppendLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             k_new: torch.Tensor,

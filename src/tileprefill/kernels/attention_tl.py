@@ -119,7 +119,7 @@ def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int |
     engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `bind` asks for)."""
     with recording_builds() as requests:
         for key, facts in configs:
-            Launcher(RECORDS[key], facts)
+            Launcher.of(RECORDS[key], facts)
     compile_prebuild(requests, jobs=jobs)
 
 
@@ -169,7 +169,7 @@ def _without_keys(kv: torch.Tensor) -> bool:
 
 class _DenseTL(DenseAttentionKernel):
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
             if out.numel() == 0:
@@ -191,7 +191,7 @@ class _DenseTL(DenseAttentionKernel):
 
 class _RaggedTL(RaggedAttentionKernel):
     def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,
@@ -231,7 +231,7 @@ class _RaggedTL(RaggedAttentionKernel):
 
 class _ContiguousTL(ContiguousAttentionKernel):
     def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,
@@ -268,7 +268,7 @@ class _ContiguousTL(ContiguousAttentionKernel):
 
 class _PagedTL(PagedAttentionKernel):
     def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,

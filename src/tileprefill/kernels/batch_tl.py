@@ -41,7 +41,7 @@ class BatchPagedTLKernel(PagedBatchKernel):
     key: ClassVar[BatchKey] = BatchKey.PAGED_TL
 
     def bind(self, facts: StaticFacts) -> PagedBatchLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             block_table: torch.Tensor,

@@ -85,6 +85,11 @@ class _RecordedKernel:
 _recorded: list[BuildRequest] | None = None
 
 
+def is_recording() -> bool:
+    """Whether a `recording_builds()` is in progress (builds are recorded, nothing launches)."""
+    return _recorded is not None
+
+
 def is_recorded(kernel: object) -> bool:
     """Whether `kernel` is what `build()` returned while recording (its launch does nothing)."""
     return isinstance(kernel, _RecordedKernel)

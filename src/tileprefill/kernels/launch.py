@@ -4,7 +4,7 @@ Every TileLang kernel key has one `KernelRecord`: the tensor parameters of its
 program in order (outputs are parameters too: callers allocate them), the ones
 the program writes, and how the static facts of a plan become the program's
 factory and arguments. `register(record)` makes it the custom op
-`tileprefill::<key value>`; `Launcher(record, facts)` is what a plan holds:
+`tileprefill::<key value>`; `Launcher.of(record, facts)` is what a plan holds:
 
 - in eager calls (CUDA-graph capture included) a launch is a direct call of
   the compiled program's TVM-FFI entry function, so no Python wrapper of
@@ -28,7 +28,7 @@ import torch
 
 from tileprefill.context import Arch, DType
 from tileprefill.kernels.base import StaticFacts
-from tileprefill.kernels.compile import build, is_recorded
+from tileprefill.kernels.compile import build, is_recorded, is_recording
 from tileprefill.keys import KernelKey
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def register(record: KernelRecord) -> KernelRecord:
 
     def launch_op(*arguments: Any) -> None:
         tensors, scalars = arguments[:count], arguments[count:]
-        Launcher(record, _facts(scalars)).direct(*tensors)
+        Launcher.of(record, _facts(scalars)).direct(*tensors)
 
     def fake(*arguments: Any) -> None:
         return None
@@ -109,6 +109,10 @@ def register(record: KernelRecord) -> KernelRecord:
     OPS[record.key] = op
     _RECORDS[record.key] = record
     return record
+
+
+#: Every launcher `Launcher.of` made, by key and static facts.
+_LAUNCHERS: dict[tuple[KernelKey, StaticFacts], Launcher] = {}
 
 
 def _entry_function(kernel: Any) -> Callable[..., object]:
@@ -129,8 +133,9 @@ def _entry_function(kernel: Any) -> Callable[..., object]:
 class Launcher:
     """One compiled program for one set of static facts, ready to launch (what `bind` returns).
 
-    Built once per plan. While torch.compile traces, nothing is built: a launch is then
-    the custom op, whose implementation builds (cached) when the compiled graph runs.
+    Made by `Launcher.of` once per plan; while torch.compile traces, nothing is built: a
+    launch is then the custom op, whose implementation builds (cached) when the compiled
+    graph runs.
     """
 
     __slots__ = ("_entry", "_inputs", "_op", "_scalars")
@@ -147,6 +152,19 @@ class Launcher:
         kernel = build(program.factory, program.args, program.arch)
         # A warm-up's recorded build launches nothing.
         self._entry = kernel if is_recorded(kernel) else _entry_function(kernel)
+
+    @classmethod
+    def of(cls, record: KernelRecord, facts: StaticFacts) -> Launcher:
+        """The launcher of `record` for `facts`, made once: an engine plans every step, and making
+        one (program arguments, build cache, TVM-FFI module lookup) costs about 10 us. Launchers
+        made while tracing or recording builds launch differently and are not kept."""
+        launcher = _LAUNCHERS.get((record.key, facts))
+        if launcher is not None and not is_recording():
+            return launcher
+        launcher = cls(record, facts)
+        if launcher._entry is not None and not is_recording():
+            _LAUNCHERS[record.key, facts] = launcher
+        return launcher
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         if torch.compiler.is_compiling():

@@ -52,7 +52,7 @@ RECORDS: Final[dict[RopeAppendKey, KernelRecord]] = {key: _record(key) for key i
 
 class _RopeAppendTLKernel(RopeAppendKernel):
     def bind(self, facts: StaticFacts) -> RopeAppendLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,

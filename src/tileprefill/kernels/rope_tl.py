@@ -73,7 +73,7 @@ def check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
 
 class _RopeTLKernel(RopeKernel):
     def bind(self, facts: StaticFacts) -> RopeLaunch:
-        launcher = Launcher(RECORDS[self.key], facts)
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor

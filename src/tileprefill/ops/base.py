@@ -230,12 +230,20 @@ class _Expected(NamedTuple):
 
 
 def _expected(s: TensorSpec, dims: Dims, q_dtype: torch.dtype) -> _Expected:
+    sizes = tuple(dims[d.symbol].value if d.symbol in dims else None for d in s.dims)
+    return _expected_of(s, sizes, q_dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expected_of(s: TensorSpec, sizes: tuple[int | None, ...], q_dtype: torch.dtype) -> _Expected:
+    """`_expected` of a spec whose symbols have `sizes` (None: not fixed by the plan). Cached: every
+    plan of a batch shape asks again, and an engine plans every step."""
     dtype = {DtypeRule.INT32: torch.int32, DtypeRule.FLOAT32: torch.float32}.get(s.dtype, q_dtype)
-    first, *rest = s.dims
-    lead = None if first.symbol in dims else first.symbol
-    known = rest if lead is not None else s.dims
-    assert all(d.symbol in dims for d in known), f"{s.name}: only a leading size may be left free by a plan"
-    return _Expected(dtype, lead, tuple(dims[d.symbol].value + d.offset for d in known))
+    lead = s.dims[0].symbol if sizes[0] is None else None
+    start = 0 if lead is None else 1
+    known = list(zip(s.dims[start:], sizes[start:], strict=True))
+    assert all(size is not None for _, size in known), f"{s.name}: only a leading size may be left free"
+    return _Expected(dtype, lead, tuple(size + d.offset for d, size in known if size is not None))
 
 
 BatchT = TypeVar("BatchT")
