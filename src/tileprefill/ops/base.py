@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 import torch
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode, arch_of
-from tileprefill.kernels.base import Kernel, StaticFacts
+from tileprefill.kernels.base import Kernel, RopeAppendLaunch, RopeLaunch, StaticFacts
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
 from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import (
@@ -205,6 +205,59 @@ def metadata_specs(specs: Sequence[TensorSpec], names: Sequence[str]) -> tuple[T
     chosen = tuple(s for s in specs if s.name in names)
     assert [s.name for s in chosen] == list(names), f"{names} are not in call order"
     return chosen
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` (..., heads, D) as rows (N, heads, D): the launches of RoPE and appends see any layout's
+    tokens or cache slots so."""
+    return t if t.dim() == 3 else t.view(-1, *t.shape[-2:])
+
+
+def rotate(
+    rope_q: RopeLaunch,
+    rope_k: RopeLaunch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q and k into new tensors (the inputs are the caller's), one launch each."""
+    rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k)
+    rope_q(as_rows(q), q_positions, cos, sin, as_rows(rotated_q))
+    rope_k(as_rows(k), k_positions, cos, sin, as_rows(rotated_k))
+    return rotated_q, rotated_k
+
+
+def rotate_and_write(
+    rope_append: RopeAppendLaunch,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE of q (into a new tensor, returned) and of k_new, and the write of the rotated keys and
+    v_new into the caches at `slots` (one per new token, the caches seen as rows), in one launch."""
+    rotated = torch.empty_like(q)
+    rope_append(
+        as_rows(q),
+        as_rows(k_new),
+        as_rows(v_new),
+        positions,
+        slots,
+        cos,
+        sin,
+        as_rows(k_cache),
+        as_rows(v_cache),
+        as_rows(rotated),
+    )
+    return rotated
 
 
 class Requirement(NamedTuple):

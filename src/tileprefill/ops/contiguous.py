@@ -23,7 +23,16 @@ from tileprefill.kernels.base import (
     RopeLaunch,
 )
 from tileprefill.kernels.launch import check_writable
-from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp
+from tileprefill.ops.base import (
+    COS,
+    SIN,
+    BatchPlan,
+    PrefillOp,
+    Requirement,
+    RotatingOp,
+    rotate,
+    rotate_and_write,
+)
 from tileprefill.positions import batch_positions, contiguous_slots
 from tileprefill.validation import (
     Binding,
@@ -94,30 +103,14 @@ class ContiguousPlan(BatchPlan["_Batch"]):
             check_writable("v_cache", v_cache)
         if b.rope_append is not None:
             assert k_new is not None and v_new is not None and cos is not None and sin is not None
-            rotated = torch.empty_like(q)
-            tokens, rows_of = (-1, *q.shape[-2:]), (-1, *k_cache.shape[-2:])
-            b.rope_append(
-                q.view(tokens),
-                k_new.view(rows_of),
-                v_new.view(rows_of),
-                b.positions,
-                b.slots,
-                cos,
-                sin,
-                k_cache.view(rows_of),
-                v_cache.view(rows_of),
-                rotated.view(tokens),
+            q = rotate_and_write(
+                b.rope_append, q, k_new, v_new, b.positions, b.slots, cos, sin, k_cache, v_cache
             )
-            q = rotated
         elif b.append is not None:
             assert k_new is not None and v_new is not None
             if b.rope_q is not None and b.rope_k is not None:
                 assert cos is not None and sin is not None
-                rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k_new)
-                q_rows, k_rows = (-1, *q.shape[-2:]), (-1, *k_new.shape[-2:])
-                b.rope_q(q.view(q_rows), b.positions, cos, sin, rotated_q.view(q_rows))
-                b.rope_k(k_new.view(k_rows), b.positions, cos, sin, rotated_k.view(k_rows))
-                q, k_new = rotated_q, rotated_k
+                q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
             b.append(k_new, v_new, k_cache, v_cache, b.cache_seqlens)
         out = torch.empty_like(q)
         b.attention(q, k_cache, v_cache, b.kv_seqlens, out)

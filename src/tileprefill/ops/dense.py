@@ -20,7 +20,7 @@ from tileprefill.kernels.base import (
     RopeKernel,
     RopeLaunch,
 )
-from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp
+from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp, rotate
 from tileprefill.positions import batch_positions, ragged_positions
 from tileprefill.validation import (
     Binding,
@@ -98,11 +98,7 @@ class NoCachePlan(BatchPlan["_Batch"]):
         b = self._batch
         if b.rope_q is not None and b.rope_k is not None:
             assert cos is not None and sin is not None
-            rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k)
-            # The RoPE kernels see (T, H, D) rows.
-            b.rope_q(q.view(-1, *q.shape[-2:]), b.q_positions, cos, sin, rotated_q.view(-1, *q.shape[-2:]))
-            b.rope_k(k.view(-1, *k.shape[-2:]), b.k_positions, cos, sin, rotated_k.view(-1, *k.shape[-2:]))
-            q, k = rotated_q, rotated_k
+            q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
         out = torch.empty_like(q)
         if b.ragged is not None:
             assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None

@@ -28,7 +28,16 @@ from tileprefill.kernels.base import (
     RopeLaunch,
 )
 from tileprefill.kernels.launch import check_writable
-from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp
+from tileprefill.ops.base import (
+    COS,
+    SIN,
+    BatchPlan,
+    PrefillOp,
+    Requirement,
+    RotatingOp,
+    rotate,
+    rotate_and_write,
+)
 from tileprefill.validation import (
     Binding,
     Dims,
@@ -90,29 +99,14 @@ class PagedPlan(BatchPlan["_Batch"]):
             check_writable("v_pages", v_pages)
         if b.rope_append is not None:
             assert k_new is not None and v_new is not None and cos is not None and sin is not None
-            rotated = torch.empty_like(q)
-            rows_of = (-1, *k_new.shape[-2:])
-            b.rope_append(
-                q,
-                k_new,
-                v_new,
-                b.positions,
-                b.slots,
-                cos,
-                sin,
-                k_pages.view(rows_of),
-                v_pages.view(rows_of),
-                rotated,
+            q = rotate_and_write(
+                b.rope_append, q, k_new, v_new, b.positions, b.slots, cos, sin, k_pages, v_pages
             )
-            q = rotated
         elif b.append is not None:
             assert k_new is not None and v_new is not None
             if b.rope_q is not None and b.rope_k is not None:
                 assert cos is not None and sin is not None
-                rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k_new)
-                b.rope_q(q, b.positions, cos, sin, rotated_q)
-                b.rope_k(k_new, b.positions, cos, sin, rotated_k)
-                q, k_new = rotated_q, rotated_k
+                q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
             b.append(k_new, v_new, k_pages, v_pages, b.block_table, b.cache_seqlens, b.cu_seqlens_q)
         out = torch.empty_like(q)
         b.attention(q, k_pages, v_pages, b.block_table, b.kv_seqlens, b.cu_seqlens_q, out)
