@@ -9,7 +9,8 @@ the slots they write.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import pytest
 import torch
@@ -372,6 +373,62 @@ def test_plan_for_and_explain_on_cpu(oracle: Oracle, op_cls: OpClass, gen: torch
     assert explanation.rejected and all(r.reasons for r in explanation.rejected)
     out = op(*inputs)
     assert out.shape == inputs[0].shape and out.dtype == torch.float16
+
+
+def _cloned(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in inputs]
+
+
+def _run_into(plan: tp.BatchPlan[Any], out: torch.Tensor, tensors: Sequence[torch.Tensor]) -> object:
+    """`plan.run_into(out, *tensors)` of a plan of any Op (each plan class names its own tensors)."""
+    return cast(Any, plan).run_into(out, *tensors)
+
+
+@pytest.mark.parametrize("op_cls", PUBLIC_OPS, ids=lambda c: c.__name__)
+def test_run_into_writes_the_callers_output(oracle: Oracle, op_cls: OpClass, gen: torch.Generator) -> None:
+    """`plan.run_into(out, ...)` writes what `op(...)` returns into `out` (and the same caches)."""
+    op = oracle.make_op(op_cls)
+    inputs = oracle.inputs(op_cls, gen)
+    expected_inputs, into_inputs = _cloned(inputs), _cloned(inputs)
+    expected = op(*expected_inputs)
+    named = {s.name: t for s, t in zip(op_cls.input_specs, into_inputs, strict=True)}
+    plan = oracle.plan_of(op, op_cls, into_inputs)
+    out = torch.full_like(expected, float("nan"))
+    returned = _run_into(plan, out, [named[s.name] for s in op_cls.run_specs])
+    assert returned is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for before, after in zip(expected_inputs, into_inputs, strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
+
+
+def _bad_outs(q: torch.Tensor) -> list[tuple[str, torch.Tensor, str]]:
+    wide = torch.empty(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype)
+    return [
+        ("dtype", torch.empty_like(q, dtype=torch.float32), "expected dtype torch.float16"),
+        ("shape", torch.empty(1, *q.shape, dtype=q.dtype), "expected shape"),
+        ("strided", wide[..., : q.shape[-1]], "expected a contiguous tensor"),
+        ("q itself", q, "memory shared with q"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["dtype", "shape", "strided", "q itself"])
+@pytest.mark.parametrize(
+    "op_cls", [tp.GQAPrefill, tp.GQAPagedCacheRopeAppendPrefill], ids=lambda c: c.__name__
+)
+def test_run_into_rejects_a_bad_output(
+    oracle: Oracle, op_cls: OpClass, gen: torch.Generator, case: int
+) -> None:
+    """A bad `out` is named, with the expected and actual value, before anything is written."""
+    op = oracle.make_op(op_cls)
+    inputs = oracle.inputs(op_cls, gen)
+    named = {s.name: t for s, t in zip(op_cls.input_specs, inputs, strict=True)}
+    plan = oracle.plan_of(op, op_cls, inputs)
+    before = _cloned(inputs)
+    _, out, message = _bad_outs(named["q"])[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        _run_into(plan, out, [named[s.name] for s in op_cls.run_specs])
+    for old, new in zip(before, inputs, strict=True):
+        torch.testing.assert_close(new, old, rtol=0, atol=0, equal_nan=True)
 
 
 def test_interleaved_plan(oracle: Oracle, gen: torch.Generator) -> None:

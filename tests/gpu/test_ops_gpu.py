@@ -656,6 +656,24 @@ def test_plan_and_run_match_the_one_shot_call_bit_for_bit(op_cls: OpClass) -> No
         assert torch.equal(raw(tensor), raw(one_shot[name])), f"{name}: plan + run and the call differ"
 
 
+@pytest.mark.parametrize("op_cls", PUBLIC_OPS, ids=lambda c: c.__name__)
+def test_run_into_matches_run_bit_for_bit(op_cls: OpClass) -> None:
+    """`plan.run_into(out, ...)` writes into the caller's NaN-poisoned `out` exactly what `run`
+    returns (and the same cache bytes), and returns `out` itself."""
+    named = {name: t.to(DEV) for name, t in op_inputs(op_cls).items()}
+    into = {name: t.clone() for name, t in named.items()}
+    op = make_op(op_cls)
+    want = run_plan(plan_of(op, op_cls, named), run_inputs(op_cls, named))
+    plan = plan_of(op, op_cls, into)
+    out = torch.full_like(want, float("nan"))
+    got = cast(Any, plan).run_into(out, *run_inputs(op_cls, into))
+    torch.cuda.synchronize()
+    assert got is out
+    assert torch.equal(raw(out), raw(want)), "run_into and run differ"
+    for name, tensor in into.items():
+        assert torch.equal(raw(tensor), raw(named[name])), f"{name}: run_into and run differ"
+
+
 SYNC_FREE_OPS: list[OpClass] = [
     tp.GQAPrefill,
     tp.GQAVarlenPrefill,

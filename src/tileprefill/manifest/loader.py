@@ -62,7 +62,8 @@ class PlanEntry:
 
 @attrs.frozen
 class RunEntry:
-    """`plan.run(<inputs>)`: the per-layer data tensors, in order."""
+    """`plan.run(<inputs>)` (the per-layer data tensors) or `plan.run_into(<inputs>)` (the caller's
+    output, then the same), in order."""
 
     inputs: tuple[str, ...]
 
@@ -76,6 +77,7 @@ class OpEntry:
     params: tuple[ParamEntry, ...]
     plan: PlanEntry
     run: RunEntry
+    run_into: RunEntry
     kernel_map: tuple[KernelEntry, ...]
 
 
@@ -148,14 +150,14 @@ def _op(item: object, where: str) -> OpEntry:
             for i, p in enumerate(_list(signature.get("params"), f"{where}.signature.params"))
         ),
         plan=_plan(signature.get("plan"), f"{where}.signature.plan"),
-        run=RunEntry(
-            _names(
-                _mapping(signature.get("run"), f"{where}.signature.run").get("inputs"),
-                f"{where}.signature.run.inputs",
-            )
-        ),
+        run=_run(signature.get("run"), f"{where}.signature.run"),
+        run_into=_run(signature.get("run_into"), f"{where}.signature.run_into"),
         kernel_map=tuple(kernels),
     )
+
+
+def _run(value: object, where: str) -> RunEntry:
+    return RunEntry(_names(_mapping(value, where).get("inputs"), f"{where}.inputs"))
 
 
 def _plan(value: object, where: str) -> PlanEntry:

@@ -36,6 +36,7 @@ import torch
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode, arch_of
 from tileprefill.kernels.base import Kernel, RopeAppendLaunch, RopeLaunch, StaticFacts
+from tileprefill.kernels.launch import check_writable
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
 from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import (
@@ -328,6 +329,8 @@ class BatchPlan(Generic[BatchT]):
         self._data_specs = op.run_specs
         self._device = context.device
         self._expected = tuple(_expected(s, dims, context.q_dtype) for s in op.run_specs)
+        self._expected_out = _expected(op.output_spec, dims, context.q_dtype)
+        self._out_spec = op.output_spec
 
     @property
     def plan(self) -> PrefillPlan:
@@ -384,6 +387,44 @@ class BatchPlan(Generic[BatchT]):
             return
         check_metadata(self._data_specs, tensors, bound=self._dims, device=self._device)
         raise AssertionError(f"plan check: {[tuple(t.shape) for t in tensors]} differ from the plan")
+
+    def _check_out(self, out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+        """`out` of `run_into`: the output's dtype, shape and device, contiguous and 16-byte aligned
+        (the programs write it directly), sharing no memory with an input (metadata only)."""
+        expected = self._expected_out
+        name = self._out_spec.name
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != expected.dtype:
+            raise ValueError(f"{name}: expected dtype {expected.dtype} (the plan's), got {out.dtype}")
+        if tuple(out.shape) != expected.shape:
+            raise ValueError(
+                f"{name}: expected shape {self._out_spec.shape} = {expected.shape} (the plan's), "
+                f"got {tuple(out.shape)}"
+            )
+        if out.device != self._device:
+            raise ValueError(f"{name}: expected a tensor on {self._device} (the plan's), got {out.device}")
+        check_writable(name, out)
+        for spec_, t in zip(self._data_specs, inputs, strict=True):
+            if _overlap(out, t):
+                raise ValueError(
+                    f"{name}: expected memory apart from every input, got memory shared with {spec_.name} "
+                    f"(the programs read {spec_.name} while they write {name})"
+                )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [start, end) a tensor's elements lie in."""
+    start = t.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + (extent * t.element_size() if t.numel() else 0)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or not a.numel() or not b.numel():
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
 
 
 class PrefillOp(abc.ABC):

@@ -95,6 +95,7 @@ class ContiguousPlan(BatchPlan["_Batch"]):
         v_cache: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
+        out: torch.Tensor,
     ) -> torch.Tensor:
         b = self._batch
         if b.append is not None or b.rope_append is not None:
@@ -112,7 +113,6 @@ class ContiguousPlan(BatchPlan["_Batch"]):
                 assert cos is not None and sin is not None
                 q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
             b.append(k_new, v_new, k_cache, v_cache, b.cache_seqlens)
-        out = torch.empty_like(q)
         b.attention(q, k_cache, v_cache, b.kv_seqlens, out)
         return out
 
@@ -239,6 +239,7 @@ class ContiguousCacheOp(PrefillOp):
             tensors["v_cache"],
             tensors.get("cos"),
             tensors.get("sin"),
+            torch.empty_like(tensors["q"]),
         )
 
 
@@ -249,7 +250,15 @@ class GQAContiguousCachePrefillPlan(ContiguousPlan):
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Attention of this layer's q over the first kv_seqlens[b] rows of its caches."""
         self._check((q, k_cache, v_cache))
-        return self._run(q, None, None, k_cache, v_cache, None, None)
+        return self._run(q, None, None, k_cache, v_cache, None, None, torch.empty_like(q))
+
+    def run_into(
+        self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_cache, v_cache))
+        self._check_out(out, (q, k_cache, v_cache))
+        return self._run(q, None, None, k_cache, v_cache, None, None, out)
 
 
 class GQAContiguousCachePrefill(ContiguousCacheOp):
@@ -288,7 +297,21 @@ class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan):
     ) -> torch.Tensor:
         """Append this layer's new keys and values to its caches, then attend."""
         self._check((q, k_new, v_new, k_cache, v_cache))
-        return self._run(q, k_new, v_new, k_cache, v_cache, None, None)
+        return self._run(q, k_new, v_new, k_cache, v_cache, None, None, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_new, v_new, k_cache, v_cache))
+        self._check_out(out, (q, k_new, v_new, k_cache, v_cache))
+        return self._run(q, k_new, v_new, k_cache, v_cache, None, None, out)
 
 
 class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
@@ -342,7 +365,23 @@ class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan):
     ) -> torch.Tensor:
         """Rotate this layer's q and new keys, append the keys and values to its caches, then attend."""
         self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
-        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin)
+        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
+        self._check_out(out, (q, k_new, v_new, k_cache, v_cache, cos, sin))
+        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, out)
 
 
 class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):

@@ -94,12 +94,12 @@ class NoCachePlan(BatchPlan["_Batch"]):
         v: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
+        out: torch.Tensor,
     ) -> torch.Tensor:
         b = self._batch
         if b.rope_q is not None and b.rope_k is not None:
             assert cos is not None and sin is not None
             q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
-        out = torch.empty_like(q)
         if b.ragged is not None:
             assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
             b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out)
@@ -221,7 +221,10 @@ class NoCacheOp(PrefillOp):
         """`plan(...).run(...)` of one call's inputs."""
         plan = self._plan_call(tensors)
         plan._check([tensors[s.name] for s in self.run_specs])
-        return plan._run(tensors["q"], tensors["k"], tensors["v"], tensors.get("cos"), tensors.get("sin"))
+        q = tensors["q"]
+        return plan._run(
+            q, tensors["k"], tensors["v"], tensors.get("cos"), tensors.get("sin"), torch.empty_like(q)
+        )
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
@@ -231,7 +234,13 @@ class GQAPrefillPlan(NoCachePlan):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of this layer's q over its k, v."""
         self._check((q, k, v))
-        return self._run(q, k, v, None, None)
+        return self._run(q, k, v, None, None, torch.empty_like(q))
+
+    def run_into(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k, v))
+        self._check_out(out, (q, k, v))
+        return self._run(q, k, v, None, None, out)
 
 
 class GQAPrefill(NoCacheOp):
@@ -261,7 +270,13 @@ class GQAVarlenPrefillPlan(NoCachePlan):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of this layer's packed q over its packed k, v (the plan's cu_seqlens)."""
         self._check((q, k, v))
-        return self._run(q, k, v, None, None)
+        return self._run(q, k, v, None, None, torch.empty_like(q))
+
+    def run_into(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k, v))
+        self._check_out(out, (q, k, v))
+        return self._run(q, k, v, None, None, out)
 
 
 class GQAVarlenPrefill(NoCacheOp):
@@ -306,7 +321,21 @@ class GQARopePrefillPlan(NoCachePlan):
     ) -> torch.Tensor:
         """Attention of this layer's q over its k, v, both rotated first."""
         self._check((q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin)
+        return self._run(q, k, v, cos, sin, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k, v, cos, sin))
+        self._check_out(out, (q, k, v, cos, sin))
+        return self._run(q, k, v, cos, sin, out)
 
 
 class GQARopePrefill(RotatingOp, NoCacheOp):
@@ -340,7 +369,21 @@ class GQAVarlenRopePrefillPlan(NoCachePlan):
     ) -> torch.Tensor:
         """Attention of this layer's packed q over its packed k, v, both rotated first."""
         self._check((q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin)
+        return self._run(q, k, v, cos, sin, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k, v, cos, sin))
+        self._check_out(out, (q, k, v, cos, sin))
+        return self._run(q, k, v, cos, sin, out)
 
 
 class GQAVarlenRopePrefill(RotatingOp, NoCacheOp):

@@ -91,6 +91,7 @@ class PagedPlan(BatchPlan["_Batch"]):
         v_pages: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
+        out: torch.Tensor,
     ) -> torch.Tensor:
         b = self._batch
         if b.append is not None or b.rope_append is not None:
@@ -108,7 +109,6 @@ class PagedPlan(BatchPlan["_Batch"]):
                 assert cos is not None and sin is not None
                 q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
             b.append(k_new, v_new, k_pages, v_pages, b.block_table, b.cache_seqlens, b.cu_seqlens_q)
-        out = torch.empty_like(q)
         b.attention(q, k_pages, v_pages, b.block_table, b.kv_seqlens, b.cu_seqlens_q, out)
         return out
 
@@ -275,6 +275,7 @@ class PagedCacheOp(PrefillOp):
             tensors["v_pages"],
             tensors.get("cos"),
             tensors.get("sin"),
+            torch.empty_like(tensors["q"]),
         )
 
 
@@ -295,7 +296,15 @@ class GQAPagedCachePrefillPlan(PagedPlan):
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
         """Attention of this layer's q over its pages (the plan's block table and kv_seqlens)."""
         self._check((q, k_pages, v_pages))
-        return self._run(q, None, None, k_pages, v_pages, None, None)
+        return self._run(q, None, None, k_pages, v_pages, None, None, torch.empty_like(q))
+
+    def run_into(
+        self, out: torch.Tensor, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_pages, v_pages))
+        self._check_out(out, (q, k_pages, v_pages))
+        return self._run(q, None, None, k_pages, v_pages, None, None, out)
 
 
 class GQAPagedCachePrefill(PagedCacheOp):
@@ -360,7 +369,21 @@ class GQAPagedCacheAppendPrefillPlan(PagedPlan):
     ) -> torch.Tensor:
         """Append this layer's new keys and values to its pages, then attend."""
         self._check((q, k_new, v_new, k_pages, v_pages))
-        return self._run(q, k_new, v_new, k_pages, v_pages, None, None)
+        return self._run(q, k_new, v_new, k_pages, v_pages, None, None, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_new, v_new, k_pages, v_pages))
+        self._check_out(out, (q, k_new, v_new, k_pages, v_pages))
+        return self._run(q, k_new, v_new, k_pages, v_pages, None, None, out)
 
 
 class GQAPagedCacheAppendPrefill(PagedCacheOp):
@@ -435,7 +458,23 @@ class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan):
     ) -> torch.Tensor:
         """Rotate this layer's q and new keys, append the keys and values to its pages, then attend."""
         self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
-        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin)
+        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, torch.empty_like(q))
+
+    def run_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
+        self._check_out(out, (q, k_new, v_new, k_pages, v_pages, cos, sin))
+        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, out)
 
 
 class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
