@@ -67,6 +67,11 @@ def test_plan_and_run_split_the_call_inputs(manifest: Manifest, op: OpClass) -> 
     run = [p for name, p in inspect.signature(plan_class.run).parameters.items() if name != "self"]
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run)
     assert [p.name for p in run] == list(entry.run.inputs) == [s.name for s in op.run_specs]
+    run_into = [p for name, p in inspect.signature(plan_class.run_into).parameters.items() if name != "self"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run_into)
+    assert (
+        [p.name for p in run_into] == list(entry.run_into.inputs) == [op.output_spec.name, *entry.run.inputs]
+    )
     call = [i.name for i in entry.inputs]
     assert sorted([*entry.plan.inputs, *entry.run.inputs]) == sorted(call)
     for part in (entry.plan.inputs, entry.run.inputs):
