@@ -42,7 +42,8 @@ def batch_positions(
     steps = torch.arange(seqlen, dtype=torch.int32, device=device)
     if offsets is None:
         return steps.repeat(batch)
-    return (offsets[:, None] + steps[None, :]).reshape(batch * seqlen).to(torch.int32)
+    # int32 + int32 stays int32: two launches in all.
+    return torch.add(offsets[:, None], steps).view(batch * seqlen)
 
 
 def sequence_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,12 @@ def paged_slots(
     return torch.where(inside, rows, -1).to(torch.int32)
 
 
-def contiguous_slots(cache_seqlens: torch.Tensor, seqlen: int, max_seq: int) -> torch.Tensor:
-    """int32 (B * seqlen,): the row of a contiguous cache viewed as (B * max_seq, Hkv, D) that new
-    token i of sequence b goes to (position cache_seqlens[b] + i), or -1 past the cache."""
-    positions = batch_positions(cache_seqlens.shape[0], seqlen, cache_seqlens.device, offsets=cache_seqlens)
-    batch = torch.arange(cache_seqlens.shape[0], dtype=torch.int32, device=cache_seqlens.device)
-    rows = batch.repeat_interleave(seqlen) * max_seq + positions
-    inside = (positions >= 0) & (positions < max_seq)
-    return torch.where(inside, rows, -1).to(torch.int32)
+def contiguous_slots(positions: torch.Tensor, batch: int, seqlen: int, max_seq: int) -> torch.Tensor:
+    """int32 (B * seqlen,): the row of a contiguous cache viewed as (B * max_seq, Hkv, D) that each
+    new token at `positions` (int32 (B * seqlen,), sequence-major, from `batch_positions`) goes to,
+    or -1 outside the cache's rows of its sequence."""
+    by_sequence = positions.view(batch, seqlen)
+    first_rows = torch.arange(0, batch * max_seq, max_seq, dtype=torch.int32, device=positions.device)
+    inside = (by_sequence >= 0) & (by_sequence < max_seq)
+    rows = torch.where(inside, by_sequence + first_rows[:, None], -1)
+    return rows.view(-1).to(torch.int32)

@@ -152,13 +152,13 @@ class ContiguousCacheOp(PrefillOp):
         positions = slots = empty
         if self.appends:
             cache_seqlens = lengths
-            kv_seqlens = (cache_seqlens + shape.seq_q).to(torch.int32)
+            kv_seqlens = cache_seqlens + shape.seq_q  # int32 + int: int32
             if self.rotates:
                 positions = batch_positions(
                     lengths.shape[0], shape.seq_q, shape.device, offsets=cache_seqlens
                 )
             if steps.rope_append is not None:
-                slots = contiguous_slots(cache_seqlens, shape.seq_q, shape.max_seq)
+                slots = contiguous_slots(positions, lengths.shape[0], shape.seq_q, shape.max_seq)
         else:
             cache_seqlens = kv_seqlens = lengths
         batch = _Batch(
