@@ -10,13 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def sequence_index(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+def sequence_index(
+    cu_seqlens: torch.Tensor, total_tokens: int, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """int32 (total_tokens,): the sequence each packed token belongs to.
 
     Token t belongs to the b with cu_seqlens[b] <= t < cu_seqlens[b + 1]; searching
-    the sequence ends (right side) skips zero-length sequences.
+    the sequence ends (right side) skips zero-length sequences. `tokens` is
+    arange(total_tokens) as int32 if the caller has it.
     """
-    tokens = torch.arange(total_tokens, dtype=torch.int32, device=cu_seqlens.device)
+    if tokens is None:
+        tokens = torch.arange(total_tokens, dtype=torch.int32, device=cu_seqlens.device)
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True)
 
 
@@ -27,12 +31,12 @@ def ragged_positions(
 
     `offsets` (int32 (B,), e.g. cache_seqlens) shifts every token of sequence b.
     """
-    seq = sequence_index(cu_seqlens, total_tokens)
     tokens = torch.arange(total_tokens, dtype=torch.int32, device=cu_seqlens.device)
+    seq = sequence_index(cu_seqlens, total_tokens, tokens)
     start = cu_seqlens.index_select(0, seq)
     if offsets is not None:
         start = start - offsets.index_select(0, seq)
-    return (tokens - start).to(torch.int32)
+    return tokens - start  # int32 throughout
 
 
 def batch_positions(

@@ -174,13 +174,19 @@ class NoCacheOp(PrefillOp):
         static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
         q_positions = k_positions = torch.empty(0, dtype=torch.int32, device=shape.device)
         if steps.rope is not None:
+            # Self-attention prefill passes one length tensor (or one length) for q and k: one derivation.
             if isinstance(shape, DenseShape):
                 q_positions = batch_positions(shape.batch, shape.seq_q, shape.device)
-                k_positions = batch_positions(shape.batch, shape.seq_kv, shape.device)
+                k_positions = (
+                    q_positions
+                    if shape.seq_kv == shape.seq_q
+                    else batch_positions(shape.batch, shape.seq_kv, shape.device)
+                )
             else:
                 assert cu_seqlens_q is not None and cu_seqlens_kv is not None
                 q_positions = ragged_positions(cu_seqlens_q, shape.tokens_q)
-                k_positions = ragged_positions(cu_seqlens_kv, shape.tokens_kv)
+                same = cu_seqlens_kv is cu_seqlens_q and shape.tokens_kv == shape.tokens_q
+                k_positions = q_positions if same else ragged_positions(cu_seqlens_kv, shape.tokens_kv)
         batch = _Batch(
             cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_kv=cu_seqlens_kv,
