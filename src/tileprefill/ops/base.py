@@ -427,6 +427,62 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+#: Attention of q over a plan's caches into out (q, k_cache, v_cache, out), the plan's metadata bound.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: The write of k_new, v_new into a plan's caches (k_new, v_new, k_cache, v_cache), metadata bound.
+Append = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class CacheSteps(NamedTuple):
+    """What the runs of a plan over a KV cache (contiguous or paged) launch, with the plan's metadata
+    (lengths, block table, cu_seqlens) bound: [RoPE, append | RoPE + append in one,] attention."""
+
+    positions: torch.Tensor  # positions of the new tokens (RoPE Ops; empty otherwise)
+    slots: torch.Tensor  # cache rows of the new tokens (the fused RoPE + append step; empty otherwise)
+    attend: Attend
+    append: Append | None
+    rope_q: RopeLaunch | None
+    rope_k: RopeLaunch | None
+    rope_append: RopeAppendLaunch | None
+
+
+class CachePlan(BatchPlan[CacheSteps]):
+    """A plan over a KV cache: its runs rotate and write the new keys (append Ops), then attend."""
+
+    #: The names of the two cache inputs, for errors.
+    cache_names: ClassVar[tuple[str, str]]
+
+    def _run(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        s = self._batch
+        if s.append is not None or s.rope_append is not None:
+            # The caches are written in place: they cannot be copied into the layout the programs need.
+            check_writable(self.cache_names[0], k_cache)
+            check_writable(self.cache_names[1], v_cache)
+        if s.rope_append is not None:
+            assert k_new is not None and v_new is not None and cos is not None and sin is not None
+            q = rotate_and_write(
+                s.rope_append, q, k_new, v_new, s.positions, s.slots, cos, sin, k_cache, v_cache
+            )
+        elif s.append is not None:
+            assert k_new is not None and v_new is not None
+            if s.rope_q is not None and s.rope_k is not None:
+                assert cos is not None and sin is not None
+                q, k_new = rotate(s.rope_q, s.rope_k, q, k_new, s.positions, s.positions, cos, sin)
+            s.append(k_new, v_new, k_cache, v_cache)
+        s.attend(q, k_cache, v_cache, out)
+        return out
+
+
 class PrefillOp(abc.ABC):
     """Base of the public Ops. Subclasses declare their traits and input specs as class variables."""
 

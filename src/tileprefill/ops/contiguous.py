@@ -14,24 +14,19 @@ import torch
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
-    ContiguousAppendLaunch,
     ContiguousAttentionKernel,
-    ContiguousAttentionLaunch,
     RopeAppendKernel,
-    RopeAppendLaunch,
     RopeKernel,
-    RopeLaunch,
 )
-from tileprefill.kernels.launch import check_writable
 from tileprefill.ops.base import (
     COS,
     SIN,
-    BatchPlan,
+    Append,
+    CachePlan,
+    CacheSteps,
     PrefillOp,
     Requirement,
     RotatingOp,
-    rotate,
-    rotate_and_write,
 )
 from tileprefill.positions import batch_positions, contiguous_slots
 from tileprefill.validation import (
@@ -71,50 +66,10 @@ _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
 
 
-class _Batch(NamedTuple):
-    """What a contiguous-cache plan's runs share."""
+class ContiguousPlan(CachePlan):
+    """A contiguous-cache batch: the lengths, and (appending) each new token's position and slot."""
 
-    kv_seqlens: torch.Tensor  # keys attended per sequence (cached + new for append Ops)
-    cache_seqlens: torch.Tensor
-    positions: torch.Tensor  # RoPE positions of the new tokens, (B * Sq,) (empty unless RoPE)
-    slots: torch.Tensor  # cache rows of the new tokens (empty unless fused RoPE + append)
-    attention: ContiguousAttentionLaunch
-    append: ContiguousAppendLaunch | None
-    rope_q: RopeLaunch | None
-    rope_k: RopeLaunch | None
-    rope_append: RopeAppendLaunch | None
-
-
-class ContiguousPlan(BatchPlan["_Batch"]):
-    def _run(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor | None,
-        v_new: torch.Tensor | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        b = self._batch
-        if b.append is not None or b.rope_append is not None:
-            # The caches are written in place: they cannot be copied into the layout the programs need.
-            check_writable("k_cache", k_cache)
-            check_writable("v_cache", v_cache)
-        if b.rope_append is not None:
-            assert k_new is not None and v_new is not None and cos is not None and sin is not None
-            q = rotate_and_write(
-                b.rope_append, q, k_new, v_new, b.positions, b.slots, cos, sin, k_cache, v_cache
-            )
-        elif b.append is not None:
-            assert k_new is not None and v_new is not None
-            if b.rope_q is not None and b.rope_k is not None:
-                assert cos is not None and sin is not None
-                q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
-            b.append(k_new, v_new, k_cache, v_cache, b.cache_seqlens)
-        b.attention(q, k_cache, v_cache, b.kv_seqlens, out)
-        return out
+    cache_names = ("k_cache", "v_cache")
 
 
 class ContiguousCacheOp(PrefillOp):
@@ -161,17 +116,25 @@ class ContiguousCacheOp(PrefillOp):
                 slots = contiguous_slots(positions, lengths.shape[0], shape.seq_q, shape.max_seq)
         else:
             cache_seqlens = kv_seqlens = lengths
-        batch = _Batch(
-            kv_seqlens=kv_seqlens,
-            cache_seqlens=cache_seqlens,
+        attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(static)
+
+        def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+            attention(q, k_cache, v_cache, kv_seqlens, out)
+
+        append: Append | None = None
+        if steps.append is not None:
+            append_rows = self._kernel_of(steps.append, ContiguousAppendKernel).bind(static)
+
+            def append(
+                k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+            ) -> None:
+                append_rows(k, v, k_cache, v_cache, cache_seqlens)
+
+        batch = CacheSteps(
             positions=positions,
             slots=slots,
-            attention=self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(static),
-            append=(
-                None
-                if steps.append is None
-                else self._kernel_of(steps.append, ContiguousAppendKernel).bind(static)
-            ),
+            attend=attend,
+            append=append,
             rope_q=None if steps.rope is None else self._kernel_of(steps.rope, RopeKernel).bind(static),
             rope_k=(
                 None

@@ -18,25 +18,20 @@ import torch
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
     PagedAppendKernel,
-    PagedAppendLaunch,
     PagedAttentionKernel,
-    PagedAttentionLaunch,
     PagedBatchKernel,
     RopeAppendKernel,
-    RopeAppendLaunch,
     RopeKernel,
-    RopeLaunch,
 )
-from tileprefill.kernels.launch import check_writable
 from tileprefill.ops.base import (
     COS,
     SIN,
-    BatchPlan,
+    Append,
+    CachePlan,
+    CacheSteps,
     PrefillOp,
     Requirement,
     RotatingOp,
-    rotate,
-    rotate_and_write,
 )
 from tileprefill.validation import (
     Binding,
@@ -79,54 +74,10 @@ _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
 
 
-class PagedPlan(BatchPlan["_Batch"]):
+class PagedPlan(CachePlan):
     """A paged batch: the block table, lengths, and (appending) each new token's position and slot."""
 
-    def _run(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor | None,
-        v_new: torch.Tensor | None,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        b = self._batch
-        if b.append is not None or b.rope_append is not None:
-            # The caches are written in place: they cannot be copied into the layout the programs need.
-            check_writable("k_pages", k_pages)
-            check_writable("v_pages", v_pages)
-        if b.rope_append is not None:
-            assert k_new is not None and v_new is not None and cos is not None and sin is not None
-            q = rotate_and_write(
-                b.rope_append, q, k_new, v_new, b.positions, b.slots, cos, sin, k_pages, v_pages
-            )
-        elif b.append is not None:
-            assert k_new is not None and v_new is not None
-            if b.rope_q is not None and b.rope_k is not None:
-                assert cos is not None and sin is not None
-                q, k_new = rotate(b.rope_q, b.rope_k, q, k_new, b.positions, b.positions, cos, sin)
-            b.append(k_new, v_new, k_pages, v_pages, b.block_table, b.cache_seqlens, b.cu_seqlens_q)
-        b.attention(q, k_pages, v_pages, b.block_table, b.kv_seqlens, b.cu_seqlens_q, out)
-        return out
-
-
-class _Batch(NamedTuple):
-    """What a paged plan's runs share: metadata tensors, what plan derived, the bound launches."""
-
-    block_table: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    kv_seqlens: torch.Tensor  # keys attended per sequence (cached + new for append Ops)
-    cache_seqlens: torch.Tensor  # append Ops; kv_seqlens otherwise (unused)
-    positions: torch.Tensor  # positions of the new tokens (append Ops; empty otherwise)
-    slots: torch.Tensor  # cache rows of the new tokens (append Ops; empty otherwise)
-    attention: PagedAttentionLaunch
-    append: PagedAppendLaunch | None
-    rope_q: RopeLaunch | None
-    rope_k: RopeLaunch | None
-    rope_append: RopeAppendLaunch | None
+    cache_names = ("k_pages", "v_pages")
 
 
 class PagedCacheOp(PrefillOp):
@@ -176,17 +127,25 @@ class PagedCacheOp(PrefillOp):
         else:
             positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
             cache_seqlens = kv_seqlens = lengths
-        batch = _Batch(
-            block_table=block_table,
-            cu_seqlens_q=cu_seqlens_q,
-            kv_seqlens=kv_seqlens,
-            cache_seqlens=cache_seqlens,
+        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(static)
+
+        def attend(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, out: torch.Tensor) -> None:
+            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
+
+        append: Append | None = None
+        if plan.append is not None:
+            append_pages = self._kernel_of(plan.append, PagedAppendKernel).bind(static)
+
+            def append(
+                k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
+            ) -> None:
+                append_pages(k, v, k_pages, v_pages, block_table, cache_seqlens, cu_seqlens_q)
+
+        batch = CacheSteps(
             positions=positions,
             slots=slots,
-            attention=self._kernel_of(plan.attention, PagedAttentionKernel).bind(static),
-            append=None
-            if plan.append is None
-            else self._kernel_of(plan.append, PagedAppendKernel).bind(static),
+            attend=attend,
+            append=append,
             rope_q=None if plan.rope is None else self._kernel_of(plan.rope, RopeKernel).bind(static),
             rope_k=(
                 None
