@@ -7,8 +7,11 @@ Run on a Hopper GPU from the repository root:
 
 The program modules are loaded without importing `tileprefill` itself (stub parent
 packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
-of the package is being edited. `_old_attention_sm90.py` beside this file, if present,
-is the previous program module, timed beside the current one.
+of the package is being edited. The ragged, paged and contiguous cases are timed twice:
+persistent, and built with `persistent_ctas = 0` (the one-CTA-per-tile grid the previous
+programs ran). `--wait-for FILE` holds the timing back until FILE exists, so the GPU test
+suite can share the call (and the CPUs for compiling) without disturbing the timings.
+`_old_attention_sm90.py` beside this file, if present, is loadable as module "old".
 """
 
 from __future__ import annotations
@@ -317,7 +320,7 @@ def time_dense(prog: Prog, batch: int, seq: int) -> float:
     kernel = _KERNELS[prog]
     ms = do_bench(lambda: kernel(q, k, v, out), warmup=100, rep=400, return_mode="median")
     flops = 4 * batch * prog.heads * prog.head_dim * visible_pairs(seq, seq, prog.causal)
-    return flops / (ms * 1e-3) / 1e12
+    return float(flops / (ms * 1e-3) / 1e12)
 
 
 def time_ragged(prog: Prog, q_lens: list[int]) -> float:
@@ -333,35 +336,90 @@ def time_ragged(prog: Prog, q_lens: list[int]) -> float:
     kernel = _KERNELS[prog]
     ms = do_bench(lambda: kernel(q, k, v, cq, cq, out), warmup=100, rep=400, return_mode="median")
     flops = sum(4 * prog.heads * prog.head_dim * visible_pairs(n, n, prog.causal) for n in q_lens)
-    return flops / (ms * 1e-3) / 1e12
+    return float(flops / (ms * 1e-3) / 1e12)
 
 
-# (label, batch, seq, heads, kv_heads, D, dtype, causal): the issue's dense cases.
+def time_paged(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> float:
+    """Paged (or tiled paged) cache: each sequence's pages scattered over a shuffled pool."""
+    import torch
+    from triton.testing import do_bench
+
+    dt = _dtype(prog.dtype)
+    ps = prog.page_size
+    pages_of = [math.ceil(kl / ps) for kl in kv_lens]
+    num_pages = sum(pages_of)
+    perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
+    table = torch.zeros(len(q_lens), max(pages_of), dtype=torch.int32, device=DEV)
+    used = 0
+    for b, n in enumerate(pages_of):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    kp = torch.randn(num_pages, ps, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    vp = torch.randn_like(kp)
+    cq = torch.tensor([0, *itertools_accumulate(q_lens)], dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    out = torch.empty_like(q)
+    kernel = _KERNELS[prog]
+    ms = do_bench(lambda: kernel(q, kp, vp, table, lens, cq, out), warmup=100, rep=400, return_mode="median")
+    flops = sum(
+        4 * prog.heads * prog.head_dim * visible_pairs(ql, kl, prog.causal)
+        for ql, kl in zip(q_lens, kv_lens, strict=True)
+    )
+    return float(flops / (ms * 1e-3) / 1e12)
+
+
+def time_contiguous(prog: Prog, seq_q: int, kv_lens: list[int]) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    dt = _dtype(prog.dtype)
+    batch = len(kv_lens)
+    q = torch.randn(batch, seq_q, prog.heads, prog.head_dim, device=DEV, dtype=dt)
+    k = torch.randn(batch, max(kv_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
+    v = torch.randn_like(k)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    kernel = _KERNELS[prog]
+    ms = do_bench(lambda: kernel(q, k, v, lens, out), warmup=100, rep=400, return_mode="median")
+    flops = sum(4 * prog.heads * prog.head_dim * visible_pairs(seq_q, kl, prog.causal) for kl in kv_lens)
+    return float(flops / (ms * 1e-3) / 1e12)
+
+
+# (label, batch, seq, heads, kv_heads, D, dtype, causal): the issue's dense cases (programs unchanged
+# in this step: timed once, for reference).
 DENSE_TIMING = [
     ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False),
     ("B1 S8192 32/8 D128 causal bf16", 1, 8192, 32, 8, 128, "bfloat16", True),
-    ("B4 S4096 32/8 D128 nc fp16", 4, 4096, 32, 8, 128, "float16", False),
-    ("B2 S4096 64/4 D128 causal fp16", 2, 4096, 64, 4, 128, "float16", True),
     ("B4 S2048 32/8 D64 causal bf16", 4, 2048, 32, 8, 64, "bfloat16", True),
     ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
-    ("B1 S16384 32/8 D128 nc bf16", 1, 16384, 32, 8, 128, "bfloat16", False),
 ]
-#: The cases the old program is timed on too (the rest were measured against it in call 1).
-OLD_TIMED = {
-    "B1 S8192 32/8 D128 nc bf16",
-    "B1 S8192 32/8 D128 causal bf16",
-    "B4 S4096 32/8 D128 nc fp16",
-    "B8 S1024 40/8 D128 causal bf16",
-    "B1 S16384 32/8 D128 nc bf16",
-}
 RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
+#: (label, source, page size, q_lens, kv_lens): the issue's packed cases, 32/8 D128 bf16 causal.
+PACKED_TIMING = [
+    ("ragged 8 mixed 17..4096", "ragged", 0, RAGGED_LENS, RAGGED_LENS),
+    ("paged 8x(3000+700) p16", "paged_tiled", 16, [700] * 8, [3700] * 8),
+    ("paged 32x(512+128) p32", "paged_tiled", 32, [128] * 32, [640] * 32),
+    ("paged 2x(2048+256) p1", "paged", 1, [256] * 2, [2304] * 2),
+    ("contiguous 4x(4096+512)", "contiguous", 0, [512] * 4, [4608] * 4),
+]
+
+
+def _wait_for(path: str | None, log: Any) -> None:
+    """Block until `path` exists (another GPU job sharing the device is done), at most 10 minutes."""
+    if not path:
+        return
+    start = time.time()
+    while not os.path.exists(path) and time.time() - start < 600:
+        time.sleep(2)
+    log(f"waited {time.time() - start:.0f}s for {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe"))
     parser.add_argument("--quick", action="store_true", help="correctness only")
-    parser.add_argument("--ragged", action="store_true", help="time the ragged case too")
+    parser.add_argument("--wait-for", default=None, help="a file to wait for before timing")
     args = parser.parse_args()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -376,61 +434,54 @@ def main() -> None:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"device {torch.cuda.get_device_name()} sms {sms}")
-    modules = ["new", "old"] if OLD is not None else ["new"]
+    B16 = "bfloat16"
     timing: list[tuple[str, Prog, Any]] = []
     for label, batch, seq, h, hk, d, dt, causal in DENSE_TIMING:
-        for module in modules:
-            if module == "old" and label not in OLD_TIMED:
-                continue
-            timing.append((f"{label} [{module}]", Prog(module, "dense", h, hk, d, dt, causal), (batch, seq)))
-        not_persistent = Prog("new", "dense", h, hk, d, dt, causal, persistent=False)
-        timing.append((f"{label} [new, not persistent]", not_persistent, (batch, seq)))
-    ragged_timing = [
-        (f"ragged 8 mixed causal bf16 [{m}]", Prog(m, "ragged", 32, 8, 128, "bfloat16", True))
-        for m in modules
-        if args.ragged
-    ]
+        timing.append(
+            (f"{label} [dense, unchanged]", Prog("new", "dense", h, hk, d, dt, causal), ("dense", batch, seq))
+        )
+    for label, source, ps, ql, kl in PACKED_TIMING:
+        for persistent in (False, True):
+            name = "new persistent" if persistent else "old grid"
+            prog = Prog("new", source, 32, 8, 128, B16, True, page_size=ps, persistent=persistent)
+            timing.append((f"{label} [{name}]", prog, (source, ql, kl)))
 
-    # Mostly the timed programs (compiled anyway), on unaligned shapes; D 256 runs non-persistent.
-    correctness: list[tuple[Prog, Any]] = [
-        (Prog("new", "dense", 32, 8, 128, "bfloat16", False), [(2, 300, 777), (1, 1000, 1000), (3, 129, 64)]),
-        (
-            Prog("new", "dense", 32, 8, 128, "bfloat16", True),
-            [(2, 300, 777), (2, 777, 300), (1, 1000, 1000), (1, 1, 1)],
-        ),
-        (
-            Prog("new", "dense", 40, 8, 128, "bfloat16", True, persistent=False),
-            [(2, 777, 300), (1, 1000, 1000)],
-        ),
-        (Prog("new", "dense", 32, 8, 64, "bfloat16", True), [(2, 555, 555), (1, 200, 50)]),
-        (Prog("new", "dense", 64, 4, 128, "float16", True), [(1, 640, 1111), (2, 100, 100)]),
-        (Prog("new", "dense", 32, 8, 128, "float16", False), [(1, 257, 129)]),
-        (Prog("new", "dense", 16, 1, 256, "bfloat16", True), [(2, 300, 500), (1, 129, 64)]),
-    ]
+    def both(prog: Prog) -> list[Prog]:
+        return [prog, dataclasses.replace(prog, persistent=False)]
+
+    # Unaligned lengths, empty sequences, q_len > kv_len (rows that see nothing), more tiles than
+    # CTAs and fewer, and batches wide enough that the walk's cost bands are wider than 1.
+    rng = __import__("random").Random(7)
+    many_q = [rng.choice([0, 1, 37, 128, 129, 300, 700]) for _ in range(40)]
+    many_kv = [q + rng.choice([0, 5, 200, 900]) for q in many_q]
     ragged_checks = [
-        (Prog("new", "ragged", 32, 8, 128, "bfloat16", True), ([5, 0, 300, 128, 129], [5, 7, 500, 128, 100]))
+        (p, lens)
+        for p in both(Prog("new", "ragged", 32, 8, 128, B16, True))
+        for lens in (([5, 0, 300, 128, 129], [5, 7, 500, 128, 100]), ([1], [1]), (many_q, many_kv))
+    ]
+    ragged_checks += [
+        (Prog("new", "ragged", 16, 1, 64, "float16", False), ([5, 0, 300, 128, 129], [5, 7, 500, 128, 100])),
+        (Prog("new", "ragged", 16, 1, 64, "float16", False), (many_q, many_kv)),
     ]
     contiguous_checks = [
-        (Prog("new", "contiguous", 32, 8, 128, "bfloat16", True), (200, [500, 150, 0, 333], 640))
+        (p, (200, [500, 150, 0, 333], 640)) for p in both(Prog("new", "contiguous", 32, 8, 128, B16, True))
     ]
-    paged_checks = [
-        (Prog("new", "paged", 32, 8, 128, "bfloat16", True, page_size=1), ([100, 0, 37], [300, 10, 37])),
-        (
-            Prog("new", "paged_tiled", 32, 8, 128, "bfloat16", True, page_size=16),
-            ([100, 0, 37], [300, 10, 37]),
-        ),
-    ]
-    progs = [p for _, p, _ in timing] + [p for _, p in ragged_timing]
-    progs += [p for p, _ in correctness + ragged_checks + contiguous_checks + paged_checks]
+    contiguous_checks.append(
+        (Prog("new", "contiguous", 32, 8, 128, B16, True), (700, [3000, 129, 700, 1], 3000))
+    )
+    paged_checks = []
+    for source, ps in (("paged", 1), ("paged_tiled", 16), ("paged_tiled", 32)):
+        for p in both(Prog("new", source, 32, 8, 128, B16, True, page_size=ps)):
+            paged_checks.append((p, ([100, 0, 37], [300, 10, 37])))
+        p = Prog("new", source, 32, 8, 128, B16, True, page_size=ps)
+        paged_checks.append((p, (many_q, many_kv)))
+        paged_checks.append((p, ([128] * 32, [640] * 32)))
+    progs = [p for _, p, _ in timing]
+    progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks]
     failed = prebuild(progs, log)
 
     results: list[dict[str, Any]] = []
     torch.manual_seed(0)
-    for prog, shapes in correctness:
-        if prog in failed:
-            continue
-        for batch, sq, skv in shapes:
-            dense_case(prog, batch, sq, skv, results, log)
     for prog, (ql, kl) in ragged_checks:
         if prog not in failed:
             ragged_case(prog, ql, kl, results, log)
@@ -440,23 +491,33 @@ def main() -> None:
     for prog, (ql, kl) in paged_checks:
         if prog not in failed:
             paged_case(prog, ql, kl, results, log)
-    # The timed programs on a shape of their own, checked too.
-    for _label, prog, (batch, seq) in timing:
-        if prog.module == "new" and prog not in failed:
-            dense_case(prog, min(batch, 2), min(seq, 2048) + 33, min(seq, 2048) + 33, results, log)
+    for _label, prog, (source, a, b) in timing:
+        if prog.persistent and prog not in failed:
+            if source == "dense":
+                dense_case(prog, min(a, 2), min(b, 2048) + 33, min(b, 2048) + 33, results, log)
+            elif source == "ragged":
+                ragged_case(prog, [x + 3 for x in a], [x + 3 for x in b], results, log)
+            elif source == "contiguous":
+                contiguous_case(prog, a[0] + 3, [x + 5 for x in b], max(b) + 5, results, log)
+            else:
+                paged_case(prog, [x + 3 for x in a], [x + 5 for x in b], results, log)
+    bad = [r for r in results if not r["ok"]]
+    log(f"checks: {len(results) - len(bad)} ok, {len(bad)} failed; compile failures {len(failed)}")
 
     timings: list[dict[str, Any]] = []
     if not args.quick:
-        for label, prog, (batch, seq) in timing:
+        _wait_for(args.wait_for, log)
+        for label, prog, (source, a, b) in timing:
             if prog in failed:
                 continue
-            tflops = time_dense(prog, batch, seq)
-            timings.append({"case": label, "tflops": tflops})
-            log(f"time {label}: {tflops:.1f} TFLOP/s")
-        for label, prog in ragged_timing:
-            if prog in failed:
-                continue
-            tflops = time_ragged(prog, RAGGED_LENS)
+            if source == "dense":
+                tflops = time_dense(prog, a, b)
+            elif source == "ragged":
+                tflops = time_ragged(prog, a)
+            elif source == "contiguous":
+                tflops = time_contiguous(prog, a[0], b)
+            else:
+                tflops = time_paged(prog, a, b)
             timings.append({"case": label, "tflops": tflops})
             log(f"time {label}: {tflops:.1f} TFLOP/s")
     (out_dir / "probe.json").write_text(
@@ -470,7 +531,6 @@ def main() -> None:
             indent=1,
         )
     )
-    bad = [r for r in results if not r["ok"]]
     log(f"checks: {len(results) - len(bad)} ok, {len(bad)} failed; compile failures {len(failed)}")
 
 

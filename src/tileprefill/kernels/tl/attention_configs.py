@@ -14,8 +14,9 @@ import dataclasses
 class TileConfig:
     """block_M query rows x block_N keys per step; num_stages K/V buffers; threads per CTA.
 
-    persistent_ctas > 0 (SM90 dense only): launch that many CTAs, each looping over
-    query tiles in a static order, instead of one CTA per query tile.
+    persistent_ctas > 0 (SM90 dense, ragged and paged sources; the contiguous cache keeps its
+    grid): launch that many CTAs, each looping over query tiles in a static order, instead of
+    one CTA per query tile.
     """
 
     block_M: int
@@ -32,11 +33,11 @@ class TileConfig:
 #   shared memory, 64 fp32 score registers per thread; the FlashAttention-3 shape.
 # - D 256: block_N 64 keeps the fp32 output (128 registers a thread) plus scores
 #   inside the consumers' 240 registers and Q 64 KiB + 2 x 64 KiB K/V in 227 KiB.
-# - Dense D 64 / 128 run persistent: one CTA per SM of an H100 SXM / H200 (132), each
-#   looping over query tiles; a separate 2 x 64-row output staging tile (16/32 KiB)
-#   lets the next tile's Q load overlap the current tile's epilogue. (D 256 has no
-#   shared memory left for it.) On a GPU with fewer SMs the surplus CTAs run as a
-#   second wave.
+# - D 64 / 128 run persistent (dense, ragged, paged): one CTA per SM of an H100 SXM / H200
+#   (132), each looping over query tiles; dense outputs go through a separate 2 x 64-row
+#   staging tile (16/32 KiB) so the next tile's Q load overlaps the current tile's
+#   epilogue. (D 256 has no shared memory left for it.) On a GPU with fewer SMs the
+#   surplus CTAs run as a second wave.
 SM90_PERSISTENT_CTAS = 132
 SM90_CONFIGS: dict[int, TileConfig] = {
     64: TileConfig(block_M=128, block_N=128, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS),

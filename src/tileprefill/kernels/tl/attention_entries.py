@@ -180,10 +180,12 @@ def entry_program(
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """The query tiles of one persistent CTA: `count` of them (a TIR scalar); `work(i)`, a macro,
-    is the `Work` of its i-th."""
+    """The query tiles of one persistent CTA: `count` of them (a TIR scalar). Each warpgroup calls
+    `begin()` (a macro) once, for the state of its own walk over the schedule, then `work(i, state)`
+    (a macro) for the `Work` of the CTA's i-th tile, i ascending."""
 
     count: Any
+    begin: Any
     work: Any
 
 
@@ -271,10 +273,225 @@ def persistent_program(
                 rounds = total // ctas
                 last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)
                 count = rounds + T.if_then_else(last < total % ctas, 1, 0)
-            schedule = Schedule(count, lambda i: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv))
+            schedule = Schedule(
+                count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv)
+            )
             attend_tiles(schedule, Q, K, V, O, None)
 
     return main_dense
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element int32 register buffer holding `value`: read and written as buf[0], also by the
+    macros it is passed to (a `T.alloc_var` passed to a macro arrives as its value)."""
+    buf = T.alloc_local([1], "int32")
+    T.buffer_store(buf, value, [0])
+    return buf
+
+
+#: Steps (one (band, sequence) pair each) a persistent CTA's walk over a packed batch may take:
+#: the cost bands widen until (bands x sequences) fits, so the walk stays a few microseconds.
+WALK_STEPS = 160
+
+
+@dataclasses.dataclass(frozen=True)
+class _Walk:
+    """One warpgroup's position in the cost-ordered list of query units (sequence, query tile) of a
+    packed batch (one-element int32 buffers): band `hi` (costs (hi - width, hi]), sequence `seq`,
+    the units before the pair (`base`), its units (`units`) and the tiles of cost <= hi (`top`:
+    the pair's units are tiles top - units .. top - 1), and the lengths of `seq`."""
+
+    hi: Any
+    seq: Any
+    base: Any
+    units: Any
+    top: Any
+    q_first: Any
+    q_len: Any
+    kv_first: Any
+    kv_len: Any
+
+
+def persistent_packed_program(
+    source: KVSource,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool,
+    page_size: int,
+    config: TileConfig,
+    attend_tiles: Any,
+) -> Any:
+    """The prim_func of a packed batch of sequences of their own lengths (ragged, paged) with a
+    persistent grid: `config.persistent_ctas` CTAs, each running the macro
+    `attend_tiles(schedule, Q, K, V, O, block_table)` over its `Schedule`.
+
+    The schedule is static and computed on the device from the length tensors (CUDA-graph safe,
+    no atomics): a query *unit* is one query tile of one sequence (all query heads of it follow
+    one another, so the group's K/V stays in L2); its cost is the key tiles it reads. Units are
+    ordered longest first over the whole batch: by cost band (bands of `width` costs, top band
+    first), then sequence, then tile (costliest first). A CTA takes the tiles
+    `i ctas + cta` (even rounds) or `i ctas + ctas - 1 - cta` (odd rounds): snake dealing, so
+    no CTA takes the dearest tile of every round. Every CTA first reads each sequence's lengths
+    once (the unit total and the top cost); then each warpgroup walks the (band, sequence) pairs
+    forward as its tiles advance, reading a sequence's lengths once per pair. No CTA is empty
+    when there are at least `ctas` tiles, and none searches. The band width grows with the batch
+    so that the walk takes at most about WALK_STEPS steps (width 1: exact longest-first order).
+    """
+    if not source.ragged_q:
+        raise ValueError(f"persistent packed grid: expected a ragged or paged source, got {source}")
+    if source is KVSource.PAGED_TILED and not _pages_tile(page_size, config.block_N):
+        raise ValueError(
+            f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
+        )
+    group = heads // kv_heads
+    block_M = config.block_M
+    block_N = config.block_N
+    ctas = config.persistent_ctas
+    D = head_dim
+    tile_count = kv_tile_count(causal, block_M, block_N)
+
+    @T.macro
+    def at_most(cost: Any, units: Any, kv_len: Any, offset: Any) -> Any:
+        """How many of a sequence's `units` query tiles read at most `cost` >= 0 key tiles (tile
+        j reads tile_count(j block_M, ...), non-decreasing in j)."""
+        if causal:
+            # Tile j reads min(kv_len, offset + (j + 1) block_M) keys, rounded up to tiles.
+            below = T.min(units, T.max(0, T.floordiv(cost * block_N - offset, block_M)))
+        else:
+            below = 0
+        return T.if_then_else(cost >= T.ceildiv(kv_len, block_N), units, below)
+
+    @T.macro
+    def batch_totals(lengths: Any, batch: Any) -> Any:
+        """Every sequence once: the batch's query units and the top cost of any unit."""
+        total = _scalar(0)
+        top_cost = _scalar(0)
+        for b in T.serial(batch):
+            _, q_len, _, kv_len = lengths(b)
+            units = T.ceildiv(q_len, block_M)
+            total[0] = total[0] + units
+            # A sequence's last query tile reads all its keys.
+            top_cost[0] = T.max(top_cost[0], T.if_then_else(units > 0, T.ceildiv(kv_len, block_N), 0))
+        return total, top_cost
+
+    @T.macro
+    def enter(walk: _Walk, lengths: Any, width: Any) -> None:
+        """Read the lengths of walk.seq and count its units in band walk.hi."""
+        q_first, q_len, kv_first, kv_len = lengths(walk.seq[0])
+        walk.q_first[0] = q_first
+        walk.q_len[0] = q_len
+        walk.kv_first[0] = kv_first
+        walk.kv_len[0] = kv_len
+        units = T.ceildiv(q_len, block_M)
+        offset = kv_len - q_len
+        walk.top[0] = at_most(walk.hi[0], units, kv_len, offset)
+        lo = walk.hi[0] - width
+        walk.units[0] = walk.top[0] - T.if_then_else(lo >= 0, at_most(lo, units, kv_len, offset), 0)
+
+    @T.macro
+    def begin(lengths: Any, top_cost: Any, width: Any) -> _Walk:
+        walk = _Walk(*(_scalar(value) for value in (top_cost, 0, 0, 0, 0, 0, 0, 0, 0)))
+        enter(walk, lengths, width)
+        return walk
+
+    @T.macro
+    def unit_work(i: Any, walk: _Walk, lengths: Any, batch: Any, bx: Any, width: Any) -> Work:
+        """The `Work` of CTA bx's i-th tile (i ascending: the walk only moves forward)."""
+        t = i * ctas + T.if_then_else(i % 2 == 0, bx, ctas - 1 - bx)
+        unit = t // heads
+        head = t % heads
+        # Forward to the (band, sequence) pair holding the unit.
+        while unit >= walk.base[0] + walk.units[0]:
+            walk.base[0] = walk.base[0] + walk.units[0]
+            if walk.seq[0] + 1 == batch:
+                walk.seq[0] = 0
+                walk.hi[0] = walk.hi[0] - width
+            else:
+                walk.seq[0] = walk.seq[0] + 1
+            enter(walk, lengths, width)
+        tile = walk.top[0] - 1 - (unit - walk.base[0])
+        kv_len = walk.kv_len[0]
+        offset = kv_len - walk.q_len[0]
+        return work(
+            seq=walk.seq[0],
+            head=head,
+            kv_head=head // group,
+            q_first=walk.q_first[0],
+            q0=tile * block_M,
+            q_len=walk.q_len[0],
+            kv_first=walk.kv_first[0],
+            kv_len=kv_len,
+            offset=offset,
+            tiles=tile_count(tile * block_M, kv_len, offset),
+            hold_ids=True,
+        )
+
+    def packed(lengths: Any, batch: Any, bx: Any) -> Schedule:
+        """The schedule of CTA bx (called inside the kernel); `lengths(b)` (a macro) gives sequence
+        b's (q_first, q_len, kv_first, kv_len)."""
+        total, top_cost = batch_totals(lengths, batch)
+        # Bands of `width` costs: about WALK_STEPS (band, sequence) pairs in all.
+        width = _scalar(T.max(1, T.ceildiv((top_cost[0] + 1) * batch, WALK_STEPS)))
+        tiles = total[0] * heads
+        rounds = tiles // ctas
+        last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)
+        count = rounds + T.if_then_else(last < tiles % ctas, 1, 0)
+        return Schedule(
+            count,
+            lambda: begin(lengths, top_cost[0], width[0]),
+            lambda i, walk: unit_work(i, walk, lengths, batch, bx, width[0]),
+        )
+
+    @T.macro
+    def ragged_lengths(b: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any) -> Any:
+        q_first = cu_seqlens_q[b]
+        kv_first = cu_seqlens_kv[b]
+        return q_first, cu_seqlens_q[b + 1] - q_first, kv_first, cu_seqlens_kv[b + 1] - kv_first
+
+    @T.macro
+    def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any) -> Any:
+        q_first = cu_seqlens_q[b]
+        return q_first, cu_seqlens_q[b + 1] - q_first, 0, kv_seqlens[b]
+
+    if source is KVSource.RAGGED:
+        tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+
+        @T.prim_func
+        def main_ragged(
+            Q: T.Tensor([tokens_q, heads, D], dtype),
+            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
+            cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
+            O: T.Tensor([tokens_q, heads, D], dtype),
+        ) -> None:
+            with T.Kernel(ctas, threads=config.threads) as bx:
+                schedule = packed(
+                    lambda b: ragged_lengths(b, cu_seqlens_q, cu_seqlens_kv), seqs_plus_one - 1, bx
+                )
+                attend_tiles(schedule, Q, K, V, O, None)
+
+        return main_ragged
+
+    batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+
+    @T.prim_func
+    def main_paged(
+        Q: T.Tensor([tokens_q, heads, D], dtype),
+        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        block_table: T.Tensor([batch, max_pages], "int32"),
+        kv_seqlens: T.Tensor([batch], "int32"),
+        cu_seqlens_q: T.Tensor([batch + 1], "int32"),
+        O: T.Tensor([tokens_q, heads, D], dtype),
+    ) -> None:
+        with T.Kernel(ctas, threads=config.threads) as bx:
+            schedule = packed(lambda b: paged_lengths(b, cu_seqlens_q, kv_seqlens), batch, bx)
+            attend_tiles(schedule, Q, K, V, O, block_table)
+
+    return main_paged
 
 
 def _pages_tile(page_size: int, block_N: int) -> bool:

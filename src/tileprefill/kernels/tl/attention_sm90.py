@@ -21,12 +21,13 @@ does). Tiles that need no mask (every row of the warpgroup sees every key) run a
 without the mask and without the empty-row guard of the softmax; the causal diagonal
 and the last, partial tile run the masked loop.
 
-Dense programs with `config.persistent_ctas > 0` launch that many CTAs (one per SM);
-each computes a static list of query tiles one after another (see
-`attention_entries.persistent_program` for the order). The K/V ring and the Q tile's
-barriers run on across tiles (phases counted by `kbase`, `qround`), the consumers
-release the Q tile after their last Q K^T, and the output is staged in tiles of its
-own, so the next tile's Q and first K/V tiles load under the current tile's last
+Dense, ragged and paged programs with `config.persistent_ctas > 0` launch that many CTAs
+(one per SM); each computes a static list of query tiles one after another (see
+`attention_entries.persistent_program` and `persistent_packed_program` for the
+orders). The K/V ring and the Q tile's barriers run on across tiles (phases counted by
+`kbase`, `qround`; the producer's own v_landed barrier by `landed`), the consumers
+release the Q tile after their last Q K^T, and dense outputs are staged in tiles of
+their own, so the next tile's Q and first K/V tiles load under the current tile's last
 P V product and epilogue. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
 one compiled program serves every call with the same static arguments.
 
@@ -43,7 +44,12 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
-from tileprefill.kernels.tl.attention_entries import Schedule, entry_program, persistent_program
+from tileprefill.kernels.tl.attention_entries import (
+    Schedule,
+    entry_program,
+    persistent_packed_program,
+    persistent_program,
+)
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     LOG2E,
@@ -134,7 +140,13 @@ def program(
     # Tiles every row of the consumer sees whole: the row maxima are finite.
     softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
     mask = visibility_mask(half, block_N, causal)
-    persistent = source is KVSource.DENSE and config.persistent_ctas > 0
+    # The contiguous cache keeps one CTA per query tile: persistent, its longest-first order over
+    # the batch made the resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB
+    # of K/V, over the L2) and measured 9% slower (benchmarks/kernel-notes.md, step 3).
+    persistent = config.persistent_ctas > 0 and source is not KVSource.CONTIGUOUS
+    # Dense outputs are staged for a TMA store, persistent ones in tiles of their own (ragged and
+    # paged outputs are stored from registers, row by row).
+    stages_output = persistent and not source.ragged_q
 
     @T.macro
     def copy_rows(
@@ -187,10 +199,11 @@ def program(
             T.fence_proxy_async()
 
     @T.macro
-    def produce_tile(w: Work, b: _Buffers, kbase: Any, qround: Any) -> None:
+    def produce_tile(w: Work, b: _Buffers, kbase: Any, qround: Any, landed: Any) -> None:
         """Load the Q tile of `w`, then its key tiles in the order the consumers use them:
         K(0), then K(k) before V(k - 1), so a K tile never waits behind the previous V's slot.
-        `kbase` key tiles and `qround` Q tiles went through the rings before this one."""
+        `kbase` key tiles and `qround` Q tiles went through the rings before this one, and
+        `landed` partial V tiles through the v_landed barrier (at most one a query tile)."""
         if w.tiles > 0:
             if persistent:
                 T.mbarrier_wait_parity(b.q_free, (qround % 2) ^ 1)
@@ -219,7 +232,7 @@ def program(
                         # past kv_len, then publish it.
                         copy_rows(b.V, b.Vs, slot, b.v_landed, 0, v, w, b.block_table)
                         T.mbarrier_arrive(b.v_landed)
-                        T.mbarrier_wait_parity(b.v_landed, 0)
+                        T.mbarrier_wait_parity(b.v_landed, landed % 2)
                         for j, d in T.Parallel(block_N, D):
                             if v * block_N + j >= w.kv_len:
                                 b.Vs[slot, j, d] = T.cast(0, dtype)
@@ -362,7 +375,7 @@ def program(
             Vs: make_swizzled_layout(Vs),
         }
         Os: tuple[Any, Any] = (Qs0, Qs1)
-        if persistent:
+        if stages_output:
             # One buffer for both consumers: TileLang's shared-memory planner orders the
             # warp-specialized regions one after another and would otherwise overlay a
             # consumer-1-only tile on Qs0, which the producer refills meanwhile.
@@ -403,7 +416,7 @@ def program(
         b = buffers(Q, K, V, O, block_table)
         with T.ws(2):
             T.set_max_nreg(producer_regs, 0)
-            produce_tile(w, b, 0, 0)
+            produce_tile(w, b, 0, 0, 0)
         with T.ws(0):
             T.set_max_nreg(consumer_regs, 1)
             consume_tile(0, w, b, 0, 0, fragments())
@@ -420,8 +433,9 @@ def program(
         if c == 1:
             # Consumer 0 issues first; afterwards the turns alternate across tiles.
             T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+        walk = schedule.begin()
         for i in T.serial(schedule.count):
-            w = schedule.work(i)
+            w = schedule.work(i, walk)
             consume_tile(c, w, b, kbase, qround, f)
             kbase = kbase + w.tiles
             qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
@@ -435,16 +449,24 @@ def program(
             T.set_max_nreg(producer_regs, 0)
             kbase = T.alloc_var("int32", init=0)
             qround = T.alloc_var("int32", init=0)
+            landed = T.alloc_var("int32", init=0)
+            walk = schedule.begin()
             for i in T.serial(schedule.count):
-                w = schedule.work(i)
-                produce_tile(w, b, kbase, qround)
+                w = schedule.work(i, walk)
+                produce_tile(w, b, kbase, qround, landed)
                 kbase = kbase + w.tiles
                 qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
+                if cleans_tail:
+                    landed = landed + T.if_then_else(w.tiles * block_N > w.kv_len, 1, 0)
         with T.ws(0):
             consume_all(0, schedule, b)
         with T.ws(1):
             consume_all(1, schedule, b)
 
-    if persistent:
+    if persistent and source is KVSource.DENSE:
         return persistent_program(source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles)
+    if persistent:
+        return persistent_packed_program(
+            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles
+        )
     return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
