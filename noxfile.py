@@ -32,7 +32,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     # pytest exits 5 when it collects nothing; nox treats that as a failure, as it should.
-    session.run("pytest", "-q", "-m", "not gpu and not compile", *session.posargs)
+    session.run("pytest", "-q", "-m", "not gpu and not compile and not sanitize", *session.posargs)
 
 
 @nox.session
@@ -50,3 +50,19 @@ def bench(session: nox.Session) -> None:
     # Ours, torch SDPA and (with --peer-path or $TILEPREFILL_PEER_PATH) TileOPs in its own process;
     # the whole default set unless told otherwise: `nox -s bench -- --quick`, `-- --suite paged`, `-- --list`.
     session.run("python", "-m", "tileprefill", "bench", *session.posargs, env=_CACHE)
+
+
+@nox.session
+def gpu_sanitize(session: nox.Session) -> None:
+    # Compiles the workload's programs side by side (warm cache), then one process per tool
+    # (memcheck, racecheck, synccheck) over every case; see tests/gpu/test_sanitize_gpu.py.
+    session.run(
+        "pytest", "-q", "-s", "-m", "sanitize", "tests/gpu/test_sanitize_gpu.py", *session.posargs, env=_CACHE
+    )
+
+
+@nox.session
+def gpu_fuzz(session: nox.Session) -> None:
+    # Seeded, time-boxed fuzzing of every public Op against the reference:
+    # `nox -s gpu_fuzz -- --seed 1 --budget-s 120` (a failing case prints the command that replays it).
+    session.run("python", "tests/gpu/fuzz.py", *session.posargs, env=_CACHE)

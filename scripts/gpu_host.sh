@@ -6,6 +6,9 @@
 #   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
 #                                             process) into $OUT; e.g. `bench --quick`
 #   scripts/gpu_host.sh costs                 first-call compile and per-call host time, to $OUT/costs.json
+#   scripts/gpu_host.sh sanitize [pytest args] every kernel key under compute-sanitizer (memcheck, racecheck,
+#                                             synccheck), logs to $OUT; LIMIT bounds the whole pytest run
+#   scripts/gpu_host.sh fuzz [fuzz args]      tests/gpu/fuzz.py, e.g. `fuzz --seed 1 --budget-s 120`
 # LIMIT (seconds, default 500) bounds each python run: `timeout` is put on python itself, because
 # a timeout on this script leaves its pytest workers running (seen: a later benchmark in the same
 # call then shared the machine with them). Do not run the GPU tests under pytest-xdist with many
@@ -36,5 +39,13 @@ case "$what" in
   costs)
     timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" 2>&1 | grep -v '\[TileLang:'
     ;;
-  *) echo "usage: $0 tests|demo|bench|costs" >&2; exit 2 ;;
+  sanitize)
+    export PATH="$PATH:$CUDA_HOME/bin" TILEPREFILL_SANITIZE_LOGS="$out"
+    timeout -k 5 "$limit" python3 -m pytest -m sanitize -q -s -p no:cacheprovider tests/gpu/test_sanitize_gpu.py "$@" \
+      2>&1 | grep -v '\[TileLang:' | tee "$out/sanitize.log"
+    ;;
+  fuzz)
+    timeout -k 5 "$limit" python3 tests/gpu/fuzz.py "$@" 2>&1 | grep -v '\[TileLang:' | tee "$out/fuzz.log"
+    ;;
+  *) echo "usage: $0 tests|demo|bench|costs|sanitize|fuzz" >&2; exit 2 ;;
 esac

@@ -230,7 +230,8 @@ class GQAContiguousCachePrefill(ContiguousCacheOp):
     causal masks are bottom-right aligned (a query that sees no key outputs 0).
     `plan(kv_seqlens, shape=ContiguousShape(...))`, then `run(q, k_cache, v_cache)`.
 
-    `validate=False` skips (it reads device values): kv_seqlens[b] in [0, S_max].
+    `validate=False` skips (it reads device values): kv_seqlens[b] in [0, S_max]. With bad values the
+    output is unspecified, but no kernel writes outside it (README, "Reliability").
     """
 
     input_specs = (_Q, _K_CACHE, _V_CACHE, _KV_SEQLENS)
@@ -285,7 +286,8 @@ class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
     first write, so a rejected call leaves the caches unchanged.
     `plan(cache_seqlens, shape=ContiguousShape(...))`, then `run(q, k_new, v_new, k_cache, v_cache)`.
     `validate=False` skips (they read device values): cache_seqlens[b] >= 0 and
-    cache_seqlens[b] + Sq <= S_max.
+    cache_seqlens[b] + Sq <= S_max. With bad values a new key whose position is outside [0, S_max)
+    is skipped: nothing is written outside the caches and the output (README, "Reliability").
     """
 
     appends: ClassVar[bool] = True
@@ -354,6 +356,8 @@ class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
     cos, sin float32 (P, rotary_dim // 2). `plan(cache_seqlens, shape=ContiguousShape(...))`,
     then `run(q, k_new, v_new, k_cache, v_cache, cos, sin)`. `validate=False` skips (they read
     device values): the cache_seqlens checks of the append Op, and cache_seqlens[b] + Sq - 1 < P.
+    With bad values a new key whose position is outside [0, S_max) is skipped: nothing is written
+    outside the caches and the output (README, "Reliability").
     """
 
     appends: ClassVar[bool] = True

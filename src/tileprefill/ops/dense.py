@@ -294,7 +294,8 @@ class GQAVarlenPrefill(NoCacheOp):
     `run(q, k, v)` per layer; `op(...)` does both.
 
     `validate=False` skips (they read device values): cu_seqlens_q and cu_seqlens_kv start at 0,
-    never decrease and end at Tq and Tkv.
+    never decrease and end at Tq and Tkv. With bad values the output is unspecified, but no kernel
+    writes outside it (README, "Reliability: NaN/Inf policy and validate=False").
     """
 
     ragged: ClassVar[bool] = True
@@ -398,7 +399,8 @@ class GQAVarlenRopePrefill(RotatingOp, NoCacheOp):
     `plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))`, then `run(q, k, v, cos, sin)`.
     `validate=False` skips (they read device values): the cu_seqlens checks of
     `GQAVarlenPrefill`, and that cos/sin have a row for every rotated position
-    (max(q_len, kv_len) - 1 of each sequence).
+    (max(q_len, kv_len) - 1 of each sequence). With bad values the output is unspecified, but no
+    kernel writes outside it (README, "Reliability: NaN/Inf policy and validate=False").
     """
 
     ragged: ClassVar[bool] = True

@@ -276,7 +276,9 @@ class GQAPagedCachePrefill(PagedCacheOp):
     `run(q, k_pages, v_pages)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): cu_seqlens_q starts at 0, never
     decreases and ends at Tq; kv_seqlens[b] in [0, max_pages * page_size]; the block_table
-    entries of the pages each sequence reads are in [0, num_pages).
+    entries of the pages each sequence reads are in [0, num_pages). With bad values the output is
+    unspecified and nothing is written outside it; kv_seqlens[b] past max_pages * page_size makes the
+    attention programs read block_table past its end today (README, "Reliability").
     """
 
     input_specs = (_Q, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _KV_SEQLENS, _CU_Q)
@@ -356,7 +358,9 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
     `run(q, k_new, v_new, k_pages, v_pages)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): the cu_seqlens_q checks;
     cache_seqlens[b] >= 0 and cache_seqlens[b] + q_len_b <= max_pages * page_size; the block_table
-    entries of the pages each sequence uses are in [0, num_pages).
+    entries of the pages each sequence uses are in [0, num_pages). With bad values a new key whose
+    destination is no valid slot (position < 0, past the block table, entry outside [0, num_pages))
+    is skipped: nothing is written outside the pages and the output (README, "Reliability").
     """
 
     appends: ClassVar[bool] = True
@@ -444,7 +448,8 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
     shape=PagedShape(...))` once per batch (it computes every new token's position and cache
     slot), then `run(q, k_new, v_new, k_pages, v_pages, cos, sin)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): the checks of the append Op, and
-    cache_seqlens[b] + q_len_b - 1 < P.
+    cache_seqlens[b] + q_len_b - 1 < P. With bad values as for the append Op; today an entry whose
+    slot (entry * page_size + row) overflows int32 writes into a wrong page (README, "Reliability").
     """
 
     appends: ClassVar[bool] = True
