@@ -59,7 +59,8 @@ def paged_slots(
     block_table: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, page_size: int
 ) -> torch.Tensor:
     """int32 (T,): the row of a paged cache viewed as (num_pages * page_size, Hkv, D) that each packed
-    token at `positions` goes to, or -1 where its page is outside the block table or names no page.
+    token at `positions` goes to, or -1 where its page is outside the block table or names no page
+    (a negative entry, or one too large for an int32 row).
 
     An entry past the pool (>= num_pages) gives a row past the cache, which the kernels skip too.
     """
@@ -69,7 +70,8 @@ def paged_slots(
     page = torch.div(positions, page_size, rounding_mode="floor")
     inside = (positions >= 0) & (page < block_table.shape[1])
     entry = block_table[seq.long(), page.clamp(0, block_table.shape[1] - 1).long()]
-    inside &= entry >= 0
+    # An entry past INT32_MAX // page_size would wrap the int32 row into the cache: it names none.
+    inside &= (entry >= 0) & (entry < (2**31 - 1) // page_size)
     rows = entry * page_size + positions - page * page_size
     return torch.where(inside, rows, -1).to(torch.int32)
 

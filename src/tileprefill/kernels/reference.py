@@ -212,11 +212,12 @@ def _attend_sequence(
             scores.masked_fill_(cols > kv_len - q_len + rows, float("-inf"))
         # Rows with every key masked have max -inf; shifting by 0 instead makes them all-zero weights.
         row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
         weights = torch.exp(scores - row_max)
         denom = weights.sum(dim=-1, keepdim=True)
         chunk = torch.matmul(weights, v_heads[:, :, :visible])  # (Hkv, group, rows, D)
-        chunk = torch.where(denom > 0, chunk / denom, torch.zeros_like(chunk))
+        # A row that saw no key (denom 0) is 0; a NaN or Inf in its inputs (denom NaN) stays NaN.
+        chunk = torch.where(denom != 0, chunk / denom, torch.zeros_like(chunk))
         out[row_start:row_end] = chunk.permute(2, 0, 1, 3).reshape(row_end - row_start, q_heads, head_dim)
 
 

@@ -78,9 +78,10 @@ def entry_program(
         )
 
     @T.macro
-    def packed_work(bx: Any, by: Any, cu_seqlens_q: Any, num_seqs: Any, keys: Any) -> Work:
+    def packed_work(bx: Any, by: Any, cu_seqlens_q: Any, num_seqs: Any, keys: Any, capacity: Any) -> Work:
         """The work of CTA (bx, by) over q packed by cu_seqlens_q: the query tile found by
-        `locate`, head by. `keys` is cu_seqlens_kv (ragged) or kv_seqlens (paged)."""
+        `locate`, head by. `keys` is cu_seqlens_kv (ragged) or kv_seqlens (paged, whose block
+        table holds `capacity` keys)."""
         seq, tile = locate(cu_seqlens_q, num_seqs, bx)
         q_first = cu_seqlens_q[seq]
         q_len = cu_seqlens_q[seq + 1] - q_first
@@ -89,7 +90,7 @@ def entry_program(
             kv_len = keys[seq + 1] - kv_first
         else:
             kv_first = 0
-            kv_len = keys[seq]
+            kv_len = _clamped_kv_len(keys[seq], capacity)
         offset = kv_len - q_len
         # A CTA without a tile runs with no keys and no rows to store.
         has_tile = (tile >= 0) & (tile * block_M < q_len)
@@ -137,7 +138,7 @@ def entry_program(
             O: T.Tensor([tokens_q, heads, D], dtype),
         ) -> None:
             with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
-                w = packed_work(bx, by, cu_seqlens_q, seqs_plus_one - 1, cu_seqlens_kv)
+                w = packed_work(bx, by, cu_seqlens_q, seqs_plus_one - 1, cu_seqlens_kv, None)
                 attend(w, Q, K, V, O, None)
 
         return main_ragged
@@ -172,7 +173,7 @@ def entry_program(
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
         with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
-            w = packed_work(bx, by, cu_seqlens_q, batch, kv_seqlens)
+            w = packed_work(bx, by, cu_seqlens_q, batch, kv_seqlens, max_pages * page_size)
             attend(w, Q, K, V, O, block_table)
 
     return main_paged
@@ -451,9 +452,9 @@ def persistent_packed_program(
         return q_first, cu_seqlens_q[b + 1] - q_first, kv_first, cu_seqlens_kv[b + 1] - kv_first
 
     @T.macro
-    def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any) -> Any:
+    def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any, capacity: Any) -> Any:
         q_first = cu_seqlens_q[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, 0, kv_seqlens[b]
+        return q_first, cu_seqlens_q[b + 1] - q_first, 0, _clamped_kv_len(kv_seqlens[b], capacity)
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
@@ -488,10 +489,17 @@ def persistent_packed_program(
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
         with T.Kernel(ctas, threads=config.threads) as bx:
-            schedule = packed(lambda b: paged_lengths(b, cu_seqlens_q, kv_seqlens), batch, bx)
+            capacity = max_pages * page_size
+            schedule = packed(lambda b: paged_lengths(b, cu_seqlens_q, kv_seqlens, capacity), batch, bx)
             attend_tiles(schedule, Q, K, V, O, block_table)
 
     return main_paged
+
+
+def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
+    """A paged sequence's key count, cut to what its block table row holds: with validate=False a
+    kv_seqlens value past max_pages * page_size must not make a program read past the table."""
+    return T.max(0, T.min(kv_len, capacity))
 
 
 def _pages_tile(page_size: int, block_N: int) -> bool:

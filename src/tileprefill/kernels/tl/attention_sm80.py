@@ -129,8 +129,9 @@ def program(
                 o[i, j] *= alpha[i]
             load_rows(V, Vs, k, w, block_table, True)
             T.gemm(p, Vs, o, policy=policy)
+        # A row that saw no key (l == 0) is 0; a NaN l (a NaN in the row's inputs) stays NaN.
         for i, j in T.Parallel(block_M, D):
-            o[i, j] = T.if_then_else(l[i] > 0, o[i, j] / l[i], 0)
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] / l[i], 0)
         if source.ragged_q:
             # Rows past q_len belong to the next sequence.
             for i, d in T.Parallel(block_M, D):

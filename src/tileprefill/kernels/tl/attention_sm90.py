@@ -328,11 +328,13 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
-        # One reciprocal a row, not a division an element (row_sum is free now).
+        # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
+        # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
+        # this row's inputs) stays NaN: the README's NaN policy.
         for i in T.Parallel(half):
-            row_sum[i] = T.if_then_else(l[i] > 0, 1.0 / l[i], 0)
+            row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] *= row_sum[i]
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
         if source.ragged_q:
             # Rows past q_len belong to the next sequence: store row by row from registers.
             for i, d in T.Parallel(half, D):

@@ -10,8 +10,8 @@ one:
 - slots[t]: the row of the cache viewed as (num_pages * page_size, Hkv, D)
   that token t goes to, block_table[b, p // page_size] * page_size +
   p % page_size, or -1 where the page is outside the block table or its entry
-  is negative (an entry past the pool gives a row past the cache, which the
-  writing programs skip);
+  is negative or too large for an int32 slot (an entry past the pool gives a
+  row past the cache, which the writing programs skip);
 - kv_seqlens[b] = cache_seqlens[b] + q_len_b: the keys each sequence attends.
 
 A thread takes one token and binary-searches cu_seqlens_q for its sequence (as
@@ -23,6 +23,8 @@ import tilelang.language as T
 
 #: Threads per CTA: one token each.
 THREADS = 128
+
+INT32_MAX = 2**31 - 1
 
 
 def paged_batch_program(page_size: int) -> T.PrimFunc:
@@ -67,7 +69,9 @@ def paged_batch_program(page_size: int) -> T.PrimFunc:
                 slot = T.alloc_var("int32", init=-1)
                 if 0 <= position and position // page_size < max_pages:
                     entry = block_table[lo, position // page_size]
-                    if entry >= 0:
+                    # An entry past INT32_MAX // page_size would wrap the int32 slot into the cache:
+                    # it is past any pool, so it names no row (validate=False passes such tables).
+                    if entry >= 0 and entry < INT32_MAX // page_size:
                         slot = entry * page_size + position % page_size
                 slots[t] = slot
 
