@@ -21,8 +21,9 @@ Cases, all small (a sanitizer makes every launch orders of magnitude slower):
   test disables torch's caching allocator, so every tensor is an allocation of its own). Groups:
   `entries` (entries -1 and past the pool, negative lengths, every length within capacity);
   `past-capacity` (lengths past max_pages * page_size or S_max) and `int32-slot` (entries whose slot
-  overflows int32) fail today (issue 11 note) and are left out of `--run` unless `--only` names
-  them (`SEPARATE`): each has a test of its own.
+  overflows int32) failed on 2026-12-01 before their fixes (issue 11 note); they stay out of `--run`
+  unless `--only` names them (`SEPARATE`), so that a regression there, which ends the process's CUDA
+  context, cannot hide the other cases' results: each has a test of its own.
 
 Each case prints `CASE <id>` before it runs and `ok`/`FAIL` after it (the sanitizer's reports fall
 between), then `workload: <n> cases, <f> failures`; the exit code is 1 if any case failed.

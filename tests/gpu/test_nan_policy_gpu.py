@@ -10,17 +10,12 @@
   `test_bad_input_reaches_its_rows`.) Rows that do not read the bad element are bit for bit
   unchanged (for a value, rows sharing a key tile with it may turn NaN too: 0 * NaN in P @ V).
 
-Measured on an H200 (2026-12-01, SM90 kernels, committed kernels of that day), what fails today:
-- `test_bad_input_reaches_its_rows[*-{q,k}-nan-cpu]`: the reference (kernels/reference.py) zeroes a
-  row whose softmax denominator is NaN (`torch.where(denom > 0, ...)`: NaN > 0 is false), so a NaN
-  query or key comes out as a finite 0 row. The SM80 programs normalise the same way
-  (`if_then_else(l > 0, o / l, 0)`); the SM90 ones multiply by that 0, which keeps o's NaN, so
-  on SM90 these cases pass.
-- `test_masked_rows_stay_zero_beside_bad_values[cuda-*]`: on SM90 a row that sees no key is
-  `o * 0` with o = P @ V, where P = 0 still multiplies the tile's values: a NaN value of the
-  sequence makes the masked row NaN (0 * NaN).
-Both go away with one normalisation everywhere: zero a row exactly when l == 0 (it saw no key),
-divide otherwise (a NaN l stays NaN); the issue 11 note gives the lines.
+Before one normalisation everywhere (zero a row exactly when l == 0, i.e. it saw no key; divide
+otherwise, so a NaN l stays NaN), measured on an H200 on 2026-12-01:
+`test_bad_input_reaches_its_rows[*-{q,k}-nan-cpu]` failed (the reference zeroed a row whose
+denominator is NaN: `torch.where(denom > 0, ...)`; the SM80 programs normalised the same way) and
+`test_masked_rows_stay_zero_beside_bad_values[cuda-*]` failed (on SM90 a row that saw no key was
+`o * 0`, and P = 0 times a NaN value of the tile is NaN). Both pass since.
 """
 
 from __future__ import annotations

@@ -159,10 +159,10 @@ def test_workload_is_clean_under(tool: str, warm_cache: None, log_dir: Path) -> 
 
 
 def test_lengths_past_capacity_are_memory_safe_under_memcheck(warm_cache: None, log_dir: Path) -> None:
-    """validate=False lengths past the capacity (max_pages * page_size, S_max). Fails today: the
-    SM90 paged attention program reads block_table past its end (memcheck, H200, 2026-12-01:
-    `Invalid __global__ read of size 4 bytes at main_paged_kernel ... 1 bytes after the nearest
-    allocation of size 36 bytes`, the 3 x 3 block table), since nothing clamps kv_seqlens[b] to
-    max_pages * page_size. The first report ends the process's CUDA context, so the contiguous
-    cases run first."""
+    """validate=False lengths past the capacity (max_pages * page_size, S_max). Before the paged
+    programs cut kv_seqlens[b] to max_pages * page_size, the SM90 paged attention program read
+    block_table past its end here (memcheck, H200, 2026-12-01: `Invalid __global__ read of size 4
+    bytes at main_paged_kernel ... 1 bytes after the nearest allocation of size 36 bytes`, the
+    3 x 3 block table); clean since. The first report ends the process's CUDA context, so the
+    contiguous cases run first."""
     sanitized("memcheck", log_dir, "--only", "validate-off/past-capacity/", label="-past-capacity")
