@@ -12,8 +12,15 @@ The case definitions come from `src/tileprefill/bench/cases.py`, loaded by path:
 module needs only torch, so this process never imports tileprefill (nor our TileLang).
 torch is imported after TileOPs (a missing TileOPs is reported at once).
 The JSON is rewritten after every case, so a run stopped at its deadline keeps what it
-measured. If TileOPs does not import, the JSON says so (`available: false`) and the
-exit status is 0: that is a result, not a failure.
+measured.
+
+TileOPs compiles each kernel on its first call, one at a time, through TileLang's disk cache.
+`--compile-only --shard I/N` makes only those first calls, for every N-th case from the I-th, and
+times nothing: the harness runs N of them side by side first (`--peer-compile-jobs N`), so the
+timing process then loads every kernel from the cache.
+
+If TileOPs does not import, the JSON says so (`available: false`) and the exit status is 0: that
+is a result, not a failure.
 """
 
 from __future__ import annotations
@@ -110,6 +117,10 @@ def main() -> int:
     parser.add_argument(
         "--deadline-s", type=float, default=None, help="start no case after this many seconds"
     )
+    parser.add_argument(
+        "--compile-only", action="store_true", help="call each case once (compiling it) and time nothing"
+    )
+    parser.add_argument("--shard", default="0/1", help="I/N: take cases I, I + N, I + 2N, ...")
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=400)
     args = parser.parse_args()
@@ -133,6 +144,8 @@ def main() -> int:
     else:
         by_name = {c.name: c for c in cases_module.default_cases()}
         cases = [by_name[n] for n in README_CASES]
+    index, _, count = args.shard.partition("/")
+    cases = cases[int(index) :: int(count)]
     version = getattr(tileops, "__version__", "0.1.0")
     results |= {
         "peer": f"TileOPs {version}",
@@ -153,6 +166,11 @@ def main() -> int:
             fn()
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - first
+            if args.compile_only:
+                print(f"tileops {case.name}: compiled in {entry['first_call_s']:.1f} s", flush=True)
+                results["cases"][case.name] = entry
+                write(args.out, results)
+                continue
             ms = do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
             entry |= {"ms": ms, "tflops": case.flops / ms / 1e9}
             if note:

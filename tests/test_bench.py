@@ -354,3 +354,44 @@ def test_a_peer_past_its_budget_is_stopped_and_its_partial_results_kept(tmp_path
     ordered = sorted(cases, key=lambda c: (not c.labels, not c.quick))
     assert results[ordered[0].name] == Measurement(ms=1.5)
     assert all(results[c.name].error for c in ordered[1:])
+
+
+def test_peer_compile_jobs_compile_every_case_once_side_by_side_before_the_timing_run(tmp_path: Path) -> None:
+    """--peer-compile-jobs N: N compile-only processes, each a disjoint shard of the cases, all done
+    before the one timing process starts (what they leave for it is TileLang's disk cache)."""
+    script = tmp_path / "recording_peer.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "arg = lambda name: sys.argv[sys.argv.index(name) + 1]\n"
+        "cases = json.load(open(arg('--cases')))\n"
+        "if '--compile-only' in sys.argv:\n"
+        "    i, n = map(int, arg('--shard').split('/'))\n"
+        "    mine = [c['name'] for c in cases[i::n]]\n"
+        "    time.sleep(0.3)\n"
+        "    json.dump({'shard': [i, n], 'cases': mine, 'done': time.time()}, open(arg('--out'), 'w'))\n"
+        "else:\n"
+        "    data = {'peer': 'TileOPs 0.1.0', 'available': True, 'started': time.time(),\n"
+        "            'cases': {c['name']: {'ms': 1.0} for c in cases}}\n"
+        "    json.dump(data, open(arg('--out'), 'w'))\n"
+    )
+    cases = tiny_cases()[:5]
+    info, results = peer.run_peer(
+        cases,
+        python_path="",
+        timeout_s=60,
+        out_json=tmp_path / "peer.json",
+        log=tmp_path / "peer.log",
+        warmup_ms=1,
+        rep_ms=1,
+        script=script,
+        python=sys.executable,
+        compile_jobs=3,
+    )
+    shards = [json.loads((tmp_path / f"peer-compile-{i}.json").read_text()) for i in range(3)]
+    assert [s["shard"] for s in shards] == [[0, 3], [1, 3], [2, 3]]
+    compiled = [name for s in shards for name in s["cases"]]
+    assert sorted(compiled) == sorted(c.name for c in cases)  # every case once
+    started = json.loads((tmp_path / "peer.json").read_text())["started"]
+    assert all(s["done"] <= started for s in shards)
+    assert info.available and set(results) == {c.name for c in cases}
+    assert "after 3 --compile-only processes" in info.command

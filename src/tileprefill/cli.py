@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peer", action="store_true", help="do not run the peer")
     bench.add_argument("--peer-timeout", type=float, default=300.0, help="seconds the peer process may take")
     bench.add_argument(
+        "--peer-compile-jobs",
+        type=int,
+        default=0,
+        help="first compile TileOPs' kernels in N processes side by side (it compiles one at a time "
+        "on first use); default 0: no such step (not yet measured on a GPU)",
+    )
+    bench.add_argument(
         "--peer-results", default=None, help="fold in this peer JSON instead of running the peer"
     )
     bench.add_argument("--peer-only", action="store_true", help="time only the peer")
@@ -183,6 +190,7 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             name=None if ns.name is None else str(ns.name),
             peer_path=None if ns.no_peer or not ns.peer_path else str(ns.peer_path),
             peer_timeout_s=float(ns.peer_timeout),
+            peer_compile_jobs=int(ns.peer_compile_jobs),
             peer_results=None if ns.peer_results is None else str(ns.peer_results),
             peer_only=bool(ns.peer_only),
             warmup_ms=int(ns.warmup_ms),

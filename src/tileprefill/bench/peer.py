@@ -6,6 +6,11 @@ with `python_path` as its whole PYTHONPATH (e.g. /tmp/peer:/tmp/tl) and its own
 TileLang cache directory, and reads the JSON the script rewrites after every
 case: a run cut short by the time budget still yields what it measured. The
 script loads `cases.py` by path, so both processes time the same work.
+
+TileOPs compiles its kernels one at a time on first use (through its TileLang's disk cache). With
+`compile_jobs` > 1 the harness first starts that many `--compile-only` processes side by side, each
+making the first calls of a shard of the cases, and waits for them for at most half the budget;
+the timing process then finds the kernels in the cache.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ def run_peer(
     rep_ms: int,
     script: Path = DEFAULT_SCRIPT,
     python: str = sys.executable,
+    compile_jobs: int = 0,
 ) -> tuple[PeerInfo, dict[str, Measurement]]:
-    """Time `cases` in the peer process; its measurements by case name (cases it did not reach are
-    missing). Never raises for a peer failure: the PeerInfo says what happened."""
+    """Time `cases` in the peer process (after `compile_jobs` compile-only processes side by side,
+    when > 1); its measurements by case name (cases it did not reach are missing). Never raises
+    for a peer failure: the PeerInfo says what happened."""
     if not script.is_file():
         return PeerInfo(reason=f"not run: no peer script at {script}"), {}
     cases_json = out_json.with_name(out_json.stem + "-cases.json")
@@ -50,29 +57,49 @@ def run_peer(
     ordered = sorted(cases, key=lambda c: (not c.labels, not c.quick))
     cases_json.write_text(json.dumps([c.to_json() for c in ordered], indent=1))
     out_json.unlink(missing_ok=True)
-    deadline = max(1.0, timeout_s - _GRACE_S)
-    command = [
-        python,
-        str(script),
-        "--cases",
-        str(cases_json),
-        "--cases-module",
-        str(Path(cases_module.__file__).resolve()),
-        "--out",
-        str(out_json),
-        "--deadline-s",
-        f"{deadline:.0f}",
-        "--warmup-ms",
-        str(warmup_ms),
-        "--rep-ms",
-        str(rep_ms),
-    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = python_path
     env["PYTHONUNBUFFERED"] = "1"
     # The peer's TileLang is another version: never share its kernel cache with ours.
     ours = os.environ.get("TILELANG_CACHE_DIR") or str(Path.home() / ".tilelang" / "cache")
     env["TILELANG_CACHE_DIR"] = ours.rstrip("/") + "-peer"
+
+    def peer_command(out: Path, deadline_s: float, *extra: str) -> list[str]:
+        return [
+            python,
+            str(script),
+            "--cases",
+            str(cases_json),
+            "--cases-module",
+            str(Path(cases_module.__file__).resolve()),
+            "--out",
+            str(out),
+            "--deadline-s",
+            f"{deadline_s:.0f}",
+            "--warmup-ms",
+            str(warmup_ms),
+            "--rep-ms",
+            str(rep_ms),
+            *extra,
+        ]
+
+    jobs = min(compile_jobs, len(ordered))
+    compiled_s = 0.0
+    if jobs > 1:
+        budget = timeout_s / 2
+        compiled_s = _compile_side_by_side(
+            [
+                peer_command(
+                    _beside(log, f"compile-{i}.json"), budget, "--compile-only", "--shard", f"{i}/{jobs}"
+                )
+                for i in range(jobs)
+            ],
+            budget,
+            env,
+            log,
+        )
+    remaining = timeout_s - compiled_s
+    command = peer_command(out_json, max(1.0, remaining - _GRACE_S))
     start = time.perf_counter()
     timed_out = False
     print(f"peer: {' '.join(command)} (PYTHONPATH={python_path}; log {log})", file=sys.stderr, flush=True)
@@ -83,7 +110,7 @@ def run_peer(
         )
         while process.poll() is None:
             elapsed = time.perf_counter() - start
-            if elapsed > timeout_s:
+            if elapsed > remaining:
                 timed_out = True
                 _stop(process)
                 break
@@ -100,6 +127,9 @@ def run_peer(
     info, results = read_results(out_json)
     info.ran, info.seconds = True, seconds
     info.command = f"PYTHONPATH={python_path} " + " ".join(command)
+    if jobs > 1:
+        info.seconds += compiled_s
+        info.command += f" (after {jobs} --compile-only processes side by side: {compiled_s:.0f} s)"
     if timed_out:
         stopped = f"peer process stopped at its time budget ({timeout_s:.0f} s, --peer-timeout)"
         info.reason = "; ".join(s for s in (info.reason, stopped) if s)
@@ -110,6 +140,38 @@ def run_peer(
         for case in cases:
             results.setdefault(case.name, Measurement.unavailable(f"not reached: {info.reason}"))
     return info, results
+
+
+def _beside(log: Path, suffix: str) -> Path:
+    return log.with_name(f"{log.stem}-{suffix}")
+
+
+def _compile_side_by_side(
+    commands: Sequence[list[str]], budget_s: float, env: Mapping[str, str], log: Path
+) -> float:
+    """Run the compile-only peer `commands` side by side for at most `budget_s`; the seconds they
+    took. What counts is what they leave in TileLang's disk cache: their JSON and logs (beside
+    `log`) are not read back."""
+    start = time.perf_counter()
+    running: list[subprocess.Popen[bytes]] = []
+    for i, command in enumerate(commands):
+        with _beside(log, f"compile-{i}.log").open("w") as sink:
+            running.append(
+                subprocess.Popen(
+                    command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            )
+    print(
+        f"peer: compiling in {len(running)} processes side by side ({log.stem}-compile-*.log)",
+        file=sys.stderr,
+    )
+    while any(process.poll() is None for process in running):
+        if time.perf_counter() - start > budget_s:
+            for process in running:
+                _stop(process)
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - start
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -679,6 +679,7 @@ def _run_peer(
             log=paths.peer_log,
             warmup_ms=settings.warmup_ms,
             rep_ms=settings.rep_ms,
+            compile_jobs=settings.peer_compile_jobs,
         )
     run_result.peer = info
     for case in cases:

@@ -23,6 +23,7 @@ class BenchSettings:
     #: The peer process's PYTHONPATH (e.g. /tmp/peer:/tmp/tl); None: no peer run.
     peer_path: str | None = None
     peer_timeout_s: float = 300.0
+    peer_compile_jobs: int = 0  # > 1: compile TileOPs' kernels in that many processes first
     peer_results: str | None = None  # fold in this peer JSON instead of running the peer
     peer_only: bool = False  # time only the peer (then fold its JSON into a later run)
     warmup_ms: int = 25
