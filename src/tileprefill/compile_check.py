@@ -111,9 +111,11 @@ def compile_all(cases: Sequence[CompileCase], arch: Arch, out_dir: str, *, jobs:
         return tuple(compile_case(case, arch, d) for case, d in zip(cases, dirs, strict=True))
     # Fresh interpreters: no inherited compiler state, and nothing here touches CUDA.
     context = multiprocessing.get_context("spawn")
+    # Longest first (by weight); outcomes stay in case order.
+    longest_first = sorted(range(len(cases)), key=lambda i: -cases[i].weight)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(compile_case, case, arch, d) for case, d in zip(cases, dirs, strict=True)]
-        return tuple(future.result() for future in futures)
+        futures = {i: pool.submit(compile_case, cases[i], arch, dirs[i]) for i in longest_first}
+        return tuple(futures[i].result() for i in range(len(cases)))
 
 
 def default_jobs() -> int:

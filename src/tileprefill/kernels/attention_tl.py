@@ -395,6 +395,15 @@ KERNELS: tuple[type[Kernel], ...] = (
 )
 
 
+def _compile_weight(source: Source, arch: Arch) -> int:
+    """nvcc time of one attention program in small-program units (~6 s on a CI core), as measured
+    on that machine (README): SM90 persistent ragged and paged programs 101-246 s, other SM90
+    ones 53-88 s, SM80 ones about 45 s."""
+    if arch is not Arch.SM90:
+        return 8
+    return 30 if source in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED) else 12
+
+
 def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
     """Static configurations compiled in CI: every source at D=128 fp16 causal (Hq 32, Hkv 8),
     plus the other head dims, bf16 and non-causal for dense, and page sizes for the paged ones."""
@@ -446,5 +455,6 @@ def compile_cases(arch: Arch) -> tuple[CompileCase, ...]:
         source, _ = attention_traits(key)
         for label, facts in _representative(source):
             factory, args, _ = program(key, facts._replace(arch=arch))
-            cases.append(CompileCase(key=key, label=label, factory=factory, args=args))
+            weight = _compile_weight(source, arch)
+            cases.append(CompileCase(key=key, label=label, factory=factory, args=args, weight=weight))
     return tuple(cases)

@@ -63,6 +63,9 @@ class CompileCase:
     label: str
     factory: Callable[..., Any]
     args: tuple[Hashable, ...]
+    #: Its compile time relative to a small program's (about 6 s of nvcc on a CI core): CI starts the
+    #: longest first, so that no worker is left with a long one at the end.
+    weight: int = 1
 
 
 @attrs.frozen
