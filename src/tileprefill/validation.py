@@ -214,7 +214,7 @@ def host_values(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     for all of them (it synchronises with the device)."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1) for t in tensors]).tolist()
+    flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors]).tolist()
     values: list[list[int]] = []
     start = 0
     for t in tensors:

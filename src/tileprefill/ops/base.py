@@ -283,21 +283,23 @@ class _Expected(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _expected(s: TensorSpec, dims: Dims, q_dtype: torch.dtype) -> _Expected:
-    sizes = tuple(dims[d.symbol].value if d.symbol in dims else None for d in s.dims)
-    return _expected_of(s, sizes, q_dtype)
-
-
-@functools.lru_cache(maxsize=4096)
-def _expected_of(s: TensorSpec, sizes: tuple[int | None, ...], q_dtype: torch.dtype) -> _Expected:
-    """`_expected` of a spec whose symbols have `sizes` (None: not fixed by the plan). Cached: every
-    plan of a batch shape asks again, and an engine plans every step."""
+def _expected(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) -> _Expected:
     dtype = {DtypeRule.INT32: torch.int32, DtypeRule.FLOAT32: torch.float32}.get(s.dtype, q_dtype)
-    lead = s.dims[0].symbol if sizes[0] is None else None
-    start = 0 if lead is None else 1
-    known = list(zip(s.dims[start:], sizes[start:], strict=True))
-    assert all(size is not None for _, size in known), f"{s.name}: only a leading size may be left free"
-    return _Expected(dtype, lead, tuple(size + d.offset for d, size in known if size is not None))
+    first, *rest = s.dims
+    lead = None if first.symbol in dims else first.symbol
+    known = rest if lead is not None else s.dims
+    assert all(d.symbol in dims for d in known), f"{s.name}: only a leading size may be left free by a plan"
+    return _Expected(dtype, lead, tuple(dims[d.symbol] + d.offset for d in known))
+
+
+@functools.lru_cache(maxsize=1024)
+def _expectations(
+    op: type[PrefillOp], sizes: tuple[tuple[str, int], ...], q_dtype: torch.dtype
+) -> tuple[tuple[_Expected, ...], _Expected]:
+    """What a plan of `op` whose shape symbols have `sizes` expects of `run`'s tensors and of an
+    output: cached, since an engine plans every step and most steps repeat a batch shape."""
+    dims = dict(sizes)
+    return tuple(_expected(s, dims, q_dtype) for s in op.run_specs), _expected(op.output_spec, dims, q_dtype)
 
 
 BatchT = TypeVar("BatchT")
@@ -328,8 +330,8 @@ class BatchPlan(Generic[BatchT]):
         self._requirements = tuple(requirements)
         self._data_specs = op.run_specs
         self._device = context.device
-        self._expected = tuple(_expected(s, dims, context.q_dtype) for s in op.run_specs)
-        self._expected_out = _expected(op.output_spec, dims, context.q_dtype)
+        sizes = tuple((symbol, binding.value) for symbol, binding in dims.items())
+        self._expected, self._expected_out = _expectations(type(op), sizes, context.q_dtype)
         self._out_spec = op.output_spec
 
     @property
