@@ -100,10 +100,13 @@ def test_explain_impossible_context(
 
 def test_explain_no_plan(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["explain", "--layout", "paged", "--rope", "none", "--dtype", "bf16", "--arch", "sm90"]
-    assert main([*argv, "--head-dim", "96", "--group-size", "4", "--page-size", "16"]) == 2
+    assert main([*argv, "--head-dim", "72", "--group-size", "4", "--page-size", "16"]) == 2
     captured = capsys.readouterr()
     assert "plan: none (no kernel serves step attention)" in captured.out
-    assert "head_dim 96 is not compiled for TileLang sm90" in captured.out
+    assert (
+        "head_dim 72 is not compiled for TileLang sm90 (compiled: 64, 80, 96, 112, 128, 160, 192, 256)"
+        in captured.out
+    )
     assert "no kernel serves step attention" in captured.err
 
 

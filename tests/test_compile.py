@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -53,31 +54,45 @@ def test_attention_cases_are_exactly_the_keys_of_the_arch(arch: Arch) -> None:
     assert {case.key for case in attention_tl.compile_cases(arch)} == expected
 
 
-def _facts_of(case: CompileCase) -> tuple[int, str, bool, int]:
-    """(head_dim, dtype, causal, page_size) of an attention case, read from its program arguments."""
-    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config = case.args
+class _CaseFacts(NamedTuple):
+    head_dim: int
+    dtype: str
+    causal: bool
+    page_size: int
+    window: int
+    softcap: float
+
+
+def _facts_of(case: CompileCase) -> _CaseFacts:
+    """The static facts of an attention case, read from its program arguments."""
+    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config, window, softcap = (
+        case.args
+    )
     assert isinstance(head_dim, int) and isinstance(dtype, str) and isinstance(causal, bool)
     assert (heads, kv_heads) == (32, 8) and sm_scale == pytest.approx(head_dim**-0.5)
-    assert isinstance(page_size, int)
-    return head_dim, dtype, causal, page_size
+    assert isinstance(page_size, int) and isinstance(window, int) and isinstance(softcap, float)
+    return _CaseFacts(head_dim, dtype, causal, page_size, window, softcap)
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
 def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
-    """Per key: D=128 fp16 causal; dense adds D 64/256, bf16 and non-causal; page size 16 (tiled) and
-    1 (generic)."""
-    by_source: dict[Source, set[tuple[int, str, bool, int]]] = {}
+    """Per key a causal fp16 case; dense spans head dims (a 16-column panel one among them), dtypes,
+    causality, the window and the softcap; the contiguous cache a window at block_N 64; the paged
+    ones page sizes 16 (tiled, at a 32-column panel head dim) and 1 (generic)."""
+    by_source: dict[Source, set[_CaseFacts]] = {}
     for case in attention_tl.compile_cases(arch):
         assert isinstance(case.key, AttentionKey)
         by_source.setdefault(attention_traits(case.key)[0], set()).add(_facts_of(case))
     for facts in by_source.values():
-        assert any(f[:3] == (128, "float16", True) for f in facts)
+        assert any(f.dtype == "float16" and f.causal for f in facts)
     dense = by_source[Source.DENSE]
-    assert {f[0] for f in dense} == {64, 128, 256}
-    assert {f[1] for f in dense} == {"float16", "bfloat16"}
-    assert {f[2] for f in dense} == {True, False}
-    assert {f[3] for f in by_source[Source.PAGED_TILED]} == {16}
-    assert {f[3] for f in by_source[Source.PAGED]} == {1}
+    assert {f.head_dim for f in dense} == {80, 128, 256}
+    assert {f.dtype for f in dense} == {"float16", "bfloat16"}
+    assert {f.causal for f in dense} == {True, False}
+    assert any(f.window > 0 and f.softcap > 0 for f in dense)
+    assert {(f.head_dim, f.window > 0) for f in by_source[Source.CONTIGUOUS]} == {(192, True)}
+    assert {(f.head_dim, f.page_size) for f in by_source[Source.PAGED_TILED]} == {(96, 16)}
+    assert {f.page_size for f in by_source[Source.PAGED]} == {1}
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
@@ -85,16 +100,18 @@ def test_cases_compile_what_the_kernels_run(arch: Arch) -> None:
     """A case's factory and arguments are those the kernel class builds for the same static facts."""
     for case in attention_tl.compile_cases(arch):
         assert isinstance(case.key, AttentionKey)
-        head_dim, dtype, causal, page_size = _facts_of(case)
+        f = _facts_of(case)
         facts = StaticFacts(
             arch=arch,
-            dtype=DType(dtype),
+            dtype=DType(f.dtype),
             heads=32,
             kv_heads=8,
-            head_dim=head_dim,
-            causal=causal,
-            sm_scale=head_dim**-0.5,
-            page_size=page_size,
+            head_dim=f.head_dim,
+            causal=f.causal,
+            sm_scale=f.head_dim**-0.5,
+            page_size=f.page_size,
+            window=f.window,
+            softcap=f.softcap,
         )
         assert attention_tl.program(case.key, facts) == (case.factory, case.args, arch)
         assert attention_tl.program_arch(case.key) is arch
@@ -125,7 +142,7 @@ def test_every_tilelang_key_has_one_launch_record_and_custom_op() -> None:
     meta = torch.device("meta")
     q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
     kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
-    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0)
+    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0)
     assert torch.ops.tileprefill.attn_dense_sm90(q, kv, kv, torch.empty_like(q), *facts) is None
 
 
@@ -140,8 +157,10 @@ def test_launch_scalars_round_trip_the_static_facts() -> None:
         sm_scale=0.1,
         page_size=5,
         rotary_dim=32,
+        window=64,
+        softcap=30.0,
     )
-    assert launch._facts(launch._scalars(facts)) == facts
+    assert launch._facts(launch.scalars(facts)) == facts
 
 
 class _CompiledForReal(Exception):

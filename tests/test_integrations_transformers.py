@@ -281,7 +281,8 @@ def test_sliding_window_is_refused() -> None:
     model = qwen2(sliding_window=8)
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(7))
     with pytest.raises(
-        tpt.UnsupportedAttentionCall, match="sliding_window=8; tileprefill has no sliding-window"
+        tpt.UnsupportedAttentionCall,
+        match="sliding_window=8; this integration serves no sliding-window layers",
     ):
         logits_of(model, tpt.NAME, ids)
 
@@ -326,7 +327,7 @@ def test_training_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"softcap": 30.0}, "softcap=30.0; tileprefill has no logit softcapping"),
+        ({"softcap": 30.0}, "softcap=30.0; this integration serves no logit softcapping"),
         ({"s_aux": torch.zeros(HEADS)}, "s_aux=.*; tileprefill has no attention sinks"),
         ({"output_attentions": True}, "never forms the attention weights"),
     ],

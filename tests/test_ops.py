@@ -28,6 +28,7 @@ from tileprefill.kernels.reference import AttentionPagedRefKernel, AttentionRagg
 from tileprefill.kernels.registry import kernel_family
 from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.ops import PUBLIC_OPS, OpClass
+from tileprefill.ops.dense import VarlenShape
 
 if TYPE_CHECKING:
     from conftest import Oracle
@@ -519,10 +520,21 @@ def test_kernel_map_override_is_used(oracle: Oracle, gen: torch.Generator) -> No
             *,
             causal: bool,
             sm_scale: float,
+            window: int = 0,
+            softcap: float = 0.0,
         ) -> torch.Tensor:
             calls.append(int(kv_seqlens.sum()))
             return super().__call__(
-                q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, causal=causal, sm_scale=sm_scale
+                q,
+                k_pages,
+                v_pages,
+                block_table,
+                kv_seqlens,
+                cu_seqlens_q,
+                causal=causal,
+                sm_scale=sm_scale,
+                window=window,
+                softcap=softcap,
             )
 
     op = tp.GQAPagedCacheAppendPrefill(kernel_map={AttentionKey.PAGED_REF: CountingPaged})
@@ -540,7 +552,15 @@ class DenseImpostor(DenseAttentionKernel):
     key: ClassVar[AttentionKey] = AttentionKey.PAGED_REF
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         raise AssertionError("never called")
 
@@ -643,6 +663,8 @@ class TracedPagedAttention(PagedAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         t, hq, _ = q.shape
         page_size, hkv = k_pages.shape[1], k_pages.shape[2]
@@ -694,6 +716,8 @@ class TracedContiguousAttention(ContiguousAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         _, s_q, hq, _ = q.shape
         s_max, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -752,3 +776,23 @@ def test_contiguous_rope_append_traces_as_one_graph(oracle: Oracle, gen: torch.G
     assert torch.equal(compiled_inputs[3], reference_inputs[3]) and torch.equal(
         compiled_inputs[4], reference_inputs[4]
     )
+
+
+def test_window_and_softcap_reach_the_kernels(gen: torch.Generator) -> None:
+    """An Op's sliding_window and softcap are context facts (explain shows them) and static facts of
+    its kernels: the Op's result is the reference kernel's with them, which differs from without."""
+    q_lens, kv_lens = [5, 9], [12, 9]
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen).half()
+    k = torch.randn(sum(kv_lens), 2, 64, generator=gen).half()
+    v = torch.randn(sum(kv_lens), 2, 64, generator=gen).half()
+    cu_q = torch.tensor([0, 5, 14], dtype=torch.int32)
+    cu_kv = torch.tensor([0, 12, 21], dtype=torch.int32)
+    op = tp.GQAVarlenPrefill(sliding_window=3, softcap=0.5)
+    plan = op.plan(cu_q, cu_kv, shape=VarlenShape(14, 21, 8, 2, 64, torch.float16, torch.device("cpu")))
+    assert "sliding_window=3" in str(plan.explain()) and "softcap=True" in str(plan.explain())
+    out = plan.run(q, k, v)
+    reference = AttentionRaggedRefKernel()
+    expected = reference(q, k, v, cu_q, cu_kv, causal=True, sm_scale=0.125, window=3, softcap=0.5)
+    plain = reference(q, k, v, cu_q, cu_kv, causal=True, sm_scale=0.125)
+    assert torch.equal(out, expected)
+    assert not torch.allclose(out.float(), plain.float(), atol=1e-2)

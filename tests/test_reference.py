@@ -65,16 +65,22 @@ def _oracle_attention(
     *,
     causal: bool,
     sm_scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """float64 attention over a padded batch: q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D) -> (B, Sq, Hq, D).
 
-    Rows past q_lens[b] and rows that see no key are 0.
+    Rows past q_lens[b] and rows that see no key are 0. A `window` keeps the keys whose absolute
+    position is within `window` of the query's own (kv_len - q_len + i); a `softcap` caps the
+    scaled scores with tanh.
     """
     batch, q_max, q_heads, _ = q.shape
     kv_max, kv_heads = k.shape[1], k.shape[2]
     k64 = k.double().repeat_interleave(q_heads // kv_heads, dim=2)
     v64 = v.double().repeat_interleave(q_heads // kv_heads, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k64) * sm_scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     i = torch.arange(q_max).view(1, q_max, 1)
     j = torch.arange(kv_max).view(1, 1, kv_max)
     q_len = torch.tensor(q_lens).view(batch, 1, 1)
@@ -82,6 +88,8 @@ def _oracle_attention(
     mask = (i < q_len) & (j < kv_len)
     if causal:
         mask &= j <= kv_len - q_len + i
+    if window:
+        mask &= kv_len - q_len + i - j < window
     probs = torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1)
     # softmax of an all -inf row is NaN: those rows see no key and are 0 by convention.
     probs = torch.where(mask.any(dim=-1).unsqueeze(1).unsqueeze(-1), probs, torch.zeros_like(probs))
@@ -149,6 +157,88 @@ def test_dense_attention(group: int, head_dim: int, dtype: torch.dtype) -> None:
         _assert_matches(out, expected, dtype)
         _assert_unchanged(before, (q, k, v))
         _assert_no_key_rows_are_zero(out.flatten(0, 1), [q_len] * batch, [kv_len] * batch, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("window", "softcap"), [(1, 0.0), (4, 0.0), (9, 2.5), (100, 0.0), (0, 2.5)])
+def test_window_and_softcap(window: int, softcap: float, dtype: torch.dtype) -> None:
+    """Sliding windows of one key, shorter than a sequence and longer than every one (no effect),
+    and a softcap small enough to bend the scores, over the ragged, paged, contiguous and dense
+    references."""
+    gen = _generator(window * 10 + int(softcap))
+    kv_heads, group, head_dim, sm_scale = 2, 4, 64, 0.3
+    # q_len < kv_len, == kv_len, > kv_len (rows with no key), an empty chunk.
+    q_lens = [5, 7, 9, 0]
+    kv_lens = [19, 7, 4, 6]
+    q = _randn(gen, sum(q_lens), kv_heads * group, head_dim, dtype=dtype)
+    k = _randn(gen, sum(kv_lens), kv_heads, head_dim, dtype=dtype)
+    v = _randn(gen, sum(kv_lens), kv_heads, head_dim, dtype=dtype)
+    padded_q = _pad(q, q_lens, max(q_lens))
+    padded_k, padded_v = _pad(k, kv_lens, max(kv_lens)), _pad(v, kv_lens, max(kv_lens))
+
+    def oracle(q_pad: torch.Tensor, q_lens: list[int], kv_lens: list[int]) -> torch.Tensor:
+        return _oracle_attention(
+            q_pad,
+            padded_k,
+            padded_v,
+            q_lens,
+            kv_lens,
+            causal=True,
+            sm_scale=sm_scale,
+            window=window,
+            softcap=softcap,
+        )
+
+    expected = _unpad(oracle(padded_q, q_lens, kv_lens), q_lens)
+    plain = _oracle_attention(padded_q, padded_k, padded_v, q_lens, kv_lens, causal=True, sm_scale=sm_scale)
+    changed = (expected - _unpad(plain, q_lens)).abs().max().item()
+    # The window or the cap changes the result, except a window longer than every sequence.
+    assert changed == 0 if window >= max(kv_lens) else changed > 0.05
+
+    cu_q, cu_kv = _offsets(q_lens), _offsets(kv_lens)
+    ragged = AttentionRaggedRefKernel()(
+        q, k, v, cu_q, cu_kv, causal=True, sm_scale=sm_scale, window=window, softcap=softcap
+    )
+    _assert_matches(ragged, expected, dtype)
+
+    k_pages, block_table = _paged_cache(gen, list(torch.split(k, kv_lens)), 3, spare_pages=1)
+    v_pages = torch.full_like(k_pages, float("nan"))
+    for b, seq in enumerate(torch.split(v, kv_lens)):
+        for pos in range(len(seq)):
+            v_pages[block_table[b, pos // 3], pos % 3] = seq[pos]
+    kv_seqlens = torch.tensor(kv_lens, dtype=torch.int32)
+    paged = AttentionPagedRefKernel()(
+        q,
+        k_pages,
+        v_pages,
+        block_table,
+        kv_seqlens,
+        cu_q,
+        causal=True,
+        sm_scale=sm_scale,
+        window=window,
+        softcap=softcap,
+    )
+    _assert_matches(paged, expected, dtype)
+
+    # Contiguous and dense: one q length for the whole batch (dense: every kv length the longest).
+    q_len = 5
+    dense_q = padded_q[:, :q_len].contiguous()
+    contiguous = AttentionContiguousRefKernel()(
+        dense_q,
+        padded_k,
+        padded_v,
+        kv_seqlens,
+        causal=True,
+        sm_scale=sm_scale,
+        window=window,
+        softcap=softcap,
+    )
+    _assert_matches(contiguous, oracle(dense_q, [q_len] * 4, kv_lens), dtype)
+    dense = AttentionDenseRefKernel()(
+        dense_q, padded_k, padded_v, causal=True, sm_scale=sm_scale, window=window, softcap=softcap
+    )
+    _assert_matches(dense, oracle(dense_q, [q_len] * 4, [max(kv_lens)] * 4), dtype)
 
 
 def test_dense_attention_non_contiguous_inputs() -> None:

@@ -86,7 +86,7 @@ def test_fakes_return_nothing() -> None:
     x = torch.empty(7, 4, 64, dtype=torch.bfloat16, device=meta)
     positions = torch.empty(7, dtype=torch.int32, device=meta)
     table = torch.empty(100, 16, dtype=torch.float32, device=meta)
-    facts = ("sm90", "bfloat16", 4, 4, 64, True, 1.0, 0, 32)
+    facts = ("sm90", "bfloat16", 4, 4, 64, True, 1.0, 0, 32, 0, 0.0)
     assert torch.ops.tileprefill.rope_neox_tl(x, positions, table, table, torch.empty_like(x), *facts) is None
     new = torch.empty(2, 3, 4, 64, dtype=torch.float16, device=meta)
     cache = torch.empty(2, 9, 4, 64, dtype=torch.float16, device=meta)

@@ -452,6 +452,14 @@ def test_validate_false_keeps_metadata_checks(oracle: Oracle, gen: torch.Generat
         (lambda: tp.GQARopePrefill(rope=tp.RopeMode.NONE), ("rope", "NEOX", "RopeMode.NONE")),
         (lambda: tp.GQARopePrefill(rope="neox"), ("rope", "NEOX", "'neox'")),  # type: ignore[arg-type]
         (lambda: tp.GQARopePrefill(rope=tp.RopeMode.NEOX, rotary_dim=33), ("rotary_dim", "even", "got 33")),
+        (lambda: tp.GQAPrefill(sliding_window=0), ("sliding_window", ">= 1", "got 0")),
+        (lambda: tp.GQAPrefill(sliding_window=True), ("sliding_window", ">= 1", "got True")),
+        (
+            lambda: tp.GQAPrefill(causal=False, sliding_window=64),
+            ("sliding_window", "causal=False", "got 64"),
+        ),
+        (lambda: tp.GQAPagedCachePrefill(softcap=-1.0), ("softcap", "positive", "got -1.0")),
+        (lambda: tp.GQAPrefill(softcap=float("inf")), ("softcap", "finite", "got inf")),
     ],
 )
 def test_constructor_rejections(make: Callable[[], object], words: tuple[str, ...]) -> None:

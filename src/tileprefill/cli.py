@@ -46,6 +46,8 @@ class ExplainArgs:
     group_size: int
     page_size: int | None
     causal: bool
+    sliding_window: int = 0
+    softcap: float = 0.0
 
 
 @attrs.frozen
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--group-size", required=True, type=int, help="query heads per KV head")
     ex.add_argument("--page-size", type=int, help="tokens per page (paged layout only)")
     ex.add_argument("--non-causal", action="store_true")
+    ex.add_argument("--sliding-window", type=int, default=0, help="keys a query sees, its own last (0: all)")
+    ex.add_argument("--softcap", type=float, default=0.0, help="logit softcap (0: none)")
 
     demo = commands.add_parser("demo", help="chunked prefill of a few requests into a paged cache, checked")
     demo.add_argument(
@@ -177,6 +181,8 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             group_size=int(ns.group_size),
             page_size=None if ns.page_size is None else int(ns.page_size),
             causal=not ns.non_causal,
+            sliding_window=int(ns.sliding_window),
+            softcap=float(ns.softcap),
         )
     if command == "demo":
         return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype])
@@ -231,6 +237,8 @@ def context_from(args: ExplainArgs) -> PrefillContext:
         causal=args.causal,
         page_size=args.page_size if args.page_size is not None else 0,
         ragged=args.ragged or paged,
+        sliding_window=args.sliding_window,
+        softcap=args.softcap > 0,
     )
 
 

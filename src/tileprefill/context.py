@@ -92,6 +92,10 @@ class PrefillContext:
     `page_size` is 0 unless `kv_layout` is PAGED. `ragged` means q (and k/v
     where they are inputs) are packed token-major with `cu_seqlens`: always
     true for the paged layout, never for the contiguous one (q is (B, Sq, Hq, D)).
+    `sliding_window` (0: none) lets the query at absolute position p see only keys in
+    (p - sliding_window, p] (causal only); `softcap` says whether the scaled scores are capped
+    to c * tanh(score / c) (the cap c itself, like sm_scale, is a static fact of the kernels,
+    not of the decision). Both are compiled into the attention programs.
     """
 
     kv_layout: KVLayout
@@ -105,6 +109,8 @@ class PrefillContext:
     causal: bool
     page_size: int = 0
     ragged: bool = False
+    sliding_window: int = 0
+    softcap: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = list(_impossible(self))
@@ -133,6 +139,13 @@ def _impossible(ctx: PrefillContext) -> list[str]:
         problems.append(f"page_size: expected 0 with kv_layout {ctx.kv_layout.value}, got {ctx.page_size}")
     if ctx.kv_layout is KVLayout.CONTIGUOUS and ctx.ragged:
         problems.append("ragged: expected False with kv_layout contiguous (q is (B, Sq, Hq, D))")
+    if ctx.sliding_window < 0:
+        problems.append(f"sliding_window: expected 0 (none) or a positive int, got {ctx.sliding_window}")
+    if ctx.sliding_window and not ctx.causal:
+        problems.append(
+            f"sliding_window: expected 0 without causal (the window ends at the query's own "
+            f"position), got {ctx.sliding_window}"
+        )
     if ctx.rope is not RopeMode.NONE and ctx.head_dim % 2:
         problems.append(f"head_dim: expected an even head_dim with RoPE, got {ctx.head_dim}")
     return problems

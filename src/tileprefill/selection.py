@@ -12,6 +12,7 @@ Nothing falls back silently: when a step has no kernel, `select_plan` raises
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from typing import TypeVar, assert_never
@@ -19,12 +20,13 @@ from typing import TypeVar, assert_never
 import attrs
 
 from tileprefill.context import Arch, KVLayout, PrefillContext, RopeMode
+from tileprefill.kernels.tl import attention_configs
 from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 
 K = TypeVar("K", BatchKey, RopeKey, AppendKey, RopeAppendKey, AttentionKey)
 
-#: Head dims the TileLang attention kernels are compiled for.
-TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+#: Head dims the TileLang attention kernels are compiled for (each has a tile config per arch).
+TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = attention_configs.HEAD_DIMS
 
 
 class Code(enum.Enum):
@@ -95,6 +97,9 @@ class Explanation:
             lines.append("plan: none (no kernel serves step " + ", ".join(self.missing_steps) + ")")
         else:
             lines.append(f"plan: {self.plan}")
+            config = attention_config(self.plan.attention, self.context)
+            if config is not None:
+                lines.append(f"attention config: {config}")
         lines.append("not chosen:")
         for rejection in self.rejected:
             lines.append(f"  {rejection.key.value}: " + "; ".join(rejection.reasons))
@@ -401,6 +406,25 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
             f"(compiled: {', '.join(map(str, TL_ATTENTION_HEAD_DIMS))})"
         )
     return (*reasons, *_code_rejections(code, ctx))
+
+
+def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
+    """The tile configuration the TileLang attention kernel of `key` runs `ctx` with, in words (None
+    for a reference kernel)."""
+    source, code = attention_traits(key)
+    match code:
+        case Code.REF:
+            return None
+        case Code.SM90:
+            config = attention_configs.sm90_config(ctx.head_dim)
+            if source is Source.CONTIGUOUS:
+                # The contiguous cache keeps one CTA per query tile (attention_sm90.program).
+                config = dataclasses.replace(config, persistent_ctas=0)
+            return "sm90 " + attention_configs.describe(config)
+        case Code.SM80 | Code.TL:
+            return "sm80 " + attention_configs.describe(attention_configs.sm80_config(ctx.head_dim))
+        case _:
+            assert_never(code)
 
 
 def _code_rejections(code: Code, ctx: PrefillContext) -> tuple[str, ...]:

@@ -15,8 +15,9 @@ absolute error per dtype. Every call here is made so that a mistake cannot hide:
 
 The matrix: q_len < kv_len and q_len > kv_len, unaligned lengths (1, 37, 129,
 1000), zero-length sequences inside ragged batches, GQA groups 1/2/4/8/16, head
-dims 64/128/256, page sizes 1/5/48 (gathered) and 16/64/256 (tiled), fp16 and
-bf16, causal and non-causal. Plus empty inputs, long sequences, strided inputs,
+dims 64/80/96/112/128/160/192/256, page sizes 1/5/48 (gathered) and 16/64/256
+(tiled), fp16 and bf16, causal and non-causal, sliding windows and logit softcaps.
+Plus empty inputs, long sequences, strided inputs,
 opcheck of the custom ops (`tileprefill::attn_*`: they write a caller-allocated
 output in place and take the static facts as scalars), torch.compile(fullgraph=True)
 of the allocating call and of a bound launch writing its output, and CUDA-graph
@@ -110,6 +111,8 @@ def facts(
     heads: int,
     kv_heads: int,
     page_size: int = 0,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> StaticFacts:
     """A static configuration of the matrix, for every arch (`on(f, arch)` gives the facts of one)."""
     return StaticFacts(
@@ -121,6 +124,8 @@ def facts(
         causal=causal,
         sm_scale=head_dim**-0.5,
         page_size=page_size,
+        window=window,
+        softcap=softcap,
     )
 
 
@@ -132,30 +137,43 @@ def on(f: StaticFacts, arch: Arch) -> StaticFacts:
 F16, BF16 = torch.float16, torch.bfloat16
 
 # The static configurations (one compiled program per arch each): every source, every
-# head dim and GQA group 1/2/4/8/16, both dtypes and causal modes, six page sizes.
+# head dim (64 to 256 in steps the tile configs distinguish: 16-, 32- and 64-column swizzle
+# panels, block_N 128 and 64) and GQA group 1/2/4/8/16, both dtypes and causal modes, six page
+# sizes, sliding windows (shorter than a tile, several tiles, longer than most sequences) and
+# softcaps.
 DENSE_CONFIGS = [
     facts(128, F16, True, 32, 8),  # group 4
     facts(128, BF16, False, 32, 2),  # group 16
     facts(64, F16, True, 8, 8),  # group 1
     facts(256, BF16, True, 16, 2),  # group 8
+    facts(96, BF16, True, 16, 4, window=200),
+    facts(80, F16, True, 8, 1, softcap=30.0),
+    facts(112, F16, True, 16, 2, window=77, softcap=20.0),
+    facts(160, BF16, False, 8, 8),
+    facts(192, F16, True, 8, 2, window=33),
 ]
 RAGGED_CONFIGS = [
     facts(128, BF16, True, 16, 8),  # group 2
     facts(64, F16, False, 16, 1),  # group 16
+    facts(96, F16, True, 16, 4, window=100, softcap=50.0),
 ]
 CONTIGUOUS_CONFIGS = [
     facts(128, F16, True, 32, 4),  # group 8
     facts(256, F16, False, 8, 8),  # group 1
+    facts(192, BF16, True, 8, 2, window=300),
 ]
 PAGED_CONFIGS = [  # rows gathered through the block table
     facts(128, F16, True, 32, 8, page_size=1),
     facts(64, BF16, False, 8, 2, page_size=5),
     facts(256, F16, True, 4, 2, page_size=48),
+    facts(80, F16, True, 8, 2, page_size=1, window=64, softcap=10.0),
 ]
 PAGED_TILED_CONFIGS = [  # whole pages per key tile, or a key tile inside one page
     facts(128, F16, True, 32, 8, page_size=16),
     facts(64, BF16, True, 16, 8, page_size=64),
     facts(128, F16, False, 16, 2, page_size=256),
+    facts(96, BF16, True, 16, 4, page_size=16, window=150),
+    facts(160, F16, True, 8, 8, page_size=64, softcap=25.0),
 ]
 CONFIGS: dict[Source, list[StaticFacts]] = {
     Source.DENSE: DENSE_CONFIGS,
@@ -169,7 +187,8 @@ CONFIGS: dict[Source, list[StaticFacts]] = {
 def config_id(f: StaticFacts) -> str:
     page = f"-page{f.page_size}" if f.page_size else ""
     mode = "causal" if f.causal else "full"
-    return f"d{f.head_dim}-{f.dtype.value}-{mode}-g{f.heads // f.kv_heads}{page}"
+    extra = (f"-w{f.window}" if f.window else "") + (f"-cap{f.softcap:g}" if f.softcap else "")
+    return f"d{f.head_dim}-{f.dtype.value}-{mode}-g{f.heads // f.kv_heads}{page}{extra}"
 
 
 def warm_up() -> None:
@@ -194,7 +213,9 @@ def fresh_seed() -> Iterator[int]:
 class AttentionKernel(Protocol):
     """What the tests call on an attention kernel of any family (each names its own tensors)."""
 
-    def __call__(self, *tensors: torch.Tensor, causal: bool, sm_scale: float) -> torch.Tensor: ...
+    def __call__(
+        self, *tensors: torch.Tensor, causal: bool, sm_scale: float, window: int, softcap: float
+    ) -> torch.Tensor: ...
     def bind(self, facts: StaticFacts) -> Callable[..., None]: ...
 
 
@@ -342,14 +363,22 @@ def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: p
     q = case.tensors[0]
     # The allocating call builds the program warm_up built (same key, same static facts).
     called = attention_tl.facts_of(
-        KEYS[source, arch], q, case.tensors[1], causal=f.causal, sm_scale=f.sm_scale
+        KEYS[source, arch],
+        q,
+        case.tensors[1],
+        causal=f.causal,
+        sm_scale=f.sm_scale,
+        window=f.window,
+        softcap=f.softcap,
     )
     assert called == on(f, arch), f"test setup: the call's facts {called} are not the config's"
     before = [bits(t).clone() for t in case.tensors]
-    expected = REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    expected = REFERENCES[source](
+        *case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+    )
     with monkeypatch.context() as patch:
         patch.setattr(attention_tl, "_allocate_output", nan_filled)
-        out = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+        out = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap)
     bound = nan_filled(q)
     kernel.bind(on(f, arch))(*case.tensors, bound)
     torch.cuda.synchronize()
@@ -398,6 +427,14 @@ def test_dense_long_sequences(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> No
     """Many key tiles: the running max and sum over ~30 rescales; the causal diagonal mid-sequence."""
     f = DENSE_CONFIGS[0]
     check(Source.DENSE, arch, f, dense_case(f, 1, random.randint(2900, 3100), 4001), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize("f", [f for f in DENSE_CONFIGS if f.window], ids=config_id)
+def test_dense_windowed_long_sequences(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window far shorter than the context: each query tile reads only the few key tiles its
+    window touches (first tiles partly outside the window, for some rows of a warpgroup wholly)."""
+    check(Source.DENSE, arch, f, dense_case(f, 1, random.randint(1900, 2100), 3001), monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
@@ -501,21 +538,6 @@ def test_paged_tiled(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch
 # --------------------------------------------------------------------- custom ops, compile, graphs
 
 
-def scalars(f: StaticFacts) -> tuple[str, str, int, int, int, bool, float, int, int]:
-    """The static facts as the custom ops take them, after the tensors (their schema's order)."""
-    return (
-        f.arch.value,
-        f.dtype.value,
-        f.heads,
-        f.kv_heads,
-        f.head_dim,
-        f.causal,
-        f.sm_scale,
-        f.page_size,
-        f.rotary_dim,
-    )
-
-
 def small_case(source: Source) -> tuple[StaticFacts, Case]:
     f = CONFIGS[source][0]
     match source:
@@ -541,11 +563,13 @@ def test_opcheck(arch: Arch, source: Source) -> None:
     assert attention_tl.RECORDS[key].mutates == ("out",)
     op = launch.OPS[key]
     q = case.tensors[0]
-    torch.library.opcheck(op, (*case.tensors, nan_filled(q), *scalars(on(f, arch))))
+    torch.library.opcheck(op, (*case.tensors, nan_filled(q), *launch.scalars(on(f, arch))))
     # The op launches the program of its scalars: what the allocating call computes, bit for bit.
     out = nan_filled(q)
-    op(*case.tensors, out, *scalars(on(f, arch)))
-    want = kernel_of(source, arch)(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    op(*case.tensors, out, *launch.scalars(on(f, arch)))
+    want = kernel_of(source, arch)(
+        *case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+    )
     torch.cuda.synchronize()
     assert torch.equal(bits(out), bits(want))
 
@@ -558,12 +582,16 @@ def test_torch_compile_fullgraph(arch: Arch, source: Source) -> None:
     f, case = small_case(source)
 
     def attend_twice(*tensors: torch.Tensor) -> torch.Tensor:
-        return 2.0 * kernel(*tensors, causal=f.causal, sm_scale=f.sm_scale)
+        return 2.0 * kernel(
+            *tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(attend_twice, fullgraph=True)
     got = compiled(*case.tensors)
-    want = 2.0 * REFERENCES[source](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+    want = 2.0 * REFERENCES[source](
+        *case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=2 * ABS_ERR[got.dtype])
 
 
@@ -588,7 +616,7 @@ def test_torch_compile_fullgraph_sees_the_output_written_by_a_bound_launch(
     for _ in range(2):  # new data, same shapes: the second call must not see the first's values
         f, case = small_case(source)
         doubled, any_nan = compiled(*case.tensors)
-        want = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+        want = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap)
         torch.cuda.synchronize()
         assert not bool(any_nan), "the read of the output ran before the write"
         assert torch.equal(bits(doubled), bits(want * 2.0))
@@ -603,11 +631,13 @@ def test_cuda_graph_replay_with_new_lengths(arch: Arch) -> None:
     shapes = {"num_pages": 64, "table_width": 40}
     first = paged_case(f, [40, 7, 80], [300, 7, 500], **shapes)
     static = [t.clone() for t in first.tensors]
-    kernel(*static, causal=f.causal, sm_scale=f.sm_scale)  # compile and warm up outside the graph
+    kernel(
+        *static, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+    )  # compile and warm up outside the graph
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernel(*static, causal=f.causal, sm_scale=f.sm_scale)
+        out = kernel(*static, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap)
     for q_lens, kv_lens in (
         ([40, 7, 80], [300, 7, 500]),
         ([0, 120, 7], [13, 400, 7]),
@@ -620,6 +650,8 @@ def test_cuda_graph_replay_with_new_lengths(arch: Arch) -> None:
             target.copy_(source_tensor)
         graph.replay()
         torch.cuda.synchronize()
-        want = REFERENCES[Source.PAGED_TILED](*case.tensors, causal=f.causal, sm_scale=f.sm_scale)
+        want = REFERENCES[Source.PAGED_TILED](
+            *case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+        )
         assert not out.isnan().any()
         torch.testing.assert_close(out, want, rtol=0, atol=ABS_ERR[out.dtype])

@@ -88,21 +88,6 @@ def paged_kernels() -> tuple[PagedAppendKernel, PagedAppendKernel]:
     return tl, ref
 
 
-def scalars(f: StaticFacts) -> tuple[str, str, int, int, int, bool, float, int, int]:
-    """The static facts as the custom ops take them, after the tensors (their schema's order)."""
-    return (
-        f.arch.value,
-        f.dtype.value,
-        f.heads,
-        f.kv_heads,
-        f.head_dim,
-        f.causal,
-        f.sm_scale,
-        f.page_size,
-        f.rotary_dim,
-    )
-
-
 def rope_facts(x: torch.Tensor, rotary_dim: int, arch: Arch | None = None) -> StaticFacts:
     """The static facts `RopeKernel.__call__` builds for x (T, H, D) on this device."""
     _, heads, head_dim = x.shape
@@ -283,7 +268,7 @@ def test_rope_opcheck(key: RopeKey) -> None:
     x = torch.randn(19, 4, 64, dtype=torch.float16, device=DEV)
     positions = torch.randint(0, 128, (19,), dtype=torch.int32, device=DEV)
     out = torch.full_like(x, float("nan"))
-    args = (x, positions, cos, sin, out, *scalars(rope_facts(x, 64)))
+    args = (x, positions, cos, sin, out, *launch.scalars(rope_facts(x, 64)))
     torch.library.opcheck(launch.OPS[key], args)
     launch.OPS[key](*args)
     tl = ALL_KERNELS[key]()
@@ -373,11 +358,11 @@ def test_append_contiguous_opcheck() -> None:
     assert written_by(AppendKey.CONTIGUOUS_TL) == {"k_cache", "v_cache"}
     case = contiguous_case(3, 5, 12, 2, 64, torch.float16)
     op = launch.OPS[AppendKey.CONTIGUOUS_TL]
-    torch.library.opcheck(op, (*case.args, *scalars(append_facts(case.k_new))))
+    torch.library.opcheck(op, (*case.args, *launch.scalars(append_facts(case.k_new))))
     _, ref = contiguous_kernels()
     expected = (case.k_cache.clone(), case.v_cache.clone())
     ref(case.k_new, case.v_new, *expected, case.cache_seqlens)
-    op(*case.args, *scalars(append_facts(case.k_new)))
+    op(*case.args, *launch.scalars(append_facts(case.k_new)))
     torch.cuda.synchronize()
     assert torch.equal(case.k_cache, expected[0]) and torch.equal(case.v_cache, expected[1])
 
@@ -548,11 +533,11 @@ def test_append_paged_opcheck() -> None:
     case = paged_case([2, 0, 5], [3, 1, 0], 4, 2, 64, torch.float16)
     op = launch.OPS[AppendKey.PAGED_TL]
     facts = append_facts(case.k_new, page_size=4)
-    torch.library.opcheck(op, (*case.args, *scalars(facts)))
+    torch.library.opcheck(op, (*case.args, *launch.scalars(facts)))
     _, ref = paged_kernels()
     expected = (case.k_pages.clone(), case.v_pages.clone())
     ref(case.k_new, case.v_new, *expected, case.block_table, case.cache_seqlens, case.cu_seqlens_q)
-    op(*case.args, *scalars(facts))
+    op(*case.args, *launch.scalars(facts))
     torch.cuda.synchronize()
     assert torch.equal(case.k_pages, expected[0]) and torch.equal(case.v_pages, expected[1])
 
@@ -584,13 +569,13 @@ def test_rope_append_opcheck(key: RopeAppendKey) -> None:
         torch.randn(num_rows, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
         torch.full((tokens, f.heads, f.head_dim), float("nan"), dtype=dt, device=DEV),
     )
-    torch.library.opcheck(launch.OPS[key], (*args, *scalars(f)))
+    torch.library.opcheck(launch.OPS[key], (*args, *launch.scalars(f)))
     # The direct launch a plan holds writes what the custom op writes, bit for bit.
     direct = [t.clone() for t in args]
     kernel = ALL_KERNELS[key]()
     assert isinstance(kernel, RopeAppendKernel)
     kernel.bind(f)(*direct)
-    launch.OPS[key](*args, *scalars(f))
+    launch.OPS[key](*args, *launch.scalars(f))
     torch.cuda.synchronize()
     for name, got, want in zip(("k_rows", "v_rows", "q_out"), args[7:], direct[7:], strict=True):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: op != launch"

@@ -61,9 +61,9 @@ PAGED_NAME: Final = "paged|tileprefill"
 
 #: Keyword arguments some models pass that change what attention computes; not served.
 _UNSERVED_KWARGS: Final = {
-    "sliding_window": "tileprefill has no sliding-window attention (set config.sliding_window = None "
-    "only if no sequence is longer than the window)",
-    "softcap": "tileprefill has no logit softcapping",
+    "sliding_window": "this integration serves no sliding-window layers yet (the Ops do, with "
+    "sliding_window=...; set config.sliding_window = None only if no sequence is longer than the window)",
+    "softcap": "this integration serves no logit softcapping yet (the Ops do, with softcap=...)",
     "s_aux": "tileprefill has no attention sinks",
     "sinks": "tileprefill has no attention sinks",
     "position_bias": "tileprefill adds no position bias to the scores",

@@ -76,6 +76,8 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         facts.sm_scale,
         facts.page_size if paged else 0,
         config,
+        facts.window,
+        facts.softcap,
     )
     return Program(programs.program, args, arch)
 
@@ -124,7 +126,14 @@ def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int |
 
 
 def facts_of(
-    key: AttentionKey, q: torch.Tensor, kv: torch.Tensor, *, causal: bool, sm_scale: float
+    key: AttentionKey,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    *,
+    causal: bool,
+    sm_scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> StaticFacts:
     """The static facts of an allocating call (`__call__`), checked: q (..., Hq, D) and k/v (..., Hkv, D)
     of one dtype; the page size of a paged cache (NP, PS, Hkv, D) is its second dim."""
@@ -148,6 +157,8 @@ def facts_of(
         causal=causal,
         sm_scale=float(sm_scale),
         page_size=kv.shape[1] if paged else 0,
+        window=window,
+        softcap=float(softcap),
     )
 
 
@@ -182,10 +193,20 @@ class _DenseTL(DenseAttentionKernel):
         return launch
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         out = _allocate_output(q)
-        self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale))(q, k, v, out)
+        self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))(
+            q, k, v, out
+        )
         return out
 
 
@@ -220,11 +241,15 @@ class _RaggedTL(RaggedAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         _check_index("cu_seqlens_q", cu_seqlens_q)
         _check_index("cu_seqlens_kv", cu_seqlens_kv)
         out = _allocate_output(q)
-        launch = self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale))
+        launch = self.bind(
+            facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        )
         launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
         return out
 
@@ -258,10 +283,14 @@ class _ContiguousTL(ContiguousAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         _check_index("kv_seqlens", kv_seqlens)
         out = _allocate_output(q)
-        launch = self.bind(facts_of(self.key, q, k_cache, causal=causal, sm_scale=sm_scale))
+        launch = self.bind(
+            facts_of(self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        )
         launch(q, k_cache, v_cache, kv_seqlens, out)
         return out
 
@@ -307,6 +336,8 @@ class _PagedTL(PagedAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         for name, index in (
             ("block_table", block_table),
@@ -315,7 +346,9 @@ class _PagedTL(PagedAttentionKernel):
         ):
             _check_index(name, index)
         out = _allocate_output(q)
-        launch = self.bind(facts_of(self.key, q, k_pages, causal=causal, sm_scale=sm_scale))
+        launch = self.bind(
+            facts_of(self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        )
         launch(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
         return out
 
@@ -405,11 +438,18 @@ def _compile_weight(source: Source, arch: Arch) -> int:
 
 
 def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
-    """Static configurations compiled in CI: every source at D=128 fp16 causal (Hq 32, Hkv 8),
-    plus the other head dims, bf16 and non-causal for dense, and page sizes for the paged ones."""
+    """Static configurations compiled in CI (Hq 32, Hkv 8): every source causal fp16; dense also at
+    D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256 and
+    non-causal; the contiguous cache at D 192 (block_N 64) with a window; the paged ones at the
+    page sizes engines use most, the tiled one at D 96 (32-column panels of each page's copy)."""
 
     def facts(
-        head_dim: int = 128, dtype: DType = DType.FP16, causal: bool = True, page_size: int = 0
+        head_dim: int = 128,
+        dtype: DType = DType.FP16,
+        causal: bool = True,
+        page_size: int = 0,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> StaticFacts:
         return StaticFacts(
             arch=Arch.CPU,  # replaced by the key's arch in compile_cases
@@ -420,27 +460,34 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
             causal=causal,
             sm_scale=head_dim**-0.5,
             page_size=page_size,
+            window=window,
+            softcap=softcap,
         )
 
     match source:
         case Source.DENSE:
             return (
                 ("d128 fp16 causal", facts()),
-                # bf16 rides on the D64 case: one program fewer per arch (each persistent SM90 dense
-                # program takes about a minute of nvcc on a CI core).
-                ("d64 bf16 causal", facts(head_dim=64, dtype=DType.BF16)),
+                # bf16, the window and the softcap ride on the D80 case: one program fewer per arch
+                # (each persistent SM90 dense program takes about a minute of nvcc on a CI core).
+                (
+                    "d80 bf16 causal window softcap",
+                    facts(head_dim=80, dtype=DType.BF16, window=200, softcap=30.0),
+                ),
                 ("d256 fp16 causal", facts(head_dim=256)),
                 ("d128 fp16 non-causal", facts(causal=False)),
             )
-        case Source.RAGGED | Source.CONTIGUOUS:
+        case Source.RAGGED:
             return (("d128 fp16 causal", facts()),)
+        case Source.CONTIGUOUS:
+            return (("d192 fp16 causal window", facts(head_dim=192, window=300)),)
         # One page size each: the page size is a constant of one program template (the GPU tests
         # run page sizes from 1 up), and each persistent SM90 paged program takes 2-4 minutes of
         # nvcc on a CI core. Page 1 (one key a page) and 16 are the sizes engines use most.
         case Source.PAGED:
             return (("d128 fp16 causal page 1", facts(page_size=1)),)
         case Source.PAGED_TILED:
-            return (("d128 fp16 causal page 16", facts(page_size=16)),)
+            return (("d96 fp16 causal page 16", facts(head_dim=96, page_size=16)),)
         case _:
             assert_never(source)
 

@@ -61,6 +61,8 @@ class StaticFacts(NamedTuple):
     sm_scale: float = 1.0
     page_size: int = 0
     rotary_dim: int = 0
+    window: int = 0  # attention: a causal sliding window of this many keys (0: none)
+    softcap: float = 0.0  # attention: the logit softcap (0: none)
 
 
 class Kernel(abc.ABC):
@@ -291,13 +293,31 @@ class DenseAttentionKernel(Kernel):
 
     @abc.abstractmethod
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D) -> (B, Sq, Hq, D)."""
 
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
         def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-            out.copy_(self(q, k, v, causal=facts.causal, sm_scale=facts.sm_scale))
+            out.copy_(
+                self(
+                    q,
+                    k,
+                    v,
+                    causal=facts.causal,
+                    sm_scale=facts.sm_scale,
+                    window=facts.window,
+                    softcap=facts.softcap,
+                )
+            )
 
         return launch
 
@@ -316,6 +336,8 @@ class RaggedAttentionKernel(Kernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens int32 (B+1,) -> (Tq, Hq, D)."""
 
@@ -329,7 +351,17 @@ class RaggedAttentionKernel(Kernel):
             out: torch.Tensor,
         ) -> None:
             out.copy_(
-                self(q, k, v, cu_seqlens_q, cu_seqlens_kv, causal=facts.causal, sm_scale=facts.sm_scale)
+                self(
+                    q,
+                    k,
+                    v,
+                    cu_seqlens_q,
+                    cu_seqlens_kv,
+                    causal=facts.causal,
+                    sm_scale=facts.sm_scale,
+                    window=facts.window,
+                    softcap=facts.softcap,
+                )
             )
 
         return launch
@@ -348,6 +380,8 @@ class ContiguousAttentionKernel(Kernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k/v_cache (B, S_max, Hkv, D)."""
 
@@ -359,7 +393,18 @@ class ContiguousAttentionKernel(Kernel):
             kv_seqlens: torch.Tensor,
             out: torch.Tensor,
         ) -> None:
-            out.copy_(self(q, k_cache, v_cache, kv_seqlens, causal=facts.causal, sm_scale=facts.sm_scale))
+            out.copy_(
+                self(
+                    q,
+                    k_cache,
+                    v_cache,
+                    kv_seqlens,
+                    causal=facts.causal,
+                    sm_scale=facts.sm_scale,
+                    window=facts.window,
+                    softcap=facts.softcap,
+                )
+            )
 
         return launch
 
@@ -379,6 +424,8 @@ class PagedAttentionKernel(Kernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q (Tq, Hq, D) packed by cu_seqlens_q over the first kv_seqlens[b] keys of sequence b,
         key p at page block_table[b, p // page_size], row p % page_size -> (Tq, Hq, D)."""
@@ -403,6 +450,8 @@ class PagedAttentionKernel(Kernel):
                     cu_seqlens_q,
                     causal=facts.causal,
                     sm_scale=facts.sm_scale,
+                    window=facts.window,
+                    softcap=facts.softcap,
                 )
             )
 

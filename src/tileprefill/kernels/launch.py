@@ -71,11 +71,12 @@ class KernelRecord:
 #: The static facts as custom-op scalars, in `StaticFacts` order.
 _FACTS_SCHEMA: Final = (
     "str arch, str dtype, int heads, int kv_heads, int head_dim, bool causal, float sm_scale, "
-    "int page_size, int rotary_dim"
+    "int page_size, int rotary_dim, int window, float softcap"
 )
 
 
-def _scalars(facts: StaticFacts) -> tuple[object, ...]:
+def scalars(facts: StaticFacts) -> tuple[object, ...]:
+    """The static facts as a custom op takes them, after its tensors (the schema's order)."""
     return (facts.arch.value, facts.dtype.value, *facts[2:])
 
 
@@ -142,7 +143,7 @@ class Launcher:
 
     def __init__(self, record: KernelRecord, facts: StaticFacts) -> None:
         self._op = OPS[record.key]
-        self._scalars = _scalars(facts)
+        self._scalars = scalars(facts)
         #: Which parameters are read only (those may be copied into the layout the program reads).
         self._inputs = tuple(name not in record.mutates for name in record.tensors)
         self._entry: Callable[..., object] | None = None

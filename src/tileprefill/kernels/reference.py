@@ -179,12 +179,16 @@ def _attend_sequence(
     *,
     causal: bool,
     sm_scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Attention of one sequence, written into `out`.
 
     q and out (q_len, Hq, D), k and v (kv_len, Hkv, D). Query i sees keys
-    j < kv_len, and j <= kv_len - q_len + i when causal (bottom-right aligned);
-    a query that sees no key is 0.
+    j < kv_len, and j <= kv_len - q_len + i when causal (bottom-right aligned),
+    and with a sliding `window` > 0 (causal only) also j > kv_len - q_len + i - window;
+    a query that sees no key is 0. A `softcap` > 0 caps the scaled scores x to
+    softcap * tanh(x / softcap) before the mask and the softmax.
     """
     q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads, _ = k.shape
@@ -199,23 +203,31 @@ def _attend_sequence(
     v_heads = v.float().permute(1, 0, 2).unsqueeze(1)
     for row_start in range(0, q_len, rows_per_chunk):
         row_end = min(q_len, row_start + rows_per_chunk)
-        # Keys any query of this chunk may see; causal chunks stop at the last row's diagonal.
+        # Keys any query of this chunk may see; causal chunks stop at the last row's diagonal, and
+        # windowed ones start at the first row's window.
         visible = kv_len if not causal else max(0, min(kv_len, kv_len - q_len + row_end))
-        if visible == 0:
+        first = max(0, min(visible, kv_len - q_len + row_start - window + 1)) if window else 0
+        if visible == first:
             out[row_start:row_end] = 0
             continue
-        scores = torch.matmul(q_grouped[:, :, row_start:row_end], k_heads[:, :, :visible].transpose(2, 3))
+        keys = slice(first, visible)
+        scores = torch.matmul(q_grouped[:, :, row_start:row_end], k_heads[:, :, keys].transpose(2, 3))
         scores *= sm_scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         if causal:
             rows = torch.arange(row_start, row_end, device=q.device).unsqueeze(1)
-            cols = torch.arange(visible, device=q.device).unsqueeze(0)
-            scores.masked_fill_(cols > kv_len - q_len + rows, float("-inf"))
+            cols = torch.arange(first, visible, device=q.device).unsqueeze(0)
+            hidden = cols > kv_len - q_len + rows
+            if window:
+                hidden |= cols <= kv_len - q_len + rows - window
+            scores.masked_fill_(hidden, float("-inf"))
         # Rows with every key masked have max -inf; shifting by 0 instead makes them all-zero weights.
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
         weights = torch.exp(scores - row_max)
         denom = weights.sum(dim=-1, keepdim=True)
-        chunk = torch.matmul(weights, v_heads[:, :, :visible])  # (Hkv, group, rows, D)
+        chunk = torch.matmul(weights, v_heads[:, :, keys])  # (Hkv, group, rows, D)
         # A row that saw no key (denom 0) is 0; a NaN or Inf in its inputs (denom NaN) stays NaN.
         chunk = torch.where(denom != 0, chunk / denom, torch.zeros_like(chunk))
         out[row_start:row_end] = chunk.permute(2, 0, 1, 3).reshape(row_end - row_start, q_heads, head_dim)
@@ -225,11 +237,21 @@ class AttentionDenseRefKernel(DenseAttentionKernel):
     key: ClassVar[AttentionKey] = AttentionKey.DENSE_REF
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for b in range(q.shape[0]):
-            _attend_sequence(q[b], k[b], v[b], out[b], causal=causal, sm_scale=sm_scale)
+            _attend_sequence(
+                q[b], k[b], v[b], out[b], causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+            )
         return out
 
 
@@ -246,6 +268,8 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         q_offsets = cu_seqlens_q.tolist()
@@ -253,7 +277,16 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
         for b in range(len(q_offsets) - 1):
             q_rows = slice(q_offsets[b], q_offsets[b + 1])
             kv_rows = slice(kv_offsets[b], kv_offsets[b + 1])
-            _attend_sequence(q[q_rows], k[kv_rows], v[kv_rows], out[q_rows], causal=causal, sm_scale=sm_scale)
+            _attend_sequence(
+                q[q_rows],
+                k[kv_rows],
+                v[kv_rows],
+                out[q_rows],
+                causal=causal,
+                sm_scale=sm_scale,
+                window=window,
+                softcap=softcap,
+            )
         return out
 
 
@@ -269,11 +302,20 @@ class AttentionContiguousRefKernel(ContiguousAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for b, kv_len in enumerate(kv_seqlens.tolist()):
             _attend_sequence(
-                q[b], k_cache[b, :kv_len], v_cache[b, :kv_len], out[b], causal=causal, sm_scale=sm_scale
+                q[b],
+                k_cache[b, :kv_len],
+                v_cache[b, :kv_len],
+                out[b],
+                causal=causal,
+                sm_scale=sm_scale,
+                window=window,
+                softcap=softcap,
             )
         return out
 
@@ -292,6 +334,8 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
         *,
         causal: bool,
         sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         _, page_size, kv_heads, head_dim = k_pages.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -302,7 +346,9 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
             k = k_pages[pages].reshape(-1, kv_heads, head_dim)[:kv_len]
             v = v_pages[pages].reshape(-1, kv_heads, head_dim)[:kv_len]
             q_rows = slice(q_offsets[b], q_offsets[b + 1])
-            _attend_sequence(q[q_rows], k, v, out[q_rows], causal=causal, sm_scale=sm_scale)
+            _attend_sequence(
+                q[q_rows], k, v, out[q_rows], causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+            )
         return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import functools
 import itertools
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -80,6 +81,8 @@ class CallFacts(NamedTuple):
     causal: bool
     page_size: int
     ragged: bool
+    sliding_window: int
+    softcap: bool
 
 
 def context_of(facts: CallFacts) -> PrefillContext:
@@ -95,6 +98,8 @@ def context_of(facts: CallFacts) -> PrefillContext:
         causal=facts.causal,
         page_size=facts.page_size,
         ragged=facts.ragged,
+        sliding_window=facts.sliding_window,
+        softcap=facts.softcap,
     )
 
 
@@ -524,11 +529,28 @@ class PrefillOp(abc.ABC):
         *,
         causal: bool = True,
         sm_scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
         kernel_map: Mapping[KernelKey, type[Kernel]] | None = None,
         validate: bool = True,
     ) -> None:
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
+        if sliding_window is not None and (
+            isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
+        ):
+            raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
+        if sliding_window is not None and not causal:
+            raise ValueError(
+                f"sliding_window: expected None with causal=False (a window ends at the query's own "
+                f"position), got {sliding_window!r}"
+            )
+        if softcap is not None and (
+            isinstance(softcap, bool)
+            or not isinstance(softcap, int | float)
+            or not (softcap > 0 and math.isfinite(softcap))
+        ):
+            raise ValueError(f"softcap: expected None or a positive finite float, got {softcap!r}")
         if sm_scale is not None and (
             isinstance(sm_scale, bool) or not isinstance(sm_scale, int | float) or not sm_scale > 0
         ):
@@ -539,6 +561,10 @@ class PrefillOp(abc.ABC):
             _mark_plan_constant()
         self.causal = causal
         self.sm_scale = None if sm_scale is None else float(sm_scale)
+        #: 0 and 0.0 stand for "none" in the context and the kernels' static facts.
+        self.sliding_window = 0 if sliding_window is None else sliding_window
+        self.softcap = 0.0 if softcap is None else float(softcap)
+        self._capped = softcap is not None
         self.validate = validate
         self.rope = RopeMode.NONE
         self.rotary_dim: int | None = None
@@ -651,6 +677,10 @@ class PrefillOp(abc.ABC):
             causal=self.causal,
             page_size=operator.index(page_size),
             ragged=self.ragged,
+            sliding_window=operator.index(self.sliding_window),
+            # Whether, not how much: under torch.compile the float is symbolic, and the plan (a
+            # constant of the trace) depends only on the bool.
+            softcap=self._capped,
         )
 
     def _select(self, facts: CallFacts) -> StepNames:
@@ -670,6 +700,8 @@ class PrefillOp(abc.ABC):
             sm_scale=self.sm_scale if self.sm_scale is not None else float(shape.head_dim) ** -0.5,
             page_size=facts.page_size,
             rotary_dim=rotary_dim,
+            window=self.sliding_window,
+            softcap=self.softcap,
         )
 
     def _kernel_of(self, name: str, family: Callable[..., KernelT]) -> KernelT:
@@ -718,6 +750,8 @@ class RotatingOp(PrefillOp):
         rotary_dim: int | None = None,
         causal: bool = True,
         sm_scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
         kernel_map: Mapping[KernelKey, type[Kernel]] | None = None,
         validate: bool = True,
     ) -> None:
@@ -733,6 +767,13 @@ class RotatingOp(PrefillOp):
             or rotary_dim % 2
         ):
             raise ValueError(f"rotary_dim: expected None or an even int >= 2, got {rotary_dim!r}")
-        super().__init__(causal=causal, sm_scale=sm_scale, kernel_map=kernel_map, validate=validate)
+        super().__init__(
+            causal=causal,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            kernel_map=kernel_map,
+            validate=validate,
+        )
         self.rope = rope
         self.rotary_dim = rotary_dim

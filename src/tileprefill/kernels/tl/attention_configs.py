@@ -29,21 +29,33 @@ class TileConfig:
 # SM90: one producer warpgroup (TMA or cp.async gathers) and two consumer
 # warpgroups of 64 query rows each (block_M = 128) that take turns on the tensor
 # cores (ping-pong), so one's softmax hides under the other's wgmma.
-# - D 64 / 128: 128 x 128 tiles, two K/V stages: Q 16/32 KiB + K/V 64/128 KiB of
+# - D 64 to 128: 128 x 128 tiles, two K/V stages: Q 16-32 KiB + K/V 64-128 KiB of
 #   shared memory, 64 fp32 score registers per thread; the FlashAttention-3 shape.
-# - D 256: block_N 64 keeps the fp32 output (128 registers a thread) plus scores
-#   inside the consumers' 240 registers and Q 64 KiB + 2 x 64 KiB K/V in 227 KiB.
-# - D 64 / 128 run persistent (dense, ragged, paged): one CTA per SM of an H100 SXM / H200
+#   Head dims that 64 columns do not divide (80, 96, 112) use 32- or 64-byte swizzle
+#   panels, which TileLang's TMA copies split into (80 = 5 x 16 columns, 96 = 3 x 32).
+# - D 160 to 256: block_N 64 keeps the fp32 output (80-128 registers a thread) plus
+#   scores inside the consumers' 240 registers, and Q + 2 x K/V (+ the output staging
+#   tile) inside 227 KiB.
+# - Persistent (dense, ragged, paged) up to D 192: one CTA per SM of an H100 SXM / H200
 #   (132), each looping over query tiles; dense outputs go through a separate 2 x 64-row
-#   staging tile (16/32 KiB) so the next tile's Q load overlaps the current tile's
-#   epilogue. (D 256 has no shared memory left for it.) On a GPU with fewer SMs the
-#   surplus CTAs run as a second wave.
+#   staging tile so the next tile's Q load overlaps the current tile's epilogue. (D 256 has
+#   no shared memory left for it.) On a GPU with fewer SMs the surplus CTAs run as a
+#   second wave.
 SM90_PERSISTENT_CTAS = 132
+_SM90_WIDE = TileConfig(
+    block_M=128, block_N=128, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
+)
+_SM90_DEEP = TileConfig(
+    block_M=128, block_N=64, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
+)
 SM90_CONFIGS: dict[int, TileConfig] = {
-    64: TileConfig(block_M=128, block_N=128, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS),
-    128: TileConfig(
-        block_M=128, block_N=128, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
-    ),
+    64: _SM90_WIDE,
+    80: _SM90_WIDE,
+    96: _SM90_WIDE,
+    112: _SM90_WIDE,
+    128: _SM90_WIDE,
+    160: _SM90_DEEP,
+    192: _SM90_DEEP,
     256: TileConfig(block_M=128, block_N=64, num_stages=2, threads=384),
 }
 
@@ -56,12 +68,29 @@ SM90_CONFIGS: dict[int, TileConfig] = {
 # register allocation at every head dim; eight warps do not (ptxas: D 64 198,
 # D 128 224, D 256 236 registers, no spills). block_N shrinks with D to keep the
 # fp32 scores plus output in registers, and shared memory stays under the 99 KiB
-# SM86/SM89 allow a block (Q + K + V: 48 / 64 / 96 KiB).
+# SM86/SM89 allow a block (Q + K + V: 48 / 64 / 96 KiB at D 64 / 128 / 256).
 SM80_CONFIGS: dict[int, TileConfig] = {
     64: TileConfig(block_M=128, block_N=128, num_stages=1, threads=256),
+    80: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
+    96: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
+    112: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
     128: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
+    160: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
+    192: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
     256: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
 }
+
+#: The head dims both tables serve (what selection offers the TileLang attention kernels).
+HEAD_DIMS: tuple[int, ...] = tuple(sorted(set(SM90_CONFIGS) & set(SM80_CONFIGS)))
+
+
+def describe(config: TileConfig) -> str:
+    """One line naming a configuration (what `explain` prints for a TileLang attention step)."""
+    grid = f", persistent {config.persistent_ctas} CTAs" if config.persistent_ctas else ""
+    return (
+        f"{config.block_M}x{config.block_N} tiles, {config.num_stages} stage(s), "
+        f"{config.threads} threads{grid}"
+    )
 
 
 def sm90_config(head_dim: int) -> TileConfig:

@@ -8,7 +8,7 @@ differs between architectures, so the grids, the tile order and the ragged tile
 search are written once, here.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
-causal, sm_scale, page_size, config)`, which builds its body and returns
+causal, sm_scale, page_size, config, window, softcap)`, which builds its body and returns
 `entry_program(...)`; that module-level function is the factory `attention_tl`
 compiles (module-level, so compile workers in other processes can unpickle it).
 """
@@ -19,7 +19,14 @@ from typing import Any
 import tilelang.language as T
 
 from tileprefill.kernels.tl.attention_configs import TileConfig
-from tileprefill.kernels.tl.attention_parts import KVSource, Work, kv_tile_count, locate_ragged_tile, work
+from tileprefill.kernels.tl.attention_parts import (
+    KVSource,
+    Work,
+    kv_tile_count,
+    kv_tile_first,
+    locate_ragged_tile,
+    work,
+)
 from tileprefill.selection import pages_tile_evenly
 
 
@@ -33,6 +40,7 @@ def entry_program(
     page_size: int,
     config: TileConfig,
     attend: Any,
+    window: int = 0,
 ) -> Any:
     """The prim_func of `source` whose CTAs each run the macro `attend(w, Q, K, V, O, block_table)`.
 
@@ -49,7 +57,7 @@ def entry_program(
     block_M = config.block_M
     threads = config.threads
     D = head_dim
-    tile_count = kv_tile_count(causal, block_M, config.block_N)
+    key_range = kv_tile_range(causal, window, block_M, config.block_N)
     locate = locate_ragged_tile(block_M)
 
     @T.macro
@@ -63,7 +71,7 @@ def entry_program(
         else:
             kv_len = keys
         offset = kv_len - seq_q
-        tiles = tile_count(tile * block_M, kv_len, offset)
+        k_first, tiles = key_range(tile * block_M, kv_len, offset)
         return work(
             seq=bz,
             head=by,
@@ -74,6 +82,7 @@ def entry_program(
             kv_first=0,
             kv_len=kv_len,
             offset=offset,
+            k_first=k_first,
             tiles=tiles,
         )
 
@@ -94,7 +103,8 @@ def entry_program(
         offset = kv_len - q_len
         # A CTA without a tile runs with no keys and no rows to store.
         has_tile = (tile >= 0) & (tile * block_M < q_len)
-        tiles = T.if_then_else(has_tile, tile_count(tile * block_M, kv_len, offset), 0)
+        k_first, tile_keys = key_range(tile * block_M, kv_len, offset)
+        tiles = T.if_then_else(has_tile, tile_keys, 0)
         rows = T.if_then_else(has_tile, q_len, 0)
         return work(
             seq=seq,
@@ -106,6 +116,7 @@ def entry_program(
             kv_first=kv_first,
             kv_len=kv_len,
             offset=offset,
+            k_first=k_first,
             tiles=tiles,
         )
 
@@ -199,6 +210,7 @@ def persistent_program(
     causal: bool,
     config: TileConfig,
     attend_tiles: Any,
+    window: int = 0,
 ) -> Any:
     """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
     macro `attend_tiles(schedule, Q, K, V, O, block_table)` over its `Schedule`: a static
@@ -223,7 +235,7 @@ def persistent_program(
     block_M = config.block_M
     ctas = config.persistent_ctas
     D = head_dim
-    tile_count = kv_tile_count(causal, block_M, config.block_N)
+    key_range = kv_tile_range(causal, window, block_M, config.block_N)
     batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
 
     @T.macro
@@ -244,6 +256,7 @@ def persistent_program(
             head = (section % kv_heads) * group + g
             seq = section // kv_heads
         offset = seq_kv - seq_q
+        k_first, tiles = key_range(tile * block_M, seq_kv, offset)
         return work(
             seq=seq,
             head=head,
@@ -254,7 +267,8 @@ def persistent_program(
             kv_first=0,
             kv_len=seq_kv,
             offset=offset,
-            tiles=tile_count(tile * block_M, seq_kv, offset),
+            k_first=k_first,
+            tiles=tiles,
             hold_ids=True,
         )
 
@@ -323,6 +337,7 @@ def persistent_packed_program(
     page_size: int,
     config: TileConfig,
     attend_tiles: Any,
+    window: int = 0,
 ) -> Any:
     """The prim_func of a packed batch of sequences of their own lengths (ragged, paged) with a
     persistent grid: `config.persistent_ctas` CTAs, each running the macro
@@ -339,6 +354,9 @@ def persistent_packed_program(
     forward as its tiles advance, reading a sequence's lengths once per pair. No CTA is empty
     when there are at least `ctas` tiles, and none searches. The band width grows with the batch
     so that the walk takes at most about WALK_STEPS steps (width 1: exact longest-first order).
+    With a sliding window the ranking still uses the cost without the window (keys from 0 to a
+    tile's last one: non-decreasing along a sequence, which the band count `at_most` needs); a
+    tile then reads only its window's key tiles.
     """
     if not source.ragged_q:
         raise ValueError(f"persistent packed grid: expected a ragged or paged source, got {source}")
@@ -351,7 +369,7 @@ def persistent_packed_program(
     block_N = config.block_N
     ctas = config.persistent_ctas
     D = head_dim
-    tile_count = kv_tile_count(causal, block_M, block_N)
+    key_range = kv_tile_range(causal, window, block_M, block_N)
 
     @T.macro
     def at_most(cost: Any, units: Any, kv_len: Any, offset: Any) -> Any:
@@ -415,6 +433,7 @@ def persistent_packed_program(
         tile = walk.top[0] - 1 - (unit - walk.base[0])
         kv_len = walk.kv_len[0]
         offset = kv_len - walk.q_len[0]
+        k_first, tiles = key_range(tile * block_M, kv_len, offset)
         return work(
             seq=walk.seq[0],
             head=head,
@@ -425,7 +444,8 @@ def persistent_packed_program(
             kv_first=walk.kv_first[0],
             kv_len=kv_len,
             offset=offset,
-            tiles=tile_count(tile * block_M, kv_len, offset),
+            k_first=k_first,
+            tiles=tiles,
             hold_ids=True,
         )
 
@@ -494,6 +514,22 @@ def persistent_packed_program(
             attend_tiles(schedule, Q, K, V, O, block_table)
 
     return main_paged
+
+
+def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
+    """The macro returning (first key tile, key tiles) of the query rows [q0, q0 + block_M) of a
+    sequence: from the first row's window start (0 without a window) to the end of the last
+    row's keys; no tiles when that range is empty."""
+    tile_end = kv_tile_count(causal, block_M, block_N)
+    tile_first = kv_tile_first(window, block_N)
+
+    @T.macro
+    def key_range(q0: Any, kv_len: Any, offset: Any) -> Any:
+        end = tile_end(q0, kv_len, offset)
+        first = tile_first(q0, offset)
+        return first, T.max(0, end - first)
+
+    return key_range
 
 
 def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:

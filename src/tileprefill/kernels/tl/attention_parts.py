@@ -10,9 +10,20 @@ one fused multiply-add per score.
 Masking is by selection, never by addition: a masked score becomes -inf whatever
 the key held, so a key row read from memory the call does not own (a cache row
 past `kv_seqlens[b]`, even a NaN) cannot reach a visible score. A row that has
-seen no visible key keeps `m = -inf`; its maximum is then taken as 0 so that its
-probabilities are exp2(-inf) = 0 rather than NaN, its `l` stays 0, and the
-program writes 0 for it.
+seen no visible key keeps `m = -inf`; the exponent offset is then taken as 0 so
+that its probabilities are exp2(-inf) = 0 rather than NaN, its `l` stays 0, and
+the program writes 0 for it. `m` itself stays -inf until the row sees a key, so a
+row whose first tiles are all masked (a sliding window starting inside the CTA's
+key range) later rescales from its true maximum, not from a floor of 0 (which
+would underflow fp16 probabilities of rows whose scores are all far below 0).
+
+Two score transforms are static arguments of a program:
+- a sliding window `window > 0` (causal only): query row r sees keys
+  `(r + offset - window, r + offset]`; a CTA reads only the key tiles its rows'
+  windows touch (`kv_tile_range`), so cost grows with the window, not the context;
+- a logit softcap `softcap > 0`: scores become `softcap * tanh(score * sm_scale / softcap)`
+  (Gemma 2), in fp32 with the hardware tanh (`tanh.approx.f32` under fast math,
+  relative error ~5e-4), before the mask.
 """
 
 from __future__ import annotations
@@ -59,7 +70,8 @@ class Work:
     kv_first: Any  # token index of the sequence's first key (ragged k/v; 0 otherwise)
     kv_len: Any
     offset: Any  # kv_len - q_len: causal row r sees keys <= r + offset
-    tiles: Any  # key tiles to process
+    k_first: Any  # the first key tile to process (0 unless a sliding window starts later)
+    tiles: Any  # key tiles to process: k_first, k_first + 1, ...
 
 
 def work(
@@ -73,6 +85,7 @@ def work(
     kv_first: Any,
     kv_len: Any,
     offset: Any,
+    k_first: Any,
     tiles: Any,
     hold_ids: bool = False,
 ) -> Work:
@@ -99,6 +112,7 @@ def work(
         kv_first=held(kv_first),
         kv_len=held(kv_len),
         offset=held(offset),
+        k_first=held(k_first),
         tiles=held(tiles),
     )
 
@@ -107,15 +121,15 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
     """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics.
 
     `first` (a Python bool) is True for the first key tile of a row tile: the
-    statistics start there, so `m_prev`/`alpha` are not read. Afterwards `s`
+    statistics start there, so the previous maxima are not read. Afterwards `s`
     holds the fp32 probabilities, `alpha` the rescale factor of the output
     accumulated so far and `l` the running row sums (already rescaled). The
     caller casts `s` to the P @ V operand: on SM90 only once the previous
     asynchronous P @ V, which reads that operand's registers, has completed.
+    `m_prev` is scratch: it ends as the row's exponent offset (its scaled maximum).
 
-    `guard_empty=False` drops the `m == -inf -> 0` select: only for tiles every
-    row sees at least one key of (then the new maximum is finite), after a
-    first tile that ran guarded.
+    `guard_empty=False` drops the `m == -inf` select: only for tiles every row
+    sees at least one key of (then the new maximum is finite).
     """
     neg_inf = -T.infinity(ACCUM)
 
@@ -126,14 +140,19 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
         else:
             T.copy(m, m_prev)
             T.reduce_max(s, m, dim=1, clear=False)
-        if guard_empty:
-            for i in T.Parallel(rows):
-                m[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
-        if not first:
-            for i in T.Parallel(rows):
-                alpha[i] = T.exp2((m_prev[i] - m[i]) * scale)
+        # m_prev becomes the exponent offset: the scaled maximum, or 0 for a row that has seen no
+        # key yet (its probabilities are then exp2(-inf) = 0; a previous maximum of -inf gives
+        # alpha = 0, never -inf - -inf).
+        for i in T.Parallel(rows):
+            if guard_empty:
+                offset = T.if_then_else(m[i] == neg_inf, 0, m[i] * scale)
+            else:
+                offset = m[i] * scale
+            if not first:
+                alpha[i] = T.exp2(m_prev[i] * scale - offset)
+            m_prev[i] = offset
         for i, j in T.Parallel(rows, cols):
-            s[i, j] = T.exp2(s[i, j] * scale - m[i] * scale)
+            s[i, j] = T.exp2(s[i, j] * scale - m_prev[i])
         T.reduce_sum(s, row_sum, dim=1)
         if first:
             T.copy(row_sum, l)
@@ -144,19 +163,42 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
     return step
 
 
-def visibility_mask(rows: int, cols: int, causal: bool) -> Any:
+def soft_cap(rows: int, cols: int, sm_scale: float, softcap: float) -> Any:
+    """The macro that caps raw scores `s` in place: s * sm_scale becomes softcap * tanh(s * sm_scale /
+    softcap) (the softmax's own scale stays folded into its exp2, so `s` is divided back by sm_scale)."""
+    inner = sm_scale / softcap
+    outer = softcap / sm_scale
+
+    @T.macro
+    def apply(s: Any) -> None:
+        for i, j in T.Parallel(rows, cols):
+            s[i, j] = T.tanh(s[i, j] * inner) * outer
+
+    return apply
+
+
+def visibility_mask(rows: int, cols: int, causal: bool, window: int = 0) -> Any:
     """The macro that sets score (i, j) to -inf unless query row `row0 + i` sees key `key0 + j`.
 
     Keys at or past `kv_len` are never visible; with `causal`, query row r
     (counted from the start of its sequence) sees keys `<= r + kv_len - q_len`
-    (bottom-right alignment; `offset = kv_len - q_len`).
+    (bottom-right alignment; `offset = kv_len - q_len`), and with a `window` only
+    the last `window` of those: keys `> r + offset - window`.
     """
     neg_inf = -T.infinity(ACCUM)
 
     @T.macro
     def apply(s: Any, row0: Any, key0: Any, kv_len: Any, offset: Any) -> None:
         for i, j in T.Parallel(rows, cols):
-            if causal:
+            if window:
+                s[i, j] = T.if_then_else(
+                    (key0 + j < kv_len)
+                    & (key0 + j <= offset + row0 + i)
+                    & (key0 + j + window > offset + row0 + i),
+                    s[i, j],
+                    neg_inf,
+                )
+            elif causal:
                 s[i, j] = T.if_then_else(
                     (key0 + j < kv_len) & (key0 + j <= offset + row0 + i), s[i, j], neg_inf
                 )
@@ -167,7 +209,9 @@ def visibility_mask(rows: int, cols: int, causal: bool) -> Any:
 
 
 def kv_tile_count(causal: bool, block_M: int, block_N: int) -> Any:
-    """The macro returning how many key tiles the query rows [q0, q0 + block_M) of a sequence need."""
+    """The macro returning how many key tiles, from tile 0, the query rows [q0, q0 + block_M) of a
+    sequence need: the end of their key range (a sliding window may start it later, see
+    `kv_tile_first`)."""
 
     @T.macro
     def count(q0: Any, kv_len: Any, offset: Any) -> Any:
@@ -178,6 +222,40 @@ def kv_tile_count(causal: bool, block_M: int, block_N: int) -> Any:
             return T.ceildiv(kv_len, block_N)
 
     return count
+
+
+def kv_tile_first(window: int, block_N: int) -> Any:
+    """The macro returning the first key tile the query rows from q0 need: the tile of the first
+    row's first key in its window (0 without a window)."""
+
+    @T.macro
+    def first(q0: Any, offset: Any) -> Any:
+        if window:
+            return T.max(0, q0 + offset - window + 1) // block_N
+        else:
+            return 0
+
+    return first
+
+
+def unmasked_tiles(causal: bool, window: int, rows: int, block_N: int) -> Any:
+    """The macro returning the absolute key tiles [lo, hi) that every query row in [row0, row0 + rows)
+    sees whole (so they need no mask); lo >= hi when there are none."""
+
+    @T.macro
+    def bounds(row0: Any, kv_len: Any, offset: Any) -> Any:
+        if causal:
+            hi = T.min(kv_len, T.max(0, offset + row0 + 1)) // block_N
+        else:
+            hi = kv_len // block_N
+        if window:
+            # Tile t starts inside the last row's window: t block_N > row0 + rows - 1 + offset - window.
+            lo = T.ceildiv(T.max(0, row0 + rows + offset - window), block_N)
+        else:
+            lo = 0
+        return lo, hi
+
+    return bounds
 
 
 def locate_ragged_tile(block_M: int) -> Any:

@@ -6,8 +6,9 @@ inside a warp). Per key tile: load K, S = Q K^T, online softmax, load V,
 O += P V, in a TileLang software pipeline that issues the next tile's cp.async
 loads under the current tile's math.
 
-Two loops: tiles every row of the CTA sees whole run without a mask; the causal
-diagonal and the last, partial tile run masked. In the masked loop, cache
+Tiles every row of the CTA sees whole run in a loop without a mask; the causal
+diagonal and the last, partial tile (and, with a sliding window, the tiles of its
+lower edge) run masked. In the masked loop, cache
 sources (contiguous, paged) gather rows through clamped positions: a position
 past `kv_seqlens[b]` re-reads the sequence's last key instead of memory the call
 does not own, so no NaN can reach P @ V (dense and ragged tiles read zeros past
@@ -27,6 +28,8 @@ from tileprefill.kernels.tl.attention_parts import (
     KVSource,
     Work,
     online_softmax,
+    soft_cap,
+    unmasked_tiles,
     visibility_mask,
 )
 
@@ -41,18 +44,28 @@ def program(
     sm_scale: float,
     page_size: int,
     config: TileConfig,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Any:
+    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap
+    (see `attention_parts`)."""
     if heads % kv_heads:
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
     block_M = config.block_M
     block_N = config.block_N
     stages = config.num_stages
     D = head_dim
+    if D % 16:
+        raise ValueError(f"head_dim: expected a multiple of 16 for sm80, got {D}")
+    if window and not causal:
+        raise ValueError(f"window: expected 0 without causal, got {window}")
     scale = sm_scale * LOG2E
     policy = T.GemmWarpPolicy.FullRow
 
     softmax = online_softmax(block_M, block_N, scale)
-    mask = visibility_mask(block_M, block_N, causal)
+    mask = visibility_mask(block_M, block_N, causal, window)
+    cap = soft_cap(block_M, block_N, sm_scale, softcap) if softcap else None
+    whole_tiles = unmasked_tiles(causal, window, block_M, block_N)
 
     @T.macro
     def load_rows(src: Any, dst: Any, k: Any, w: Work, bt: Any, masked: Any) -> None:
@@ -85,6 +98,23 @@ def program(
                 dst[j, d] = src[bt[w.seq, pos // page_size], pos % page_size, w.kv_head, d]
 
     @T.macro
+    def kv_step(t: Any, w: Work, K: Any, V: Any, block_table: Any, f: Any, masked: Any) -> None:
+        """Key tile t (absolute): S = Q K_t^T, (cap,) (mask,) online softmax, O = alpha O + P V_t."""
+        Qs, Ks, Vs, s, p, o, m, m_prev, alpha, row_sum, l = f
+        load_rows(K, Ks, t, w, block_table, masked)
+        T.gemm(Qs, Ks, s, transpose_B=True, clear_accum=True, policy=policy)
+        if softcap:
+            cap(s)
+        if masked:
+            mask(s, w.q0, t * block_N, w.kv_len, w.offset)
+        softmax(s, m, m_prev, alpha, row_sum, l, False)
+        T.copy(s, p)
+        for i, j in T.Parallel(block_M, D):
+            o[i, j] *= alpha[i]
+        load_rows(V, Vs, t, w, block_table, masked)
+        T.gemm(p, Vs, o, policy=policy)
+
+    @T.macro
     def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
         Qs = T.alloc_shared([block_M, D], dtype)
         Ks = T.alloc_shared([block_N, D], dtype)
@@ -104,31 +134,21 @@ def program(
         T.fill(o, 0)
         T.fill(l, 0)
         T.fill(m, -T.infinity(ACCUM))
-        # Tiles before `split` are seen whole by every row of the CTA.
-        if causal:
-            unmasked = T.min(w.kv_len, T.max(0, w.offset + w.q0 + 1)) // block_N
-        else:
-            unmasked = w.kv_len // block_N
-        split = T.min(w.tiles, unmasked)
-        for k in T.Pipelined(split, num_stages=stages):
-            load_rows(K, Ks, k, w, block_table, False)
-            T.gemm(Qs, Ks, s, transpose_B=True, clear_accum=True, policy=policy)
-            softmax(s, m, m_prev, alpha, row_sum, l, False)
-            T.copy(s, p)
-            for i, j in T.Parallel(block_M, D):
-                o[i, j] *= alpha[i]
-            load_rows(V, Vs, k, w, block_table, False)
-            T.gemm(p, Vs, o, policy=policy)
+        # Tiles [lo, hi) are seen whole by every row of the CTA and run without a mask; the ones
+        # before lo (a window's lower edge) and from hi (the causal diagonal, the partial last
+        # tile) run masked. Loop indices count from the CTA's first key tile.
+        lo, hi = whole_tiles(w.q0, w.kv_len, w.offset)
+        start = T.min(w.tiles, T.max(0, lo - w.k_first))
+        split = T.max(start, T.min(w.tiles, hi - w.k_first))
+
+        f = (Qs, Ks, Vs, s, p, o, m, m_prev, alpha, row_sum, l)
+        if window:
+            for k in T.Pipelined(start, num_stages=stages):
+                kv_step(w.k_first + k, w, K, V, block_table, f, True)
+        for k in T.Pipelined(start, split, num_stages=stages):
+            kv_step(w.k_first + k, w, K, V, block_table, f, False)
         for k in T.Pipelined(split, w.tiles, num_stages=stages):
-            load_rows(K, Ks, k, w, block_table, True)
-            T.gemm(Qs, Ks, s, transpose_B=True, clear_accum=True, policy=policy)
-            mask(s, w.q0, k * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, False)
-            T.copy(s, p)
-            for i, j in T.Parallel(block_M, D):
-                o[i, j] *= alpha[i]
-            load_rows(V, Vs, k, w, block_table, True)
-            T.gemm(p, Vs, o, policy=policy)
+            kv_step(w.k_first + k, w, K, V, block_table, f, True)
         # A row that saw no key (l == 0) is 0; a NaN l (a NaN in the row's inputs) stays NaN.
         for i, j in T.Parallel(block_M, D):
             o[i, j] = T.if_then_else(l[i] != 0, o[i, j] / l[i], 0)
@@ -141,4 +161,4 @@ def program(
             # Rows past Sq fall outside the tensor; the copy skips them.
             T.copy(o, O[w.seq, w.q0 : w.q0 + block_M, w.head, :])
 
-    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
+    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window)

@@ -56,6 +56,8 @@ from tileprefill.kernels.tl.attention_parts import (
     KVSource,
     Work,
     online_softmax,
+    soft_cap,
+    unmasked_tiles,
     visibility_mask,
 )
 
@@ -74,8 +76,12 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = 10
 #: Registers a thread of the 384-thread CTA is launched with (setmaxnreg redistributes them).
 REGISTERS_PER_THREAD = 168
-#: Columns of one 128-byte swizzle panel of a 16-bit tile (TMA copies a sub-tile panel by panel).
-PANEL = 64
+
+
+#: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
+#: divide the row, else 64- or 32-byte ones (TMA copies a sub-tile panel by panel).
+def panel_columns(head_dim: int) -> int:
+    return next(cols for cols in (64, 32, 16) if head_dim % cols == 0)
 
 
 @dataclasses.dataclass
@@ -114,7 +120,11 @@ def program(
     sm_scale: float,
     page_size: int,
     config: TileConfig,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Any:
+    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap
+    (see `attention_parts`)."""
     if heads % kv_heads:
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
     if config.block_M != 2 * ROWS_PER_CONSUMER or config.threads != CONSUMER_THREADS + PRODUCER_THREADS:
@@ -123,6 +133,11 @@ def program(
     block_N = config.block_N
     stages = config.num_stages
     D = head_dim
+    if D % 16:
+        raise ValueError(f"head_dim: expected a multiple of 16 for sm90, got {D}")
+    if window and not causal:
+        raise ValueError(f"window: expected 0 without causal, got {window}")
+    panel = panel_columns(D)
     scale = sm_scale * LOG2E
     gathers = source is KVSource.PAGED
     # Caches may hold garbage past kv_len inside a tile that TMA loads whole.
@@ -139,7 +154,9 @@ def program(
     softmax = online_softmax(half, block_N, scale)
     # Tiles every row of the consumer sees whole: the row maxima are finite.
     softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
-    mask = visibility_mask(half, block_N, causal)
+    mask = visibility_mask(half, block_N, causal, window)
+    cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
+    whole_tiles = unmasked_tiles(causal, window, half, block_N)
     # The contiguous cache keeps one CTA per query tile: persistent, its longest-first order over
     # the batch made the resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB
     # of K/V, over the L2) and measured 9% slower (benchmarks/kernel-notes.md, step 3).
@@ -184,10 +201,10 @@ def program(
                 last_page = (w.kv_len - 1) // page_size
                 for i in T.unroll(per_tile):
                     page = bt[w.seq, T.min(k * per_tile + i, last_page)]
-                    for c in T.unroll(D // PANEL):
+                    for c in T.unroll(D // panel):
                         T.tma_copy(
-                            src[page, 0:page_size, w.kv_head, c * PANEL : (c + 1) * PANEL],
-                            dst[slot, i * page_size : (i + 1) * page_size, c * PANEL : (c + 1) * PANEL],
+                            src[page, 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
+                            dst[slot, i * page_size : (i + 1) * page_size, c * panel : (c + 1) * panel],
                             barrier=barriers[barrier_index],
                         )
         else:
@@ -220,27 +237,27 @@ def program(
             if k < w.tiles:
                 slot = (kbase + k) % stages
                 T.mbarrier_wait_parity(b.k_free[slot], ((kbase + k) // stages) % 2 ^ 1)
-                copy_rows(b.K, b.Ks, slot, b.k_full, slot, k, w, b.block_table)
+                copy_rows(b.K, b.Ks, slot, b.k_full, slot, w.k_first + k, w, b.block_table)
                 T.mbarrier_arrive(b.k_full[slot])
             if k > 0:
                 v = k - 1
                 slot = (kbase + v) % stages
                 T.mbarrier_wait_parity(b.v_free[slot], ((kbase + v) // stages) % 2 ^ 1)
                 if cleans_tail:
-                    if (v + 1) * block_N > w.kv_len:
+                    if (w.k_first + v + 1) * block_N > w.kv_len:
                         # The only partial tile of the sequence: let it land, zero the rows
                         # past kv_len, then publish it.
-                        copy_rows(b.V, b.Vs, slot, b.v_landed, 0, v, w, b.block_table)
+                        copy_rows(b.V, b.Vs, slot, b.v_landed, 0, w.k_first + v, w, b.block_table)
                         T.mbarrier_arrive(b.v_landed)
                         T.mbarrier_wait_parity(b.v_landed, landed % 2)
                         for j, d in T.Parallel(block_N, D):
-                            if v * block_N + j >= w.kv_len:
+                            if (w.k_first + v) * block_N + j >= w.kv_len:
                                 b.Vs[slot, j, d] = T.cast(0, dtype)
                         T.fence_proxy_async()
                     else:
-                        copy_rows(b.V, b.Vs, slot, b.v_full, slot, v, w, b.block_table)
+                        copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table)
                 else:
-                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, v, w, b.block_table)
+                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table)
                 T.mbarrier_arrive(b.v_full[slot])
 
     @T.macro
@@ -276,8 +293,10 @@ def program(
         # Pin the accumulators after the waits, so nvcc reads none of them earlier.
         T.warpgroup_fence_operand(s)
         T.mbarrier_arrive(b.k_free[slot])
+        if softcap:
+            cap(s)
         if masked:
-            mask(s, w.q0 + c * half, k * block_N, w.kv_len, w.offset)
+            mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
             softmax(s, m, m_prev, alpha, row_sum, l, False)
         else:
             softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
@@ -307,16 +326,21 @@ def program(
             T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.k_free[first])
-            mask(s, row0, 0, w.kv_len, w.offset)
+            if softcap:
+                cap(s)
+            mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
             softmax(s, m, m_prev, alpha, row_sum, l, True)
             T.copy(s, p)
-            # Tiles before `split` are seen whole by every row of this consumer.
-            if causal:
-                unmasked = T.min(w.kv_len, T.max(0, w.offset + row0 + 1)) // block_N
-            else:
-                unmasked = w.kv_len // block_N
-            split = T.max(1, T.min(w.tiles, unmasked))
-            for k in T.serial(1, split):
+            # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
+            # the others after the first run masked: before lo (a window's lower edge) and from hi
+            # (the causal diagonal, the partial last tile).
+            lo, hi = whole_tiles(row0, w.kv_len, w.offset)
+            start = T.min(w.tiles, T.max(1, lo - w.k_first))
+            split = T.max(start, T.min(w.tiles, hi - w.k_first))
+            if window:
+                for k in T.serial(1, start):
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+            for k in T.serial(start, split):
                 attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
             for k in T.serial(split, w.tiles):
                 attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
@@ -459,16 +483,20 @@ def program(
                 kbase = kbase + w.tiles
                 qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
                 if cleans_tail:
-                    landed = landed + T.if_then_else(w.tiles * block_N > w.kv_len, 1, 0)
+                    landed = landed + T.if_then_else(
+                        (w.tiles > 0) & ((w.k_first + w.tiles) * block_N > w.kv_len), 1, 0
+                    )
         with T.ws(0):
             consume_all(0, schedule, b)
         with T.ws(1):
             consume_all(1, schedule, b)
 
     if persistent and source is KVSource.DENSE:
-        return persistent_program(source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles)
+        return persistent_program(
+            source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles, window
+        )
     if persistent:
         return persistent_packed_program(
-            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles
+            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles, window
         )
-    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend)
+    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window)
