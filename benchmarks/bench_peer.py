@@ -81,6 +81,8 @@ class Peer:
         layout = case.layout.value
         if case.suite.value == "rope-append":
             raise Unsupported("unavailable: no RoPE + append prefill Op of TileOPs 0.1.0 is timed here")
+        if getattr(case, "window", 0) or getattr(case, "softcap", 0.0):
+            raise Unsupported("unavailable: TileOPs 0.1.0's GQA Ops take no sliding window or softcap")
         if layout == "dense":
             op = self.op("dense", case.causal)
             return (lambda: op(x["q"], x["k"], x["v"])), ""

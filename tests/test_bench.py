@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -31,15 +32,47 @@ from tileprefill.bench.results import (
 from tileprefill.bench.settings import BenchSettings
 
 
-def brute_force_pairs(q_len: int, kv_len: int, causal: bool) -> int:
-    """Visible (query, key) pairs by the definition: query i sees keys j <= kv_len - q_len + i."""
-    return sum(1 for i in range(q_len) for j in range(kv_len) if not causal or j <= kv_len - q_len + i)
+def brute_force_pairs(q_len: int, kv_len: int, causal: bool, window: int = 0) -> int:
+    """Visible (query, key) pairs by the definition: query i at p = kv_len - q_len + i sees keys
+    j <= p, and with a window only those with j > p - window."""
+    return sum(
+        1
+        for i in range(q_len)
+        for j in range(kv_len)
+        if not causal or (j <= (p := kv_len - q_len + i) and (not window or j > p - window))
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_visible_pairs_match_a_brute_force_count(causal: bool) -> None:
     for q_len, kv_len in itertools.product(range(0, 12), range(0, 12)):
         assert bench_cases.visible_pairs(q_len, kv_len, causal) == brute_force_pairs(q_len, kv_len, causal)
+
+
+def test_windowed_visible_pairs_match_a_brute_force_count() -> None:
+    for q_len, kv_len, window in itertools.product(range(0, 12), range(0, 12), range(1, 14)):
+        want = brute_force_pairs(q_len, kv_len, True, window)
+        assert bench_cases.visible_pairs(q_len, kv_len, True, window) == want, (q_len, kv_len, window)
+
+
+def test_the_window_suite_pairs_every_windowed_call_with_its_baselines() -> None:
+    """Each windowed or softcapped Gemma-like case has the plain case its ratio is taken against:
+    the same S without softcap, and S = window without a window (issue 10's targets)."""
+    window = {c.name: c for c in default_cases() if c.suite is Suite.WINDOW}
+    keys = {(c.dtype, c.seq_len, c.window, c.softcap) for c in window.values()}
+    assert max(c.seq_len for c in window.values()) == 32768
+    for c in window.values():
+        assert c.head_dim == 256 and c.causal and c.layout is Layout.DENSE
+        if c.softcap:
+            assert (c.dtype, c.seq_len, c.window, 0.0) in keys
+        if c.window:
+            assert (c.dtype, c.window, 0, c.softcap) in keys
+    sweep = {c.head_dim for c in default_cases() if c.suite is Suite.HEAD_DIMS}
+    assert sweep == set(range(64, 257, 16))
+    with pytest.raises(ValueError, match="window: expected 0, or > 0 with causal"):
+        bench_cases.dense_case("fp16", 1, 64, False, window=8)
+    with pytest.raises(ValueError, match="dense calls only"):
+        dataclasses.replace(bench_cases.paged_case("bf16", 1, 20, 5, 16), softcap=5.0)
 
 
 def test_flops_count_visible_keys_per_query_head() -> None:
@@ -246,6 +279,9 @@ def test_a_run_of_every_suite_on_cpu_writes_every_output(tmp_path: Path) -> None
     for name, entry in data["cases"].items():
         assert entry["results"]["ours"]["ms"] == 2.0, name
         assert entry["kernel"].endswith("_ref"), name  # torch reference kernels on a CPU
+        if entry["case"]["window"] or entry["case"]["softcap"]:  # SDPA has neither: nothing to time
+            assert entry["results"]["sdpa_flash"]["error"].startswith("unavailable: SDPA's flash"), name
+            continue
         assert entry["results"]["sdpa_flash"]["ms"] == 2.0, name
         assert entry["relative_error_vs"]["sdpa_flash"] < 1e-2, name
         assert "ms" in entry["results"]["sdpa_cudnn"] or "error" in entry["results"]["sdpa_cudnn"]
@@ -253,7 +289,9 @@ def test_a_run_of_every_suite_on_cpu_writes_every_output(tmp_path: Path) -> None
         assert entry["speedup"]["sdpa_flash"] == 1.0, name
     rope = [e for e in data["cases"].values() if e["case"]["suite"] == "rope-append"]
     assert all(e["kernel"].count("->") >= 2 and "ms" in e["results"]["ours_attention"] for e in rope)
-    assert "TileOPs 0.1.0: no figures: not run: --dry-run" in (tmp_path / "t.md").read_text()
+    markdown = (tmp_path / "t.md").read_text()
+    assert "TileOPs 0.1.0: no figures: not run: --dry-run" in markdown
+    assert "- bf16 S96 window 40 softcap 20: 1.000x the time without softcap" in markdown
     assert {p.name for p in tmp_path.glob("*.png")} == {f"t-{s.value}.png" for s in Suite}
 
 

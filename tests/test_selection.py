@@ -33,7 +33,7 @@ PAGE_SIZES = (0, 1, 16, 7, 64, 8)  # 8: a power of two below the tiled minimum
 #: Page sizes of PAGE_SIZES that the tiled paged kernels serve (powers of two >= 16).
 TILED_PAGE_SIZES = frozenset({16, 64})
 #: Head dims of HEAD_DIMS the TileLang attention kernels are built for.
-TL_HEAD_DIMS = frozenset({64, 80, 96, 112, 128, 160, 192, 256})
+TL_HEAD_DIMS = frozenset(range(64, 257, 16))
 
 EXPECTED_ROPE: dict[tuple[RopeMode, Arch], RopeKey] = {
     (RopeMode.NEOX, Arch.CPU): RopeKey.NEOX_REF,

@@ -137,8 +137,8 @@ def on(f: StaticFacts, arch: Arch) -> StaticFacts:
 F16, BF16 = torch.float16, torch.bfloat16
 
 # The static configurations (one compiled program per arch each): every source, every
-# head dim (64 to 256 in steps the tile configs distinguish: 16-, 32- and 64-column swizzle
-# panels, block_N 128 and 64) and GQA group 1/2/4/8/16, both dtypes and causal modes, six page
+# head dim (64 to 256 in steps of 16: 16-, 32- and 64-column swizzle panels, block_N 128
+# and 64, persistent and not) and GQA group 1/2/4/8/16, both dtypes and causal modes, six page
 # sizes, sliding windows (shorter than a tile, several tiles, longer than most sequences) and
 # softcaps.
 DENSE_CONFIGS = [
@@ -151,11 +151,17 @@ DENSE_CONFIGS = [
     facts(112, F16, True, 16, 2, window=77, softcap=20.0),
     facts(160, BF16, False, 8, 8),
     facts(192, F16, True, 8, 2, window=33),
+    facts(144, BF16, True, 16, 4, softcap=50.0),
+    facts(176, F16, False, 8, 2),
+    facts(208, BF16, True, 8, 8, window=130),
+    facts(224, F16, True, 16, 2),
+    facts(240, BF16, False, 8, 4),
 ]
 RAGGED_CONFIGS = [
     facts(128, BF16, True, 16, 8),  # group 2
     facts(64, F16, False, 16, 1),  # group 16
     facts(96, F16, True, 16, 4, window=100, softcap=50.0),
+    facts(176, BF16, True, 8, 2),
 ]
 CONTIGUOUS_CONFIGS = [
     facts(128, F16, True, 32, 4),  # group 8
@@ -174,6 +180,7 @@ PAGED_TILED_CONFIGS = [  # whole pages per key tile, or a key tile inside one pa
     facts(128, F16, False, 16, 2, page_size=256),
     facts(96, BF16, True, 16, 4, page_size=16, window=150),
     facts(160, F16, True, 8, 8, page_size=64, softcap=25.0),
+    facts(224, BF16, True, 8, 2, page_size=32),
 ]
 CONFIGS: dict[Source, list[StaticFacts]] = {
     Source.DENSE: DENSE_CONFIGS,

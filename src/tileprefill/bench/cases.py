@@ -7,9 +7,10 @@ processes time exactly the same work.
 
 FLOPs count 4 * D per (query, visible key) pair and query head (two matmuls,
 2 flops per multiply-add). Causal masks are bottom-right aligned per sequence
-(query i of q_len over kv_len keys sees keys j <= kv_len - q_len + i), and only
-visible keys count. RoPE and append work is not counted: a rope-append case
-reports the attention FLOPs over its total time.
+(query i of q_len over kv_len keys sees keys j <= kv_len - q_len + i; with a
+sliding window W only the last W of those), and only visible keys count.
+RoPE and append work is not counted: a rope-append case reports the attention
+FLOPs over its total time.
 
 The default set (`default_cases()`): every suite, fp16 and bf16, plus the
 reference cases whose figures the README and issue 7 quote (`labels` names
@@ -36,6 +37,8 @@ class Suite(enum.Enum):
     CONTIGUOUS = "contiguous"
     PAGED = "paged"
     ROPE_APPEND = "rope-append"
+    WINDOW = "window"  # Gemma-like dense calls: sliding window and logit softcap against plain
+    HEAD_DIMS = "head-dims"  # one dense shape at every served head dim
 
 
 class Layout(enum.Enum):
@@ -73,6 +76,8 @@ class Case:
     series: str = ""
     labels: tuple[str, ...] = ()  # the README / issue figures this case reproduces
     quick: bool = False
+    window: int = 0  # causal sliding window in keys (0: none)
+    softcap: float = 0.0  # logit softcap (0: none)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,6 +92,12 @@ class Case:
             len(set(self.q_lens)) > 1 or self.capacity < max(self.kv_lens)
         ):
             raise ValueError(f"{self.name}: a contiguous case has one q length and capacity >= kv lengths")
+        if self.window < 0 or (self.window and not self.causal):
+            raise ValueError(f"{self.name}: window: expected 0, or > 0 with causal, got {self.window}")
+        if self.softcap < 0:
+            raise ValueError(f"{self.name}: softcap: expected >= 0, got {self.softcap}")
+        if (self.window or self.softcap) and self.layout is not Layout.DENSE:
+            raise ValueError(f"{self.name}: the harness times windows and softcaps on dense calls only")
         if (self.layout is Layout.PAGED) != (self.page_size > 0):
             raise ValueError(f"{self.name}: page_size > 0 exactly for paged cases, got {self.page_size}")
         if self.suite is Suite.ROPE_APPEND and self.layout not in (Layout.CONTIGUOUS, Layout.PAGED):
@@ -126,9 +137,19 @@ class Case:
         return max(self.kv_lens)
 
     @property
+    def plot_x(self) -> tuple[str, int]:
+        """The plots' x axis and this case's coordinate on it."""
+        if self.suite is Suite.HEAD_DIMS:
+            return "head dim", self.head_dim
+        return "sequence length (longest kv)", self.seq_len
+
+    @property
     def pairs(self) -> int:
         """(query, visible key) pairs over the batch, per head."""
-        return sum(visible_pairs(q, kv, self.causal) for q, kv in zip(self.q_lens, self.kv_lens, strict=True))
+        return sum(
+            visible_pairs(q, kv, self.causal, self.window)
+            for q, kv in zip(self.q_lens, self.kv_lens, strict=True)
+        )
 
     @property
     def flops(self) -> float:
@@ -137,6 +158,8 @@ class Case:
     def describe(self) -> str:
         """The problem in a few words (tables)."""
         mask = "causal" if self.causal else "non-causal"
+        mask += f" window {self.window}" if self.window else ""
+        mask += f" softcap {self.softcap:g}" if self.softcap else ""
         heads = f"Hq{self.heads}/Hkv{self.kv_heads} D{self.head_dim} {self.dtype} {mask}"
         if self.layout is Layout.DENSE:
             return f"B{self.batch} S{self.q_lens[0]} {heads}"
@@ -162,6 +185,8 @@ class Case:
             self.kv_lens,
             self.page_size,
             self.capacity,
+            self.window,
+            self.softcap,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -181,6 +206,8 @@ class Case:
             "series": self.series,
             "labels": list(self.labels),
             "quick": self.quick,
+            "window": self.window,
+            "softcap": self.softcap,
         }
 
     @classmethod
@@ -208,12 +235,18 @@ class Case:
             series=str(data.get("series", "")),
             labels=tuple(str(s) for s in labels),
             quick=bool(data.get("quick", False)),
+            window=_int(data.get("window", 0)),
+            softcap=float(_number(data.get("softcap", 0.0))),
         )
 
 
 def _int(value: object) -> int:
+    return int(_number(value))
+
+
+def _number(value: object) -> int | str | float:
     assert isinstance(value, int | str | float)
-    return int(value)
+    return value
 
 
 def _span(lens: Sequence[int]) -> str:
@@ -221,14 +254,21 @@ def _span(lens: Sequence[int]) -> str:
     return str(low) if low == high else f"{low}..{high}"
 
 
-def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+def visible_pairs(q_len: int, kv_len: int, causal: bool, window: int = 0) -> int:
     """(query, key) pairs one sequence attends over; causal is bottom-right aligned.
 
-    Query i sees min(kv_len, max(0, kv_len - q_len + i + 1)) keys.
+    Query i sits at key position p = kv_len - q_len + i and sees the keys
+    max(0, p - window + 1)..p (window 0: every key up to p), none when p < 0.
     """
     if not causal:
         return q_len * kv_len
     offset = kv_len - q_len
+    if window:
+
+        def seen_up_to(n: int) -> int:  # sum over positions 0..n-1 of the keys each sees
+            return n * (n + 1) // 2 if n <= window else window * (window + 1) // 2 + (n - window) * window
+
+        return seen_up_to(kv_len) - seen_up_to(max(0, offset))
     if offset >= 0:  # every query sees offset + i + 1 keys
         return q_len * offset + q_len * (q_len + 1) // 2
     return kv_len * (kv_len + 1) // 2  # the first -offset queries see nothing
@@ -248,6 +288,14 @@ PAGED_WORKLOADS: Final = ((32, 512, 128), (2, 2048, 256), (8, 3000, 700), (8, 40
 ROPE_PAGE_SIZES: Final = (1, 16, 64)
 ROPE_PAGED_WORKLOADS: Final = ((32, 512, 128), (8, 4096, 512), (4, 8000, 2000))
 ROPE_CONTIGUOUS_WORKLOADS: Final = ((32, 512, 128), (8, 4096, 512))
+#: The window suite: Gemma-2-like layers (Hq 16 / Hkv 8, D 256, window 4096, softcap 50), B = 1.
+WINDOW_HEADS, WINDOW_KV_HEADS, WINDOW_HEAD_DIM = 16, 8, 256
+WINDOW: Final = 4096
+WINDOW_SOFTCAP: Final = 50.0
+WINDOW_SEQ_LENS: Final = (4096, 8192, 16384, 32768)
+#: The head-dim sweep: every head dim the kernels serve (multiples of 16), dense B4 S4096 Hq32/Hkv8.
+SWEEP_HEAD_DIMS: Final = tuple(range(64, 257, 16))
+SWEEP_BATCH, SWEEP_SEQ = 4, 4096
 
 
 def _mask(causal: bool) -> str:
@@ -264,10 +312,15 @@ def dense_case(
     kv_heads: int = KV_HEADS,
     head_dim: int = HEAD_DIM,
     series: str = "",
+    suite: Suite = Suite.DENSE,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Case:
+    extras = (f"_w{window}" if window else "") + (f"_cap{softcap:g}" if softcap else "")
+    prefix = "sweep" if suite is Suite.HEAD_DIMS else "dense"  # sweep cases repeat some grid shapes
     return Case(
-        name=f"dense_{dtype}_d{head_dim}_h{heads}-{kv_heads}_b{batch}_s{seq}_{_mask(causal)}",
-        suite=Suite.DENSE,
+        name=f"{prefix}_{dtype}_d{head_dim}_h{heads}-{kv_heads}_b{batch}_s{seq}_{_mask(causal)}{extras}",
+        suite=suite,
         layout=Layout.DENSE,
         dtype=dtype,
         heads=heads,
@@ -277,6 +330,30 @@ def dense_case(
         q_lens=(seq,) * batch,
         kv_lens=(seq,) * batch,
         series=series,
+        window=window,
+        softcap=softcap,
+    )
+
+
+def window_case(dtype: str, seq: int, window: int, softcap: float) -> Case:
+    """One Gemma-like layer call of the window suite (window 0: plain causal)."""
+    what = " ".join(
+        part
+        for part in (f"window {window}" if window else "", f"softcap {softcap:g}" if softcap else "")
+        if part
+    )
+    return dense_case(
+        dtype,
+        1,
+        seq,
+        True,
+        heads=WINDOW_HEADS,
+        kv_heads=WINDOW_KV_HEADS,
+        head_dim=WINDOW_HEAD_DIM,
+        series=f"{dtype} D{WINDOW_HEAD_DIM} causal {what or 'plain'}",
+        suite=Suite.WINDOW,
+        window=window,
+        softcap=softcap,
     )
 
 
@@ -402,6 +479,17 @@ def grid_cases() -> list[Case]:
         for batch, cached, new in ROPE_CONTIGUOUS_WORKLOADS:
             series = f"{dtype} contiguous"
             cases.append(contiguous_case(dtype, batch, cached, new, suite=Suite.ROPE_APPEND, series=series))
+    for dtype, seq, window, softcap in itertools.product(
+        DTYPES, WINDOW_SEQ_LENS, (0, WINDOW), (0.0, WINDOW_SOFTCAP)
+    ):
+        cases.append(window_case(dtype, seq, window, softcap))
+    for dtype, causal, head_dim in itertools.product(DTYPES, (False, True), SWEEP_HEAD_DIMS):
+        series = f"{dtype} B{SWEEP_BATCH} S{SWEEP_SEQ} Hq{HEADS}/Hkv{KV_HEADS} {_mask(causal)}"
+        cases.append(
+            dense_case(
+                dtype, SWEEP_BATCH, SWEEP_SEQ, causal, head_dim=head_dim, series=series, suite=Suite.HEAD_DIMS
+            )
+        )
     return cases
 
 
@@ -472,6 +560,14 @@ QUICK_GRID: Final = (
     "paged_bf16_4x8000+2000_p16",
     "rope_paged_bf16_8x4096+512_p16",
     "rope_contiguous_bf16_8x4096+512",
+    # issue 10's targets: windowed S=32k against plain S=4096 per query token; softcap overhead
+    "dense_bf16_d256_h16-8_b1_s4096_causal",
+    "dense_bf16_d256_h16-8_b1_s32768_causal_w4096",
+    "dense_bf16_d256_h16-8_b1_s32768_causal_w4096_cap50",
+    "dense_bf16_d256_h16-8_b1_s8192_causal",
+    "dense_bf16_d256_h16-8_b1_s8192_causal_cap50",
+    "sweep_bf16_d96_h32-8_b4_s4096_causal",
+    "sweep_bf16_d192_h32-8_b4_s4096_noncausal",
 )
 
 
@@ -517,6 +613,36 @@ def tiny_cases() -> list[Case]:
     return [
         dense_case("fp16", 2, 48, True, heads=4, kv_heads=2, head_dim=64, series="tiny dense"),
         dense_case("fp16", 1, 96, False, heads=4, kv_heads=2, head_dim=64, series="tiny dense"),
+        *(
+            dense_case(
+                "bf16",
+                1,
+                96,
+                True,
+                heads=4,
+                kv_heads=2,
+                head_dim=64,
+                series="tiny window",
+                suite=Suite.WINDOW,
+                window=window,
+                softcap=softcap,
+            )
+            for window, softcap in ((0, 0.0), (40, 0.0), (40, 20.0))
+        ),
+        *(
+            dense_case(
+                "fp16",
+                1,
+                48,
+                True,
+                heads=4,
+                kv_heads=2,
+                head_dim=d,
+                series="tiny sweep",
+                suite=Suite.HEAD_DIMS,
+            )
+            for d in (64, 80)
+        ),
         replace(
             ragged_case("bf16", (5, 40, 17), True, head_dim=64, name="ragged_tiny", series="tiny ragged"),
             heads=4,

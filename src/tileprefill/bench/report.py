@@ -174,7 +174,35 @@ def markdown(result: RunResult) -> str:
         if rows:
             lines += [f"## {suite.value} ({len(rows)} cases)", ""]
             lines += _table(rows, rope=suite is Suite.ROPE_APPEND, references=False)
+            if suite is Suite.WINDOW:
+                lines += _window_ratios(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _window_ratios(rows: Sequence[CaseResult]) -> list[str]:
+    """Issue 10's two ratios from the window suite's own timings of our Op: a windowed call's time
+    per query token over that of the call at S = window without one (all its keys visible), and a
+    softcapped call's time over the same call without softcap."""
+    ms = {
+        (r.case.dtype, r.case.seq_len, r.case.window, r.case.softcap): m.ms
+        for r in rows
+        if (m := r.results.get(OURS)) is not None and m.ms is not None
+    }
+    lines = []
+    for (dtype, seq, window, softcap), took in sorted(ms.items()):
+        cap = f" softcap {softcap:g}" if softcap else ""
+        if window and seq > window and (base := ms.get((dtype, window, 0, softcap))):
+            per_token = (took / seq) / (base / window)
+            lines.append(
+                f"- {dtype} S{seq} window {window}{cap}: {per_token:.2f}x the time per query token "
+                f"of S{window} without a window"
+            )
+        if softcap and (plain := ms.get((dtype, seq, window, 0.0))):
+            lines.append(
+                f"- {dtype} S{seq}{f' window {window}' if window else ''} softcap {softcap:g}: "
+                f"{took / plain:.3f}x the time without softcap"
+            )
+    return [*lines, ""] if lines else []
 
 
 def _peer_line(result: RunResult) -> str:
@@ -201,8 +229,9 @@ def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def write_plots(result: RunResult, paths: OutputPaths) -> list[Path]:
-    """One PNG per suite with results: TFLOP/s against sequence length, a panel per series of the
-    grid (cases outside the grids are in the tables only), a line per implementation."""
+    """One PNG per suite with results: TFLOP/s against sequence length (head-dims: head dim), a panel
+    per series of the grid (cases outside the grids are in the tables only), a line per
+    implementation."""
     try:
         import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
@@ -233,11 +262,11 @@ def write_plots(result: RunResult, paths: OutputPaths) -> list[Path]:
         for index, title in enumerate(series):
             axis = axes[index // columns][index % columns]
             members = sorted(
-                (r for r in rows if (r.case.series or "other cases") == title), key=lambda r: r.case.seq_len
+                (r for r in rows if (r.case.series or "other cases") == title), key=lambda r: r.case.plot_x[1]
             )
             for impl in (OURS, OURS_ATTENTION, *PEERS):
                 points = [
-                    (r.case.seq_len, t)
+                    (r.case.plot_x[1], t)
                     for r in members
                     if impl in r.results and (t := r.results[impl].tflops(r.case.flops)) is not None
                 ]
@@ -245,10 +274,12 @@ def write_plots(result: RunResult, paths: OutputPaths) -> list[Path]:
                     xs, ys = zip(*points, strict=True)
                     style = "none" if title == "other cases" else "-"  # unrelated cases: no line
                     axis.plot(xs, ys, marker="o", linestyle=style, label=LABELS[impl])
-            axis.set_xscale("log", base=2)
-            axis.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            x_label = members[0].case.plot_x[0]
+            if suite is not Suite.HEAD_DIMS:  # sequence lengths double from point to point
+                axis.set_xscale("log", base=2)
+                axis.xaxis.set_major_formatter(ticker.ScalarFormatter())
             axis.set_title(title, fontsize=9)
-            axis.set_xlabel("sequence length (longest kv)", fontsize=8)
+            axis.set_xlabel(x_label, fontsize=8)
             axis.set_ylabel("TFLOP/s", fontsize=8)
             axis.tick_params(labelsize=7)
             axis.grid(True, alpha=0.3)

@@ -173,6 +173,7 @@ def our_calls(case: Case, x: Tensors) -> dict[str, OpCall]:
     """Our public Op(s) for `case`: OURS, and for rope-append also OURS_ATTENTION (the read-only Op on
     the same cache, attending over the same keys: attention alone)."""
     causal = case.causal
+    window, softcap = case.window or None, case.softcap or None
 
     def args(*names: str) -> tuple[torch.Tensor, ...]:
         return tuple(x[n] for n in names)
@@ -206,7 +207,8 @@ def our_calls(case: Case, x: Tensors) -> dict[str, OpCall]:
         return {OURS: full, OURS_ATTENTION: alone}
     match case.layout:
         case Layout.DENSE:
-            call = OpCall(_op(tp.GQAPrefill(causal=causal, validate=False)), args("q", "k", "v"))
+            op = tp.GQAPrefill(causal=causal, sliding_window=window, softcap=softcap, validate=False)
+            call = OpCall(_op(op), args("q", "k", "v"))
         case Layout.RAGGED:
             call = OpCall(
                 _op(tp.GQAVarlenPrefill(causal=causal, validate=False)),
@@ -394,6 +396,10 @@ def run_case(case: Case, device: torch.device, timer: Timer) -> CaseResult:
             result.results[name] = measure(call.runner(), timer)
         except Exception as error:
             result.results[name] = Measurement.failed(error)
+    if case.window or case.softcap:
+        why = Measurement.unavailable("SDPA's flash and cuDNN backends take no sliding window or softcap")
+        result.results |= dict.fromkeys(_sdpa_backends(), why)
+        return result
     try:
         problems = dense_problems(case, x)
     except Exception as error:

@@ -31,16 +31,18 @@ class TileConfig:
 # cores (ping-pong), so one's softmax hides under the other's wgmma.
 # - D 64 to 128: 128 x 128 tiles, two K/V stages: Q 16-32 KiB + K/V 64-128 KiB of
 #   shared memory, 64 fp32 score registers per thread; the FlashAttention-3 shape.
-#   Head dims that 64 columns do not divide (80, 96, 112) use 32- or 64-byte swizzle
-#   panels, which TileLang's TMA copies split into (80 = 5 x 16 columns, 96 = 3 x 32).
-# - D 160 to 256: block_N 64 keeps the fp32 output (80-128 registers a thread) plus
+#   Head dims that 64 columns do not divide (80, 96, 112, ...) use 32- or 64-byte
+#   swizzle panels, which TileLang's TMA copies split into (80 = 5 x 16 columns,
+#   96 = 3 x 32; `attention_sm90.panel_columns`).
+# - D 144 to 256: block_N 64 keeps the fp32 output (80-128 registers a thread) plus
 #   scores inside the consumers' 240 registers, and Q + 2 x K/V (+ the output staging
 #   tile) inside 227 KiB.
 # - Persistent (dense, ragged, paged) up to D 192: one CTA per SM of an H100 SXM / H200
 #   (132), each looping over query tiles; dense outputs go through a separate 2 x 64-row
-#   staging tile so the next tile's Q load overlaps the current tile's epilogue. (D 256 has
-#   no shared memory left for it.) On a GPU with fewer SMs the surplus CTAs run as a
-#   second wave.
+#   staging tile so the next tile's Q load overlaps the current tile's epilogue. On a GPU
+#   with fewer SMs the surplus CTAs run as a second wave. D 224 and up have no shared
+#   memory left for the staging tile and keep one CTA per query tile; so does D 208
+#   (212 of 227 KiB with it: not yet measured persistent).
 SM90_PERSISTENT_CTAS = 132
 _SM90_WIDE = TileConfig(
     block_M=128, block_N=128, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
@@ -48,15 +50,21 @@ _SM90_WIDE = TileConfig(
 _SM90_DEEP = TileConfig(
     block_M=128, block_N=64, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
 )
+_SM90_WIDEST = TileConfig(block_M=128, block_N=64, num_stages=2, threads=384)
 SM90_CONFIGS: dict[int, TileConfig] = {
     64: _SM90_WIDE,
     80: _SM90_WIDE,
     96: _SM90_WIDE,
     112: _SM90_WIDE,
     128: _SM90_WIDE,
+    144: _SM90_DEEP,
     160: _SM90_DEEP,
+    176: _SM90_DEEP,
     192: _SM90_DEEP,
-    256: TileConfig(block_M=128, block_N=64, num_stages=2, threads=384),
+    208: _SM90_WIDEST,
+    224: _SM90_WIDEST,
+    240: _SM90_WIDEST,
+    256: _SM90_WIDEST,
 }
 
 # SM80 (also run by SM86/SM89): eight warps of 16 query rows (block_M = 128),
@@ -67,17 +75,18 @@ SM90_CONFIGS: dict[int, TileConfig] = {
 # Four warps of 32 rows (the FlashAttention-2 shape) spill under TileLang's
 # register allocation at every head dim; eight warps do not (ptxas: D 64 198,
 # D 128 224, D 256 236 registers, no spills). block_N shrinks with D to keep the
-# fp32 scores plus output in registers, and shared memory stays under the 99 KiB
+# fp32 scores plus output in registers (D 144 and up: block_N 32), and shared memory stays under the 99 KiB
 # SM86/SM89 allow a block (Q + K + V: 48 / 64 / 96 KiB at D 64 / 128 / 256).
 SM80_CONFIGS: dict[int, TileConfig] = {
     64: TileConfig(block_M=128, block_N=128, num_stages=1, threads=256),
-    80: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
-    96: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
-    112: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
-    128: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256),
-    160: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
-    192: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
-    256: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256),
+    **{
+        head_dim: TileConfig(block_M=128, block_N=64, num_stages=1, threads=256)
+        for head_dim in (80, 96, 112, 128)
+    },
+    **{
+        head_dim: TileConfig(block_M=128, block_N=32, num_stages=1, threads=256)
+        for head_dim in range(144, 257, 16)
+    },
 }
 
 #: The head dims both tables serve (what selection offers the TileLang attention kernels).
