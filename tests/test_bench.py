@@ -59,14 +59,16 @@ def test_the_window_suite_pairs_every_windowed_call_with_its_baselines() -> None
     """Each windowed or softcapped Gemma-like case has the plain case its ratio is taken against:
     the same S without softcap, and S = window without a window (issue 10's targets)."""
     window = {c.name: c for c in default_cases() if c.suite is Suite.WINDOW}
-    keys = {(c.dtype, c.seq_len, c.window, c.softcap) for c in window.values()}
+    keys = {(c.dtype, c.seq_len, c.causal, c.window, c.softcap) for c in window.values()}
     assert max(c.seq_len for c in window.values()) == 32768
     for c in window.values():
-        assert c.head_dim == 256 and c.causal and c.layout is Layout.DENSE
+        assert c.head_dim == 256 and c.layout is Layout.DENSE
+        assert c.causal or (c.seq_len, c.window, c.softcap) == (4096, 0, 0.0)
         if c.softcap:
-            assert (c.dtype, c.seq_len, c.window, 0.0) in keys
+            assert (c.dtype, c.seq_len, True, c.window, 0.0) in keys
         if c.window:
-            assert (c.dtype, c.window, 0, c.softcap) in keys
+            assert (c.dtype, c.window, True, 0, c.softcap) in keys
+            assert (c.dtype, c.window, False, 0, 0.0) in keys
     sweep = {c.head_dim for c in default_cases() if c.suite is Suite.HEAD_DIMS}
     assert sweep == set(range(64, 257, 16))
     with pytest.raises(ValueError, match="window: expected 0, or > 0 with causal"):

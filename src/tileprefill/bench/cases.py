@@ -335,8 +335,8 @@ def dense_case(
     )
 
 
-def window_case(dtype: str, seq: int, window: int, softcap: float) -> Case:
-    """One Gemma-like layer call of the window suite (window 0: plain causal)."""
+def window_case(dtype: str, seq: int, window: int, softcap: float, *, causal: bool = True) -> Case:
+    """One Gemma-like layer call of the window suite (window 0: plain)."""
     what = " ".join(
         part
         for part in (f"window {window}" if window else "", f"softcap {softcap:g}" if softcap else "")
@@ -346,11 +346,11 @@ def window_case(dtype: str, seq: int, window: int, softcap: float) -> Case:
         dtype,
         1,
         seq,
-        True,
+        causal,
         heads=WINDOW_HEADS,
         kv_heads=WINDOW_KV_HEADS,
         head_dim=WINDOW_HEAD_DIM,
-        series=f"{dtype} D{WINDOW_HEAD_DIM} causal {what or 'plain'}",
+        series=f"{dtype} D{WINDOW_HEAD_DIM} {_mask(causal)} {what or 'plain'}",
         suite=Suite.WINDOW,
         window=window,
         softcap=softcap,
@@ -483,6 +483,8 @@ def grid_cases() -> list[Case]:
         DTYPES, WINDOW_SEQ_LENS, (0, WINDOW), (0.0, WINDOW_SOFTCAP)
     ):
         cases.append(window_case(dtype, seq, window, softcap))
+    for dtype in DTYPES:  # every query sees `WINDOW` keys, as in a windowed call past its first window
+        cases.append(window_case(dtype, WINDOW, 0, 0.0, causal=False))
     for dtype, causal, head_dim in itertools.product(DTYPES, (False, True), SWEEP_HEAD_DIMS):
         series = f"{dtype} B{SWEEP_BATCH} S{SWEEP_SEQ} Hq{HEADS}/Hkv{KV_HEADS} {_mask(causal)}"
         cases.append(

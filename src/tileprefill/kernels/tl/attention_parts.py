@@ -4,8 +4,8 @@ Every attention program computes, for one tile of query rows of one query head,
 an online softmax over tiles of keys (FlashAttention): running row maxima `m`,
 running row sums `l`, and an fp32 output accumulator rescaled by
 `alpha = exp2((m_old - m_new) * scale)` whenever the maximum grows. Scores are
-kept unscaled; `scale = sm_scale * log2(e)` is folded into the exp2 argument as
-one fused multiply-add per score.
+kept unscaled; `scale = score_scale(sm_scale, softcap)` is folded into the exp2
+argument as one fused multiply-add per score.
 
 Masking is by selection, never by addition: a masked score becomes -inf whatever
 the key held, so a key row read from memory the call does not own (a cache row
@@ -23,7 +23,9 @@ Two score transforms are static arguments of a program:
   windows touch (`kv_tile_range`), so cost grows with the window, not the context;
 - a logit softcap `softcap > 0`: scores become `softcap * tanh(score * sm_scale / softcap)`
   (Gemma 2), in fp32 with the hardware tanh (`tanh.approx.f32` under fast math,
-  relative error ~5e-4), before the mask.
+  relative error ~5e-4), before the mask. The kernel keeps `tanh(score * sm_scale /
+  softcap)` and the factor `softcap` goes into the exp2 scale (`score_scale`): one
+  multiply a score fewer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ import tilelang.language as T
 
 #: log2(e): exp(x) = exp2(x * LOG2E).
 LOG2E = 1.0 / math.log(2.0)
+
+
+def score_scale(sm_scale: float, softcap: float) -> float:
+    """The factor that turns the scores a program holds into exp2 arguments: raw scores times
+    sm_scale, or (softcap) capped scores `tanh(score * sm_scale / softcap)` times softcap."""
+    return (softcap if softcap else sm_scale) * LOG2E
+
 
 #: The accumulation type of scores, softmax statistics and outputs.
 ACCUM = "float32"
@@ -164,15 +173,14 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
 
 
 def soft_cap(rows: int, cols: int, sm_scale: float, softcap: float) -> Any:
-    """The macro that caps raw scores `s` in place: s * sm_scale becomes softcap * tanh(s * sm_scale /
-    softcap) (the softmax's own scale stays folded into its exp2, so `s` is divided back by sm_scale)."""
+    """The macro that caps raw scores `s` in place: s becomes tanh(s * sm_scale / softcap), the
+    capped score over softcap (`score_scale` multiplies softcap back in, inside the exp2)."""
     inner = sm_scale / softcap
-    outer = softcap / sm_scale
 
     @T.macro
     def apply(s: Any) -> None:
         for i, j in T.Parallel(rows, cols):
-            s[i, j] = T.tanh(s[i, j] * inner) * outer
+            s[i, j] = T.tanh(s[i, j] * inner)
 
     return apply
 

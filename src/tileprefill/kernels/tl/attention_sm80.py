@@ -24,10 +24,10 @@ from tileprefill.kernels.tl.attention_configs import TileConfig
 from tileprefill.kernels.tl.attention_entries import entry_program
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
-    LOG2E,
     KVSource,
     Work,
     online_softmax,
+    score_scale,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
@@ -59,12 +59,13 @@ def program(
         raise ValueError(f"head_dim: expected a multiple of 16 for sm80, got {D}")
     if window and not causal:
         raise ValueError(f"window: expected 0 without causal, got {window}")
-    scale = sm_scale * LOG2E
+    scale = score_scale(sm_scale, softcap)
     policy = T.GemmWarpPolicy.FullRow
 
     softmax = online_softmax(block_M, block_N, scale)
     mask = visibility_mask(block_M, block_N, causal, window)
     cap = soft_cap(block_M, block_N, sm_scale, softcap) if softcap else None
+    capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
     whole_tiles = unmasked_tiles(causal, window, block_M, block_N)
 
     @T.macro
@@ -103,7 +104,7 @@ def program(
         Qs, Ks, Vs, s, p, o, m, m_prev, alpha, row_sum, l = f
         load_rows(K, Ks, t, w, block_table, masked)
         T.gemm(Qs, Ks, s, transpose_B=True, clear_accum=True, policy=policy)
-        if softcap:
+        if capped:
             cap(s)
         if masked:
             mask(s, w.q0, t * block_N, w.kv_len, w.offset)

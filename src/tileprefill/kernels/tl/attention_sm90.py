@@ -52,10 +52,10 @@ from tileprefill.kernels.tl.attention_entries import (
 )
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
-    LOG2E,
     KVSource,
     Work,
     online_softmax,
+    score_scale,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
@@ -138,7 +138,7 @@ def program(
     if window and not causal:
         raise ValueError(f"window: expected 0 without causal, got {window}")
     panel = panel_columns(D)
-    scale = sm_scale * LOG2E
+    scale = score_scale(sm_scale, softcap)
     gathers = source is KVSource.PAGED
     # Caches may hold garbage past kv_len inside a tile that TMA loads whole.
     cleans_tail = source in (KVSource.CONTIGUOUS, KVSource.PAGED_TILED)
@@ -156,6 +156,7 @@ def program(
     softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
     mask = visibility_mask(half, block_N, causal, window)
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
+    capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
     whole_tiles = unmasked_tiles(causal, window, half, block_N)
     # The contiguous cache keeps one CTA per query tile: persistent, its longest-first order over
     # the batch made the resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB
@@ -293,7 +294,7 @@ def program(
         # Pin the accumulators after the waits, so nvcc reads none of them earlier.
         T.warpgroup_fence_operand(s)
         T.mbarrier_arrive(b.k_free[slot])
-        if softcap:
+        if capped:
             cap(s)
         if masked:
             mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
@@ -326,7 +327,7 @@ def program(
             T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.k_free[first])
-            if softcap:
+            if capped:
                 cap(s)
             mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
             softmax(s, m, m_prev, alpha, row_sum, l, True)
