@@ -196,7 +196,7 @@ def _check_apart(tensors: Sequence[torch.Tensor]) -> None:
     check_writable("v_pages", v_pages)
     for name, cache in (("k_pages", k_pages), ("v_pages", v_pages)):
         for other_name, other in (("k_new", k_new), ("v_new", v_new), ("k_pages", k_pages)):
-            if other is not cache and overlaps(cache, other):
+            if other_name != name and overlaps(cache, other):
                 raise ValueError(
                     f"{name}: expected memory apart from {other_name}, got memory shared with "
                     f"{other_name} (the write of {name} would change {other_name})"
