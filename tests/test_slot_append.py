@@ -443,3 +443,12 @@ def test_manifest_entry() -> None:
         SlotAppendKey.REF: "SlotAppendRefKernel",
         SlotAppendKey.TL: "SlotAppendTLKernel",
     }
+
+
+def test_cli_explains_a_slot_mapped_write(capsys: pytest.CaptureFixture[str]) -> None:
+    from tileprefill import cli
+
+    argv = ["explain", "--layout", "paged", "--rope", "none", "--append", "--slot-mapping", "--dtype", "bf16"]
+    argv += ["--arch", "sm90", "--head-dim", "128", "--group-size", "1", "--page-size", "16"]
+    assert cli.main(argv) == 0
+    assert "plan: slot_append_tl\n" in capsys.readouterr().out
