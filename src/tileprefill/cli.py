@@ -48,7 +48,6 @@ class ExplainArgs:
     causal: bool
     sliding_window: int = 0
     softcap: float = 0.0
-    slot_mapping: bool = False
 
 
 @attrs.frozen
@@ -103,11 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--non-causal", action="store_true")
     ex.add_argument("--sliding-window", type=int, default=0, help="keys a query sees, its own last (0: all)")
     ex.add_argument("--softcap", type=float, default=0.0, help="logit softcap (0: none)")
-    ex.add_argument(
-        "--slot-mapping",
-        action="store_true",
-        help="a slot-mapped cache write, no attention (PagedCacheSlotAppend; with --layout paged --append)",
-    )
 
     demo = commands.add_parser("demo", help="chunked prefill of a few requests into a paged cache, checked")
     demo.add_argument(
@@ -189,7 +183,6 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             causal=not ns.non_causal,
             sliding_window=int(ns.sliding_window),
             softcap=float(ns.softcap),
-            slot_mapping=bool(ns.slot_mapping),
         )
     if command == "demo":
         return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype])
@@ -246,7 +239,6 @@ def context_from(args: ExplainArgs) -> PrefillContext:
         ragged=args.ragged or paged,
         sliding_window=args.sliding_window,
         softcap=args.softcap > 0,
-        slot_mapping=args.slot_mapping,
     )
 
 

@@ -7,15 +7,7 @@ from types import MappingProxyType
 from typing import assert_never
 
 from tileprefill.context import KVLayout
-from tileprefill.kernels import (
-    append_tl,
-    attention_tl,
-    batch_tl,
-    reference,
-    rope_append_tl,
-    rope_tl,
-    slot_append_tl,
-)
+from tileprefill.kernels import append_tl, attention_tl, batch_tl, reference, rope_append_tl, rope_tl
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
@@ -27,18 +19,8 @@ from tileprefill.kernels.base import (
     RaggedAttentionKernel,
     RopeAppendKernel,
     RopeKernel,
-    SlotAppendKernel,
 )
-from tileprefill.keys import (
-    ALL_KEYS,
-    AppendKey,
-    AttentionKey,
-    BatchKey,
-    KernelKey,
-    RopeAppendKey,
-    RopeKey,
-    SlotAppendKey,
-)
+from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import Source, append_traits, attention_traits
 
 
@@ -54,8 +36,6 @@ def kernel_family(key: KernelKey) -> type[Kernel]:
             return PagedAppendKernel if layout is KVLayout.PAGED else ContiguousAppendKernel
         case RopeAppendKey():
             return RopeAppendKernel
-        case SlotAppendKey():
-            return SlotAppendKernel
         case AttentionKey():
             source, _ = attention_traits(key)
             match source:
@@ -81,7 +61,6 @@ def _collect() -> dict[KernelKey, type[Kernel]]:
         *rope_tl.KERNELS,
         *append_tl.KERNELS,
         *rope_append_tl.KERNELS,
-        *slot_append_tl.KERNELS,
         *attention_tl.KERNELS,
     ):
         if cls.key in found:

@@ -1,7 +1,4 @@
-"""The public Ops: fixed, ordered tensor inputs; scalars are constructor parameters.
-
-The ten attention Ops (`PUBLIC_OPS`) and the cache write without attention (`CACHE_OPS`).
-"""
+"""The ten public Ops: fixed, ordered tensor inputs; scalars are constructor parameters."""
 
 from typing import TypeAlias
 
@@ -29,7 +26,6 @@ from tileprefill.ops.paged import (
     PagedCacheOp,
     PagedShape,
 )
-from tileprefill.ops.slots import PagedCacheSlotAppend, PagedCacheSlotAppendPlan, SlotAppendShape
 
 #: The class of a public Op (each extends one layout base).
 OpClass: TypeAlias = type[NoCacheOp] | type[ContiguousCacheOp] | type[PagedCacheOp]
@@ -48,11 +44,7 @@ PUBLIC_OPS: tuple[OpClass, ...] = (
     GQAPagedCacheRopeAppendPrefill,
 )
 
-#: The public Ops that write a cache and attend nothing (not PrefillOps: no q, no output).
-CACHE_OPS: tuple[type[PagedCacheSlotAppend], ...] = (PagedCacheSlotAppend,)
-
 __all__ = [
-    "CACHE_OPS",
     "PUBLIC_OPS",
     "BatchPlan",
     "ContiguousCacheOp",
@@ -71,10 +63,7 @@ __all__ = [
     "NoCacheOp",
     "OpClass",
     "PagedCacheOp",
-    "PagedCacheSlotAppend",
-    "PagedCacheSlotAppendPlan",
     "PagedShape",
     "PrefillOp",
-    "SlotAppendShape",
     "VarlenShape",
 ]
