@@ -23,7 +23,6 @@ import torch
 
 from tileprefill.context import Arch, DType
 from tileprefill.kernels.base import (
-    NO_LSE,
     ContiguousAttentionKernel,
     ContiguousAttentionLaunch,
     DenseAttentionKernel,
@@ -80,9 +79,7 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         facts.window,
         facts.softcap,
     )
-    # The LSE output is an argument only where it is set: the programs without it keep the
-    # arguments (and so the compile-cache entries) they always had.
-    return Program(programs.program, (*args, True) if facts.lse else args, arch)
+    return Program(programs.program, args, arch)
 
 
 #: The program family (`attention_parts.KVSource` value) of each source.
@@ -104,18 +101,8 @@ _TENSORS: Final[dict[Source, tuple[str, ...]]] = {
 }
 
 
-def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
+def _record(key: AttentionKey) -> KernelRecord:
     source, _ = attention_traits(key)
-    if lse:
-        return register(
-            KernelRecord(
-                key=key,
-                tensors=(*_TENSORS[source], "lse"),
-                mutates=("out", "lse"),
-                program=lambda facts: program(key, facts),
-                variant="_lse",
-            )
-        )
     return register(
         KernelRecord(
             key=key, tensors=_TENSORS[source], mutates=("out",), program=lambda facts: program(key, facts)
@@ -123,17 +110,10 @@ def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
     )
 
 
-_TL_KEYS: Final = tuple(key for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90))
-
 #: The launch record of every TileLang attention key (registered at import; tilelang is not imported).
-RECORDS: Final[dict[AttentionKey, KernelRecord]] = {key: _record(key, lse=False) for key in _TL_KEYS}
-#: The launch record of the programs with the LSE output (`facts.lse`): the same tensors, then lse.
-LSE_RECORDS: Final[dict[AttentionKey, KernelRecord]] = {key: _record(key, lse=True) for key in _TL_KEYS}
-
-
-def record_of(key: AttentionKey, facts: StaticFacts) -> KernelRecord:
-    """The record whose program serves `facts` (with the LSE output or without)."""
-    return (LSE_RECORDS if facts.lse else RECORDS)[key]
+RECORDS: Final[dict[AttentionKey, KernelRecord]] = {
+    key: _record(key) for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90)
+}
 
 
 def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int | None = None) -> None:
@@ -141,7 +121,7 @@ def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int |
     engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `bind` asks for)."""
     with recording_builds() as requests:
         for key, facts in configs:
-            Launcher.of(record_of(key, facts), facts)
+            Launcher.of(RECORDS[key], facts)
     compile_prebuild(requests, jobs=jobs)
 
 
@@ -154,7 +134,6 @@ def facts_of(
     sm_scale: float,
     window: int = 0,
     softcap: float = 0.0,
-    lse: bool = False,
 ) -> StaticFacts:
     """The static facts of an allocating call (`__call__`), checked: q (..., Hq, D) and k/v (..., Hkv, D)
     of one dtype; the page size of a paged cache (NP, PS, Hkv, D) is its second dim."""
@@ -180,7 +159,6 @@ def facts_of(
         page_size=kv.shape[1] if paged else 0,
         window=window,
         softcap=float(softcap),
-        lse=lse,
     )
 
 
@@ -195,49 +173,24 @@ def _allocate_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _allocate_lse(q: torch.Tensor) -> torch.Tensor:
-    """The LSE buffer of an allocating call: float32, q's shape less the head dim (uninitialised;
-    GPU tests replace it like `_allocate_output`)."""
-    return torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-
-
 def _without_keys(kv: torch.Tensor) -> bool:
     """No key can be visible: every row is 0 (and a TMA descriptor of an empty tensor is invalid)."""
     return kv.shape[0] == 0 or (kv.dim() == 4 and kv.shape[1] == 0)
 
 
-def _no_keys(out: torch.Tensor, lse: torch.Tensor, with_lse: bool) -> None:
-    """What a program would write when no row sees a key: 0 outputs, -inf LSE."""
-    out.zero_()
-    if with_lse:
-        lse.fill_(float("-inf"))
-
-
 class _DenseTL(DenseAttentionKernel):
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
-        def launch(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-        ) -> None:
+        def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k):
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k, v, out, lse)
-            else:
-                launcher(q, k, v, out)
+                out.zero_()
+                return
+            launcher(q, k, v, out)
 
         return launch
-
-    def _allocating(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, facts: StaticFacts
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k, v, out, lse)
-        return out, lse
 
     def __call__(
         self,
@@ -250,30 +203,16 @@ class _DenseTL(DenseAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
-        return self._allocating(q, k, v, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
+        out = _allocate_output(q)
+        self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))(
+            q, k, v, out
         )
-        return self._allocating(q, k, v, facts)
+        return out
 
 
 class _RaggedTL(RaggedAttentionKernel):
     def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,
@@ -282,33 +221,15 @@ class _RaggedTL(RaggedAttentionKernel):
             cu_seqlens_q: torch.Tensor,
             cu_seqlens_kv: torch.Tensor,
             out: torch.Tensor,
-            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k):
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
-            else:
-                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
+                out.zero_()
+                return
+            launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
 
         return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_index("cu_seqlens_q", cu_seqlens_q)
-        _check_index("cu_seqlens_kv", cu_seqlens_kv)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
-        return out, lse
 
     def __call__(
         self,
@@ -323,32 +244,19 @@ class _RaggedTL(RaggedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
-        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
+        _check_index("cu_seqlens_q", cu_seqlens_q)
+        _check_index("cu_seqlens_kv", cu_seqlens_kv)
+        out = _allocate_output(q)
+        launch = self.bind(
+            facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
         )
-        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)
+        launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
+        return out
 
 
 class _ContiguousTL(ContiguousAttentionKernel):
     def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,
@@ -356,31 +264,15 @@ class _ContiguousTL(ContiguousAttentionKernel):
             v_cache: torch.Tensor,
             kv_seqlens: torch.Tensor,
             out: torch.Tensor,
-            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k_cache):
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k_cache, v_cache, kv_seqlens, out, lse)
-            else:
-                launcher(q, k_cache, v_cache, kv_seqlens, out)
+                out.zero_()
+                return
+            launcher(q, k_cache, v_cache, kv_seqlens, out)
 
         return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_index("kv_seqlens", kv_seqlens)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k_cache, v_cache, kv_seqlens, out, lse)
-        return out, lse
 
     def __call__(
         self,
@@ -394,33 +286,18 @@ class _ContiguousTL(ContiguousAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        facts = facts_of(
-            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+        _check_index("kv_seqlens", kv_seqlens)
+        out = _allocate_output(q)
+        launch = self.bind(
+            facts_of(self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
         )
-        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)
+        launch(q, k_cache, v_cache, kv_seqlens, out)
+        return out
 
 
 class _PagedTL(PagedAttentionKernel):
     def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
+        launcher = Launcher.of(RECORDS[self.key], facts)
 
         def launch(
             q: torch.Tensor,
@@ -430,38 +307,23 @@ class _PagedTL(PagedAttentionKernel):
             kv_seqlens: torch.Tensor,
             cu_seqlens_q: torch.Tensor,
             out: torch.Tensor,
-            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k_pages) or block_table.shape[1] == 0:
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
-            else:
-                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
+                out.zero_()
+                return
+            launcher(
+                q,
+                k_pages,
+                v_pages,
+                block_table,
+                kv_seqlens,
+                cu_seqlens_q,
+                out,
+            )
 
         return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for name, index in (
-            ("block_table", block_table),
-            ("kv_seqlens", kv_seqlens),
-            ("cu_seqlens_q", cu_seqlens_q),
-        ):
-            _check_index(name, index)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
-        return out, lse
 
     def __call__(
         self,
@@ -477,29 +339,18 @@ class _PagedTL(PagedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        facts = facts_of(
-            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+        for name, index in (
+            ("block_table", block_table),
+            ("kv_seqlens", kv_seqlens),
+            ("cu_seqlens_q", cu_seqlens_q),
+        ):
+            _check_index(name, index)
+        out = _allocate_output(q)
+        launch = self.bind(
+            facts_of(self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
         )
-        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)
+        launch(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
+        return out
 
 
 class AttentionDenseSM80Kernel(_DenseTL):
@@ -625,8 +476,6 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                 ),
                 ("d256 fp16 causal", facts(head_dim=256)),
                 ("d128 fp16 non-causal", facts(causal=False)),
-                # The program with the LSE output, once an arch (every source lowers it the same way).
-                ("d128 bf16 causal lse", facts(dtype=DType.BF16)._replace(lse=True)),
             )
         case Source.RAGGED:
             return (("d128 fp16 causal", facts()),)

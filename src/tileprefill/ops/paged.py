@@ -17,7 +17,6 @@ import torch
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
-    NO_LSE,
     PagedAppendKernel,
     PagedAttentionKernel,
     PagedBatchKernel,
@@ -131,7 +130,7 @@ class PagedCacheOp(PrefillOp):
         attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(static)
 
         def attend(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, out: torch.Tensor) -> None:
-            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, NO_LSE)
+            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
 
         append: Append | None = None
         if plan.append is not None:
