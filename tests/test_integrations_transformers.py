@@ -19,6 +19,8 @@ import tileprefill as tp
 try:
     import transformers
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
         GenerationConfig,
         LlamaConfig,
         LlamaForCausalLM,
@@ -67,6 +69,22 @@ def qwen2(sliding_window: int | None = None) -> Model:
     window = {} if sliding_window is None else {"use_sliding_window": True, "sliding_window": sliding_window}
     config = Qwen2Config(**_SIZES, **window, max_window_layers=0)
     return _ready(Qwen2ForCausalLM(config))
+
+
+def gemma2(sliding_window: int = 8, softcap: float = 50.0) -> Model:
+    """Gemma 2's attention: every other layer sliding-window, logit softcap, scale from
+    query_pre_attn_scalar (not head_dim)."""
+    torch.manual_seed(0)
+    sizes = {k: v for k, v in _SIZES.items() if k != "initializer_range"}
+    config = Gemma2Config(
+        **sizes,
+        head_dim=HEAD_DIM,
+        sliding_window=sliding_window,
+        attn_logit_softcapping=softcap,
+        query_pre_attn_scalar=48,
+        initializer_range=0.08,
+    )
+    return _ready(Gemma2ForCausalLM(config))
 
 
 def _ready(model: Model) -> Model:
@@ -149,10 +167,11 @@ def test_causality_comes_from_the_module(calls: list[Call]) -> None:
     assert {c.op_id for c in calls} == {id(tpt.dense_op(True, 0.125)), id(tpt.dense_op(False, 0.125))}
 
 
-def _check_greedy(model: Model, sequence: list[int], prompt_len: int) -> None:
-    """Each generated token is SDPA's greedy choice at its position, up to bf16 near-ties: its SDPA logit
-    (teacher-forced on the generated sequence) is within the logits tolerance of the maximum."""
-    logits = logits_of(model, "sdpa", torch.tensor([sequence], device=model.device))[0]
+def _check_greedy(model: Model, sequence: list[int], prompt_len: int, reference: str = "sdpa") -> None:
+    """Each generated token is the reference implementation's greedy choice at its position, up to bf16
+    near-ties: its logit there (teacher-forced on the generated sequence) is within the logits
+    tolerance of the maximum."""
+    logits = logits_of(model, reference, torch.tensor([sequence], device=model.device))[0]
     tol = 0.03 * float(logits.abs().max())
     for pos in range(prompt_len, len(sequence)):
         row = logits[pos - 1]
@@ -276,15 +295,71 @@ def test_padding_is_refused() -> None:
         logits_of(model, tpt.NAME, ids, attention_mask=mask)
 
 
-def test_sliding_window_is_refused() -> None:
-    tpt.register()
+def test_sliding_window_layers_match_sdpa(calls: list[Call]) -> None:
+    """Qwen2 with a window of 8 keys over 40 tokens: the window changes the result (against the same
+    model without it), and ours matches SDPA on the windowed mask at every position."""
     model = qwen2(sliding_window=8)
-    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(7))
-    with pytest.raises(
-        tpt.UnsupportedAttentionCall,
-        match="sliding_window=8; this integration serves no sliding-window layers",
-    ):
-        logits_of(model, tpt.NAME, ids)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    windowed = logits_of(model, tpt.NAME, ids)
+    assert_close_at_every_position(windowed, logits_of(model, "sdpa", ids))
+    assert {c.op_id for c in calls} == {id(tpt.dense_op(True, 0.125, tpt.Features(8, None)))}
+    full = logits_of(qwen2(), tpt.NAME, ids)
+    err = (windowed - full).abs().amax(dim=-1)[0]
+    assert float(err[:8].max()) < 0.03 * float(full.abs().max()), "the first 8 positions see no further"
+    assert float(err[12:].min()) > 0.03 * float(full.abs().max()), "the window changed nothing"
+
+
+def test_sliding_window_generate_on_tileprefill(calls: list[Call]) -> None:
+    """Greedy decoding past the window: every step runs on the windowed Op."""
+    model = qwen2(sliding_window=8)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12))
+    model.set_attn_implementation(tpt.NAME)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 17) and calls
+    assert {c.op_id for c in calls} == {id(tpt.dense_op(True, 0.125, tpt.Features(8, None)))}
+    _check_greedy(model, out[0].tolist(), 12)
+
+
+def test_gemma2_softcap_and_alternating_windows_match_eager(calls: list[Call]) -> None:
+    """Gemma 2 (softcap 50, window 8 on every other layer, query_pre_attn_scalar 48) against its own
+    eager attention (SDPA takes no softcap); a softcap of 0.5 changes the result, so it is applied."""
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(13))
+    model = gemma2()
+    assert_close_at_every_position(logits_of(model, tpt.NAME, ids), logits_of(model, "eager", ids))
+    scale = 48**-0.5
+    assert {c.op_id for c in calls} == {
+        id(tpt.dense_op(True, scale, tpt.Features(8, 50.0))),
+        id(tpt.dense_op(True, scale, tpt.Features(None, 50.0))),
+    }
+    tight = gemma2(softcap=0.5)
+    ours = logits_of(tight, tpt.NAME, ids)
+    assert_close_at_every_position(ours, logits_of(tight, "eager", ids))
+    assert float((ours - logits_of(model, tpt.NAME, ids)).abs().max()) > 0.03 * float(ours.abs().max())
+    model.set_attn_implementation(tpt.NAME)
+    with torch.no_grad():
+        out = model.generate(
+            ids[:1, :12], attention_mask=torch.ones_like(ids[:1, :12]), max_new_tokens=5, do_sample=False
+        )
+    _check_greedy(model, out[0].tolist(), 12, reference="eager")
+
+
+def test_the_mask_function_tells_a_window_from_chunks() -> None:
+    """transformers passes the window (or chunk) size as local_size; the mask function is checked
+    itself, so chunked attention of the same size is not taken for a window."""
+    from transformers.masking_utils import chunked_causal_mask_function, sliding_window_causal_mask_function
+
+    sliding = sliding_window_causal_mask_function(4)
+    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=4) is tpt.sliding_marker(4)
+    assert tpt.sliding_window_of(tpt.sliding_marker(4)) == 4
+    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=5) is tpt.BEYOND_CAUSAL
+    assert tpt.mask(1, 10, 10, mask_function=sliding) is tpt.BEYOND_CAUSAL  # no size: not recognised
+    # a decode step over a cache: query at absolute 20 over keys 11..20
+    assert tpt.mask(1, 1, 10, q_offset=20, kv_offset=11, mask_function=sliding, local_size=4) is (
+        tpt.sliding_marker(4)
+    )
+    chunked = chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    assert tpt.mask(1, 10, 10, mask_function=chunked, local_size=4) is tpt.BEYOND_CAUSAL
 
 
 def test_packed_position_ids_without_cu_seq_lens_are_refused() -> None:
@@ -327,7 +402,8 @@ def test_training_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"softcap": 30.0}, "softcap=30.0; this integration serves no logit softcapping"),
+        ({"softcap": -1.0}, r"softcap: expected a number > 0, got -1\.0"),
+        ({"sliding_window": 0}, "sliding_window: expected an int >= 1, got 0"),
         ({"s_aux": torch.zeros(HEADS)}, "s_aux=.*; tileprefill has no attention sinks"),
         ({"output_attentions": True}, "never forms the attention weights"),
     ],

@@ -1,8 +1,9 @@
 """The transformers integration on the GPU (TileLang kernels): the CPU module's models and checks, on CUDA.
 
-Llama and Qwen2 share heads, KV heads, head dim, dtype and scale, so the whole module builds two
-programs: the dense causal one (prefill and decode steps; token counts are dynamic) and the varlen
-causal one (continuous batching).
+Llama and Qwen2 share heads, KV heads, head dim, dtype and scale, so they build two programs: the
+dense causal one (prefill and decode steps; token counts are dynamic) and the varlen causal one
+(continuous batching). A windowed Qwen2 and Gemma 2 (softcap, alternating windows, its own scale)
+add three dense ones.
 """
 
 from __future__ import annotations
@@ -34,13 +35,23 @@ from test_integrations_transformers import (  # noqa: E402
     _generate_batch,
     assert_close_at_every_position,
     calls,
+    gemma2,
     logits_of,
+    qwen2,
 )
 
 __all__ = ["calls"]  # the spy fixture, used by name
 
 DEV = torch.device("cuda")
 SCALE = HEAD_DIM**-0.5  # the models' `scaling`, a static fact of the compiled programs
+GEMMA_SCALE = 48**-0.5  # gemma2()'s query_pre_attn_scalar
+WINDOW = 64
+#: The windowed and softcapped layers of the models below: (scale, features).
+FEATURED = [
+    (SCALE, tpt.Features(WINDOW, None)),
+    (GEMMA_SCALE, tpt.Features(WINDOW, 50.0)),
+    (GEMMA_SCALE, tpt.Features(None, 50.0)),
+]
 
 
 def on_device(model: Model) -> Model:
@@ -52,6 +63,8 @@ def warm_up() -> None:
     """The programs the tests below build (run under `recording_builds` by `compiled_programs`)."""
     shape = tp.DenseShape(1, 16, 16, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, DEV)
     tpt.dense_op(True, SCALE).plan(shape=shape)
+    for scale, features in FEATURED:
+        tpt.dense_op(True, scale, features).plan(shape=shape)
     cu = torch.tensor([0, 16], dtype=torch.int32, device=DEV)
     tpt.varlen_op(True, SCALE).plan(
         cu, cu, shape=tp.VarlenShape(16, 16, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, DEV)
@@ -107,3 +120,20 @@ def test_generate_batch_runs_on_the_varlen_op_gpu(calls: list[Call]) -> None:
     for prompt, tokens in zip(prompts, generated, strict=True):
         assert len(tokens) == new
         _check_greedy(model, prompt + tokens, len(prompt))
+
+
+def test_windowed_and_softcapped_models_gpu(calls: list[Call]) -> None:
+    """Qwen2 with a window of 64 keys over 200 tokens against SDPA, and Gemma 2 (softcap 50, window 64
+    on every other layer) against its eager attention, then greedy decoding past the window."""
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(6)).to(DEV)
+    windowed = on_device(qwen2(sliding_window=WINDOW))
+    assert_close_at_every_position(logits_of(windowed, tpt.NAME, ids), logits_of(windowed, "sdpa", ids))
+    gemma = on_device(gemma2(sliding_window=WINDOW))
+    assert_close_at_every_position(logits_of(gemma, tpt.NAME, ids), logits_of(gemma, "eager", ids))
+    assert {c.op_id for c in calls} == {id(tpt.dense_op(True, s, f)) for s, f in FEATURED}
+    gemma.set_attn_implementation(tpt.NAME)
+    with torch.no_grad():
+        out = gemma.generate(
+            ids[:1, :70], attention_mask=torch.ones_like(ids[:1, :70]), max_new_tokens=8, do_sample=False
+        )
+    _check_greedy(gemma, out[0].tolist(), 70, reference="eager")

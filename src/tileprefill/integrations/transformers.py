@@ -17,25 +17,32 @@ Every attention call of the model then runs on tileprefill's public Ops:
   sequence.
 
 Causality is the module's `is_causal` (what the layer is), not the call's `is_causal`, which
-transformers uses as a hint for SDPA's kernel choice. The scale is the call's `scaling` (None:
-D ** -0.5). K and V stay at Hkv heads: tileprefill maps query head h to KV head h // (H // Hkv)
-itself, so nothing repeats them. Dtypes are float16 or bfloat16, as the Ops take them.
+transformers uses as a hint for SDPA's kernel choice. A sliding-window layer (Mistral, Qwen2,
+Gemma 2/3) runs with the Ops' `sliding_window`: the call's `sliding_window` keyword, or the window
+of the sliding-window causal mask transformers built for it, checked against the mask function
+itself (a query sees the last `sliding_window` keys up to itself, as in transformers). A
+`softcap` keyword (Gemma 2's logit softcapping) becomes the Ops' `softcap`. The scale is the
+call's `scaling` (None: D ** -0.5). K and V stay at Hkv heads: tileprefill maps query head h to
+KV head h // (H // Hkv) itself, so nothing repeats them. Dtypes are float16 or bfloat16, as the Ops take them.
 
 A call it cannot serve exactly raises `UnsupportedAttentionCall`, naming what and why, instead of
 computing something else: a mask that masks something (padding, a static cache's unfilled slots,
-a custom 4D mask), a sliding window, logit softcapping, attention sinks, a position bias, dropout
-(training), a backward pass, attention weights, value head dim != query head dim.
+a custom 4D mask), a mask pattern beyond causal or sliding-window causal (chunked attention,
+bidirectional windows, image-token overlays), a sliding window in continuous batching, attention
+sinks, a position bias, dropout (training), a backward pass, attention weights, value head dim !=
+query head dim.
 
 `register()` also registers a mask function under the same name. transformers builds no mask at
 all for an implementation without one (so padding would be dropped unseen); ours returns None for
-a plain causal (or bidirectional) batch and raises for padding or for any pattern beyond that.
+a plain causal (or bidirectional) batch, a marker for a sliding-window causal one, and raises for
+padding.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 import torch
 
@@ -61,9 +68,6 @@ PAGED_NAME: Final = "paged|tileprefill"
 
 #: Keyword arguments some models pass that change what attention computes; not served.
 _UNSERVED_KWARGS: Final = {
-    "sliding_window": "this integration serves no sliding-window layers yet (the Ops do, with "
-    "sliding_window=...; set config.sliding_window = None only if no sequence is longer than the window)",
-    "softcap": "this integration serves no logit softcapping yet (the Ops do, with softcap=...)",
     "s_aux": "tileprefill has no attention sinks",
     "sinks": "tileprefill has no attention sinks",
     "position_bias": "tileprefill adds no position bias to the scores",
@@ -74,6 +78,23 @@ _UNSERVED_KWARGS: Final = {
 #: What the mask function returns for a pattern beyond plain causal (it is never read as a mask: the
 #: attention function serves it only as a packed call with cu_seq_lens, and rejects it otherwise).
 BEYOND_CAUSAL: Final = torch.empty(0, dtype=torch.bool)
+
+#: What the mask function returns for a sliding-window causal batch, one marker per window (read
+#: by identity, never as a mask: `sliding_window_of`).
+_SLIDING_MARKERS: dict[int, torch.Tensor] = {}
+
+
+def sliding_marker(window: int) -> torch.Tensor:
+    """The mask function's marker for a sliding-window causal batch of `window` keys."""
+    return _SLIDING_MARKERS.setdefault(window, torch.empty(0, dtype=torch.bool))
+
+
+def sliding_window_of(attention_mask: torch.Tensor | None) -> int | None:
+    """The window of a marker `sliding_marker` made, else None."""
+    for window, marker in _SLIDING_MARKERS.items():
+        if attention_mask is marker:
+            return window
+    return None
 
 
 class UnsupportedAttentionCall(ValueError):
@@ -113,12 +134,15 @@ def attention_forward(
     if not isinstance(causal, bool):
         raise UnsupportedAttentionCall(f"module.is_causal: expected a bool, got {causal!r}")
     beyond_causal = attention_mask is BEYOND_CAUSAL
-    _reject_unserved(module, query, key, value, None if beyond_causal else attention_mask, dropout, kwargs)
+    masked_window = sliding_window_of(attention_mask)
+    unmarked = None if beyond_causal or masked_window is not None else attention_mask
+    _reject_unserved(module, query, key, value, unmarked, dropout, kwargs)
+    features = _features(module, causal, masked_window, kwargs)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if kwargs.get("cache") is not None or cu_q is not None or cu_k is not None:
         # The pattern beyond causal that a packed call's mask function saw is its packing, which
         # cu_seq_lens state exactly (transformers' flash path reads them the same way).
-        return _packed(module, query, key, value, causal, scaling, cu_q, cu_k, kwargs), None
+        return _packed(module, query, key, value, causal, scaling, features, cu_q, cu_k, kwargs), None
     if beyond_causal:
         raise UnsupportedAttentionCall(
             f"{_layer(module)}: the model asks for a mask beyond plain causal or bidirectional: a sliding "
@@ -126,7 +150,51 @@ def attention_forward(
             "overlay such as bidirectional image tokens; tileprefill serves causal or full attention, and "
             "packed sequences only with cu_seq_lens_q / cu_seq_lens_k"
         )
-    return _dense(query, key, value, causal, scaling), None
+    return _dense(query, key, value, causal, scaling, features), None
+
+
+class Features(NamedTuple):
+    """The score transforms of one layer, as the Ops take them (None: none)."""
+
+    sliding_window: int | None
+    softcap: float | None
+
+
+#: A layer with neither transform.
+NO_FEATURES: Final = Features(None, None)
+
+
+def _features(
+    module: torch.nn.Module, causal: bool, masked_window: int | None, kwargs: dict[str, object]
+) -> Features:
+    """The layer's sliding window (from the call's keyword, or the mask's marker: they must agree)
+    and logit softcap, checked."""
+    layer = _layer(module)
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UnsupportedAttentionCall(f"{layer}: sliding_window: expected an int >= 1, got {window!r}")
+    if masked_window is not None:
+        if window is not None and window != masked_window:
+            raise UnsupportedAttentionCall(
+                f"{layer}: sliding_window={window}, but the mask transformers built is a window of "
+                f"{masked_window} keys"
+            )
+        window = masked_window
+    if window is not None and not causal:
+        raise UnsupportedAttentionCall(
+            f"{layer}: sliding_window={window} on a bidirectional layer; tileprefill's windows are causal"
+        )
+    if window is not None and kwargs.get("cache") is not None:
+        raise UnsupportedAttentionCall(
+            f"{layer}: sliding_window={window} in continuous batching; this integration reads the "
+            "full-attention keys of a paged cache only"
+        )
+    softcap = kwargs.get("softcap")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, int | float) or not softcap > 0
+    ):
+        raise UnsupportedAttentionCall(f"{layer}: softcap: expected a number > 0, got {softcap!r}")
+    return Features(window, None if softcap is None else float(softcap))
 
 
 def mask(
@@ -160,11 +228,49 @@ def mask(
             )
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         return None
-    # A pattern beyond plain causal: packed sequences read from position_ids (continuous batching in
-    # transformers 5.17, padding-free batches), a sliding window, or an overlay such as bidirectional
-    # image tokens. Only the first is servable, and only where the call also carries cu_seq_lens_q /
-    # cu_seq_lens_k; the attention function decides on seeing this marker.
+    window = kwargs.get("local_size")  # transformers' window (or chunk) size, passed for SDPA
+    if (
+        isinstance(window, int)
+        and not isinstance(window, bool)
+        and window > 0
+        and _is_sliding_causal(mask_function, window, q_length, kv_length, q_offset, kv_offset)
+    ):
+        return sliding_marker(window)
+    # A pattern beyond (sliding-window) causal: packed sequences read from position_ids (continuous
+    # batching in transformers 5.17, padding-free batches), chunked attention, or an overlay such as
+    # bidirectional image tokens. Only the first is servable, and only where the call also carries
+    # cu_seq_lens_q / cu_seq_lens_k; the attention function decides on seeing this marker.
     return BEYOND_CAUSAL
+
+
+def _is_sliding_causal(
+    mask_function: Callable[..., object],
+    window: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+) -> bool:
+    """Whether `mask_function` is what tileprefill computes with `sliding_window=window`: query i
+    (of q_length, bottom-right aligned over kv_length keys) sees local keys j with
+    kv_length - q_length + i - window < j <= kv_length - q_length + i.
+
+    Checked on a few query rows (the last two, the first, the middle) against every key: two
+    adjacent rows tell a window from chunked attention (whose rows agree with a window only at a
+    chunk's end), and the rows' absolute positions check the alignment of queries to keys.
+    """
+    if q_length < 1 or kv_length < 1:
+        return False
+    rows = torch.tensor(sorted({q_length - 1, max(0, q_length - 2), 0, q_length // 2}))
+    cols = torch.arange(kv_length)
+    last_key = (kv_length - q_length + rows)[:, None]
+    want = (cols[None, :] <= last_key) & (cols[None, :] > last_key - window)
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, (q_offset + rows)[:, None], (kv_offset + cols)[None, :])
+    except Exception:  # a mask function that is not index-based: not one we can recognise
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got.bool(), want))
 
 
 def _layer(module: torch.nn.Module) -> str:
@@ -215,22 +321,39 @@ def _reject_unserved(
         )
 
 
-# One Op per (kind, causal, scale): constructing one per call would redo its kernel-map setup on
-# every layer of every step. Ops hold no per-call state, so sharing them is safe.
-@functools.cache
-def dense_op(causal: bool, sm_scale: float | None) -> tp.GQAPrefill:
-    """The cached `GQAPrefill` that serves plain batches of this causality and scale."""
-    return tp.GQAPrefill(causal=causal, sm_scale=sm_scale)
+# One Op per (kind, causal, scale, features): constructing one per call would redo its kernel-map
+# setup on every layer of every step. Ops hold no per-call state, so sharing them is safe.
+def dense_op(causal: bool, sm_scale: float | None, features: Features = NO_FEATURES) -> tp.GQAPrefill:
+    """The cached `GQAPrefill` that serves plain batches of this causality, scale and features."""
+    return _dense_op(causal, sm_scale, features)
+
+
+def varlen_op(causal: bool, sm_scale: float | None, features: Features = NO_FEATURES) -> tp.GQAVarlenPrefill:
+    """The cached `GQAVarlenPrefill` that serves packed calls of this causality, scale and features."""
+    return _varlen_op(causal, sm_scale, features)
+
+
+@functools.cache  # called with every argument given, so a default never makes a second key
+def _dense_op(causal: bool, sm_scale: float | None, features: Features) -> tp.GQAPrefill:
+    return tp.GQAPrefill(
+        causal=causal, sm_scale=sm_scale, sliding_window=features.sliding_window, softcap=features.softcap
+    )
 
 
 @functools.cache
-def varlen_op(causal: bool, sm_scale: float | None) -> tp.GQAVarlenPrefill:
-    """The cached `GQAVarlenPrefill` that serves packed calls of this causality and scale."""
-    return tp.GQAVarlenPrefill(causal=causal, sm_scale=sm_scale)
+def _varlen_op(causal: bool, sm_scale: float | None, features: Features) -> tp.GQAVarlenPrefill:
+    return tp.GQAVarlenPrefill(
+        causal=causal, sm_scale=sm_scale, sliding_window=features.sliding_window, softcap=features.softcap
+    )
 
 
 def _dense(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    causal: bool,
+    scaling: float | None,
+    features: Features,
 ) -> torch.Tensor:
     s_q, s_kv = query.shape[2], key.shape[2]
     if causal and s_q > s_kv:
@@ -242,7 +365,7 @@ def _dense(
     # transformers' (B, heads, tokens, D) -> tileprefill's (B, tokens, heads, D). The Ops take dense
     # tensors only, so this is a copy; the output is already transformers' (B, Sq, H, D).
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-    return dense_op(causal, scaling)(q, k, v)
+    return dense_op(causal, scaling, features)(q, k, v)
 
 
 def _packed(
@@ -252,6 +375,7 @@ def _packed(
     value: torch.Tensor,
     causal: bool,
     scaling: float | None,
+    features: Features,
     cu_q: object,
     cu_k: object,
     kwargs: dict[str, object],
@@ -276,7 +400,7 @@ def _packed(
         k, v = (t[0].transpose(0, 1).contiguous() for t in (key, value))  # (Tkv, Hkv, D)
     # Exact conversions: transformers' collators may hand int64 cumulative lengths.
     cu_q32, cu_k32 = (t.to(device=q.device, dtype=torch.int32) for t in (cu_q, cu_k))
-    return varlen_op(causal, scaling)(q, k, v, cu_q32, cu_k32).unsqueeze(0)
+    return varlen_op(causal, scaling, features)(q, k, v, cu_q32, cu_k32).unsqueeze(0)
 
 
 def _update_paged_cache(
