@@ -344,22 +344,63 @@ def test_gemma2_softcap_and_alternating_windows_match_eager(calls: list[Call]) -
     _check_greedy(model, out[0].tolist(), 12, reference="eager")
 
 
+def test_packed_windowed_calls_need_the_window_stated(calls: list[Call]) -> None:
+    """A packed windowed call runs windowed on the varlen Op (each sequence equals its own SDPA
+    forward). A mask with a local pattern that is not a plain window (a window under position_ids
+    packing, chunks) cannot be checked against cu_seq_lens: a packed call with one is served only
+    when its sliding_window states that size; and a layer that leaves its window to the mask takes
+    it from a plain-window mask."""
+    model = qwen2(sliding_window=4)
+    lens = [5, 11, 8]
+    gen = torch.Generator().manual_seed(14)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in lens]
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+    packing = dict(
+        position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(lens),
+        max_length_k=max(lens),
+    )
+    packed = logits_of(model, tpt.NAME, torch.cat(seqs, dim=1), **packing)
+    for b, seq in enumerate(seqs):
+        assert_close_at_every_position(packed[:, cu[b] : cu[b + 1]], logits_of(model, "sdpa", seq))
+    assert id(tpt.varlen_op(True, 0.125, tpt.Features(4, None))) in {c.op_id for c in calls}
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, HEADS, 24, HEAD_DIM, dtype=torch.bfloat16)
+    k = v = torch.randn(1, KV_HEADS, 24, HEAD_DIM, dtype=torch.bfloat16)
+    forward: Callable[..., tuple[torch.Tensor, None]] = tpt.attention_forward
+    local = tpt.BEYOND_LOCAL.of(4)
+    with torch.no_grad():
+        with pytest.raises(tpt.UnsupportedAttentionCall, match="local pattern of 4 keys"):
+            forward(module, q, k, v, local, scaling=0.125, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        out, _ = forward(
+            module, q, k, v, local, scaling=0.125, sliding_window=4, cu_seq_lens_q=cu, cu_seq_lens_k=cu
+        )
+        assert out.shape == (1, 24, HEADS, HEAD_DIM)
+        with pytest.raises(tpt.UnsupportedAttentionCall, match="beyond plain causal"):
+            forward(module, q, k, v, local, scaling=0.125, sliding_window=4)  # not packed: refused
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None  # a layer that leaves its window to the mask
+    assert_close_at_every_position(logits_of(model, tpt.NAME, seqs[1]), logits_of(model, "sdpa", seqs[1]))
+
+
 def test_the_mask_function_tells_a_window_from_chunks() -> None:
     """transformers passes the window (or chunk) size as local_size; the mask function is checked
     itself, so chunked attention of the same size is not taken for a window."""
     from transformers.masking_utils import chunked_causal_mask_function, sliding_window_causal_mask_function
 
     sliding = sliding_window_causal_mask_function(4)
-    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=4) is tpt.sliding_marker(4)
-    assert tpt.sliding_window_of(tpt.sliding_marker(4)) == 4
-    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=5) is tpt.BEYOND_CAUSAL
+    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=4) is tpt.SLIDING.of(4)
+    assert tpt.SLIDING.size_of(tpt.SLIDING.of(4)) == 4 and tpt.SLIDING.size_of(None) is None
+    assert tpt.mask(1, 10, 10, mask_function=sliding, local_size=5) is tpt.BEYOND_LOCAL.of(5)
     assert tpt.mask(1, 10, 10, mask_function=sliding) is tpt.BEYOND_CAUSAL  # no size: not recognised
     # a decode step over a cache: query at absolute 20 over keys 11..20
     assert tpt.mask(1, 1, 10, q_offset=20, kv_offset=11, mask_function=sliding, local_size=4) is (
-        tpt.sliding_marker(4)
+        tpt.SLIDING.of(4)
     )
     chunked = chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
-    assert tpt.mask(1, 10, 10, mask_function=chunked, local_size=4) is tpt.BEYOND_CAUSAL
+    assert tpt.mask(1, 10, 10, mask_function=chunked, local_size=4) is tpt.BEYOND_LOCAL.of(4)
 
 
 def test_packed_position_ids_without_cu_seq_lens_are_refused() -> None:

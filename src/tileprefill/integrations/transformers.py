@@ -79,22 +79,31 @@ _UNSERVED_KWARGS: Final = {
 #: attention function serves it only as a packed call with cu_seq_lens, and rejects it otherwise).
 BEYOND_CAUSAL: Final = torch.empty(0, dtype=torch.bool)
 
-#: What the mask function returns for a sliding-window causal batch, one marker per window (read
-#: by identity, never as a mask: `sliding_window_of`).
-_SLIDING_MARKERS: dict[int, torch.Tensor] = {}
+
+class SizedMarkers:
+    """Empty tensors the mask function returns for a pattern with a size, one per size; read by
+    identity, never as a mask."""
+
+    def __init__(self) -> None:
+        self._by_size: dict[int, torch.Tensor] = {}
+
+    def of(self, size: int) -> torch.Tensor:
+        return self._by_size.setdefault(size, torch.empty(0, dtype=torch.bool))
+
+    def size_of(self, attention_mask: torch.Tensor | None) -> int | None:
+        """The size of the marker `attention_mask` is, else None."""
+        for size, marker in self._by_size.items():
+            if attention_mask is marker:
+                return size
+        return None
 
 
-def sliding_marker(window: int) -> torch.Tensor:
-    """The mask function's marker for a sliding-window causal batch of `window` keys."""
-    return _SLIDING_MARKERS.setdefault(window, torch.empty(0, dtype=torch.bool))
-
-
-def sliding_window_of(attention_mask: torch.Tensor | None) -> int | None:
-    """The window of a marker `sliding_marker` made, else None."""
-    for window, marker in _SLIDING_MARKERS.items():
-        if attention_mask is marker:
-            return window
-    return None
+#: A sliding-window causal batch of `size` keys (the mask function checked the pattern).
+SLIDING: Final = SizedMarkers()
+#: A pattern beyond causal that carries a local size (transformers' `local_size`: a sliding window
+#: or attention chunks of `size` keys) and is not a plain window: packing on top of one, chunks,
+#: overlays. A packed call serves it only when its own `sliding_window` says the same size.
+BEYOND_LOCAL: Final = SizedMarkers()
 
 
 class UnsupportedAttentionCall(ValueError):
@@ -133,15 +142,23 @@ def attention_forward(
     causal = getattr(module, "is_causal", True)  # transformers' own default for a module without it
     if not isinstance(causal, bool):
         raise UnsupportedAttentionCall(f"module.is_causal: expected a bool, got {causal!r}")
-    beyond_causal = attention_mask is BEYOND_CAUSAL
-    masked_window = sliding_window_of(attention_mask)
+    local = BEYOND_LOCAL.size_of(attention_mask)
+    beyond_causal = attention_mask is BEYOND_CAUSAL or local is not None
+    masked_window = SLIDING.size_of(attention_mask)
     unmarked = None if beyond_causal or masked_window is not None else attention_mask
     _reject_unserved(module, query, key, value, unmarked, dropout, kwargs)
     features = _features(module, causal, masked_window, kwargs)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if kwargs.get("cache") is not None or cu_q is not None or cu_k is not None:
         # The pattern beyond causal that a packed call's mask function saw is its packing, which
-        # cu_seq_lens state exactly (transformers' flash path reads them the same way).
+        # cu_seq_lens state exactly (transformers' flash path reads them the same way), on top of a
+        # window the call must state itself: the mask cannot be checked against cu_seq_lens here.
+        if local is not None and features.sliding_window != local:
+            raise UnsupportedAttentionCall(
+                f"{_layer(module)}: the mask of this packed call has a local pattern of {local} keys (a "
+                f"sliding window or attention chunks) and the call says sliding_window="
+                f"{features.sliding_window}; tileprefill serves a packed window only when the call states it"
+            )
         return _packed(module, query, key, value, causal, scaling, features, cu_q, cu_k, kwargs), None
     if beyond_causal:
         raise UnsupportedAttentionCall(
@@ -235,11 +252,13 @@ def mask(
         and window > 0
         and _is_sliding_causal(mask_function, window, q_length, kv_length, q_offset, kv_offset)
     ):
-        return sliding_marker(window)
+        return SLIDING.of(window)
     # A pattern beyond (sliding-window) causal: packed sequences read from position_ids (continuous
     # batching in transformers 5.17, padding-free batches), chunked attention, or an overlay such as
     # bidirectional image tokens. Only the first is servable, and only where the call also carries
     # cu_seq_lens_q / cu_seq_lens_k; the attention function decides on seeing this marker.
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        return BEYOND_LOCAL.of(window)
     return BEYOND_CAUSAL
 
 
