@@ -131,6 +131,22 @@ def test_demo_fails_when_chunked_and_dense_disagree(monkeypatch: pytest.MonkeyPa
     assert main(["demo", "--device", "cpu"]) == 1
 
 
+def test_demo_with_transformers_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    assert main(["demo", "--engine", "transformers", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "16 of 16 are SDPA's greedy choice" in out and "kernels: attn_dense_ref" in out
+    assert out.rstrip().endswith("matched SDPA")
+
+
+def test_demo_with_transformers_fails_when_it_does_not_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from tileprefill.integrations import transformers_demo
+
+    monkeypatch.setattr(transformers_demo, "TOLERANCE", -1.0)  # nothing can be within
+    assert main(["demo", "--engine", "transformers", "--device", "cpu"]) == 1
+
+
 def test_compile_calls_compile_check(monkeypatch: pytest.MonkeyPatch) -> None:
     compile_check: ModuleType = pytest.importorskip("tileprefill.compile_check")
     seen: list[tuple[str, str | None]] = []

@@ -2,7 +2,8 @@
 
 - explain: the plan a context gets, and why every other kernel was not chosen.
 - demo: a small engine loop (chunked prefill of several requests into one shared
-  paged cache with RoPE), checked against a dense recomputation.
+  paged cache with RoPE), checked against a dense recomputation; `--engine transformers`:
+  a random-weight model's generate() on tileprefill, checked against SDPA.
 - compile: lower and compile every TileLang kernel for one arch (no GPU needed).
 - bench: time our Ops against torch SDPA and TileOPs (see tileprefill.bench).
 """
@@ -54,6 +55,7 @@ class ExplainArgs:
 class DemoArgs:
     device: torch.device
     dtype: DType
+    engine: str = "paged"  # or "transformers"
 
 
 @attrs.frozen
@@ -108,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     demo.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    demo.add_argument(
+        "--engine",
+        choices=["paged", "transformers"],
+        default="paged",
+        help="paged: the chunked-prefill loop; transformers: a random-weight Llama's generate() vs SDPA",
+    )
 
     comp = commands.add_parser("compile", help="compile every TileLang kernel for one arch (no GPU needed)")
     comp.add_argument("--arch", required=True, choices=["sm_80", "sm_90a"])
@@ -185,7 +193,7 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             softcap=float(ns.softcap),
         )
     if command == "demo":
-        return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype])
+        return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype], engine=str(ns.engine))
     if command == "bench":
         return BenchSettings(
             suites=tuple(Suite(s) for s in ns.suite or ()),
@@ -296,6 +304,10 @@ def run_demo(args: DemoArgs) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("tileprefill demo: --device: expected an available CUDA device, got none", file=sys.stderr)
         return 2
+    if args.engine == "transformers":
+        from tileprefill.integrations import transformers_demo
+
+        return transformers_demo.run(device, dtype)
     gen = torch.Generator().manual_seed(0)
     hq, hkv, page_size = 8, 2, 16
     head_dim = 128 if device.type == "cuda" else 64  # smaller on CPU: the reference is slow
