@@ -42,6 +42,21 @@ def test_explain_paged_rope_append(capsys: pytest.CaptureFixture[str]) -> None:
     assert "append_contiguous_tl: kv_layout is paged, this kernel appends to contiguous" in out
 
 
+def test_explain_names_the_attention_tile_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(PAGED_ROPE_APPEND) == 0
+    assert "attention config: sm90 128x128 tiles, 2 stage(s), 384 threads, persistent 132 CTAs" in (
+        capsys.readouterr().out
+    )
+    argv = ["explain", "--layout", "contiguous", "--rope", "none", "--dtype", "bf16", "--group-size", "4"]
+    assert main([*argv, "--arch", "sm90", "--head-dim", "192"]) == 0
+    out = capsys.readouterr().out  # the contiguous cache keeps one CTA per query tile
+    assert "attention config: sm90 128x64 tiles, 2 stage(s), 384 threads\n" in out
+    assert main([*argv, "--arch", "sm80", "--head-dim", "96"]) == 0
+    assert "attention config: sm80 128x64 tiles, 1 stage(s), 256 threads\n" in capsys.readouterr().out
+    assert main([*argv, "--arch", "cpu", "--head-dim", "96"]) == 0
+    assert "attention config" not in capsys.readouterr().out
+
+
 def test_explain_runs_as_a_module() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tileprefill", *PAGED_ROPE_APPEND], capture_output=True, text=True, check=False

@@ -233,3 +233,22 @@ def test_attention_prebuild_compiles_what_the_kernels_build(monkeypatch: pytest.
     attention_tl.prebuild([(key, facts) for key in keys])
     programs = [attention_tl.program(key, facts) for key in keys]
     assert handed == [compile_module.BuildRequest(p.factory, p.args, p.arch) for p in programs]
+
+
+def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
+    """One statement of the rule (attention_configs.sm90_config); the program refuses a persistent
+    contiguous configuration rather than building one."""
+    pytest.importorskip("tilelang")
+    from tileprefill.kernels.tl import attention_configs, attention_sm90
+    from tileprefill.kernels.tl.attention_parts import KVSource
+
+    assert attention_configs.sm90_config(128).persistent_ctas == attention_configs.SM90_PERSISTENT_CTAS
+    assert attention_configs.sm90_config(128, contiguous_cache=True).persistent_ctas == 0
+    contiguous = attention_tl.program(
+        AttentionKey.CONTIGUOUS_SM90, StaticFacts(Arch.SM90, DType.FP16, 8, 2, 128, True, 0.125)
+    )
+    assert attention_configs.TileConfig(128, 128, 2, 384) in contiguous.args
+    with pytest.raises(ValueError, match="expected persistent_ctas 0 for the contiguous cache"):
+        attention_sm90.program(
+            KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, attention_configs.sm90_config(128)
+        )

@@ -12,7 +12,6 @@ Nothing falls back silently: when a step has no kernel, `select_plan` raises
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Sequence
 from typing import TypeVar, assert_never
@@ -416,10 +415,7 @@ def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
         case Code.REF:
             return None
         case Code.SM90:
-            config = attention_configs.sm90_config(ctx.head_dim)
-            if source is Source.CONTIGUOUS:
-                # The contiguous cache keeps one CTA per query tile (attention_sm90.program).
-                config = dataclasses.replace(config, persistent_ctas=0)
+            config = attention_configs.sm90_config(ctx.head_dim, contiguous_cache=source is Source.CONTIGUOUS)
             return "sm90 " + attention_configs.describe(config)
         case Code.SM80 | Code.TL:
             return "sm80 " + attention_configs.describe(attention_configs.sm80_config(ctx.head_dim))

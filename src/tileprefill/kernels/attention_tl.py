@@ -60,7 +60,8 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
     if arch is Arch.SM90:
         from tileprefill.kernels.tl import attention_sm90
 
-        programs, config = attention_sm90, attention_configs.sm90_config(facts.head_dim)
+        programs = attention_sm90
+        config = attention_configs.sm90_config(facts.head_dim, contiguous_cache=source is Source.CONTIGUOUS)
     else:
         from tileprefill.kernels.tl import attention_sm80
 

@@ -102,8 +102,13 @@ def describe(config: TileConfig) -> str:
     )
 
 
-def sm90_config(head_dim: int) -> TileConfig:
-    return _lookup(SM90_CONFIGS, head_dim, "sm90")
+def sm90_config(head_dim: int, *, contiguous_cache: bool = False) -> TileConfig:
+    """The SM90 configuration of `head_dim`. The contiguous cache keeps one CTA per query tile:
+    persistent, its longest-first order over the batch made the resident CTAs read every
+    sequence's cache at once (4 x 4608 keys: 75 MB of K/V, over the L2) and measured 9% slower
+    (benchmarks/kernel-notes.md, step 3)."""
+    config = _lookup(SM90_CONFIGS, head_dim, "sm90")
+    return dataclasses.replace(config, persistent_ctas=0) if contiguous_cache else config
 
 
 def sm80_config(head_dim: int) -> TileConfig:

@@ -158,10 +158,12 @@ def program(
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
     whole_tiles = unmasked_tiles(causal, window, half, block_N)
-    # The contiguous cache keeps one CTA per query tile: persistent, its longest-first order over
-    # the batch made the resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB
-    # of K/V, over the L2) and measured 9% slower (benchmarks/kernel-notes.md, step 3).
-    persistent = config.persistent_ctas > 0 and source is not KVSource.CONTIGUOUS
+    persistent = config.persistent_ctas > 0
+    if persistent and source is KVSource.CONTIGUOUS:
+        raise ValueError(
+            "config: expected persistent_ctas 0 for the contiguous cache (attention_configs.sm90_config "
+            f"says why), got {config.persistent_ctas}"
+        )
     # Dense outputs are staged for a TMA store, persistent ones in tiles of their own (ragged and
     # paged outputs are stored from registers, row by row).
     stages_output = persistent and not source.ragged_q
