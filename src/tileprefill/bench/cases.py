@@ -155,11 +155,16 @@ class Case:
     def flops(self) -> float:
         return 4.0 * self.head_dim * self.heads * self.pairs
 
+    @property
+    def transforms(self) -> str:
+        """The score transforms in words ("window 4096 softcap 50"; "" for none)."""
+        window = f"window {self.window}" if self.window else ""
+        softcap = f"softcap {self.softcap:g}" if self.softcap else ""
+        return f"{window} {softcap}".strip()
+
     def describe(self) -> str:
         """The problem in a few words (tables)."""
-        mask = "causal" if self.causal else "non-causal"
-        mask += f" window {self.window}" if self.window else ""
-        mask += f" softcap {self.softcap:g}" if self.softcap else ""
+        mask = " ".join(filter(None, ("causal" if self.causal else "non-causal", self.transforms)))
         heads = f"Hq{self.heads}/Hkv{self.kv_heads} D{self.head_dim} {self.dtype} {mask}"
         if self.layout is Layout.DENSE:
             return f"B{self.batch} S{self.q_lens[0]} {heads}"
@@ -337,12 +342,7 @@ def dense_case(
 
 def window_case(dtype: str, seq: int, window: int, softcap: float, *, causal: bool = True) -> Case:
     """One Gemma-like layer call of the window suite (window 0: plain)."""
-    what = " ".join(
-        part
-        for part in (f"window {window}" if window else "", f"softcap {softcap:g}" if softcap else "")
-        if part
-    )
-    return dense_case(
+    case = dense_case(
         dtype,
         1,
         seq,
@@ -350,11 +350,11 @@ def window_case(dtype: str, seq: int, window: int, softcap: float, *, causal: bo
         heads=WINDOW_HEADS,
         kv_heads=WINDOW_KV_HEADS,
         head_dim=WINDOW_HEAD_DIM,
-        series=f"{dtype} D{WINDOW_HEAD_DIM} {_mask(causal)} {what or 'plain'}",
         suite=Suite.WINDOW,
         window=window,
         softcap=softcap,
     )
+    return replace(case, series=f"{dtype} D{WINDOW_HEAD_DIM} {_mask(causal)} {case.transforms or 'plain'}")
 
 
 def ragged_mix(long_len: int, *, seed: int = 0) -> tuple[int, ...]:

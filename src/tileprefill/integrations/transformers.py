@@ -187,9 +187,10 @@ def _features(
     """The layer's sliding window (from the call's keyword, or the mask's marker: they must agree)
     and logit softcap, checked."""
     layer = _layer(module)
-    window = kwargs.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise UnsupportedAttentionCall(f"{layer}: sliding_window: expected an int >= 1, got {window!r}")
+    stated = kwargs.get("sliding_window")
+    window = _positive_int(stated)
+    if stated is not None and window is None:
+        raise UnsupportedAttentionCall(f"{layer}: sliding_window: expected an int >= 1, got {stated!r}")
     if masked_window is not None:
         if window is not None and window != masked_window:
             raise UnsupportedAttentionCall(
@@ -245,21 +246,19 @@ def mask(
             )
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         return None
-    window = kwargs.get("local_size")  # transformers' window (or chunk) size, passed for SDPA
-    if (
-        isinstance(window, int)
-        and not isinstance(window, bool)
-        and window > 0
-        and _is_sliding_causal(mask_function, window, q_length, kv_length, q_offset, kv_offset)
-    ):
-        return SLIDING.of(window)
+    size = _positive_int(kwargs.get("local_size"))  # transformers' window (or chunk) size, for SDPA
+    if size is not None and _is_sliding_causal(mask_function, size, q_length, kv_length, q_offset, kv_offset):
+        return SLIDING.of(size)
     # A pattern beyond (sliding-window) causal: packed sequences read from position_ids (continuous
     # batching in transformers 5.17, padding-free batches), chunked attention, or an overlay such as
     # bidirectional image tokens. Only the first is servable, and only where the call also carries
     # cu_seq_lens_q / cu_seq_lens_k; the attention function decides on seeing this marker.
-    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
-        return BEYOND_LOCAL.of(window)
-    return BEYOND_CAUSAL
+    return BEYOND_CAUSAL if size is None else BEYOND_LOCAL.of(size)
+
+
+def _positive_int(value: object) -> int | None:
+    """`value` if it is an int >= 1 (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _is_sliding_causal(
