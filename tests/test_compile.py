@@ -7,6 +7,7 @@ the custom ops' registration.
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 from typing import NamedTuple
@@ -61,17 +62,19 @@ class _CaseFacts(NamedTuple):
     page_size: int
     window: int
     softcap: float
+    lse: bool
 
 
 def _facts_of(case: CompileCase) -> _CaseFacts:
-    """The static facts of an attention case, read from its program arguments."""
-    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config, window, softcap = (
-        case.args
-    )
+    """The static facts of an attention case, read from its program arguments (a program with the
+    LSE output has one more: True)."""
+    args, lse = (case.args[:-1], True) if len(case.args) == 12 else (case.args, False)
+    assert not len(case.args) == 12 or case.args[-1] is True
+    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config, window, softcap = args
     assert isinstance(head_dim, int) and isinstance(dtype, str) and isinstance(causal, bool)
     assert (heads, kv_heads) == (32, 8) and sm_scale == pytest.approx(head_dim**-0.5)
     assert isinstance(page_size, int) and isinstance(window, int) and isinstance(softcap, float)
-    return _CaseFacts(head_dim, dtype, causal, page_size, window, softcap)
+    return _CaseFacts(head_dim, dtype, causal, page_size, window, softcap, lse)
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
@@ -90,6 +93,7 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
     assert any(f.window > 0 and f.softcap > 0 for f in dense)
+    assert [f.lse for f in dense].count(True) == 1
     assert {(f.head_dim, f.window > 0) for f in by_source[Source.CONTIGUOUS]} == {(192, True)}
     assert {(f.head_dim, f.page_size) for f in by_source[Source.PAGED_TILED]} == {(96, 16)}
     assert {f.page_size for f in by_source[Source.PAGED]} == {1}
@@ -112,6 +116,7 @@ def test_cases_compile_what_the_kernels_run(arch: Arch) -> None:
             page_size=f.page_size,
             window=f.window,
             softcap=f.softcap,
+            lse=f.lse,
         )
         assert attention_tl.program(case.key, facts) == (case.factory, case.args, arch)
         assert attention_tl.program_arch(case.key) is arch
@@ -142,8 +147,14 @@ def test_every_tilelang_key_has_one_launch_record_and_custom_op() -> None:
     meta = torch.device("meta")
     q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
     kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
-    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0)
+    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0, False)
     assert torch.ops.tileprefill.attn_dense_sm90(q, kv, kv, torch.empty_like(q), *facts) is None
+    # The programs with the LSE output: one more custom op a key, writing out and lse.
+    lse = torch.empty(2, 33, 8, dtype=torch.float32, device=meta)
+    with_lse = (*facts[:-1], True)
+    assert torch.ops.tileprefill.attn_dense_sm90_lse(q, kv, kv, torch.empty_like(q), lse, *with_lse) is None
+    for key, record in attention_tl.LSE_RECORDS.items():
+        assert record.mutates == ("out", "lse") and record.tensors[-2:] == ("out", "lse"), key.value
 
 
 def test_launch_scalars_round_trip_the_static_facts() -> None:
@@ -159,6 +170,7 @@ def test_launch_scalars_round_trip_the_static_facts() -> None:
         rotary_dim=32,
         window=64,
         softcap=30.0,
+        lse=True,
     )
     assert launch._facts(launch.scalars(facts)) == facts
 
@@ -252,3 +264,19 @@ def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
         attention_sm90.program(
             KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, attention_configs.sm90_config(128)
         )
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
+def test_lse_cases_compile(arch: Arch, tmp_path: pathlib.Path) -> None:
+    """The attention programs with the LSE output (one case an arch) compile to a device binary; the
+    whole set compiles in `test_every_compile_case_compiles`."""
+    cases = [case for case in attention_tl.compile_cases(arch) if "lse" in case.label]
+    assert len(cases) == 1
+    for case in cases:
+        compile_module.build_to(case, arch, str(tmp_path))
+    assert any(
+        p.stat().st_size > 0
+        for p in pathlib.Path(str(tmp_path)).rglob("*")
+        if p.suffix in (".cubin", ".fatbin")
+    )

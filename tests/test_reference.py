@@ -542,3 +542,128 @@ def test_one_reference_kernel_per_ref_key() -> None:
     }
     assert [cls.key for cls in KERNELS] == list(dict.fromkeys(cls.key for cls in KERNELS))
     assert {cls.key for cls in KERNELS} == ref_keys
+
+
+# ---------------------------------------------------------------------------
+# The log-sum-exp
+
+
+def _oracle_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_lens: list[int],
+    kv_lens: list[int],
+    *,
+    causal: bool,
+    sm_scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """float64 torch.logsumexp of the masked scaled (capped) scores of a padded batch: (B, Sq, Hq);
+    -inf for a row that sees no key (and for padding rows)."""
+    batch, q_max, q_heads, _ = q.shape
+    kv_max, kv_heads = k.shape[1], k.shape[2]
+    k64 = k.double().repeat_interleave(q_heads // kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k64) * sm_scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(q_max).view(1, q_max, 1)
+    j = torch.arange(kv_max).view(1, 1, kv_max)
+    q_len = torch.tensor(q_lens).view(batch, 1, 1)
+    kv_len = torch.tensor(kv_lens).view(batch, 1, 1)
+    mask = (i < q_len) & (j < kv_len)
+    if causal:
+        mask &= j <= kv_len - q_len + i
+    if window:
+        mask &= kv_len - q_len + i - j < window
+    masked = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    return torch.logsumexp(masked, dim=-1).permute(0, 2, 1)  # (B, Sq, Hq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("causal", "window", "softcap"), [(True, 0, 0.0), (False, 0, 0.0), (True, 4, 0.0), (True, 0, 2.5)]
+)
+def test_lse_is_the_logsumexp_of_the_scores(
+    causal: bool, window: int, softcap: float, dtype: torch.dtype
+) -> None:
+    """`with_lse` of every reference attention kernel: its output is `__call__`'s, its LSE the float64
+    torch.logsumexp of the scores, -inf exactly where a row sees no key, in the Op's token order."""
+    gen = _generator(7 + window)
+    kv_heads, group, head_dim, sm_scale = 2, 3, 32, 0.3
+    q_lens, kv_lens = [5, 9, 0, 3], [19, 4, 6, 3]  # q_len > kv_len: causal rows with no key
+    q = _randn(gen, sum(q_lens), kv_heads * group, head_dim, dtype=dtype)
+    k = _randn(gen, sum(kv_lens), kv_heads, head_dim, dtype=dtype)
+    v = _randn(gen, sum(kv_lens), kv_heads, head_dim, dtype=dtype)
+    kw = dict(causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+    padded_q = _pad(q, q_lens, max(q_lens))
+    padded_k = _pad(k, kv_lens, max(kv_lens))
+    expected = _oracle_lse(padded_q, padded_k, q_lens, kv_lens, **kw)  # type: ignore[arg-type]
+    expected_packed = torch.cat([expected[b, :n] for b, n in enumerate(q_lens)])
+    out, lse = AttentionRaggedRefKernel().with_lse(q, k, v, _offsets(q_lens), _offsets(kv_lens), **kw)  # type: ignore[arg-type]
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    assert torch.equal(out, AttentionRaggedRefKernel()(q, k, v, _offsets(q_lens), _offsets(kv_lens), **kw))  # type: ignore[arg-type]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_packed))
+    if causal and not window:
+        assert bool(torch.isneginf(lse).any()), "test setup: some row should see no key"
+    seen = torch.isfinite(expected_packed)
+    torch.testing.assert_close(lse[seen].double(), expected_packed[seen], rtol=0, atol=1e-4)
+    # The other layouts give the same numbers for the same sequences (one per cache row / page).
+    cache_k = _pad(k, kv_lens, 24)
+    cache_v = _pad(v, kv_lens, 24)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    same_q = torch.stack([_pad(q, q_lens, max(q_lens))[b] for b in range(len(q_lens))])
+    _, dense_cache_lse = AttentionContiguousRefKernel().with_lse(same_q, cache_k, cache_v, lens, **kw)  # type: ignore[arg-type]
+    # The contiguous layout has Sq queries a sequence: sequence 1 (the longest chunk) is the same call.
+    assert q_lens[1] == max(q_lens)
+    torch.testing.assert_close(dense_cache_lse[1], lse[q_lens[0] : q_lens[0] + q_lens[1]], rtol=0, atol=1e-5)
+    pages, table = (
+        cache_k.reshape(-1, 1, kv_heads, head_dim),
+        torch.arange(4 * 24, dtype=torch.int32).view(4, 24),
+    )
+    v_pages = cache_v.reshape(-1, 1, kv_heads, head_dim)
+    _, paged_lse = AttentionPagedRefKernel().with_lse(
+        q,
+        pages,
+        v_pages,
+        table,
+        lens,
+        _offsets(q_lens),
+        **kw,  # type: ignore[arg-type]
+    )
+    assert torch.equal(paged_lse, lse)
+
+
+def _merge(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial attentions over disjoint key ranges merged by their LSEs; -inf parts weigh 0."""
+    (o1, l1), (o2, l2) = first, second
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w1, w2 = torch.exp(l1 - safe).unsqueeze(-1), torch.exp(l2 - safe).unsqueeze(-1)
+    return w1 * o1.float() + w2 * o2.float(), lse
+
+
+def test_split_kv_merge_matches_the_whole() -> None:
+    """Attention over the first and the second part of each sequence's cached keys (non-causal),
+    merged with the two LSEs, is attention over all of them (a part with no key has LSE -inf)."""
+    gen = _generator(11)
+    kv_heads, group, head_dim, q_len, split = 2, 2, 32, 6, 10
+    kv_lens = [23, 17, 8]  # the last has no key past the split
+    q = _randn(gen, 3, q_len, kv_heads * group, head_dim, dtype=torch.float32)
+    k = _randn(gen, 3, 32, kv_heads, head_dim, dtype=torch.float32)
+    v = _randn(gen, 3, 32, kv_heads, head_dim, dtype=torch.float32)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    ref = AttentionContiguousRefKernel()
+
+    def attend(k_: torch.Tensor, v_: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ref.with_lse(q, k_, v_, n, causal=False, sm_scale=0.2)
+
+    whole = attend(k, v, lens)
+    first = attend(k, v, lens.clamp(max=split))
+    second = attend(k[:, split:].contiguous(), v[:, split:].contiguous(), (lens - split).clamp(min=0).int())
+    assert bool(torch.isneginf(second[1][2]).all())
+    out, lse = _merge(first, second)
+    torch.testing.assert_close(lse, whole[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, whole[0], rtol=0, atol=1e-5)

@@ -50,6 +50,7 @@ import torch
 from tileprefill.context import Arch, DType
 from tileprefill.kernels import attention_tl, launch
 from tileprefill.kernels.base import (
+    NO_LSE,
     ContiguousAttentionKernel,
     DenseAttentionKernel,
     PagedAttentionKernel,
@@ -191,6 +192,18 @@ CONFIGS: dict[Source, list[StaticFacts]] = {
 }
 
 
+#: The programs with the LSE output (`facts.lse`) under test: per source its first configuration and
+#: one with a window and/or a softcap.
+LSE_CONFIGS: list[tuple[Source, StaticFacts]] = [
+    (source, f._replace(lse=True))
+    for source, configs in CONFIGS.items()
+    for f in (configs[0], next(c for c in configs if c.window or c.softcap))
+]
+#: The split-KV merge test's program: contiguous cache, non-causal.
+MERGE_CONFIG = CONTIGUOUS_CONFIGS[1]._replace(lse=True)
+assert not MERGE_CONFIG.causal
+
+
 def config_id(f: StaticFacts) -> str:
     page = f"-page{f.page_size}" if f.page_size else ""
     mode = "causal" if f.causal else "full"
@@ -206,6 +219,10 @@ def warm_up() -> None:
             for arch in ARCHS:
                 if runnable(arch) is None:
                     Launcher(attention_tl.RECORDS[KEYS[source, arch]], on(f, arch))
+    for source, f in [*LSE_CONFIGS, (Source.CONTIGUOUS, MERGE_CONFIG)]:
+        for arch in ARCHS:
+            if runnable(arch) is None:
+                Launcher(attention_tl.LSE_RECORDS[KEYS[source, arch]], on(f, arch))
 
 
 @pytest.fixture(autouse=True)
@@ -223,6 +240,9 @@ class AttentionKernel(Protocol):
     def __call__(
         self, *tensors: torch.Tensor, causal: bool, sm_scale: float, window: int, softcap: float
     ) -> torch.Tensor: ...
+    def with_lse(
+        self, *tensors: torch.Tensor, causal: bool, sm_scale: float, window: int, softcap: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def bind(self, facts: StaticFacts) -> Callable[..., None]: ...
 
 
@@ -387,7 +407,7 @@ def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: p
         patch.setattr(attention_tl, "_allocate_output", nan_filled)
         out = kernel(*case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap)
     bound = nan_filled(q)
-    kernel.bind(on(f, arch))(*case.tensors, bound)
+    kernel.bind(on(f, arch))(*case.tensors, bound, NO_LSE)
     torch.cuda.synchronize()
     assert (out.shape, out.dtype, out.device) == (q.shape, q.dtype, q.device)
     assert torch.equal(bits(bound), bits(out)), "the bound launch and the allocating call differ"
@@ -615,7 +635,7 @@ def test_torch_compile_fullgraph_sees_the_output_written_by_a_bound_launch(
 
     def attend_into_nan_then_read(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.full_like(tensors[0], float("nan"))
-        attend(*tensors, out)
+        attend(*tensors, out, NO_LSE)
         return out * 2.0, out.isnan().any()
 
     torch._dynamo.reset()
@@ -662,3 +682,102 @@ def test_cuda_graph_replay_with_new_lengths(arch: Arch) -> None:
         )
         assert not out.isnan().any()
         torch.testing.assert_close(out, want, rtol=0, atol=ABS_ERR[out.dtype])
+
+
+# ------------------------------------------------------------------------------------- the LSE
+
+
+def nan_lse(q: torch.Tensor) -> torch.Tensor:
+    return torch.full(q.shape[:-1], float("nan"), dtype=torch.float32, device=q.device)
+
+
+def lse_case(source: Source, f: StaticFacts) -> Case:
+    """Unaligned lengths with rows that see no key (q_len > kv_len, causal; an empty sequence)."""
+    match source:
+        case Source.DENSE:
+            return dense_case(f, 2, 300, 137)
+        case Source.RAGGED:
+            return ragged_case(f, [3, 0, 260, 129], [50, 4, 60, 500])
+        case Source.CONTIGUOUS:
+            return contiguous_case(f, 150, [45, 300, 0], 320)
+        case Source.PAGED | Source.PAGED_TILED:
+            return paged_case(f, [3, 0, 260, 129], [50, 4, 70, 700])
+
+
+LSE_ABS_ERR = 2e-2  # natural-log units; the scores are fp16/bf16 products accumulated in fp32
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize(
+    ("source", "f"), LSE_CONFIGS, ids=[f"{s.name.lower()}-{config_id(f)}" for s, f in LSE_CONFIGS]
+)
+def test_lse_matches_the_reference(
+    arch: Arch, source: Source, f: StaticFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The program with the LSE output writes every (token, head) of a NaN-filled LSE buffer: the
+    reference's log-sum-exp where a row sees keys, exactly -inf where it sees none; its output is
+    the reference's too, and what the bound launch writes bit for bit."""
+    kernel = kernel_of(source, arch)
+    case = lse_case(source, f)
+    q = case.tensors[0]
+    reference = cast(AttentionKernel, REFERENCES[source])
+    c, scale, window, cap = f.causal, f.sm_scale, f.window, f.softcap
+    want_out, want_lse = reference.with_lse(
+        *case.tensors, causal=c, sm_scale=scale, window=window, softcap=cap
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_tl, "_allocate_output", nan_filled)
+        patch.setattr(attention_tl, "_allocate_lse", nan_lse)
+        out, lse = kernel.with_lse(*case.tensors, causal=c, sm_scale=scale, window=window, softcap=cap)
+    bound_out, bound_lse = nan_filled(q), nan_lse(q)
+    kernel.bind(on(f, arch))(*case.tensors, bound_out, bound_lse)
+    torch.cuda.synchronize()
+    assert (lse.shape, lse.dtype) == (q.shape[:-1], torch.float32)
+    assert torch.equal(bits(bound_out), bits(out)) and torch.equal(bits(bound_lse), bits(lse))
+    assert not lse.isnan().any(), "NaN in the LSE: an element was not written"
+    blind = case.blind_rows
+    assert blind.any(), "test setup: the case should have rows that see no key"
+    assert bool((lse[blind] == float("-inf")).all()), "a row that sees no key has an LSE other than -inf"
+    assert torch.equal(torch.isinf(want_lse), torch.isinf(lse))
+    seen = torch.isfinite(want_lse)
+    err = (lse[seen] - want_lse[seen]).abs().max().item()
+    print(f"max abs LSE error {err:.2e}")
+    assert err < LSE_ABS_ERR
+    diff = (out.float() - want_out.float()).abs().max().item()
+    assert diff < ABS_ERR[q.dtype], f"max abs error {diff:.2e}"
+
+
+def merge(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial attentions over disjoint key ranges, merged by their LSEs (flash-decoding's
+    combine): lse = logaddexp(lse1, lse2), out = sum exp(lse_i - lse) out_i; -inf parts weigh 0."""
+    (o1, l1), (o2, l2) = first, second
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w1, w2 = torch.exp(l1 - safe).unsqueeze(-1), torch.exp(l2 - safe).unsqueeze(-1)
+    return (w1 * o1.float() + w2 * o2.float()), lse
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_split_kv_merge_matches_the_whole(arch: Arch) -> None:
+    """Two calls of the contiguous-cache program over the first and the second part of each
+    sequence's keys (non-causal), merged with their LSEs, give the call over all keys. A sequence
+    whose second part is empty (LSE -inf there) takes its first part whole."""
+    f = MERGE_CONFIG
+    kernel = kernel_of(Source.CONTIGUOUS, arch)
+    kv_lens, split, max_len = [200, 150, 90], 96, 256
+    q, k_cache, v_cache, kv_seqlens = contiguous_case(f, 20, kv_lens, max_len).tensors
+
+    def attend(k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel.with_lse(q, k, v, lens, causal=False, sm_scale=f.sm_scale, window=0, softcap=0.0)
+
+    whole = attend(k_cache, v_cache, kv_seqlens)
+    first = attend(k_cache, v_cache, kv_seqlens.clamp(max=split))
+    rest = (kv_seqlens - split).clamp(min=0).to(torch.int32)
+    second = attend(k_cache[:, split:].contiguous(), v_cache[:, split:].contiguous(), rest)
+    merged_out, merged_lse = merge(first, second)
+    torch.cuda.synchronize()
+    assert bool(torch.isinf(second[1][2]).all()), "test setup: sequence 2 has no key past the split"
+    torch.testing.assert_close(merged_lse, whole[1], rtol=0, atol=1e-3)
+    torch.testing.assert_close(merged_out, whole[0].float(), rtol=0, atol=ABS_ERR[q.dtype])

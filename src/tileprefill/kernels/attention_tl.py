@@ -23,6 +23,7 @@ import torch
 
 from tileprefill.context import Arch, DType
 from tileprefill.kernels.base import (
+    NO_LSE,
     ContiguousAttentionKernel,
     ContiguousAttentionLaunch,
     DenseAttentionKernel,
@@ -80,7 +81,9 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         facts.window,
         facts.softcap,
     )
-    return Program(programs.program, args, arch)
+    # The LSE output is an argument only where it is set: the programs without it keep the
+    # arguments (and so the compile-cache entries) they always had.
+    return Program(programs.program, (*args, True) if facts.lse else args, arch)
 
 
 #: The program family (`attention_parts.KVSource` value) of each source.
@@ -102,8 +105,18 @@ _TENSORS: Final[dict[Source, tuple[str, ...]]] = {
 }
 
 
-def _record(key: AttentionKey) -> KernelRecord:
+def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
     source, _ = attention_traits(key)
+    if lse:
+        return register(
+            KernelRecord(
+                key=key,
+                tensors=(*_TENSORS[source], "lse"),
+                mutates=("out", "lse"),
+                program=lambda facts: program(key, facts),
+                variant="_lse",
+            )
+        )
     return register(
         KernelRecord(
             key=key, tensors=_TENSORS[source], mutates=("out",), program=lambda facts: program(key, facts)
@@ -111,10 +124,17 @@ def _record(key: AttentionKey) -> KernelRecord:
     )
 
 
+_TL_KEYS: Final = tuple(key for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90))
+
 #: The launch record of every TileLang attention key (registered at import; tilelang is not imported).
-RECORDS: Final[dict[AttentionKey, KernelRecord]] = {
-    key: _record(key) for key in AttentionKey if attention_traits(key)[1] in (Code.SM80, Code.SM90)
-}
+RECORDS: Final[dict[AttentionKey, KernelRecord]] = {key: _record(key, lse=False) for key in _TL_KEYS}
+#: The launch record of the programs with the LSE output (`facts.lse`): the same tensors, then lse.
+LSE_RECORDS: Final[dict[AttentionKey, KernelRecord]] = {key: _record(key, lse=True) for key in _TL_KEYS}
+
+
+def record_of(key: AttentionKey, facts: StaticFacts) -> KernelRecord:
+    """The record whose program serves `facts` (with the LSE output or without)."""
+    return (LSE_RECORDS if facts.lse else RECORDS)[key]
 
 
 def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int | None = None) -> None:
@@ -122,7 +142,7 @@ def prebuild(configs: Iterable[tuple[AttentionKey, StaticFacts]], *, jobs: int |
     engine, or a benchmark, for known shapes (`kernels.compile.prebuild` of what `bind` asks for)."""
     with recording_builds() as requests:
         for key, facts in configs:
-            Launcher.of(RECORDS[key], facts)
+            Launcher.of(record_of(key, facts), facts)
     compile_prebuild(requests, jobs=jobs)
 
 
@@ -135,6 +155,7 @@ def facts_of(
     sm_scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    lse: bool = False,
 ) -> StaticFacts:
     """The static facts of an allocating call (`__call__`), checked: q (..., Hq, D) and k/v (..., Hkv, D)
     of one dtype; the page size of a paged cache (NP, PS, Hkv, D) is its second dim."""
@@ -160,6 +181,7 @@ def facts_of(
         page_size=kv.shape[1] if paged else 0,
         window=window,
         softcap=float(softcap),
+        lse=lse,
     )
 
 
@@ -174,24 +196,49 @@ def _allocate_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+def _allocate_lse(q: torch.Tensor) -> torch.Tensor:
+    """The LSE buffer of an allocating call: float32, q's shape less the head dim (uninitialised;
+    GPU tests replace it like `_allocate_output`)."""
+    return torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+
+
 def _without_keys(kv: torch.Tensor) -> bool:
     """No key can be visible: every row is 0 (and a TMA descriptor of an empty tensor is invalid)."""
     return kv.shape[0] == 0 or (kv.dim() == 4 and kv.shape[1] == 0)
 
 
+def _no_keys(out: torch.Tensor, lse: torch.Tensor, with_lse: bool) -> None:
+    """What a program would write when no row sees a key: 0 outputs, -inf LSE."""
+    out.zero_()
+    if with_lse:
+        lse.fill_(float("-inf"))
+
+
 class _DenseTL(DenseAttentionKernel):
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
-        launcher = Launcher.of(RECORDS[self.key], facts)
+        launcher = Launcher.of(record_of(self.key, facts), facts)
+        with_lse = facts.lse
 
-        def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        def launch(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+        ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k):
-                out.zero_()
-                return
-            launcher(q, k, v, out)
+                _no_keys(out, lse, with_lse)
+            elif with_lse:
+                launcher(q, k, v, out, lse)
+            else:
+                launcher(q, k, v, out)
 
         return launch
+
+    def _allocating(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, facts: StaticFacts
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
+        self.bind(facts)(q, k, v, out, lse)
+        return out, lse
 
     def __call__(
         self,
@@ -204,16 +251,30 @@ class _DenseTL(DenseAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        out = _allocate_output(q)
-        self.bind(facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))(
-            q, k, v, out
+        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        return self._allocating(q, k, v, facts)[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        facts = facts_of(
+            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
         )
-        return out
+        return self._allocating(q, k, v, facts)
 
 
 class _RaggedTL(RaggedAttentionKernel):
     def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
-        launcher = Launcher.of(RECORDS[self.key], facts)
+        launcher = Launcher.of(record_of(self.key, facts), facts)
+        with_lse = facts.lse
 
         def launch(
             q: torch.Tensor,
@@ -222,15 +283,33 @@ class _RaggedTL(RaggedAttentionKernel):
             cu_seqlens_q: torch.Tensor,
             cu_seqlens_kv: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k):
-                out.zero_()
-                return
-            launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
+                _no_keys(out, lse, with_lse)
+            elif with_lse:
+                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
+            else:
+                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
 
         return launch
+
+    def _allocating(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        facts: StaticFacts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_index("cu_seqlens_q", cu_seqlens_q)
+        _check_index("cu_seqlens_kv", cu_seqlens_kv)
+        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
+        self.bind(facts)(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
+        return out, lse
 
     def __call__(
         self,
@@ -245,19 +324,32 @@ class _RaggedTL(RaggedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        _check_index("cu_seqlens_q", cu_seqlens_q)
-        _check_index("cu_seqlens_kv", cu_seqlens_kv)
-        out = _allocate_output(q)
-        launch = self.bind(
-            facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        facts = facts_of(
+            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
         )
-        launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
-        return out
+        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)
 
 
 class _ContiguousTL(ContiguousAttentionKernel):
     def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
-        launcher = Launcher.of(RECORDS[self.key], facts)
+        launcher = Launcher.of(record_of(self.key, facts), facts)
+        with_lse = facts.lse
 
         def launch(
             q: torch.Tensor,
@@ -265,15 +357,31 @@ class _ContiguousTL(ContiguousAttentionKernel):
             v_cache: torch.Tensor,
             kv_seqlens: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k_cache):
-                out.zero_()
-                return
-            launcher(q, k_cache, v_cache, kv_seqlens, out)
+                _no_keys(out, lse, with_lse)
+            elif with_lse:
+                launcher(q, k_cache, v_cache, kv_seqlens, out, lse)
+            else:
+                launcher(q, k_cache, v_cache, kv_seqlens, out)
 
         return launch
+
+    def _allocating(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        facts: StaticFacts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_index("kv_seqlens", kv_seqlens)
+        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
+        self.bind(facts)(q, k_cache, v_cache, kv_seqlens, out, lse)
+        return out, lse
 
     def __call__(
         self,
@@ -287,18 +395,33 @@ class _ContiguousTL(ContiguousAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        _check_index("kv_seqlens", kv_seqlens)
-        out = _allocate_output(q)
-        launch = self.bind(
-            facts_of(self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        facts = facts_of(
+            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
         )
-        launch(q, k_cache, v_cache, kv_seqlens, out)
-        return out
+        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        facts = facts_of(
+            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
+        )
+        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)
 
 
 class _PagedTL(PagedAttentionKernel):
     def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
-        launcher = Launcher.of(RECORDS[self.key], facts)
+        launcher = Launcher.of(record_of(self.key, facts), facts)
+        with_lse = facts.lse
 
         def launch(
             q: torch.Tensor,
@@ -308,23 +431,38 @@ class _PagedTL(PagedAttentionKernel):
             kv_seqlens: torch.Tensor,
             cu_seqlens_q: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
             if out.numel() == 0:
                 return
             if _without_keys(k_pages) or block_table.shape[1] == 0:
-                out.zero_()
-                return
-            launcher(
-                q,
-                k_pages,
-                v_pages,
-                block_table,
-                kv_seqlens,
-                cu_seqlens_q,
-                out,
-            )
+                _no_keys(out, lse, with_lse)
+            elif with_lse:
+                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
+            else:
+                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
 
         return launch
+
+    def _allocating(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        facts: StaticFacts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for name, index in (
+            ("block_table", block_table),
+            ("kv_seqlens", kv_seqlens),
+            ("cu_seqlens_q", cu_seqlens_q),
+        ):
+            _check_index(name, index)
+        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
+        self.bind(facts)(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
+        return out, lse
 
     def __call__(
         self,
@@ -340,18 +478,29 @@ class _PagedTL(PagedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        for name, index in (
-            ("block_table", block_table),
-            ("kv_seqlens", kv_seqlens),
-            ("cu_seqlens_q", cu_seqlens_q),
-        ):
-            _check_index(name, index)
-        out = _allocate_output(q)
-        launch = self.bind(
-            facts_of(self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
+        facts = facts_of(
+            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
         )
-        launch(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
-        return out
+        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        facts = facts_of(
+            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
+        )
+        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)
 
 
 class AttentionDenseSM80Kernel(_DenseTL):
@@ -477,6 +626,8 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                 ),
                 ("d256 fp16 causal", facts(head_dim=256)),
                 ("d128 fp16 non-causal", facts(causal=False)),
+                # The program with the LSE output, once an arch (every source lowers it the same way).
+                ("d128 bf16 causal lse", facts(dtype=DType.BF16)._replace(lse=True)),
             )
         case Source.RAGGED:
             return (("d128 fp16 causal", facts()),)

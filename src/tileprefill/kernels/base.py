@@ -29,7 +29,12 @@ Shapes (B batch, S/T tokens, Hq/Hkv heads, D head dim, R rotary dim):
 - RoPE + append by slot: q (T, Hq, D) rotated into q_out; k_new (T, Hkv, D)
   rotated and v_new written at row slots[t] of caches viewed as (S, Hkv, D)
 - attention: see each family; causal masks are bottom-right aligned and a query
-  row that sees no key is 0.
+  row that sees no key is 0. Every attention launch takes `out` and then `lse`,
+  float32 with out's shape less the head dim ((B, Sq, Hq) or (Tq, Hq)): with
+  `facts.lse` it receives the natural-log log-sum-exp of each row's scaled (and
+  capped) visible scores (-inf for a row that sees no key); without, it is not
+  touched (plans pass an empty tensor). `with_lse(...)` is the allocating call
+  that returns (out, lse).
 """
 
 from __future__ import annotations
@@ -63,10 +68,16 @@ class StaticFacts(NamedTuple):
     rotary_dim: int = 0
     window: int = 0  # attention: a causal sliding window of this many keys (0: none)
     softcap: float = 0.0  # attention: the logit softcap (0: none)
+    lse: bool = False  # attention: also write the log-sum-exp of every (query token, query head)
 
 
 class Kernel(abc.ABC):
     key: ClassVar[KernelKey]
+
+
+#: What a caller without the LSE (`facts.lse` false) passes an attention launch for `lse`: never
+#: read nor written.
+NO_LSE: torch.Tensor = torch.empty(0)
 
 
 # --- launches: what `bind` returns (outputs are the caller's, written in place) ---------------------
@@ -136,7 +147,9 @@ class RopeAppendLaunch(Protocol):
 
 
 class DenseAttentionLaunch(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None: ...
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> None: ...
 
 
 class RaggedAttentionLaunch(Protocol):
@@ -148,6 +161,7 @@ class RaggedAttentionLaunch(Protocol):
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
         out: torch.Tensor,
+        lse: torch.Tensor,
     ) -> None: ...
 
 
@@ -159,6 +173,7 @@ class ContiguousAttentionLaunch(Protocol):
         v_cache: torch.Tensor,
         kv_seqlens: torch.Tensor,
         out: torch.Tensor,
+        lse: torch.Tensor,
     ) -> None: ...
 
 
@@ -172,6 +187,7 @@ class PagedAttentionLaunch(Protocol):
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         out: torch.Tensor,
+        lse: torch.Tensor,
     ) -> None: ...
 
 
@@ -288,6 +304,18 @@ class RopeAppendKernel(Kernel):
         """`facts.heads` are q's heads, `facts.kv_heads` the new keys' heads."""
 
 
+def _no_lse(kernel: Kernel) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(kernel).__name__} does not compute the log-sum-exp (an Op built with return_lse=True "
+        "needs a kernel class that implements with_lse)"
+    )
+
+
+def _write(out: torch.Tensor, lse: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+    out.copy_(result[0])
+    lse.copy_(result[1])
+
+
 class DenseAttentionKernel(Kernel):
     key: ClassVar[AttentionKey]
 
@@ -305,19 +333,33 @@ class DenseAttentionKernel(Kernel):
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D) -> (B, Sq, Hq, D)."""
 
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse): `__call__`'s output and the float32 log-sum-exp (B, Sq, Hq)."""
+        raise _no_lse(self)
+
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
-        def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-            out.copy_(
-                self(
-                    q,
-                    k,
-                    v,
-                    causal=facts.causal,
-                    sm_scale=facts.sm_scale,
-                    window=facts.window,
-                    softcap=facts.softcap,
+        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
+
+        def launch(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+        ) -> None:
+            if facts.lse:
+                result = self.with_lse(
+                    q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
                 )
-            )
+                _write(out, lse, result)
+            else:
+                out.copy_(self(q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
 
         return launch
 
@@ -341,7 +383,25 @@ class RaggedAttentionKernel(Kernel):
     ) -> torch.Tensor:
         """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens int32 (B+1,) -> (Tq, Hq, D)."""
 
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse): `__call__`'s output and the float32 log-sum-exp (Tq, Hq)."""
+        raise _no_lse(self)
+
     def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
+        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
+
         def launch(
             q: torch.Tensor,
             k: torch.Tensor,
@@ -349,20 +409,16 @@ class RaggedAttentionKernel(Kernel):
             cu_seqlens_q: torch.Tensor,
             cu_seqlens_kv: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
-            out.copy_(
-                self(
-                    q,
-                    k,
-                    v,
-                    cu_seqlens_q,
-                    cu_seqlens_kv,
-                    causal=facts.causal,
-                    sm_scale=facts.sm_scale,
-                    window=facts.window,
-                    softcap=facts.softcap,
+            tensors = (q, k, v, cu_seqlens_q, cu_seqlens_kv)
+            if facts.lse:
+                result = self.with_lse(
+                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
                 )
-            )
+                _write(out, lse, result)
+            else:
+                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
 
         return launch
 
@@ -385,26 +441,40 @@ class ContiguousAttentionKernel(Kernel):
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k/v_cache (B, S_max, Hkv, D)."""
 
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse): `__call__`'s output and the float32 log-sum-exp (B, Sq, Hq)."""
+        raise _no_lse(self)
+
     def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
+        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
+
         def launch(
             q: torch.Tensor,
             k_cache: torch.Tensor,
             v_cache: torch.Tensor,
             kv_seqlens: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
-            out.copy_(
-                self(
-                    q,
-                    k_cache,
-                    v_cache,
-                    kv_seqlens,
-                    causal=facts.causal,
-                    sm_scale=facts.sm_scale,
-                    window=facts.window,
-                    softcap=facts.softcap,
+            tensors = (q, k_cache, v_cache, kv_seqlens)
+            if facts.lse:
+                result = self.with_lse(
+                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
                 )
-            )
+                _write(out, lse, result)
+            else:
+                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
 
         return launch
 
@@ -430,7 +500,26 @@ class PagedAttentionKernel(Kernel):
         """q (Tq, Hq, D) packed by cu_seqlens_q over the first kv_seqlens[b] keys of sequence b,
         key p at page block_table[b, p // page_size], row p % page_size -> (Tq, Hq, D)."""
 
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse): `__call__`'s output and the float32 log-sum-exp (Tq, Hq)."""
+        raise _no_lse(self)
+
     def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
+        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
+
         def launch(
             q: torch.Tensor,
             k_pages: torch.Tensor,
@@ -439,20 +528,15 @@ class PagedAttentionKernel(Kernel):
             kv_seqlens: torch.Tensor,
             cu_seqlens_q: torch.Tensor,
             out: torch.Tensor,
+            lse: torch.Tensor,
         ) -> None:
-            out.copy_(
-                self(
-                    q,
-                    k_pages,
-                    v_pages,
-                    block_table,
-                    kv_seqlens,
-                    cu_seqlens_q,
-                    causal=facts.causal,
-                    sm_scale=facts.sm_scale,
-                    window=facts.window,
-                    softcap=facts.softcap,
+            tensors = (q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q)
+            if facts.lse:
+                result = self.with_lse(
+                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
                 )
-            )
+                _write(out, lse, result)
+            else:
+                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
 
         return launch

@@ -54,10 +54,13 @@ class KernelRecord:
     mutates: tuple[str, ...]
     #: The program that serves `facts` (a pure function of them).
     program: Callable[[StaticFacts], Program]
+    #: A second record of the same key for programs with another parameter list (attention with
+    #: `facts.lse` writes one more output) names itself by this suffix: one custom op each.
+    variant: str = ""
 
     @property
     def op_name(self) -> str:
-        return f"tileprefill::{self.key.value}"
+        return f"tileprefill::{self.key.value}{self.variant}"
 
     @property
     def schema(self) -> str:
@@ -71,7 +74,7 @@ class KernelRecord:
 #: The static facts as custom-op scalars, in `StaticFacts` order.
 _FACTS_SCHEMA: Final = (
     "str arch, str dtype, int heads, int kv_heads, int head_dim, bool causal, float sm_scale, "
-    "int page_size, int rotary_dim, int window, float softcap"
+    "int page_size, int rotary_dim, int window, float softcap, bool lse=False"
 )
 
 
@@ -85,15 +88,17 @@ def _facts(scalars: tuple[Any, ...]) -> StaticFacts:
     return StaticFacts(Arch(arch), DType(dtype), *rest)
 
 
-#: The custom op of every registered record, by key.
+#: The custom op of every registered record without a variant, by key.
 OPS: dict[KernelKey, CustomOpDef] = {}
-_RECORDS: dict[KernelKey, KernelRecord] = {}
+#: The custom op of every registered record, by its name.
+_OPS_BY_NAME: dict[str, CustomOpDef] = {}
+_RECORDS: dict[str, KernelRecord] = {}
 
 
 def register(record: KernelRecord) -> KernelRecord:
     """Register `record`'s custom op (at import of its kernel module; tilelang is not imported)."""
-    if record.key in _RECORDS:
-        raise RuntimeError(f"kernel key {record.key.value} has two launch records")
+    if record.op_name in _RECORDS:
+        raise RuntimeError(f"kernel key {record.key.value} has two launch records {record.op_name}")
     count = len(record.tensors)
 
     def launch_op(*arguments: Any) -> None:
@@ -107,13 +112,15 @@ def register(record: KernelRecord) -> KernelRecord:
         record.op_name, launch_op, mutates_args=record.mutates, device_types="cuda", schema=record.schema
     )
     op.register_fake(fake)
-    OPS[record.key] = op
-    _RECORDS[record.key] = record
+    if not record.variant:
+        OPS[record.key] = op
+    _OPS_BY_NAME[record.op_name] = op
+    _RECORDS[record.op_name] = record
     return record
 
 
-#: Every launcher `Launcher.of` made, by key and static facts.
-_LAUNCHERS: dict[tuple[KernelKey, StaticFacts], Launcher] = {}
+#: Every launcher `Launcher.of` made, by record name and static facts.
+_LAUNCHERS: dict[tuple[str, StaticFacts], Launcher] = {}
 
 
 def _entry_function(kernel: Any) -> Callable[..., object]:
@@ -142,7 +149,7 @@ class Launcher:
     __slots__ = ("_entry", "_inputs", "_op", "_scalars")
 
     def __init__(self, record: KernelRecord, facts: StaticFacts) -> None:
-        self._op = OPS[record.key]
+        self._op = _OPS_BY_NAME[record.op_name]
         self._scalars = scalars(facts)
         #: Which parameters are read only (those may be copied into the layout the program reads).
         self._inputs = tuple(name not in record.mutates for name in record.tensors)
@@ -159,12 +166,12 @@ class Launcher:
         """The launcher of `record` for `facts`, made once: an engine plans every step, and making
         one (program arguments, build cache, TVM-FFI module lookup) costs about 10 us. Launchers
         made while tracing or recording builds launch differently and are not kept."""
-        launcher = _LAUNCHERS.get((record.key, facts))
+        launcher = _LAUNCHERS.get((record.op_name, facts))
         if launcher is not None and not is_recording():
             return launcher
         launcher = cls(record, facts)
         if launcher._entry is not None and not is_recording():
-            _LAUNCHERS[record.key, facts] = launcher
+            _LAUNCHERS[record.op_name, facts] = launcher
         return launcher
 
     def __call__(self, *tensors: torch.Tensor) -> None:

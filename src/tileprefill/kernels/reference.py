@@ -176,19 +176,23 @@ def _attend_sequence(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
+    lse: torch.Tensor,
     *,
     causal: bool,
     sm_scale: float,
     window: int = 0,
     softcap: float = 0.0,
 ) -> None:
-    """Attention of one sequence, written into `out`.
+    """Attention of one sequence, written into `out`, and its log-sum-exp into `lse`.
 
     q and out (q_len, Hq, D), k and v (kv_len, Hkv, D). Query i sees keys
     j < kv_len, and j <= kv_len - q_len + i when causal (bottom-right aligned),
     and with a sliding `window` > 0 (causal only) also j > kv_len - q_len + i - window;
     a query that sees no key is 0. A `softcap` > 0 caps the scaled scores x to
     softcap * tanh(x / softcap) before the mask and the softmax.
+
+    `lse` (q_len, Hq) float32 gets ln(sum over visible keys of exp(x)), x the scaled (capped)
+    scores; -inf for a query that sees no key, NaN where its denominator is NaN.
     """
     q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads, _ = k.shape
@@ -209,6 +213,7 @@ def _attend_sequence(
         first = max(0, min(visible, kv_len - q_len + row_start - window + 1)) if window else 0
         if visible == first:
             out[row_start:row_end] = 0
+            lse[row_start:row_end] = float("-inf")
             continue
         keys = slice(first, visible)
         scores = torch.matmul(q_grouped[:, :, row_start:row_end], k_heads[:, :, keys].transpose(2, 3))
@@ -231,6 +236,9 @@ def _attend_sequence(
         # A row that saw no key (denom 0) is 0; a NaN or Inf in its inputs (denom NaN) stays NaN.
         chunk = torch.where(denom != 0, chunk / denom, torch.zeros_like(chunk))
         out[row_start:row_end] = chunk.permute(2, 0, 1, 3).reshape(row_end - row_start, q_heads, head_dim)
+        # ln(sum exp(x)) = max + ln(sum exp(x - max)); a row without keys has max 0 here, ln(0) = -inf.
+        row_lse = (row_max + torch.log(denom)).squeeze(-1)  # (Hkv, group, rows)
+        lse[row_start:row_end] = row_lse.permute(2, 0, 1).reshape(row_end - row_start, q_heads)
 
 
 class AttentionDenseRefKernel(DenseAttentionKernel):
@@ -247,12 +255,34 @@ class AttentionDenseRefKernel(DenseAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        return self.with_lse(q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         for b in range(q.shape[0]):
             _attend_sequence(
-                q[b], k[b], v[b], out[b], causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+                q[b],
+                k[b],
+                v[b],
+                out[b],
+                lse[b],
+                causal=causal,
+                sm_scale=sm_scale,
+                window=window,
+                softcap=softcap,
             )
-        return out
+        return out, lse
 
 
 class AttentionRaggedRefKernel(RaggedAttentionKernel):
@@ -271,7 +301,33 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        return self.with_lse(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_kv,
+            causal=causal,
+            sm_scale=sm_scale,
+            window=window,
+            softcap=softcap,
+        )[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_kv: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         q_offsets = cu_seqlens_q.tolist()
         kv_offsets = cu_seqlens_kv.tolist()
         for b in range(len(q_offsets) - 1):
@@ -282,12 +338,13 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
                 k[kv_rows],
                 v[kv_rows],
                 out[q_rows],
+                lse[q_rows],
                 causal=causal,
                 sm_scale=sm_scale,
                 window=window,
                 softcap=softcap,
             )
-        return out
+        return out, lse
 
 
 class AttentionContiguousRefKernel(ContiguousAttentionKernel):
@@ -305,19 +362,37 @@ class AttentionContiguousRefKernel(ContiguousAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        return self.with_lse(
+            q, k_cache, v_cache, kv_seqlens, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+        )[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         for b, kv_len in enumerate(kv_seqlens.tolist()):
             _attend_sequence(
                 q[b],
                 k_cache[b, :kv_len],
                 v_cache[b, :kv_len],
                 out[b],
+                lse[b],
                 causal=causal,
                 sm_scale=sm_scale,
                 window=window,
                 softcap=softcap,
             )
-        return out
+        return out, lse
 
 
 class AttentionPagedRefKernel(PagedAttentionKernel):
@@ -337,8 +412,36 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        return self.with_lse(
+            q,
+            k_pages,
+            v_pages,
+            block_table,
+            kv_seqlens,
+            cu_seqlens_q,
+            causal=causal,
+            sm_scale=sm_scale,
+            window=window,
+            softcap=softcap,
+        )[0]
+
+    def with_lse(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_seqlens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        *,
+        causal: bool,
+        sm_scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         _, page_size, kv_heads, head_dim = k_pages.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         q_offsets = cu_seqlens_q.tolist()
         for b, kv_len in enumerate(kv_seqlens.tolist()):
             # Whole pages in sequence order, then cut to the valid keys.
@@ -347,9 +450,17 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
             v = v_pages[pages].reshape(-1, kv_heads, head_dim)[:kv_len]
             q_rows = slice(q_offsets[b], q_offsets[b + 1])
             _attend_sequence(
-                q[q_rows], k, v, out[q_rows], causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
+                q[q_rows],
+                k,
+                v,
+                out[q_rows],
+                lse[q_rows],
+                causal=causal,
+                sm_scale=sm_scale,
+                window=window,
+                softcap=softcap,
             )
-        return out
+        return out, lse
 
 
 KERNELS: tuple[type[Kernel], ...] = (

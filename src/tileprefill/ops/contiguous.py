@@ -13,6 +13,7 @@ import torch
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
+    NO_LSE,
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
     RopeAppendKernel,
@@ -119,7 +120,7 @@ class ContiguousCacheOp(PrefillOp):
         attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(static)
 
         def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-            attention(q, k_cache, v_cache, kv_seqlens, out)
+            attention(q, k_cache, v_cache, kv_seqlens, out, NO_LSE)
 
         append: Append | None = None
         if steps.append is not None:

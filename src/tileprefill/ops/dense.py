@@ -13,6 +13,7 @@ import torch
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
+    NO_LSE,
     DenseAttentionKernel,
     DenseAttentionLaunch,
     RaggedAttentionKernel,
@@ -102,10 +103,10 @@ class NoCachePlan(BatchPlan["_Batch"]):
             q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
         if b.ragged is not None:
             assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
-            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out)
+            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, NO_LSE)
         else:
             assert b.dense is not None
-            b.dense(q, k, v, out)
+            b.dense(q, k, v, out, NO_LSE)
         return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
+    NO_LSE,
     PagedAppendKernel,
     PagedAttentionKernel,
     PagedBatchKernel,
@@ -130,7 +131,7 @@ class PagedCacheOp(PrefillOp):
         attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(static)
 
         def attend(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, out: torch.Tensor) -> None:
-            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
+            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, NO_LSE)
 
         append: Append | None = None
         if plan.append is not None:

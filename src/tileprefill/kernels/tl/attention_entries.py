@@ -3,12 +3,16 @@
 An entry program is the `T.prim_func` of one KV source: it declares the
 source's tensors, launches the grid and works out what each CTA computes (its
 sequence, head, query tile and key range: a `Work`). The per-arch body, a macro
-`attend(w, Q, K, V, O, block_table)`, then computes that tile. Only the body
+`attend(w, Q, K, V, O, LSE, block_table)`, then computes that tile. With `lse` the
+prim_func has one more output after O, the float32 log-sum-exp `LSE` (tokens, heads):
+(B, Sq, Hq) for dense q, (Tq, Hq) for packed q; without it the prim_func is the one it
+always was and the body gets LSE None. (A prim_func's parameters are read from its
+source, so each source has one prim_func of each kind.) Only the body
 differs between architectures, so the grids, the tile order and the ragged tile
 search are written once, here.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
-causal, sm_scale, page_size, config, window, softcap)`, which builds its body and returns
+causal, sm_scale, page_size, config, window, softcap, lse)`, which builds its body and returns
 `entry_program(...)`; that module-level function is the factory `attention_tl`
 compiles (module-level, so compile workers in other processes can unpickle it).
 """
@@ -29,6 +33,9 @@ from tileprefill.kernels.tl.attention_parts import (
 )
 from tileprefill.selection import pages_tile_evenly
 
+#: The dtype of the log-sum-exp output.
+LSE_DTYPE = "float32"
+
 
 def entry_program(
     source: KVSource,
@@ -41,8 +48,10 @@ def entry_program(
     config: TileConfig,
     attend: Any,
     window: int = 0,
+    lse: bool = False,
 ) -> Any:
-    """The prim_func of `source` whose CTAs each run the macro `attend(w, Q, K, V, O, block_table)`.
+    """The prim_func of `source` whose CTAs each run the macro
+    `attend(w, Q, K, V, O, LSE, block_table)` (LSE None without `lse`).
 
     Every CTA calls `attend`, also one without a query tile (ragged grids have
     spare CTAs): its `Work` then has no key tiles and no rows to store. There is
@@ -123,6 +132,26 @@ def entry_program(
     if source is KVSource.DENSE:
         batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
 
+        @T.macro
+        def dense_grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                w = batched_work(bx, by, bz, seq_q, seq_kv)
+                attend(w, Q, K, V, O, LSE, None)
+
+        if lse:
+
+            @T.prim_func
+            def main_dense_lse(
+                Q: T.Tensor([batch, seq_q, heads, D], dtype),
+                K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+                V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+            ) -> None:
+                dense_grid(Q, K, V, O, LSE)
+
+            return main_dense_lse
+
         @T.prim_func
         def main_dense(
             Q: T.Tensor([batch, seq_q, heads, D], dtype),
@@ -130,14 +159,36 @@ def entry_program(
             V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
             O: T.Tensor([batch, seq_q, heads, D], dtype),
         ) -> None:
-            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
-                w = batched_work(bx, by, bz, seq_q, seq_kv)
-                attend(w, Q, K, V, O, None)
+            dense_grid(Q, K, V, O, None)
 
         return main_dense
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+
+        @T.macro
+        def ragged_grid(
+            Q: Any, K: Any, V: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any, O: Any, LSE: Any
+        ) -> None:
+            with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
+                w = packed_work(bx, by, cu_seqlens_q, seqs_plus_one - 1, cu_seqlens_kv, None)
+                attend(w, Q, K, V, O, LSE, None)
+
+        if lse:
+
+            @T.prim_func
+            def main_ragged_lse(
+                Q: T.Tensor([tokens_q, heads, D], dtype),
+                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
+                cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
+                O: T.Tensor([tokens_q, heads, D], dtype),
+                LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+            ) -> None:
+                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+
+            return main_ragged_lse
 
         @T.prim_func
         def main_ragged(
@@ -148,14 +199,33 @@ def entry_program(
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
             O: T.Tensor([tokens_q, heads, D], dtype),
         ) -> None:
-            with T.Kernel(tokens_q // block_M + seqs_plus_one - 1, heads, threads=threads) as (bx, by):
-                w = packed_work(bx, by, cu_seqlens_q, seqs_plus_one - 1, cu_seqlens_kv, None)
-                attend(w, Q, K, V, O, None)
+            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
 
         return main_ragged
 
     if source is KVSource.CONTIGUOUS:
         batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
+
+        @T.macro
+        def contiguous_grid(Q: Any, K: Any, V: Any, kv_seqlens: Any, O: Any, LSE: Any) -> None:
+            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
+                w = batched_work(bx, by, bz, seq_q, kv_seqlens)
+                attend(w, Q, K, V, O, LSE, None)
+
+        if lse:
+
+            @T.prim_func
+            def main_contiguous_lse(
+                Q: T.Tensor([batch, seq_q, heads, D], dtype),
+                K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+                V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+                kv_seqlens: T.Tensor([batch], "int32"),
+                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+            ) -> None:
+                contiguous_grid(Q, K, V, kv_seqlens, O, LSE)
+
+            return main_contiguous_lse
 
         @T.prim_func
         def main_contiguous(
@@ -165,13 +235,36 @@ def entry_program(
             kv_seqlens: T.Tensor([batch], "int32"),
             O: T.Tensor([batch, seq_q, heads, D], dtype),
         ) -> None:
-            with T.Kernel(T.ceildiv(seq_q, block_M), heads, batch, threads=threads) as (bx, by, bz):
-                w = batched_work(bx, by, bz, seq_q, kv_seqlens)
-                attend(w, Q, K, V, O, None)
+            contiguous_grid(Q, K, V, kv_seqlens, O, None)
 
         return main_contiguous
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+
+    @T.macro
+    def paged_grid(
+        Q: Any, K: Any, V: Any, block_table: Any, kv_seqlens: Any, cu_seqlens_q: Any, O: Any, LSE: Any
+    ) -> None:
+        with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
+            w = packed_work(bx, by, cu_seqlens_q, batch, kv_seqlens, max_pages * page_size)
+            attend(w, Q, K, V, O, LSE, block_table)
+
+    if lse:
+
+        @T.prim_func
+        def main_paged_lse(
+            Q: T.Tensor([tokens_q, heads, D], dtype),
+            K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            block_table: T.Tensor([batch, max_pages], "int32"),
+            kv_seqlens: T.Tensor([batch], "int32"),
+            cu_seqlens_q: T.Tensor([batch + 1], "int32"),
+            O: T.Tensor([tokens_q, heads, D], dtype),
+            LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+        ) -> None:
+            paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+
+        return main_paged_lse
 
     @T.prim_func
     def main_paged(
@@ -183,9 +276,7 @@ def entry_program(
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
-        with T.Kernel(tokens_q // block_M + batch, heads, threads=threads) as (bx, by):
-            w = packed_work(bx, by, cu_seqlens_q, batch, kv_seqlens, max_pages * page_size)
-            attend(w, Q, K, V, O, block_table)
+        paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, None)
 
     return main_paged
 
@@ -211,9 +302,10 @@ def persistent_program(
     config: TileConfig,
     attend_tiles: Any,
     window: int = 0,
+    lse: bool = False,
 ) -> Any:
     """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
-    macro `attend_tiles(schedule, Q, K, V, O, block_table)` over its `Schedule`: a static
+    macro `attend_tiles(schedule, Q, K, V, O, LSE, block_table)` over its `Schedule`: a static
     schedule (no device-side counter, CUDA-graph safe). The order is the one measured
     fastest of two on an H200 (benchmarks/kernel-notes.md), per mask:
 
@@ -272,13 +364,8 @@ def persistent_program(
             hold_ids=True,
         )
 
-    @T.prim_func
-    def main_dense(
-        Q: T.Tensor([batch, seq_q, heads, D], dtype),
-        K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        O: T.Tensor([batch, seq_q, heads, D], dtype),
-    ) -> None:
+    @T.macro
+    def grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
         with T.Kernel(ctas, threads=config.threads) as bx:
             m_tiles = T.ceildiv(seq_q, block_M)
             total = m_tiles * heads * batch
@@ -291,7 +378,30 @@ def persistent_program(
             schedule = Schedule(
                 count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv)
             )
-            attend_tiles(schedule, Q, K, V, O, None)
+            attend_tiles(schedule, Q, K, V, O, LSE, None)
+
+    if lse:
+
+        @T.prim_func
+        def main_dense_lse(
+            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+        ) -> None:
+            grid(Q, K, V, O, LSE)
+
+        return main_dense_lse
+
+    @T.prim_func
+    def main_dense(
+        Q: T.Tensor([batch, seq_q, heads, D], dtype),
+        K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+        V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
+        O: T.Tensor([batch, seq_q, heads, D], dtype),
+    ) -> None:
+        grid(Q, K, V, O, None)
 
     return main_dense
 
@@ -338,10 +448,11 @@ def persistent_packed_program(
     config: TileConfig,
     attend_tiles: Any,
     window: int = 0,
+    lse: bool = False,
 ) -> Any:
     """The prim_func of a packed batch of sequences of their own lengths (ragged, paged) with a
     persistent grid: `config.persistent_ctas` CTAs, each running the macro
-    `attend_tiles(schedule, Q, K, V, O, block_table)` over its `Schedule`.
+    `attend_tiles(schedule, Q, K, V, O, LSE, block_table)` over its `Schedule`.
 
     The schedule is static and computed on the device from the length tensors (CUDA-graph safe,
     no atomics): a query *unit* is one query tile of one sequence (all query heads of it follow
@@ -479,6 +590,32 @@ def persistent_packed_program(
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
 
+        @T.macro
+        def ragged_grid(
+            Q: Any, K: Any, V: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any, O: Any, LSE: Any
+        ) -> None:
+            with T.Kernel(ctas, threads=config.threads) as bx:
+                schedule = packed(
+                    lambda b: ragged_lengths(b, cu_seqlens_q, cu_seqlens_kv), seqs_plus_one - 1, bx
+                )
+                attend_tiles(schedule, Q, K, V, O, LSE, None)
+
+        if lse:
+
+            @T.prim_func
+            def main_ragged_lse(
+                Q: T.Tensor([tokens_q, heads, D], dtype),
+                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
+                cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
+                O: T.Tensor([tokens_q, heads, D], dtype),
+                LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+            ) -> None:
+                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+
+            return main_ragged_lse
+
         @T.prim_func
         def main_ragged(
             Q: T.Tensor([tokens_q, heads, D], dtype),
@@ -488,15 +625,37 @@ def persistent_packed_program(
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
             O: T.Tensor([tokens_q, heads, D], dtype),
         ) -> None:
-            with T.Kernel(ctas, threads=config.threads) as bx:
-                schedule = packed(
-                    lambda b: ragged_lengths(b, cu_seqlens_q, cu_seqlens_kv), seqs_plus_one - 1, bx
-                )
-                attend_tiles(schedule, Q, K, V, O, None)
+            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
 
         return main_ragged
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+
+    @T.macro
+    def paged_grid(
+        Q: Any, K: Any, V: Any, block_table: Any, kv_seqlens: Any, cu_seqlens_q: Any, O: Any, LSE: Any
+    ) -> None:
+        with T.Kernel(ctas, threads=config.threads) as bx:
+            capacity = max_pages * page_size
+            schedule = packed(lambda b: paged_lengths(b, cu_seqlens_q, kv_seqlens, capacity), batch, bx)
+            attend_tiles(schedule, Q, K, V, O, LSE, block_table)
+
+    if lse:
+
+        @T.prim_func
+        def main_paged_lse(
+            Q: T.Tensor([tokens_q, heads, D], dtype),
+            K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            block_table: T.Tensor([batch, max_pages], "int32"),
+            kv_seqlens: T.Tensor([batch], "int32"),
+            cu_seqlens_q: T.Tensor([batch + 1], "int32"),
+            O: T.Tensor([tokens_q, heads, D], dtype),
+            LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+        ) -> None:
+            paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+
+        return main_paged_lse
 
     @T.prim_func
     def main_paged(
@@ -508,10 +667,7 @@ def persistent_packed_program(
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
-        with T.Kernel(ctas, threads=config.threads) as bx:
-            capacity = max_pages * page_size
-            schedule = packed(lambda b: paged_lengths(b, cu_seqlens_q, kv_seqlens, capacity), batch, bx)
-            attend_tiles(schedule, Q, K, V, O, block_table)
+        paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, None)
 
     return main_paged
 

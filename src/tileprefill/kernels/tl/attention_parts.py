@@ -26,6 +26,11 @@ Two score transforms are static arguments of a program:
   relative error ~5e-4), before the mask. The kernel keeps `tanh(score * sm_scale /
   softcap)` and the factor `softcap` goes into the exp2 scale (`score_scale`): one
   multiply a score fewer.
+
+A third static argument, `lse`, makes a program write one more output: the
+natural-log log-sum-exp of each row's scaled (and capped) visible scores, float32
+(tokens, heads), from the row's statistics at the end (`write_lse`); -inf for a row
+that saw no key. Without it the program is the one it always was.
 """
 
 from __future__ import annotations
@@ -170,6 +175,31 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
                 l[i] = l[i] * alpha[i] + row_sum[i]
 
     return step
+
+
+def write_lse(rows: int, scale: float, ragged_q: bool) -> Any:
+    """The macro that stores the log-sum-exp of the query rows [row0, row0 + rows) of `w` into LSE
+    (ragged q: (Tq, Hq), else (B, Sq, Hq)), from the online softmax's final `m` and `l`.
+
+    `m` is the row maximum of the scores the program holds and `l` the sum of exp2((s - m) *
+    scale), `scale` the program's `score_scale`; so ln(sum exp(s * scale / log2(e))) = m * scale /
+    log2(e) + ln(l). A row that saw no key (l == 0) gets -inf; a NaN l stays NaN (the NaN
+    policy). Rows past the sequence's q_len are not stored.
+    """
+    neg_inf = -T.infinity(ACCUM)
+    natural = scale / LOG2E  # sm_scale, or softcap for capped scores
+
+    @T.macro
+    def store(LSE: Any, m: Any, l: Any, w: Work, row0: Any) -> None:
+        for i in T.Parallel(rows):
+            if row0 + i < w.q_len:
+                value = T.if_then_else(l[i] != 0, m[i] * natural + T.log(l[i]), neg_inf)
+                if ragged_q:
+                    LSE[w.q_first + row0 + i, w.head] = value
+                else:
+                    LSE[w.seq, row0 + i, w.head] = value
+
+    return store
 
 
 def soft_cap(rows: int, cols: int, sm_scale: float, softcap: float) -> Any:

@@ -31,6 +31,7 @@ from tileprefill.kernels.tl.attention_parts import (
     soft_cap,
     unmasked_tiles,
     visibility_mask,
+    write_lse,
 )
 
 
@@ -46,9 +47,10 @@ def program(
     config: TileConfig,
     window: int = 0,
     softcap: float = 0.0,
+    lse: bool = False,
 ) -> Any:
-    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap
-    (see `attention_parts`)."""
+    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap,
+    `lse` adds the log-sum-exp output (see `attention_parts`)."""
     if heads % kv_heads:
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
     block_M = config.block_M
@@ -67,6 +69,7 @@ def program(
     cap = soft_cap(block_M, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
     whole_tiles = unmasked_tiles(causal, window, block_M, block_N)
+    store_lse = write_lse(block_M, scale, source.ragged_q) if lse else None
 
     @T.macro
     def load_rows(src: Any, dst: Any, k: Any, w: Work, bt: Any, masked: Any) -> None:
@@ -116,7 +119,7 @@ def program(
         T.gemm(p, Vs, o, policy=policy)
 
     @T.macro
-    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> None:
         Qs = T.alloc_shared([block_M, D], dtype)
         Ks = T.alloc_shared([block_N, D], dtype)
         Vs = T.alloc_shared([block_N, D], dtype)
@@ -150,6 +153,8 @@ def program(
             kv_step(w.k_first + k, w, K, V, block_table, f, False)
         for k in T.Pipelined(split, w.tiles, num_stages=stages):
             kv_step(w.k_first + k, w, K, V, block_table, f, True)
+        if lse:
+            store_lse(LSE, m, l, w, w.q0)
         # A row that saw no key (l == 0) is 0; a NaN l (a NaN in the row's inputs) stays NaN.
         for i, j in T.Parallel(block_M, D):
             o[i, j] = T.if_then_else(l[i] != 0, o[i, j] / l[i], 0)
@@ -162,4 +167,6 @@ def program(
             # Rows past Sq fall outside the tensor; the copy skips them.
             T.copy(o, O[w.seq, w.q0 : w.q0 + block_M, w.head, :])
 
-    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window)
+    return entry_program(
+        source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window, lse
+    )

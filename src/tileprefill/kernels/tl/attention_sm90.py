@@ -59,6 +59,7 @@ from tileprefill.kernels.tl.attention_parts import (
     soft_cap,
     unmasked_tiles,
     visibility_mask,
+    write_lse,
 )
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
@@ -92,6 +93,7 @@ class _Buffers:
     K: Any
     V: Any
     O: Any
+    LSE: Any  # the log-sum-exp output (programs with `lse`; None otherwise)
     block_table: Any
     # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
     # between the consumers.
@@ -122,9 +124,10 @@ def program(
     config: TileConfig,
     window: int = 0,
     softcap: float = 0.0,
+    lse: bool = False,
 ) -> Any:
-    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap
-    (see `attention_parts`)."""
+    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap,
+    `lse` adds the log-sum-exp output (see `attention_parts`)."""
     if heads % kv_heads:
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
     if config.block_M != 2 * ROWS_PER_CONSUMER or config.threads != CONSUMER_THREADS + PRODUCER_THREADS:
@@ -164,6 +167,7 @@ def program(
             "config: expected persistent_ctas 0 for the contiguous cache (attention_configs.sm90_config "
             f"says why), got {config.persistent_ctas}"
         )
+    store_lse = write_lse(half, scale, source.ragged_q) if lse else None
     # Dense outputs are staged for a TMA store, persistent ones in tiles of their own (ragged and
     # paged outputs are stored from registers, row by row).
     stages_output = persistent and not source.ragged_q
@@ -355,6 +359,8 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
+        if lse:
+            store_lse(b.LSE, m, l, w, row0)
         # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
         # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
         # this row's inputs) stays NaN: the README's NaN policy.
@@ -392,7 +398,7 @@ def program(
         return s, p, o, m, m_prev, alpha, row_sum, l
 
     @T.macro
-    def buffers(Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> _Buffers:
+    def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
         Qs0 = T.alloc_shared([half, D], dtype)
         Qs1 = T.alloc_shared([half, D], dtype)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
@@ -425,6 +431,7 @@ def program(
             K,
             V,
             O,
+            LSE,
             block_table,
             (Qs0, Qs1),
             Os,
@@ -440,9 +447,9 @@ def program(
         )
 
     @T.macro
-    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+    def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> None:
         """One query tile per CTA."""
-        b = buffers(Q, K, V, O, block_table)
+        b = buffers(Q, K, V, O, LSE, block_table)
         with T.ws(2):
             T.set_max_nreg(producer_regs, 0)
             produce_tile(w, b, 0, 0, 0)
@@ -470,10 +477,10 @@ def program(
             qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
 
     @T.macro
-    def attend_tiles(schedule: Schedule, Q: Any, K: Any, V: Any, O: Any, block_table: Any) -> None:
+    def attend_tiles(schedule: Schedule, Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> None:
         """Persistent: the CTA's query tiles one after another; the K/V rings and the Q tile's
         barriers run on across tiles (phases counted by kbase and qround)."""
-        b = buffers(Q, K, V, O, block_table)
+        b = buffers(Q, K, V, O, LSE, block_table)
         with T.ws(2):
             T.set_max_nreg(producer_regs, 0)
             kbase = T.alloc_var("int32", init=0)
@@ -496,10 +503,12 @@ def program(
 
     if persistent and source is KVSource.DENSE:
         return persistent_program(
-            source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles, window
+            source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles, window, lse
         )
     if persistent:
         return persistent_packed_program(
-            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles, window
+            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles, window, lse
         )
-    return entry_program(source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window)
+    return entry_program(
+        source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window, lse
+    )
