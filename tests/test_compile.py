@@ -17,11 +17,11 @@ import torch
 
 from tileprefill import compile_check
 from tileprefill.context import Arch, DType
-from tileprefill.kernels import attention_tl, launch
+from tileprefill.kernels import attention_tl, launch, slot_append_tl
 from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.keys import ALL_KEYS, AttentionKey
+from tileprefill.keys import ALL_KEYS, AttentionKey, SlotAppendKey
 from tileprefill.selection import Code, Source, attention_traits, code_of
 
 TL_ARCHS = [Arch.SM80, Arch.SM90]
@@ -36,6 +36,18 @@ def test_every_compile_case_compiles(arch: str, tmp_path_factory: pytest.TempPat
     cubin is really built) and left as they are otherwise."""
     out_dir = tmp_path_factory.mktemp(f"cubins-{arch}")
     assert compile_check.main(arch=arch, out_dir=str(out_dir)) == 0
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_slot_append_cases_compile(arch: str, tmp_path: pathlib.Path) -> None:
+    """The slot-append program's cases alone (`-k slot`): each lowers and compiles to a non-empty cubin."""
+    target = compile_check.parse_arch(arch)
+    cases = slot_append_tl.compile_cases(target)
+    assert {case.key for case in cases} == {SlotAppendKey.TL}
+    outcomes = compile_check.compile_all(cases, target, str(tmp_path), jobs=1)
+    table = compile_check.format_table(outcomes, target)
+    assert all(o.error is None and o.cubin_bytes > 0 for o in outcomes), table
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)

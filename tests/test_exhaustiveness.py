@@ -49,6 +49,8 @@ def mypy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "mypy.ini").write_text(
         f"[mypy]\nstrict = True\nmypy_path = {REPO / 'src'}:{REPO / 'typings'}\n"
         f"cache_dir = {directory / 'cache'}\n"
+        # As the repo's mypy.ini: the TileLang programs' `T.Tensor(...)` annotations are calls.
+        "[mypy-tileprefill.kernels.tl.*]\ndisable_error_code = valid-type, misc\n"
     )
     return directory
 

@@ -13,7 +13,13 @@ import yaml
 
 import tileprefill as tp
 from tileprefill.manifest import Manifest, ManifestError, OpEntry, load_manifest, parse_manifest
-from tileprefill.ops import PUBLIC_OPS, OpClass
+from tileprefill.ops import CACHE_OPS, PUBLIC_OPS, OpClass, PagedCacheSlotAppend, PrefillOp
+from tileprefill.validation import TensorSpec
+
+#: A public Op class: an attention Op, or a cache write (no q, no output).
+AnyOpClass = OpClass | type[PagedCacheSlotAppend]
+#: Every public Op, in manifest order: the attention Ops, then the cache writes.
+ALL_OPS: tuple[AnyOpClass, ...] = (*PUBLIC_OPS, *CACHE_OPS)
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +27,25 @@ def manifest() -> Manifest:
     return load_manifest()
 
 
-def _entry(manifest: Manifest, op: OpClass) -> OpEntry:
+def _entry(manifest: Manifest, op: AnyOpClass) -> OpEntry:
     return manifest.op(op.__name__)
+
+
+def _outputs(op: AnyOpClass) -> tuple[TensorSpec, ...]:
+    return (op.output_spec,) if issubclass(op, PrefillOp) else ()  # type: ignore[union-attr]
 
 
 def test_every_exported_op_is_in_the_manifest_and_back(manifest: Manifest) -> None:
     exported = {name for name in tp.__all__ if name.startswith("GQA")}
     assert exported == {op.__name__ for op in PUBLIC_OPS}
-    assert [e.name for e in manifest.ops] == [op.__name__ for op in PUBLIC_OPS]
+    assert all(op.__name__ in tp.__all__ for op in CACHE_OPS)
+    assert [e.name for e in manifest.ops] == [op.__name__ for op in ALL_OPS]
     for entry in manifest.ops:
-        assert getattr(tp, entry.name) in PUBLIC_OPS, f"{entry.name} in the manifest is not an exported Op"
+        assert getattr(tp, entry.name) in ALL_OPS, f"{entry.name} in the manifest is not an exported Op"
 
 
-@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
-def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: OpClass) -> None:
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda op: op.__name__)
+def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: AnyOpClass) -> None:
     entry = _entry(manifest, op)
     assert entry.kv_layout is op.kv_layout
     call = [p for name, p in inspect.signature(op.__call__).parameters.items() if name != "self"]
@@ -46,12 +57,15 @@ def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: OpClass) 
         (s.name, s.dtype.value, s.shape) for s in op.input_specs
     ]
     assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
-        (op.output_spec.name, op.output_spec.dtype.value, op.output_spec.shape)
+        (s.name, s.dtype.value, s.shape) for s in _outputs(op)
     ]
+    # What a cache write writes in place (its only effect); the attention Ops return their output.
+    assert list(entry.mutates) == list(getattr(op, "mutates", ()))
+    assert set(entry.mutates) <= {i.name for i in entry.inputs}
 
 
-@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
-def test_plan_and_run_split_the_call_inputs(manifest: Manifest, op: OpClass) -> None:
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda op: op.__name__)
+def test_plan_and_run_split_the_call_inputs(manifest: Manifest, op: AnyOpClass) -> None:
     """`plan` takes the metadata tensors, then the keyword-only shape; its plan's `run` the data
     tensors; together they are the call's inputs, each in call order."""
     entry = _entry(manifest, op)
@@ -67,19 +81,25 @@ def test_plan_and_run_split_the_call_inputs(manifest: Manifest, op: OpClass) -> 
     run = [p for name, p in inspect.signature(plan_class.run).parameters.items() if name != "self"]
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run)
     assert [p.name for p in run] == list(entry.run.inputs) == [s.name for s in op.run_specs]
-    run_into = [p for name, p in inspect.signature(plan_class.run_into).parameters.items() if name != "self"]
-    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run_into)
-    assert (
-        [p.name for p in run_into] == list(entry.run_into.inputs) == [op.output_spec.name, *entry.run.inputs]
-    )
+    if entry.run_into is None:  # no output to write into
+        assert not _outputs(op) and not hasattr(plan_class, "run_into")
+    else:
+        run_into = [
+            p for name, p in inspect.signature(plan_class.run_into).parameters.items() if name != "self"
+        ]
+        assert all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in run_into
+        )
+        outputs = [s.name for s in _outputs(op)]
+        assert [p.name for p in run_into] == list(entry.run_into.inputs) == [*outputs, *entry.run.inputs]
     call = [i.name for i in entry.inputs]
     assert sorted([*entry.plan.inputs, *entry.run.inputs]) == sorted(call)
     for part in (entry.plan.inputs, entry.run.inputs):
         assert list(part) == [n for n in call if n in part], f"{part} is not in call order"
 
 
-@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
-def test_params_match_constructor(manifest: Manifest, op: OpClass) -> None:
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda op: op.__name__)
+def test_params_match_constructor(manifest: Manifest, op: AnyOpClass) -> None:
     entry = _entry(manifest, op)
     params = [p for name, p in inspect.signature(op.__init__).parameters.items() if name != "self"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), (
@@ -91,8 +111,8 @@ def test_params_match_constructor(manifest: Manifest, op: OpClass) -> None:
     ]
 
 
-@pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.__name__)
-def test_kernel_map_matches_default_kernel_map(manifest: Manifest, op: OpClass) -> None:
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda op: op.__name__)
+def test_kernel_map_matches_default_kernel_map(manifest: Manifest, op: AnyOpClass) -> None:
     entry = _entry(manifest, op)
     in_manifest = {k.key.value: k.kernel for k in entry.kernel_map}
     in_code = {key.value: cls.__name__ for key, cls in op.default_kernel_map.items()}
@@ -101,9 +121,7 @@ def test_kernel_map_matches_default_kernel_map(manifest: Manifest, op: OpClass) 
 
 
 def test_symbols_cover_every_shape(manifest: Manifest) -> None:
-    used = {
-        dim.symbol for op in PUBLIC_OPS for spec in (*op.input_specs, op.output_spec) for dim in spec.dims
-    }
+    used = {dim.symbol for op in ALL_OPS for spec in (*op.input_specs, *_outputs(op)) for dim in spec.dims}
     assert used == set(manifest.symbols)
 
 

@@ -28,7 +28,7 @@ from tileprefill.kernels.reference import (
     RopeInterleavedRefKernel,
     RopeNeoxRefKernel,
 )
-from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey, SlotAppendKey
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -536,7 +536,7 @@ def test_paged_batch_positions_slots_and_lengths() -> None:
 def test_one_reference_kernel_per_ref_key() -> None:
     ref_keys = {
         k
-        for family in (BatchKey, RopeKey, AppendKey, AttentionKey)
+        for family in (BatchKey, RopeKey, AppendKey, SlotAppendKey, AttentionKey)
         for k in family
         if k.value.endswith("_ref")
     }

@@ -24,9 +24,19 @@ from tileprefill.kernels.base import (
     RaggedAttentionKernel,
     RopeAppendKernel,
     RopeKernel,
+    SlotAppendKernel,
 )
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.keys import (
+    ALL_KEYS,
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    KernelKey,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+)
 
 # Written out key by key so that a wrong `kernel_family` is caught too.
 EXPECTED_FAMILY: dict[KernelKey, type[Kernel]] = {
@@ -42,6 +52,8 @@ EXPECTED_FAMILY: dict[KernelKey, type[Kernel]] = {
     AppendKey.PAGED_TL: PagedAppendKernel,
     RopeAppendKey.NEOX_TL: RopeAppendKernel,
     RopeAppendKey.INTERLEAVED_TL: RopeAppendKernel,
+    SlotAppendKey.REF: SlotAppendKernel,
+    SlotAppendKey.TL: SlotAppendKernel,
     AttentionKey.DENSE_REF: DenseAttentionKernel,
     AttentionKey.RAGGED_REF: RaggedAttentionKernel,
     AttentionKey.CONTIGUOUS_REF: ContiguousAttentionKernel,

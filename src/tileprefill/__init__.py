@@ -4,8 +4,8 @@ TileLang kernels on SM80/SM90, torch reference kernels everywhere else.
 Importing this package does not import tilelang.
 """
 
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContext, RopeMode
+from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeAppendKey, RopeKey, SlotAppendKey
 from tileprefill.ops import (
     BatchPlan,
     ContiguousShape,
@@ -20,7 +20,9 @@ from tileprefill.ops import (
     GQARopePrefill,
     GQAVarlenPrefill,
     GQAVarlenRopePrefill,
+    PagedCacheSlotAppend,
     PagedShape,
+    SlotAppendShape,
     VarlenShape,
 )
 from tileprefill.selection import Explanation, PrefillPlan, UnsupportedContextError, explain, select_plan
@@ -44,14 +46,18 @@ __all__ = [
     "GQARopePrefill",
     "GQAVarlenPrefill",
     "GQAVarlenRopePrefill",
+    "IndexDType",
     "KVLayout",
     "KernelKey",
+    "PagedCacheSlotAppend",
     "PagedShape",
     "PrefillContext",
     "PrefillPlan",
     "RopeAppendKey",
     "RopeKey",
     "RopeMode",
+    "SlotAppendKey",
+    "SlotAppendShape",
     "UnsupportedContextError",
     "VarlenShape",
     "explain",

@@ -49,6 +49,7 @@ class ExplainArgs:
     causal: bool
     sliding_window: int = 0
     softcap: float = 0.0
+    slot_mapping: bool = False
 
 
 @attrs.frozen
@@ -104,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--non-causal", action="store_true")
     ex.add_argument("--sliding-window", type=int, default=0, help="keys a query sees, its own last (0: all)")
     ex.add_argument("--softcap", type=float, default=0.0, help="logit softcap (0: none)")
+    ex.add_argument(
+        "--slot-mapping",
+        action="store_true",
+        help="a slot-mapped cache write, no attention (PagedCacheSlotAppend; with --layout paged --append)",
+    )
 
     demo = commands.add_parser("demo", help="chunked prefill of a few requests into a paged cache, checked")
     demo.add_argument(
@@ -191,6 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             causal=not ns.non_causal,
             sliding_window=int(ns.sliding_window),
             softcap=float(ns.softcap),
+            slot_mapping=bool(ns.slot_mapping),
         )
     if command == "demo":
         return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype], engine=str(ns.engine))
@@ -247,6 +254,7 @@ def context_from(args: ExplainArgs) -> PrefillContext:
         ragged=args.ragged or paged,
         sliding_window=args.sliding_window,
         softcap=args.softcap > 0,
+        slot_mapping=args.slot_mapping,
     )
 
 

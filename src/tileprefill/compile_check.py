@@ -2,7 +2,7 @@
 
 `python -m tileprefill.compile_check --arch sm_90a [--out-dir DIR]` (or `main`)
 collects `compile_cases(arch)` from the TileLang kernel modules (attention,
-RoPE, append), compiles each with `kernels.compile.build_to` (no GPU needed),
+RoPE, append, slot append), compiles each with `kernels.compile.build_to` (no GPU needed),
 checks that a non-empty .cubin (or .fatbin) was written, prints one row per case and fails
 unless every case compiled and every TileLang key serving the arch has a case.
 For sm_90a it also reports whether the CUDA source uses wgmma (informational).
@@ -24,13 +24,20 @@ from types import ModuleType
 import attrs
 
 from tileprefill.context import Arch
-from tileprefill.kernels import append_tl, attention_tl, batch_tl, rope_append_tl, rope_tl
+from tileprefill.kernels import append_tl, attention_tl, batch_tl, rope_append_tl, rope_tl, slot_append_tl
 from tileprefill.kernels.compile import CompileCase, build_to
 from tileprefill.keys import ALL_KEYS, KernelKey
 from tileprefill.selection import Code, code_of
 
 #: The modules whose `compile_cases(arch)` CI compiles.
-CASE_MODULES: tuple[ModuleType, ...] = (attention_tl, rope_tl, append_tl, rope_append_tl, batch_tl)
+CASE_MODULES: tuple[ModuleType, ...] = (
+    attention_tl,
+    rope_tl,
+    append_tl,
+    rope_append_tl,
+    batch_tl,
+    slot_append_tl,
+)
 
 _ARCHS: dict[str, Arch] = {"sm_80": Arch.SM80, "sm_90a": Arch.SM90}
 

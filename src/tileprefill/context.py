@@ -80,6 +80,25 @@ class DType(enum.Enum):
 _TORCH_DTYPES: dict[DType, torch.dtype] = {DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
 
 
+class IndexDType(enum.Enum):
+    """Element types of a slot mapping (vLLM's is int64). A static fact of the programs that read one,
+    not of the decision."""
+
+    INT32 = "int32"
+    INT64 = "int64"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.int32 if self is IndexDType.INT32 else torch.int64
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, *, argument: str) -> IndexDType:
+        for member in cls:
+            if member.torch_dtype == dtype:
+                return member
+        raise TypeError(f"{argument}: expected dtype torch.int32 or torch.int64, got {dtype}")
+
+
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name}: expected an integer >= 1, got {value}")
@@ -96,6 +115,9 @@ class PrefillContext:
     (p - sliding_window, p] (causal only); `softcap` says whether the scaled scores are capped
     to c * tanh(score / c) (the cap c itself, like sm_scale, is a static fact of the kernels,
     not of the decision). Both are compiled into the attention programs.
+    `slot_mapping` says that the call gives each new token's cache row itself (slot = page *
+    page_size + row, -1: skip) and only writes the cache: its plan is one slot-append step, with
+    no batch step and no attention (`PagedCacheSlotAppend`, vLLM's `reshape_and_cache_flash`).
     """
 
     kv_layout: KVLayout
@@ -111,6 +133,7 @@ class PrefillContext:
     ragged: bool = False
     sliding_window: int = 0
     softcap: bool = False
+    slot_mapping: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = list(_impossible(self))
@@ -146,6 +169,17 @@ def _impossible(ctx: PrefillContext) -> list[str]:
             f"sliding_window: expected 0 without causal (the window ends at the query's own "
             f"position), got {ctx.sliding_window}"
         )
+    if ctx.slot_mapping:
+        if ctx.kv_layout is not KVLayout.PAGED or not ctx.append:
+            problems.append(
+                f"slot_mapping: expected kv_layout paged and append (a slot mapping names rows of a paged "
+                f"cache to write), got kv_layout {ctx.kv_layout.value} and append {ctx.append}"
+            )
+        if ctx.rope is not RopeMode.NONE:
+            problems.append(
+                f"slot_mapping: expected rope none (a slot-mapped write copies the keys as given), "
+                f"got rope {ctx.rope.value}"
+            )
     if ctx.rope is not RopeMode.NONE and ctx.head_dim % 2:
         problems.append(f"head_dim: expected an even head_dim with RoPE, got {ctx.head_dim}")
     return problems

@@ -3,7 +3,8 @@
 A plan is a sequence of keys, one per step: an optional batch step (run once
 per plan: what every layer's kernels share), an optional RoPE step, an
 optional append step (or one fused RoPE + append step in their place), and
-the attention step. Keys name what a kernel does
+the attention step. A slot-mapped cache write (`PagedCacheSlotAppend`) is one
+slot-append step and no attention. Keys name what a kernel does
 and the code it is built for (`_REF` is the torch reference, `_TL` a TileLang
 kernel that is the same program for SM80 and SM90, `_SM80`/`_SM90` TileLang
 kernels tuned per architecture).
@@ -44,6 +45,15 @@ class RopeAppendKey(enum.Enum):
     INTERLEAVED_TL = "rope_append_interleaved_tl"
 
 
+class SlotAppendKey(enum.Enum):
+    """The write of new keys and values into a paged cache at the rows a slot mapping names
+    (slot = page * page_size + row, -1: skip the token), with no attention: vLLM's
+    `reshape_and_cache_flash`."""
+
+    REF = "slot_append_ref"
+    TL = "slot_append_tl"
+
+
 class AttentionKey(enum.Enum):
     DENSE_REF = "attn_dense_ref"
     RAGGED_REF = "attn_ragged_ref"
@@ -64,9 +74,16 @@ class AttentionKey(enum.Enum):
     PAGED_TILED_SM90 = "attn_paged_tiled_sm90"
 
 
-KernelKey: TypeAlias = BatchKey | RopeKey | AppendKey | RopeAppendKey | AttentionKey
+KernelKey: TypeAlias = BatchKey | RopeKey | AppendKey | RopeAppendKey | SlotAppendKey | AttentionKey
 
-ALL_KEYS: tuple[KernelKey, ...] = (*BatchKey, *RopeKey, *AppendKey, *RopeAppendKey, *AttentionKey)
+ALL_KEYS: tuple[KernelKey, ...] = (
+    *BatchKey,
+    *RopeKey,
+    *AppendKey,
+    *RopeAppendKey,
+    *SlotAppendKey,
+    *AttentionKey,
+)
 
 
 def key_from_value(value: str) -> KernelKey:

@@ -3,7 +3,8 @@
 `select_plan(ctx)` reads only the context. Each step (RoPE, append,
 attention) walks its keys in preference order and takes the first one with
 no rejection reasons; a call that rotates and appends first looks for a fused
-RoPE + append kernel, which then stands in for both steps. `rejections(key, ctx)`
+RoPE + append kernel, which then stands in for both steps. A slot-mapped cache write
+(`ctx.slot_mapping`) plans one slot-append step and nothing else. `rejections(key, ctx)`
 is the single statement of what each key's kernel can serve. Every `match` ends in `assert_never`, so a new
 enum member fails `mypy --strict` until every decision here handles it.
 Nothing falls back silently: when a step has no kernel, `select_plan` raises
@@ -20,9 +21,17 @@ import attrs
 
 from tileprefill.context import Arch, KVLayout, PrefillContext, RopeMode
 from tileprefill.kernels.tl import attention_configs
-from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.keys import (
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    KernelKey,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+)
 
-K = TypeVar("K", BatchKey, RopeKey, AppendKey, RopeAppendKey, AttentionKey)
+K = TypeVar("K", BatchKey, RopeKey, AppendKey, RopeAppendKey, SlotAppendKey, AttentionKey)
 
 #: Head dims the TileLang attention kernels are compiled for (each has a tile config per arch).
 TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = attention_configs.HEAD_DIMS
@@ -56,20 +65,20 @@ class Code(enum.Enum):
 @attrs.frozen
 class PrefillPlan:
     """The ordered steps of one call: the batch step (once per plan), RoPE, then append (or both fused
-    in `rope_append`), then attention."""
+    in `rope_append`), then attention; or, for a slot-mapped cache write, `slot_append` alone
+    (`attention` is None only then)."""
 
     rope: RopeKey | None
     append: AppendKey | None
-    attention: AttentionKey
+    attention: AttentionKey | None
     rope_append: RopeAppendKey | None = None
     batch: BatchKey | None = None
+    slot_append: SlotAppendKey | None = None
 
     @property
     def steps(self) -> tuple[KernelKey, ...]:
-        leading: list[KernelKey] = [
-            k for k in (self.batch, self.rope, self.append, self.rope_append) if k is not None
-        ]
-        return (*leading, self.attention)
+        ordered = (self.batch, self.rope, self.append, self.rope_append, self.slot_append, self.attention)
+        return tuple(k for k in ordered if k is not None)
 
     def __str__(self) -> str:
         return " -> ".join(k.value for k in self.steps)
@@ -96,7 +105,8 @@ class Explanation:
             lines.append("plan: none (no kernel serves step " + ", ".join(self.missing_steps) + ")")
         else:
             lines.append(f"plan: {self.plan}")
-            config = attention_config(self.plan.attention, self.context)
+            attention = self.plan.attention
+            config = None if attention is None else attention_config(attention, self.context)
             if config is not None:
                 lines.append(f"attention config: {config}")
         lines.append("not chosen:")
@@ -133,6 +143,7 @@ APPEND_PREFERENCE: tuple[AppendKey, ...] = (
     AppendKey.CONTIGUOUS_REF,
     AppendKey.PAGED_REF,
 )
+SLOT_APPEND_PREFERENCE: tuple[SlotAppendKey, ...] = (SlotAppendKey.TL, SlotAppendKey.REF)
 ATTENTION_PREFERENCE: tuple[AttentionKey, ...] = (
     AttentionKey.DENSE_SM90,
     AttentionKey.RAGGED_SM90,
@@ -163,23 +174,27 @@ def explain(ctx: PrefillContext) -> Explanation:
     batch = _first_supported(BATCH_PREFERENCE, ctx) if needs_batch_step(ctx) else None
     fused = _first_supported(ROPE_APPEND_PREFERENCE, ctx) if needs_rope_step(ctx) and ctx.append else None
     rope = _first_supported(ROPE_PREFERENCE, ctx) if needs_rope_step(ctx) and fused is None else None
-    append = _first_supported(APPEND_PREFERENCE, ctx) if ctx.append and fused is None else None
-    attention = _first_supported(ATTENTION_PREFERENCE, ctx)
+    append = _first_supported(APPEND_PREFERENCE, ctx) if needs_append_step(ctx) and fused is None else None
+    slot_append = _first_supported(SLOT_APPEND_PREFERENCE, ctx) if ctx.slot_mapping else None
+    attention = _first_supported(ATTENTION_PREFERENCE, ctx) if needs_attention_step(ctx) else None
     missing: list[str] = []
     if needs_batch_step(ctx) and batch is None:
         missing.append("batch")
     if needs_rope_step(ctx) and rope is None and fused is None:
         missing.append("rope")
-    if ctx.append and append is None and fused is None:
+    if needs_append_step(ctx) and append is None and fused is None:
         missing.append("append")
-    if attention is None:
+    if ctx.slot_mapping and slot_append is None:
+        missing.append("slot_append")
+    if needs_attention_step(ctx) and attention is None:
         missing.append("attention")
-    chosen = {batch, rope, append, fused, attention}
+    chosen = {batch, rope, append, fused, slot_append, attention}
     candidates: tuple[KernelKey, ...] = (
         *BATCH_PREFERENCE,
         *ROPE_APPEND_PREFERENCE,
         *ROPE_PREFERENCE,
         *APPEND_PREFERENCE,
+        *SLOT_APPEND_PREFERENCE,
         *ATTENTION_PREFERENCE,
     )
     rejected = tuple(
@@ -197,13 +212,24 @@ def explain(ctx: PrefillContext) -> Explanation:
             else r
             for r in rejected
         )
-    plan = None if attention is None or missing else PrefillPlan(rope, append, attention, fused, batch)
+    plan = None if missing else PrefillPlan(rope, append, attention, fused, batch, slot_append)
     return Explanation(ctx, plan, rejected, tuple(missing))
 
 
 def needs_batch_step(ctx: PrefillContext) -> bool:
-    """An append into a paged cache derives each new token's position and slot once per plan."""
-    return ctx.append and ctx.kv_layout is KVLayout.PAGED
+    """An append into a paged cache derives each new token's position and slot once per plan (a slot
+    mapping gives them)."""
+    return ctx.append and ctx.kv_layout is KVLayout.PAGED and not ctx.slot_mapping
+
+
+def needs_append_step(ctx: PrefillContext) -> bool:
+    """An append that finds each new token's row from the lengths (a slot mapping names the rows)."""
+    return ctx.append and not ctx.slot_mapping
+
+
+def needs_attention_step(ctx: PrefillContext) -> bool:
+    """Every call attends but a slot-mapped cache write."""
+    return not ctx.slot_mapping
 
 
 def needs_rope_step(ctx: PrefillContext) -> bool:
@@ -228,7 +254,7 @@ def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
     match key:
         case BatchKey():
             code = batch_traits(key)
-            reasons = [] if needs_batch_step(ctx) else ["the call appends nothing to a paged cache"]
+            reasons = [] if needs_batch_step(ctx) else [_no_batch_step(ctx)]
             return (*reasons, *_code_rejections(code, ctx))
         case RopeKey():
             mode, code = rope_traits(key)
@@ -237,6 +263,11 @@ def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
         case AppendKey():
             layout, code = append_traits(key)
             reasons = [] if ctx.append else ["the call appends nothing"]
+            if ctx.slot_mapping:
+                reasons.append(
+                    "the call names each new token's row with a slot mapping; this kernel finds the rows "
+                    "from cache_seqlens"
+                )
             if ctx.kv_layout is not layout:
                 reasons.append(f"kv_layout is {ctx.kv_layout.value}, this kernel appends to {layout.value}")
             return (*reasons, *_code_rejections(code, ctx))
@@ -245,6 +276,10 @@ def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
             reasons = [] if ctx.rope is mode else [f"rope is {ctx.rope.value}, this kernel does {mode.value}"]
             if not ctx.append:
                 reasons.append("the call appends nothing")
+            return (*reasons, *_code_rejections(code, ctx))
+        case SlotAppendKey():
+            code = slot_append_traits(key)
+            reasons = [] if ctx.slot_mapping else ["the call has no slot mapping"]
             return (*reasons, *_code_rejections(code, ctx))
         case AttentionKey():
             return _attention_rejections(key, ctx)
@@ -263,6 +298,8 @@ def code_of(key: KernelKey) -> Code:
             return append_traits(key)[1]
         case RopeAppendKey():
             return rope_append_traits(key)[1]
+        case SlotAppendKey():
+            return slot_append_traits(key)
         case AttentionKey():
             return attention_traits(key)[1]
         case _:
@@ -274,6 +311,22 @@ def batch_traits(key: BatchKey) -> Code:
         case BatchKey.PAGED_REF:
             return Code.REF
         case BatchKey.PAGED_TL:
+            return Code.TL
+        case _:
+            assert_never(key)
+
+
+def _no_batch_step(ctx: PrefillContext) -> str:
+    if ctx.slot_mapping:
+        return "the call's slot mapping names every new token's row"
+    return "the call appends nothing to a paged cache"
+
+
+def slot_append_traits(key: SlotAppendKey) -> Code:
+    match key:
+        case SlotAppendKey.REF:
+            return Code.REF
+        case SlotAppendKey.TL:
             return Code.TL
         case _:
             assert_never(key)
@@ -386,6 +439,8 @@ def pages_tile_evenly(page_size: int) -> bool:
 def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, ...]:
     source, code = attention_traits(key)
     reasons: list[str] = []
+    if not needs_attention_step(ctx):
+        reasons.append("the call only writes the cache by its slot mapping; it attends nothing")
     if source not in source_of(ctx):
         shape = "ragged" if ctx.ragged else "dense"
         reasons.append(

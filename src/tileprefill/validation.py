@@ -30,7 +30,10 @@ class DtypeRule(enum.Enum):
 
     ACTIVATION = "float16 | bfloat16"  # q: the dtype of the call
     SAME_AS_Q = "q.dtype"  # keys, values and caches
+    # Values and caches of a cache write, whose first input (the activation) is k_new.
+    SAME_AS_K_NEW = "k_new.dtype"
     INT32 = "int32"  # lengths, cu_seqlens, block tables
+    INDEX = "int32 | int64"  # slot mappings (vLLM's are int64)
     FLOAT32 = "float32"  # RoPE cos/sin tables
 
 
@@ -146,10 +149,12 @@ def _check_dtype(s: TensorSpec, t: torch.Tensor, q_dtype: torch.dtype, first: st
             ok, expected = t.dtype in _ACTIVATION_DTYPES, "float16 or bfloat16"
             if ok and first == "the plan" and t.dtype != q_dtype:
                 ok, expected = False, f"{q_dtype} (the dtype of the plan)"
-        case DtypeRule.SAME_AS_Q:
+        case DtypeRule.SAME_AS_Q | DtypeRule.SAME_AS_K_NEW:
             ok, expected = t.dtype == q_dtype, f"{q_dtype} (the dtype of {first})"
         case DtypeRule.INT32:
             ok, expected = t.dtype == torch.int32, "torch.int32"
+        case DtypeRule.INDEX:
+            ok, expected = t.dtype in (torch.int32, torch.int64), "torch.int32 or torch.int64"
         case DtypeRule.FLOAT32:
             ok, expected = t.dtype == torch.float32, "torch.float32"
         case _:
@@ -278,6 +283,37 @@ def check_block_table(
                     f"block_table: expected entries in [0, {num_pages}) (num_pages) for the {used} pages "
                     f"sequence {b} uses (positions < {n}), got block_table[{b}, {i}] = {row[i]}"
                 )
+
+
+def check_slot_mapping(values: Sequence[int]) -> None:
+    """Slots are -1 (skip the token) or a row, and no two tokens name one row (the rows a write
+    would then leave depend on the order of the writes). The upper bound depends on num_pages:
+    `check_slots_fit`."""
+    first: dict[int, int] = {}
+    for t, slot in enumerate(values):
+        if slot < -1:
+            raise ValueError(
+                f"slot_mapping: expected values >= -1 (-1 skips a token), got slot_mapping[{t}] = {slot}"
+            )
+        if slot == -1:
+            continue
+        seen = first.setdefault(slot, t)
+        if seen != t:
+            raise ValueError(
+                f"slot_mapping: expected distinct slots (two tokens writing one row leave an "
+                f"order-dependent result), got slot_mapping[{seen}] = slot_mapping[{t}] = {slot}"
+            )
+
+
+def check_slots_fit(values: Sequence[int], num_pages: int, page_size: int) -> None:
+    """Every slot names a row of the cache: slot < num_pages * page_size."""
+    rows_ = num_pages * page_size
+    for t, slot in enumerate(values):
+        if slot >= rows_:
+            raise ValueError(
+                f"slot_mapping: expected values in [-1, {rows_}) (num_pages {num_pages} * page_size "
+                f"{page_size}), got slot_mapping[{t}] = {slot}"
+            )
 
 
 def check_rope_positions(name: str, last_positions: Sequence[int], table_rows: int, why: str) -> None:

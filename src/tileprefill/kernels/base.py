@@ -28,6 +28,8 @@ Shapes (B batch, S/T tokens, Hq/Hkv heads, D head dim, R rotary dim):
   (num_pages, page_size, Hkv, D) at position cache_seqlens[b] + i
 - RoPE + append by slot: q (T, Hq, D) rotated into q_out; k_new (T, Hkv, D)
   rotated and v_new written at row slots[t] of caches viewed as (S, Hkv, D)
+- slot append (no attention): k_new/v_new (T, Hkv, D) written at row slot_mapping[t]
+  (int32 or int64; -1 skips the token) of pages viewed as (num_pages * page_size, Hkv, D)
 - attention: see each family; causal masks are bottom-right aligned and a query
   row that sees no key is 0. Every attention launch takes `out` and then `lse`,
   float32 with out's shape less the head dim ((B, Sq, Hq) or (Tq, Hq)): with
@@ -44,8 +46,16 @@ from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
-from tileprefill.context import Arch, DType
-from tileprefill.keys import AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.context import Arch, DType, IndexDType
+from tileprefill.keys import (
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    KernelKey,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+)
 
 
 class StaticFacts(NamedTuple):
@@ -54,7 +64,8 @@ class StaticFacts(NamedTuple):
     `heads` are the heads of the rows a kernel reads first (query heads for
     attention and RoPE of q, kv heads for RoPE of keys and for append).
     Fields a family does not read are 0 (`page_size` outside paged caches,
-    `rotary_dim` outside RoPE) or the defaults below.
+    `rotary_dim` outside RoPE) or the defaults below. `index_dtype` is the element type of a slot
+    mapping (read by the slot-append programs only).
     """
 
     arch: Arch
@@ -69,6 +80,7 @@ class StaticFacts(NamedTuple):
     window: int = 0  # attention: a causal sliding window of this many keys (0: none)
     softcap: float = 0.0  # attention: the logit softcap (0: none)
     lse: bool = False  # attention: also write the log-sum-exp of every (query token, query head)
+    index_dtype: IndexDType = IndexDType.INT32
 
 
 class Kernel(abc.ABC):
@@ -143,6 +155,17 @@ class RopeAppendLaunch(Protocol):
         k_rows: torch.Tensor,
         v_rows: torch.Tensor,
         q_out: torch.Tensor,
+    ) -> None: ...
+
+
+class SlotAppendLaunch(Protocol):
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        slot_mapping: torch.Tensor,
     ) -> None: ...
 
 
@@ -314,6 +337,32 @@ def _no_lse(kernel: Kernel) -> NotImplementedError:
 def _write(out: torch.Tensor, lse: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
     out.copy_(result[0])
     lse.copy_(result[1])
+
+
+class SlotAppendKernel(Kernel):
+    """The write of new keys and values into a paged cache at the rows a slot mapping names.
+
+    Token t goes to row slot_mapping[t] of the pages viewed as (num_pages * page_size,
+    Hkv, D), i.e. page slot // page_size, row slot % page_size. A slot outside
+    [0, num_pages * page_size) (-1 marks a token to skip) writes nothing. Two tokens with
+    one slot race (the Op rejects that with validate=True).
+    """
+
+    key: ClassVar[SlotAppendKey]
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """k_new/v_new (T, Hkv, D) into k_pages/v_pages (num_pages, page_size, Hkv, D), in place."""
+
+    def bind(self, facts: StaticFacts) -> SlotAppendLaunch:
+        return self
 
 
 class DenseAttentionKernel(Kernel):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import attrs
 import torch
 
-from tileprefill.context import Arch, DType
+from tileprefill.context import Arch, DType, IndexDType
 from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import build, is_recorded, is_recording
 from tileprefill.keys import KernelKey
@@ -74,18 +74,18 @@ class KernelRecord:
 #: The static facts as custom-op scalars, in `StaticFacts` order.
 _FACTS_SCHEMA: Final = (
     "str arch, str dtype, int heads, int kv_heads, int head_dim, bool causal, float sm_scale, "
-    "int page_size, int rotary_dim, int window, float softcap, bool lse=False"
+    'int page_size, int rotary_dim, int window, float softcap, bool lse=False, str index_dtype="int32"'
 )
 
 
 def scalars(facts: StaticFacts) -> tuple[object, ...]:
     """The static facts as a custom op takes them, after its tensors (the schema's order)."""
-    return (facts.arch.value, facts.dtype.value, *facts[2:])
+    return (facts.arch.value, facts.dtype.value, *facts[2:-1], facts.index_dtype.value)
 
 
 def _facts(scalars: tuple[Any, ...]) -> StaticFacts:
-    arch, dtype, *rest = scalars
-    return StaticFacts(Arch(arch), DType(dtype), *rest)
+    arch, dtype, *rest, index_dtype = scalars
+    return StaticFacts(Arch(arch), DType(dtype), *rest)._replace(index_dtype=IndexDType(index_dtype))
 
 
 #: The custom op of every registered record without a variant, by key.

@@ -35,8 +35,9 @@ from tileprefill.kernels.base import (
     PagedBatchKernel,
     RaggedAttentionKernel,
     RopeKernel,
+    SlotAppendKernel,
 )
-from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeKey, SlotAppendKey
 from tileprefill.positions import paged_slots, ragged_positions, sequence_lengths
 
 # Query rows per chunk of one sequence's attention; with the element budget it
@@ -165,6 +166,30 @@ class AppendPagedRefKernel(PagedAppendKernel):
             rows = positions % page_size
             k_pages[pages, rows] = k_new[first:last]
             v_pages[pages, rows] = v_new[first:last]
+
+
+class SlotAppendRefKernel(SlotAppendKernel):
+    """Token t to row slot_mapping[t] of the pages seen as rows; a slot outside [0, num_pages *
+    page_size) (-1: skip) writes nothing, as in the TileLang program. Torch ops on the device, no
+    host sync."""
+
+    key: ClassVar[SlotAppendKey] = SlotAppendKey.REF
+
+    def __call__(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        k_rows = k_pages.view(-1, *k_pages.shape[2:])
+        v_rows = v_pages.view(-1, *v_pages.shape[2:])
+        slots = slot_mapping.long()
+        keep = ((slots >= 0) & (slots < k_rows.shape[0])).nonzero().squeeze(1)
+        rows = slots[keep]
+        k_rows.index_copy_(0, rows, k_new[keep])
+        v_rows.index_copy_(0, rows, v_new[keep])
 
 
 # ---------------------------------------------------------------------------
@@ -469,6 +494,7 @@ KERNELS: tuple[type[Kernel], ...] = (
     RopeInterleavedRefKernel,
     AppendContiguousRefKernel,
     AppendPagedRefKernel,
+    SlotAppendRefKernel,
     AttentionDenseRefKernel,
     AttentionRaggedRefKernel,
     AttentionContiguousRefKernel,

@@ -7,7 +7,15 @@ from types import MappingProxyType
 from typing import assert_never
 
 from tileprefill.context import KVLayout
-from tileprefill.kernels import append_tl, attention_tl, batch_tl, reference, rope_append_tl, rope_tl
+from tileprefill.kernels import (
+    append_tl,
+    attention_tl,
+    batch_tl,
+    reference,
+    rope_append_tl,
+    rope_tl,
+    slot_append_tl,
+)
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
@@ -19,8 +27,18 @@ from tileprefill.kernels.base import (
     RaggedAttentionKernel,
     RopeAppendKernel,
     RopeKernel,
+    SlotAppendKernel,
 )
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.keys import (
+    ALL_KEYS,
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    KernelKey,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+)
 from tileprefill.selection import Source, append_traits, attention_traits
 
 
@@ -36,6 +54,8 @@ def kernel_family(key: KernelKey) -> type[Kernel]:
             return PagedAppendKernel if layout is KVLayout.PAGED else ContiguousAppendKernel
         case RopeAppendKey():
             return RopeAppendKernel
+        case SlotAppendKey():
+            return SlotAppendKernel
         case AttentionKey():
             source, _ = attention_traits(key)
             match source:
@@ -61,6 +81,7 @@ def _collect() -> dict[KernelKey, type[Kernel]]:
         *rope_tl.KERNELS,
         *append_tl.KERNELS,
         *rope_append_tl.KERNELS,
+        *slot_append_tl.KERNELS,
         *attention_tl.KERNELS,
     ):
         if cls.key in found:

@@ -77,8 +77,11 @@ class OpEntry:
     params: tuple[ParamEntry, ...]
     plan: PlanEntry
     run: RunEntry
-    run_into: RunEntry
+    #: None for an Op with no output (a cache write).
+    run_into: RunEntry | None
     kernel_map: tuple[KernelEntry, ...]
+    #: The inputs the Op writes in place (a cache write's caches; empty for the attention Ops).
+    mutates: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -151,8 +154,13 @@ def _op(item: object, where: str) -> OpEntry:
         ),
         plan=_plan(signature.get("plan"), f"{where}.signature.plan"),
         run=_run(signature.get("run"), f"{where}.signature.run"),
-        run_into=_run(signature.get("run_into"), f"{where}.signature.run_into"),
+        run_into=(
+            None
+            if "run_into" not in signature
+            else _run(signature.get("run_into"), f"{where}.signature.run_into")
+        ),
         kernel_map=tuple(kernels),
+        mutates=_names(signature.get("mutates", []), f"{where}.signature.mutates"),
     )
 
 

@@ -1,4 +1,7 @@
-"""The ten public Ops: fixed, ordered tensor inputs; scalars are constructor parameters."""
+"""The public Ops: fixed, ordered tensor inputs; scalars are constructor parameters.
+
+The ten attention Ops (`PUBLIC_OPS`) and the cache write without attention (`CACHE_OPS`).
+"""
 
 from typing import TypeAlias
 
@@ -26,6 +29,7 @@ from tileprefill.ops.paged import (
     PagedCacheOp,
     PagedShape,
 )
+from tileprefill.ops.slots import PagedCacheSlotAppend, PagedCacheSlotAppendPlan, SlotAppendShape
 
 #: The class of a public Op (each extends one layout base).
 OpClass: TypeAlias = type[NoCacheOp] | type[ContiguousCacheOp] | type[PagedCacheOp]
@@ -44,7 +48,11 @@ PUBLIC_OPS: tuple[OpClass, ...] = (
     GQAPagedCacheRopeAppendPrefill,
 )
 
+#: The public Ops that write a cache and attend nothing (not PrefillOps: no q, no output).
+CACHE_OPS: tuple[type[PagedCacheSlotAppend], ...] = (PagedCacheSlotAppend,)
+
 __all__ = [
+    "CACHE_OPS",
     "PUBLIC_OPS",
     "BatchPlan",
     "ContiguousCacheOp",
@@ -63,7 +71,10 @@ __all__ = [
     "NoCacheOp",
     "OpClass",
     "PagedCacheOp",
+    "PagedCacheSlotAppend",
+    "PagedCacheSlotAppendPlan",
     "PagedShape",
     "PrefillOp",
+    "SlotAppendShape",
     "VarlenShape",
 ]

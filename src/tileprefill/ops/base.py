@@ -39,7 +39,16 @@ from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode,
 from tileprefill.kernels.base import Kernel, RopeAppendLaunch, RopeLaunch, StaticFacts
 from tileprefill.kernels.launch import check_writable
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
-from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
+from tileprefill.keys import (
+    ALL_KEYS,
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    KernelKey,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+)
 from tileprefill.selection import (
     TL_ATTENTION_HEAD_DIMS,
     Explanation,
@@ -129,6 +138,7 @@ def plan_steps(*facts: object) -> tuple[str | None, str | None, str | None, str 
     """
     call = CallFacts(*facts)  # type: ignore[arg-type]
     plan = _plan_of(call)
+    assert plan.attention is not None, "every CallFacts context attends (no slot mapping)"
     return (
         None if plan.batch is None else plan.batch.value,
         None if plan.rope is None else plan.rope.value,
@@ -171,7 +181,7 @@ class ShapeFacts(Protocol):
 
 
 def candidate_keys(
-    kv_layout: KVLayout, *, ragged: bool, rotates: bool, appends: bool
+    kv_layout: KVLayout, *, ragged: bool, rotates: bool, appends: bool, slot_mapping: bool = False
 ) -> tuple[KernelKey, ...]:
     """Every key whose kernel serves some call an Op of these traits can make, on any arch.
 
@@ -194,6 +204,7 @@ def candidate_keys(
             causal=causal,
             page_size=page_size,
             ragged=ragged,
+            slot_mapping=slot_mapping,
         )
         for arch, rope, dtype, head_dim, causal, page_size in itertools.product(
             Arch, modes, DType, TL_ATTENTION_HEAD_DIMS, (True, False), page_sizes
@@ -203,7 +214,52 @@ def candidate_keys(
 
 
 def _is_kernel_key(key: object) -> bool:
-    return isinstance(key, BatchKey | RopeKey | AppendKey | RopeAppendKey | AttentionKey)
+    return isinstance(key, BatchKey | RopeKey | AppendKey | RopeAppendKey | SlotAppendKey | AttentionKey)
+
+
+def checked_kernel_map(
+    op_name: str, kernel_keys: Sequence[KernelKey], kernel_map: Mapping[KernelKey, type[Kernel]]
+) -> dict[KernelKey, type[Kernel]]:
+    """A constructor's `kernel_map` overrides, checked: each key is one the Op can plan, and its class
+    serves that key and extends the key's family."""
+    checked: dict[KernelKey, type[Kernel]] = {}
+    for key, kernel in kernel_map.items():
+        if not _is_kernel_key(key):
+            raise TypeError(
+                "kernel_map: expected BatchKey, RopeKey, AppendKey, RopeAppendKey, SlotAppendKey or "
+                f"AttentionKey keys, got {key!r} ({type(key).__name__})"
+            )
+        if key not in kernel_keys:
+            raise ValueError(
+                f"kernel_map: key {key.value} cannot serve any call of {op_name}: expected one of "
+                f"{[k.value for k in kernel_keys]}, got {key.value}"
+            )
+        family = kernel_family(key)
+        if not isinstance(kernel, type) or not issubclass(kernel, Kernel):
+            raise TypeError(
+                f"kernel_map[{key.value}]: expected a subclass of {family.__name__}, got {kernel!r}"
+            )
+        if kernel.key is not key:
+            raise ValueError(
+                f"kernel_map[{key.value}]: expected a class whose .key is {key.value}, "
+                f"got {kernel.__name__} with .key {kernel.key.value}"
+            )
+        if not issubclass(kernel, family):
+            raise TypeError(
+                f"kernel_map[{key.value}]: expected a subclass of {family.__name__}, "
+                f"got {kernel.__name__} (bases: {', '.join(b.__name__ for b in kernel.__mro__[1:])})"
+            )
+        checked[key] = kernel
+    return checked
+
+
+def concrete_device(device: torch.device | str) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device, as tensors made on it say."""
+    concrete = torch.device(device)
+    index: int | None = concrete.index
+    if concrete.type == "cuda" and index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return concrete
 
 
 def metadata_specs(specs: Sequence[TensorSpec], names: Sequence[str]) -> tuple[TensorSpec, ...]:
@@ -278,7 +334,7 @@ class Requirement(NamedTuple):
     fail: Callable[[int], None]
 
 
-class _Expected(NamedTuple):
+class Expected(NamedTuple):
     """What a plan expects of one data tensor: its dtype and shape. A leading size the plan does not
     fix (pages in the pool, rows of a RoPE table) is `lead`, bound by the first tensor that has it;
     `shape` is then the rest."""
@@ -288,23 +344,25 @@ class _Expected(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _expected(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) -> _Expected:
+def expected_of(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) -> Expected:
     dtype = {DtypeRule.INT32: torch.int32, DtypeRule.FLOAT32: torch.float32}.get(s.dtype, q_dtype)
     first, *rest = s.dims
     lead = None if first.symbol in dims else first.symbol
     known = rest if lead is not None else s.dims
     assert all(d.symbol in dims for d in known), f"{s.name}: only a leading size may be left free by a plan"
-    return _Expected(dtype, lead, tuple(dims[d.symbol] + d.offset for d in known))
+    return Expected(dtype, lead, tuple(dims[d.symbol] + d.offset for d in known))
 
 
 @functools.lru_cache(maxsize=1024)
 def _expectations(
     op: type[PrefillOp], sizes: tuple[tuple[str, int], ...], q_dtype: torch.dtype
-) -> tuple[tuple[_Expected, ...], _Expected]:
+) -> tuple[tuple[Expected, ...], Expected]:
     """What a plan of `op` whose shape symbols have `sizes` expects of `run`'s tensors and of an
     output: cached, since an engine plans every step and most steps repeat a batch shape."""
     dims = dict(sizes)
-    return tuple(_expected(s, dims, q_dtype) for s in op.run_specs), _expected(op.output_spec, dims, q_dtype)
+    return tuple(expected_of(s, dims, q_dtype) for s in op.run_specs), expected_of(
+        op.output_spec, dims, q_dtype
+    )
 
 
 BatchT = TypeVar("BatchT")
@@ -413,7 +471,7 @@ class BatchPlan(Generic[BatchT]):
             raise ValueError(f"{name}: expected a tensor on {self._device} (the plan's), got {out.device}")
         check_writable(name, out)
         for spec_, t in zip(self._data_specs, inputs, strict=True):
-            if _overlap(out, t):
+            if overlaps(out, t):
                 raise ValueError(
                     f"{name}: expected memory apart from every input, got memory shared with {spec_.name} "
                     f"(the programs read {spec_.name} while they write {name})"
@@ -427,7 +485,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (extent * t.element_size() if t.numel() else 0)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' byte ranges meet (metadata only)."""
     if a.device != b.device or not a.numel() or not b.numel():
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
@@ -580,46 +639,13 @@ class PrefillOp(abc.ABC):
     def _checked_overrides(
         cls, kernel_map: Mapping[KernelKey, type[Kernel]]
     ) -> dict[KernelKey, type[Kernel]]:
-        checked: dict[KernelKey, type[Kernel]] = {}
-        for key, kernel in kernel_map.items():
-            if not _is_kernel_key(key):
-                raise TypeError(
-                    "kernel_map: expected BatchKey, RopeKey, AppendKey, RopeAppendKey or AttentionKey keys, "
-                    f"got {key!r} ({type(key).__name__})"
-                )
-            if key not in cls.kernel_keys:
-                raise ValueError(
-                    f"kernel_map: key {key.value} cannot serve any call of {cls.__name__}: expected one of "
-                    f"{[k.value for k in cls.kernel_keys]}, got {key.value}"
-                )
-            family = kernel_family(key)
-            if not isinstance(kernel, type) or not issubclass(kernel, Kernel):
-                raise TypeError(
-                    f"kernel_map[{key.value}]: expected a subclass of {family.__name__}, got {kernel!r}"
-                )
-            if kernel.key is not key:
-                raise ValueError(
-                    f"kernel_map[{key.value}]: expected a class whose .key is {key.value}, "
-                    f"got {kernel.__name__} with .key {kernel.key.value}"
-                )
-            if not issubclass(kernel, family):
-                raise TypeError(
-                    f"kernel_map[{key.value}]: expected a subclass of {family.__name__}, "
-                    f"got {kernel.__name__} (bases: {', '.join(b.__name__ for b in kernel.__mro__[1:])})"
-                )
-            checked[key] = kernel
-        return checked
+        return checked_kernel_map(cls.__name__, cls.kernel_keys, kernel_map)
 
     # --- what `plan` shares ----------------------------------------------------------------------
 
     @staticmethod
     def _concrete_device(device: torch.device | str) -> torch.device:
-        """`device` with its index: "cuda" is the current CUDA device, as tensors made on it say."""
-        concrete = torch.device(device)
-        index: int | None = concrete.index
-        if concrete.type == "cuda" and index is None:
-            return torch.device("cuda", torch.cuda.current_device())
-        return concrete
+        return concrete_device(device)
 
     def _shape_dims(self, shape: ShapeFacts) -> dict[str, Binding]:
         """The shape symbols a plan's `shape` fixes, checked like the inputs' sizes would be."""
