@@ -156,14 +156,17 @@ def test_every_tilelang_key_has_one_launch_record_and_custom_op() -> None:
         schema = getattr(torch.ops.tileprefill, key.value).default._schema
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert written and list(schema.returns) == [], key.value
+        # Every argument positional and required: inductor passes an argument with a default by
+        # keyword, which the launch (`*arguments`) would not see (seen on the GPU: the facts shifted).
+        assert not [a.name for a in schema.arguments if a.has_default_value() or a.kwarg_only], key.value
     meta = torch.device("meta")
     q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
     kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
-    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0, False)
+    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0, False, "int32")
     assert torch.ops.tileprefill.attn_dense_sm90(q, kv, kv, torch.empty_like(q), *facts) is None
     # The programs with the LSE output: one more custom op a key, writing out and lse.
     lse = torch.empty(2, 33, 8, dtype=torch.float32, device=meta)
-    with_lse = (*facts[:-1], True)
+    with_lse = (*facts[:-2], True, "int32")
     assert torch.ops.tileprefill.attn_dense_sm90_lse(q, kv, kv, torch.empty_like(q), lse, *with_lse) is None
     for key, record in attention_tl.LSE_RECORDS.items():
         assert record.mutates == ("out", "lse") and record.tensors[-2:] == ("out", "lse"), key.value
