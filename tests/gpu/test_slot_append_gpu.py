@@ -159,7 +159,7 @@ def test_op_uses_the_tl_kernel_and_writes_what_a_loop_writes(
 
 def test_out_of_range_slots_write_nothing_with_validate_off() -> None:
     _, ref = kernels()
-    tokens, num_pages, page_size, kv_heads, head_dim = 200, 10, 16, 2, 128
+    tokens, num_pages, page_size, kv_heads, head_dim = 200, 16, 16, 2, 128
     k_new = torch.randn(tokens, kv_heads, head_dim, dtype=torch.float16, device=DEV)
     v_new = torch.randn_like(k_new)
     slots = random_slots(tokens, num_pages * page_size, torch.int64)
