@@ -276,8 +276,8 @@ def kernel_table(fn: Callable[[], object]) -> str:
     return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
-def host_profile(name: str, fn: Callable[[], object], calls: int = 300) -> str:
-    """Where the host time of `fn` goes (cProfile, cumulative), after a warm-up."""
+def host_profile(name: str, fn: Callable[[], object], calls: int = 300, order: str = "cumulative") -> str:
+    """Where the host time of `fn` goes (cProfile, sorted by `order`), after a warm-up."""
     import cProfile
     import io
     import pstats
@@ -291,8 +291,8 @@ def host_profile(name: str, fn: Callable[[], object], calls: int = 300) -> str:
         fn()
     profiler.disable()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
-    return f"== host profile of {calls} calls of {name}\n{text.getvalue()}"
+    pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+    return f"== host profile of {calls} calls of {name}, by {order} time\n{text.getvalue()}"
 
 
 def main() -> int:
@@ -360,6 +360,10 @@ def main() -> int:
             PROFILE_LINES.append(
                 host_profile(f"GQAPagedCacheRopeAppendPrefill.plan validate={validate}", plan)
             )
+        # `run`, by own time: the launches' TVM-FFI entries (C) against the Python and torch around them.
+        for name in ("GQAPrefill", "GQAPagedCachePrefill", "GQAPagedCacheRopeAppendPrefill"):
+            _, _, run = tiny.calls(False)[name]
+            PROFILE_LINES.append(host_profile(f"{name}.run", run, 2000, order="tottime"))
     for requests_, cached, new, page in ((32, 512, 128, 32), (2, 2048, 256, 1)):
         report["chunked"].append(chunked(requests_, cached, new, page, dtype))
     with open(args.out, "w") as f:
