@@ -5,7 +5,7 @@
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
 #   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
 #                                             process) into $OUT; e.g. `bench --quick`
-#   scripts/gpu_host.sh costs                 first-call compile and per-call host time, to $OUT/costs.json
+#   scripts/gpu_host.sh costs [--profile F]   first-call compile and per-call host time, to $OUT/costs.json
 #   scripts/gpu_host.sh sanitize [pytest args] every kernel key under compute-sanitizer (memcheck, racecheck,
 #                                             synccheck), logs to $OUT; LIMIT bounds the whole pytest run
 #   scripts/gpu_host.sh fuzz [fuzz args]      tests/gpu/fuzz.py, e.g. `fuzz --seed 1 --budget-s 120`
@@ -37,7 +37,7 @@ case "$what" in
       | tee "$out/bench.log"
     ;;
   costs)
-    timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" 2>&1 | grep -v '\[TileLang:'
+    timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" "$@" 2>&1 | grep -v '\[TileLang:'
     ;;
   sanitize)
     export PATH="$PATH:$CUDA_HOME/bin" TILEPREFILL_SANITIZE_LOGS="$out"
