@@ -16,9 +16,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from tileprefill.context import Arch
+from tileprefill.context import Arch, DType
 from tileprefill.kernels import append_tl, rope_tl
+from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import CompileCase
+from tileprefill.kernels.launch import scalars
 from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import AppendKey, RopeKey
 
@@ -86,7 +88,8 @@ def test_fakes_return_nothing() -> None:
     x = torch.empty(7, 4, 64, dtype=torch.bfloat16, device=meta)
     positions = torch.empty(7, dtype=torch.int32, device=meta)
     table = torch.empty(100, 16, dtype=torch.float32, device=meta)
-    facts = ("sm90", "bfloat16", 4, 4, 64, True, 1.0, 0, 32, 0, 0.0)
+    # The static facts as the custom ops take them (every schema scalar, in schema order).
+    facts = scalars(StaticFacts(Arch.SM90, DType.BF16, 4, 4, 64, rotary_dim=32))
     assert torch.ops.tileprefill.rope_neox_tl(x, positions, table, table, torch.empty_like(x), *facts) is None
     new = torch.empty(2, 3, 4, 64, dtype=torch.float16, device=meta)
     cache = torch.empty(2, 9, 4, 64, dtype=torch.float16, device=meta)
