@@ -134,6 +134,18 @@ def test_cases_compile_what_the_kernels_run(arch: Arch) -> None:
         assert attention_tl.program_arch(case.key) is arch
 
 
+def test_compile_check_rejects_a_fence_of_more_registers_than_a_thread_has() -> None:
+    """The fence counts of TileLang's CUDA: a thread's registers pass, a fragment's element count
+    (what `T.warpgroup_fence_operand(fragment)` without `num_regs` emits) does not."""
+    line = "tl::warpgroup_fence_operand(reinterpret_cast<float*>({name} + 0), {count});"
+    counts = (("s", 64), ("o", 128), ("p", 32))
+    fine = "\n".join(line.format(name=name, count=count) for name, count in counts)
+    assert compile_check.source_errors(fine) is None
+    wrong = fine + "\n" + line.format(name="s", count=8192)
+    error = compile_check.source_errors(wrong)
+    assert error is not None and "at most 255" in error and "got 8192" in error
+
+
 def test_compile_check_rejects_an_unknown_arch() -> None:
     with pytest.raises(ValueError, match="arch: expected one of"):
         compile_check.main(arch="sm_70", out_dir=None)

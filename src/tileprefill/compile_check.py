@@ -3,7 +3,8 @@
 `python -m tileprefill.compile_check --arch sm_90a [--out-dir DIR]` (or `main`)
 collects `compile_cases(arch)` from the TileLang kernel modules (attention,
 RoPE, append, slot append), compiles each with `kernels.compile.build_to` (no GPU needed),
-checks that a non-empty .cubin (or .fatbin) was written, prints one row per case and fails
+checks that a non-empty .cubin (or .fatbin) was written and that the CUDA source fences no more
+registers than a thread has (`source_errors`), prints one row per case and fails
 unless every case compiled and every TileLang key serving the arch has a case.
 For sm_90a it also reports whether the CUDA source uses wgmma (informational).
 """
@@ -15,6 +16,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +45,28 @@ _ARCHS: dict[str, Arch] = {"sm_80": Arch.SM80, "sm_90a": Arch.SM90}
 
 #: Device binaries nvcc may write for a case.
 BINARY_SUFFIXES: tuple[str, ...] = (".cubin", ".fatbin")
+
+#: The most 32-bit registers a CUDA thread has.
+MAX_THREAD_REGISTERS = 255
+#: A register fence of TileLang's CUDA, `tl::warpgroup_fence_operand(<registers>, <count>)`.
+_FENCE = re.compile(r"warpgroup_fence_operand\((?:[^()]|\([^()]*\))*,\s*(\d+)\)")
+
+
+def source_errors(source: str) -> str | None:
+    """What is wrong in a program's generated CUDA that still compiles, or None.
+
+    `T.warpgroup_fence_operand(fragment)` without `num_regs` counts the fragment's elements
+    across the warpgroup, not a thread's registers: the fence then loops over thousands of
+    registers of a small array (undefined behaviour, and a PTX a hundred times larger; seen in
+    the SM90 attention programs, benchmarks/kernel-notes.md step 6)."""
+    counts = [int(count) for count in _FENCE.findall(source)]
+    too_many = [count for count in counts if count > MAX_THREAD_REGISTERS]
+    if too_many:
+        return (
+            f"warpgroup_fence_operand: expected at most {MAX_THREAD_REGISTERS} registers a fence "
+            f"(a thread's), got {max(too_many)}"
+        )
+    return None
 
 
 @attrs.frozen
@@ -98,8 +122,10 @@ def compile_case(case: CompileCase, arch: Arch, case_dir: str) -> Outcome:
         # which later archs JIT-compile) for sm_80.
         binaries = [p for suffix in BINARY_SUFFIXES for p in pathlib.Path(case_dir).rglob(f"*{suffix}")]
         cubin_bytes = sum(path.stat().st_size for path in binaries)
+        source = kernel.get_kernel_source()
         error = None if cubin_bytes > 0 else f"no non-empty .cubin/.fatbin written under {case_dir}"
-        uses_wgmma = "wgmma" in kernel.get_kernel_source()
+        error = error or source_errors(source)
+        uses_wgmma = "wgmma" in source
     except Exception as exc:  # reported per case; the check fails below
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         return Outcome(case.key, case.label, time.perf_counter() - started, 0, False, first_line[:200])

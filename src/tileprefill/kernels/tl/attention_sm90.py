@@ -297,8 +297,9 @@ def program(
         T.wgmma_gemm(p, b.Vs[prev, :, :], o, policy=policy)
         T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
         T.wait_wgmma(1)
-        # Pin the accumulators after the waits, so nvcc reads none of them earlier.
-        T.warpgroup_fence_operand(s)
+        # Pin the accumulators after the waits, so nvcc reads none of them earlier (the count is
+        # a thread's registers: the fragment's elements over the warpgroup's 128 threads).
+        T.warpgroup_fence_operand(s, num_regs=half * block_N // 128)
         T.mbarrier_arrive(b.k_free[slot])
         if capped:
             cap(s)
@@ -308,7 +309,7 @@ def program(
         else:
             softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
         T.wait_wgmma(0)
-        T.warpgroup_fence_operand(o)
+        T.warpgroup_fence_operand(o, num_regs=half * D // 128)
         T.mbarrier_arrive(b.v_free[prev])
         for i, j in T.Parallel(half, D):
             o[i, j] *= alpha[i]
