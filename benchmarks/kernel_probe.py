@@ -3,7 +3,11 @@ old-vs-new timing, side by side in one process (see benchmarks/kernel-notes.md).
 
 Run on a Hopper GPU from the repository root:
 
-    python benchmarks/kernel_probe.py [--quick] [--out DIR]
+    python benchmarks/kernel_probe.py [--quick] [--out DIR] [--ncu]
+
+`--ncu` also profiles one launch of the old and the new dense D128 non-causal program (S 8192)
+with Nsight Compute (`--clock-control none`, full set, source counters) and writes each
+report's details and per-instruction SASS table as CSV under DIR.
 
 The program modules are loaded without importing `tileprefill` itself (stub parent
 packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
@@ -11,7 +15,9 @@ of the package is being edited. The ragged, paged and contiguous cases are timed
 persistent, and built with `persistent_ctas = 0` (the one-CTA-per-tile grid the previous
 programs ran). `--wait-for FILE` holds the timing back until FILE exists, so the GPU test
 suite can share the call (and the CPUs for compiling) without disturbing the timings.
-`_old_attention_sm90.py` beside this file, if present, is loadable as module "old".
+`_old_attention_sm90.py` beside this file, if present, is loadable as module "old", and each
+`_variant_<name>.py` beside it as module "<name>": every version is timed on every case (only
+"new" is checked against the reference).
 """
 
 from __future__ import annotations
@@ -41,20 +47,39 @@ from tileprefill.kernels.tl import attention_configs, attention_sm90  # noqa: E4
 from tileprefill.kernels.tl.attention_parts import KVSource  # noqa: E402
 
 
-def _old_module() -> Any:
-    path = pathlib.Path(__file__).with_name("_old_attention_sm90.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("_old_attention_sm90", path)
+def _extra_pass_configs(factory: Any) -> dict[str, Any]:
+    """The TileLang pass configs a program factory asks for (`kernels/tl/build_options.py`, on trees
+    that have it)."""
+    try:
+        from tileprefill.kernels.tl import build_options
+    except ImportError:
+        return {}
+    return build_options.pass_configs(factory)
+
+
+def _load(path: pathlib.Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["_old_attention_sm90"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
 
 
-OLD = _old_module()
-MODULES = {"new": attention_sm90, "old": OLD}
+def _modules() -> dict[str, Any]:
+    """The versions timed side by side: "new" (the tree's program module), "old"
+    (`_old_attention_sm90.py` beside this file, if there) and one per `_variant_<name>.py`."""
+    here = pathlib.Path(__file__).parent
+    modules: dict[str, Any] = {"new": attention_sm90}
+    if (here / "_old_attention_sm90.py").exists():
+        modules["old"] = _load(here / "_old_attention_sm90.py")
+    for path in sorted(here.glob("_variant_*.py")):
+        modules[path.stem.removeprefix("_variant_")] = _load(path)
+    return modules
+
+
+MODULES = _modules()
+OLD = MODULES.get("old")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +97,7 @@ class Prog:
     persistent: bool = True
 
     def factory_args(self) -> tuple[Any, ...]:
-        config = attention_configs.sm90_config(self.head_dim)
+        config = attention_configs.sm90_config(self.head_dim, contiguous_cache=self.source == "contiguous")
         if not self.persistent:
             config = dataclasses.replace(config, persistent_ctas=0)
         return (
@@ -99,14 +124,18 @@ def compile_prog(prog: Prog) -> float:
     if prog in _KERNELS:
         return 0.0
     start = time.time()
-    func = MODULES[prog.module].program(*prog.factory_args())
+    factory = MODULES[prog.module].program
+    func = factory(*prog.factory_args())
     target = tilelang.tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         kernel = tilelang.compile(
             func,
             target=target,
             execution_backend="tvm_ffi",
-            pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True},
+            pass_configs={
+                tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
+                **_extra_pass_configs(factory),
+            },
         )
     _KERNELS[prog] = kernel
     return time.time() - start
@@ -415,12 +444,62 @@ def _wait_for(path: str | None, log: Any) -> None:
     log(f"waited {time.time() - start:.0f}s for {path}")
 
 
+#: The program and shape `--ncu` profiles (one launch after two warm-ups).
+NCU_CASE = ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False)
+
+
+def ncu_launch(module: str) -> None:
+    """Launch the NCU_CASE program of `module` three times (the child process ncu profiles)."""
+    import torch
+
+    _label, batch, seq, h, hk, d, dt, causal = NCU_CASE
+    prog = Prog(module, "dense", h, hk, d, dt, causal)
+    compile_prog(prog)
+    dtype = _dtype(dt)
+    q = torch.randn(batch, seq, h, d, device=DEV, dtype=dtype)
+    k = torch.randn(batch, seq, hk, d, device=DEV, dtype=dtype)
+    v = torch.randn(batch, seq, hk, d, device=DEV, dtype=dtype)
+    out = torch.empty_like(q)
+    for _ in range(3):
+        _KERNELS[prog](q, k, v, out)
+    torch.cuda.synchronize()
+
+
+def profile(module: str, out_dir: pathlib.Path, log: Any) -> None:
+    """ncu on the third launch of `module`'s NCU_CASE program: details and SASS source tables as CSV."""
+    import subprocess
+
+    ncu = os.environ.get("NCU", "ncu")
+    report = out_dir / f"ncu-{module}"
+    command = [
+        ncu, "--clock-control", "none", "--set", "full", "--import-source", "no",
+        "--launch-skip", "2", "--launch-count", "1", "--kernel-name", "regex:main_dense",
+        "-f", "-o", str(report), sys.executable, __file__, "--ncu-child", module,
+    ]  # fmt: skip
+    start = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    log(f"ncu {module}: exit {done.returncode} in {time.time() - start:.0f}s {done.stderr[-500:]}")
+    for page, extra in (("details", []), ("source", ["--print-source", "sass"])):
+        dump = subprocess.run(
+            [ncu, "-i", f"{report}.ncu-rep", "--page", page, "--csv", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        (out_dir / f"ncu-{module}-{page}.csv").write_text(dump.stdout + dump.stderr[-2000:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe"))
     parser.add_argument("--quick", action="store_true", help="correctness only")
+    parser.add_argument("--ncu", action="store_true", help="also profile old and new dense D128 (ncu)")
+    parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--wait-for", default=None, help="a file to wait for before timing")
     args = parser.parse_args()
+    if args.ncu_child:
+        ncu_launch(args.ncu_child)
+        return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "probe.log", "a")
@@ -435,53 +514,62 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"device {torch.cuda.get_device_name()} sms {sms}")
     B16 = "bfloat16"
+    versions = [name for name in MODULES if name != "new"] + ["new"]
     timing: list[tuple[str, Prog, Any]] = []
     for label, batch, seq, h, hk, d, dt, causal in DENSE_TIMING:
-        timing.append(
-            (f"{label} [dense, unchanged]", Prog("new", "dense", h, hk, d, dt, causal), ("dense", batch, seq))
-        )
+        for module in versions:
+            prog = Prog(module, "dense", h, hk, d, dt, causal)
+            timing.append((f"{label} [{module}]", prog, ("dense", batch, seq)))
     for label, source, ps, ql, kl in PACKED_TIMING:
-        for persistent in (False, True):
-            name = "new persistent" if persistent else "old grid"
-            prog = Prog("new", source, 32, 8, 128, B16, True, page_size=ps, persistent=persistent)
-            timing.append((f"{label} [{name}]", prog, (source, ql, kl)))
+        for module in versions:
+            prog = Prog(module, source, 32, 8, 128, B16, True, page_size=ps)
+            timing.append((f"{label} [{module}]", prog, (source, ql, kl)))
 
-    def both(prog: Prog) -> list[Prog]:
-        return [prog, dataclasses.replace(prog, persistent=False)]
-
-    # Unaligned lengths, empty sequences, q_len > kv_len (rows that see nothing), more tiles than
-    # CTAs and fewer, and batches wide enough that the walk's cost bands are wider than 1.
+    # The new program over every source: unaligned lengths, empty sequences, q_len > kv_len (rows
+    # that see nothing), more tiles than CTAs and fewer, batches wide enough that the walk's cost
+    # bands are wider than 1, one-CTA-per-tile grids, head dims of every tile config.
     rng = __import__("random").Random(7)
     many_q = [rng.choice([0, 1, 37, 128, 129, 300, 700]) for _ in range(40)]
     many_kv = [q + rng.choice([0, 5, 200, 900]) for q in many_q]
+    new = Prog("new", "ragged", 32, 8, 128, B16, True)
     ragged_checks = [
         (p, lens)
-        for p in both(Prog("new", "ragged", 32, 8, 128, B16, True))
+        for p in (new, dataclasses.replace(new, persistent=False))
         for lens in (([5, 0, 300, 128, 129], [5, 7, 500, 128, 100]), ([1], [1]), (many_q, many_kv))
     ]
     ragged_checks += [
         (Prog("new", "ragged", 16, 1, 64, "float16", False), ([5, 0, 300, 128, 129], [5, 7, 500, 128, 100])),
         (Prog("new", "ragged", 16, 1, 64, "float16", False), (many_q, many_kv)),
+        (Prog("new", "ragged", 16, 2, 192, B16, True), ([5, 0, 300, 129], [5, 7, 500, 100])),
     ]
     contiguous_checks = [
-        (p, (200, [500, 150, 0, 333], 640)) for p in both(Prog("new", "contiguous", 32, 8, 128, B16, True))
+        (Prog("new", "contiguous", 32, 8, 128, B16, True), (200, [500, 150, 0, 333], 640)),
+        (Prog("new", "contiguous", 32, 8, 128, B16, True), (700, [3000, 129, 700, 1], 3000)),
     ]
-    contiguous_checks.append(
-        (Prog("new", "contiguous", 32, 8, 128, B16, True), (700, [3000, 129, 700, 1], 3000))
-    )
     paged_checks = []
     for source, ps in (("paged", 1), ("paged_tiled", 16), ("paged_tiled", 32)):
-        for p in both(Prog("new", source, 32, 8, 128, B16, True, page_size=ps)):
-            paged_checks.append((p, ([100, 0, 37], [300, 10, 37])))
         p = Prog("new", source, 32, 8, 128, B16, True, page_size=ps)
+        paged_checks.append((p, ([100, 0, 37], [300, 10, 37])))
         paged_checks.append((p, (many_q, many_kv)))
         paged_checks.append((p, ([128] * 32, [640] * 32)))
+    dense_checks = [
+        (Prog("new", "dense", 32, 8, 128, B16, True), (2, 300, 777)),
+        (Prog("new", "dense", 32, 8, 128, B16, True), (1, 777, 300)),
+        (Prog("new", "dense", 32, 8, 128, "float16", False), (2, 1057, 1057)),
+        (Prog("new", "dense", 20, 4, 64, B16, True), (3, 1, 1)),
+        (Prog("new", "dense", 32, 2, 256, B16, True), (1, 1000, 1200)),
+        (Prog("new", "dense", 16, 1, 96, "float16", False), (2, 333, 129)),
+        (Prog("new", "dense", 16, 16, 176, B16, True), (1, 500, 900)),
+    ]
     progs = [p for _, p, _ in timing]
-    progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks]
+    progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks + dense_checks]
     failed = prebuild(progs, log)
 
     results: list[dict[str, Any]] = []
     torch.manual_seed(0)
+    for prog, (batch, sq, skv) in dense_checks:
+        if prog not in failed:
+            dense_case(prog, batch, sq, skv, results, log)
     for prog, (ql, kl) in ragged_checks:
         if prog not in failed:
             ragged_case(prog, ql, kl, results, log)
@@ -492,7 +580,7 @@ def main() -> None:
         if prog not in failed:
             paged_case(prog, ql, kl, results, log)
     for _label, prog, (source, a, b) in timing:
-        if prog.persistent and prog not in failed:
+        if prog.module == "new" and prog not in failed:
             if source == "dense":
                 dense_case(prog, min(a, 2), min(b, 2048) + 33, min(b, 2048) + 33, results, log)
             elif source == "ragged":
@@ -531,7 +619,12 @@ def main() -> None:
             indent=1,
         )
     )
+    if args.ncu:
+        for module in versions:
+            profile(module, out_dir, log)
     log(f"checks: {len(results) - len(bad)} ok, {len(bad)} failed; compile failures {len(failed)}")
+    for row in timings:
+        log(f"{row['case']:<48} {row['tflops']:7.1f}")
 
 
 if __name__ == "__main__":
