@@ -351,6 +351,10 @@ def program(
             exponentiate_seen(s, m, m_prev, alpha, False)
         add_row_sums(s, lp, alpha, False)
         pin_row_sums(lp, b.anchor, c)
+        # The pin is a generic-proxy shared write; the next Q K^T wgmma reads shared memory through
+        # the async proxy. Fence here, under the P V product, so that TileLang adds none between
+        # the turn barrier and that wgmma.
+        T.fence_proxy_async()
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(o, num_regs=half * D // 128)
         T.mbarrier_arrive(b.v_free[prev])
