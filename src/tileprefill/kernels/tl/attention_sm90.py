@@ -54,13 +54,14 @@ from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     KVSource,
     Work,
-    online_softmax,
+    scaled_exponentials,
     score_scale,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
     write_lse,
 )
+from tileprefill.kernels.tl.build_options import explicit_syncs
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
 ROWS_PER_CONSUMER = 64
@@ -110,8 +111,48 @@ class _Buffers:
     k_free: Any
     v_free: Any
     v_landed: Any  # a partial cache V tile has landed and may be cleaned
+    # (2, 64, 8) fp32, written each key step and never read: see `quad_partial_sums`.
+    anchor: Any
 
 
+def quad_partial_sums(rows: int, cols: int) -> Any:
+    """The macro that adds the probabilities `s` (rows, cols) of a key tile to each thread's partial
+    row sums `lp`, and the macro that pins them (see below).
+
+    In the wgmma accumulator layout a thread holds, of each of its rows, the columns
+    8 c + 2 (t % 4) + {0, 1}: the four threads of a quad share a row. A thread keeps the running
+    sum of its own columns in the first 8 columns of `lp`, a fragment shaped like the scores (so
+    that TileLang gives it their layout; its other columns stay 0). The quad's partial sums are
+    added up once, after the last key tile (`T.reduce_sum(lp, l, dim=1)`), instead of two
+    shuffles a row every key tile, and the partial sums are rescaled by `alpha` like the output.
+
+    The pin: ptxas hoists the wait for a key step's P V product above the softmax of the next
+    score tile (seen in SASS: the wait right after the row-max shuffles), so the exponentials
+    ran after the product instead of under it. A shared-memory store of the partial sums, which
+    depend on every exponential, before the wait keeps them ahead of it.
+    """
+
+    @T.macro
+    def accumulate(s: Any, lp: Any, alpha: Any, first: Any) -> None:
+        for i, j in T.Parallel(rows, 8):
+            if first:
+                lp[i, j] = s[i, j]
+            else:
+                lp[i, j] = lp[i, j] * alpha[i] + s[i, j]
+        for c in T.unroll(1, cols // 8):
+            for i, j in T.Parallel(rows, 8):
+                lp[i, j] += s[i, 8 * c + j]
+
+    @T.macro
+    def pin(lp: Any, anchor: Any, c: Any) -> None:
+        """Store lp's partial sums into anchor[c] (never read)."""
+        for i, j in T.Parallel(rows, 8):
+            anchor[c, i, j] = lp[i, j]
+
+    return accumulate, pin
+
+
+@explicit_syncs
 def program(
     source: KVSource,
     heads: int,
@@ -154,9 +195,10 @@ def program(
     assert producer_regs + 2 * consumer_regs <= REGISTERS_PER_THREAD * 3
     policy = T.GemmWarpPolicy.FullRow
 
-    softmax = online_softmax(half, block_N, scale)
+    exponentiate = scaled_exponentials(half, block_N, scale)
     # Tiles every row of the consumer sees whole: the row maxima are finite.
-    softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
+    exponentiate_seen = scaled_exponentials(half, block_N, scale, guard_empty=False)
+    add_row_sums, pin_row_sums = quad_partial_sums(half, block_N)
     mask = visibility_mask(half, block_N, causal, window)
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
@@ -280,8 +322,7 @@ def program(
         m: Any,
         m_prev: Any,
         alpha: Any,
-        row_sum: Any,
-        l: Any,
+        lp: Any,
         masked: Any,
     ) -> None:
         """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
@@ -305,9 +346,15 @@ def program(
             cap(s)
         if masked:
             mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, False)
+            exponentiate(s, m, m_prev, alpha, False)
         else:
-            softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
+            exponentiate_seen(s, m, m_prev, alpha, False)
+        add_row_sums(s, lp, alpha, False)
+        pin_row_sums(lp, b.anchor, c)
+        # The pin is a generic-proxy shared write; the next Q K^T wgmma reads shared memory through
+        # the async proxy. Fence here, under the P V product, so that TileLang adds none between
+        # the turn barrier and that wgmma.
+        T.fence_proxy_async()
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(o, num_regs=half * D // 128)
         T.mbarrier_arrive(b.v_free[prev])
@@ -318,10 +365,10 @@ def program(
     @T.macro
     def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
         """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
-        s, p, o, m, m_prev, alpha, row_sum, l = f
+        s, p, o, m, m_prev, alpha, lp, l = f
         row0 = w.q0 + c * half
         T.fill(o, 0)
-        T.fill(l, 0)
+        T.fill(lp, 0)
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
             if c == 1 and not persistent:
@@ -337,7 +384,8 @@ def program(
             if capped:
                 cap(s)
             mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, True)
+            exponentiate(s, m, m_prev, alpha, True)
+            add_row_sums(s, lp, alpha, True)
             T.copy(s, p)
             # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
             # the others after the first run masked: before lo (a window's lower edge) and from hi
@@ -347,11 +395,11 @@ def program(
             split = T.max(start, T.min(w.tiles, hi - w.k_first))
             if window:
                 for k in T.serial(1, start):
-                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, True)
             for k in T.serial(start, split):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, False)
             for k in T.serial(split, w.tiles):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, True)
             if persistent:
                 # Every Q K^T of the tile is done: the next tile's Q may land.
                 T.mbarrier_arrive(b.q_free)
@@ -360,15 +408,17 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
+        # The quads' partial sums, added up: the row sums.
+        T.reduce_sum(lp, l, dim=1)
         if lse:
             store_lse(b.LSE, m, l, w, row0)
-        # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
+        # One reciprocal a row, not a division an element (alpha is free now). A row that saw
         # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
         # this row's inputs) stays NaN: the README's NaN policy.
         for i in T.Parallel(half):
-            row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
+            alpha[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * alpha[i], 0)
         if source.ragged_q:
             # Rows past q_len belong to the next sequence: store row by row from registers.
             for i, d in T.Parallel(half, D):
@@ -394,9 +444,9 @@ def program(
         m = T.alloc_fragment([half], ACCUM)
         m_prev = T.alloc_fragment([half], ACCUM)
         alpha = T.alloc_fragment([half], ACCUM)
-        row_sum = T.alloc_fragment([half], ACCUM)
+        lp = T.alloc_fragment([half, block_N], ACCUM)  # see quad_partial_sums
         l = T.alloc_fragment([half], ACCUM)
-        return s, p, o, m, m_prev, alpha, row_sum, l
+        return s, p, o, m, m_prev, alpha, lp, l
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
@@ -427,6 +477,7 @@ def program(
         k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_landed = T.alloc_barrier([PRODUCER_THREADS])
+        anchor = T.alloc_shared([2, half, 8], ACCUM)
         return _Buffers(
             Q,
             K,
@@ -445,6 +496,7 @@ def program(
             k_free,
             v_free,
             v_landed,
+            anchor,
         )
 
     @T.macro
