@@ -146,15 +146,6 @@ def test_compile_check_rejects_a_fence_of_more_registers_than_a_thread_has() -> 
     assert error is not None and "at most 255" in error and "got 8192" in error
 
 
-def test_only_the_sm90_attention_programs_turn_tilelangs_barrier_insertion_off() -> None:
-    """They place every barrier themselves (`build_options.explicit_syncs`); the SM80 programs rely on
-    TileLang's (their shared tiles are written by every thread and read by others)."""
-    from tileprefill.kernels.tl import attention_sm80, attention_sm90, build_options
-
-    assert build_options.pass_configs(attention_sm90.program) == {"tl.disable_thread_storage_sync": True}
-    assert build_options.pass_configs(attention_sm80.program) == {}
-
-
 def test_compile_check_rejects_an_unknown_arch() -> None:
     with pytest.raises(ValueError, match="arch: expected one of"):
         compile_check.main(arch="sm_70", out_dir=None)

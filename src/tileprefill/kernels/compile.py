@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, assert_never
 import attrs
 
 from tileprefill.context import Arch
-from tileprefill.kernels.tl import build_options
 from tileprefill.keys import KernelKey
 
 if TYPE_CHECKING:
@@ -162,10 +161,7 @@ def _build(
     _quiet(tilelang)
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     target = tilelang.tvm.target.Target(_target_spec(nvcc_arch))
-    pass_configs: dict[str, Any] = {
-        tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
-        **build_options.pass_configs(factory),
-    }
+    pass_configs: dict[str, Any] = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
     if output_dir is not None:
         pass_configs["cuda.kernels_output_dir"] = output_dir
     program = factory(*args)

@@ -54,14 +54,13 @@ from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     KVSource,
     Work,
-    scaled_exponentials,
+    online_softmax,
     score_scale,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
     write_lse,
 )
-from tileprefill.kernels.tl.build_options import explicit_syncs
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
 ROWS_PER_CONSUMER = 64
@@ -111,48 +110,8 @@ class _Buffers:
     k_free: Any
     v_free: Any
     v_landed: Any  # a partial cache V tile has landed and may be cleaned
-    # (2, 64, 8) fp32, written each key step and never read: see `quad_partial_sums`.
-    anchor: Any
 
 
-def quad_partial_sums(rows: int, cols: int) -> Any:
-    """The macro that adds the probabilities `s` (rows, cols) of a key tile to each thread's partial
-    row sums `lp`, and the macro that pins them (see below).
-
-    In the wgmma accumulator layout a thread holds, of each of its rows, the columns
-    8 c + 2 (t % 4) + {0, 1}: the four threads of a quad share a row. A thread keeps the running
-    sum of its own columns in the first 8 columns of `lp`, a fragment shaped like the scores (so
-    that TileLang gives it their layout; its other columns stay 0). The quad's partial sums are
-    added up once, after the last key tile (`T.reduce_sum(lp, l, dim=1)`), instead of two
-    shuffles a row every key tile, and the partial sums are rescaled by `alpha` like the output.
-
-    The pin: ptxas hoists the wait for a key step's P V product above the softmax of the next
-    score tile (seen in SASS: the wait right after the row-max shuffles), so the exponentials
-    ran after the product instead of under it. A shared-memory store of the partial sums, which
-    depend on every exponential, before the wait keeps them ahead of it.
-    """
-
-    @T.macro
-    def accumulate(s: Any, lp: Any, alpha: Any, first: Any) -> None:
-        for i, j in T.Parallel(rows, 8):
-            if first:
-                lp[i, j] = s[i, j]
-            else:
-                lp[i, j] = lp[i, j] * alpha[i] + s[i, j]
-        for c in T.unroll(1, cols // 8):
-            for i, j in T.Parallel(rows, 8):
-                lp[i, j] += s[i, 8 * c + j]
-
-    @T.macro
-    def pin(lp: Any, anchor: Any, c: Any) -> None:
-        """Store lp's partial sums into anchor[c] (never read)."""
-        for i, j in T.Parallel(rows, 8):
-            anchor[c, i, j] = lp[i, j]
-
-    return accumulate, pin
-
-
-@explicit_syncs
 def program(
     source: KVSource,
     heads: int,
@@ -195,10 +154,9 @@ def program(
     assert producer_regs + 2 * consumer_regs <= REGISTERS_PER_THREAD * 3
     policy = T.GemmWarpPolicy.FullRow
 
-    exponentiate = scaled_exponentials(half, block_N, scale)
+    softmax = online_softmax(half, block_N, scale)
     # Tiles every row of the consumer sees whole: the row maxima are finite.
-    exponentiate_seen = scaled_exponentials(half, block_N, scale, guard_empty=False)
-    add_row_sums, pin_row_sums = quad_partial_sums(half, block_N)
+    softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
     mask = visibility_mask(half, block_N, causal, window)
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
@@ -322,7 +280,8 @@ def program(
         m: Any,
         m_prev: Any,
         alpha: Any,
-        lp: Any,
+        row_sum: Any,
+        l: Any,
         masked: Any,
     ) -> None:
         """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
@@ -346,15 +305,9 @@ def program(
             cap(s)
         if masked:
             mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
-            exponentiate(s, m, m_prev, alpha, False)
+            softmax(s, m, m_prev, alpha, row_sum, l, False)
         else:
-            exponentiate_seen(s, m, m_prev, alpha, False)
-        add_row_sums(s, lp, alpha, False)
-        pin_row_sums(lp, b.anchor, c)
-        # The pin is a generic-proxy shared write; the next Q K^T wgmma reads shared memory through
-        # the async proxy. Fence here, under the P V product, so that TileLang adds none between
-        # the turn barrier and that wgmma.
-        T.fence_proxy_async()
+            softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(o, num_regs=half * D // 128)
         T.mbarrier_arrive(b.v_free[prev])
@@ -365,10 +318,10 @@ def program(
     @T.macro
     def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
         """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
-        s, p, o, m, m_prev, alpha, lp, l = f
+        s, p, o, m, m_prev, alpha, row_sum, l = f
         row0 = w.q0 + c * half
         T.fill(o, 0)
-        T.fill(lp, 0)
+        T.fill(l, 0)
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
             if c == 1 and not persistent:
@@ -384,8 +337,7 @@ def program(
             if capped:
                 cap(s)
             mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
-            exponentiate(s, m, m_prev, alpha, True)
-            add_row_sums(s, lp, alpha, True)
+            softmax(s, m, m_prev, alpha, row_sum, l, True)
             T.copy(s, p)
             # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
             # the others after the first run masked: before lo (a window's lower edge) and from hi
@@ -395,11 +347,11 @@ def program(
             split = T.max(start, T.min(w.tiles, hi - w.k_first))
             if window:
                 for k in T.serial(1, start):
-                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, True)
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
             for k in T.serial(start, split):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, False)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
             for k in T.serial(split, w.tiles):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, lp, True)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
             if persistent:
                 # Every Q K^T of the tile is done: the next tile's Q may land.
                 T.mbarrier_arrive(b.q_free)
@@ -408,17 +360,15 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
-        # The quads' partial sums, added up: the row sums.
-        T.reduce_sum(lp, l, dim=1)
         if lse:
             store_lse(b.LSE, m, l, w, row0)
-        # One reciprocal a row, not a division an element (alpha is free now). A row that saw
+        # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
         # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
         # this row's inputs) stays NaN: the README's NaN policy.
         for i in T.Parallel(half):
-            alpha[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
+            row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * alpha[i], 0)
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
         if source.ragged_q:
             # Rows past q_len belong to the next sequence: store row by row from registers.
             for i, d in T.Parallel(half, D):
@@ -444,9 +394,9 @@ def program(
         m = T.alloc_fragment([half], ACCUM)
         m_prev = T.alloc_fragment([half], ACCUM)
         alpha = T.alloc_fragment([half], ACCUM)
-        lp = T.alloc_fragment([half, block_N], ACCUM)  # see quad_partial_sums
+        row_sum = T.alloc_fragment([half], ACCUM)
         l = T.alloc_fragment([half], ACCUM)
-        return s, p, o, m, m_prev, alpha, lp, l
+        return s, p, o, m, m_prev, alpha, row_sum, l
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
@@ -477,7 +427,6 @@ def program(
         k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
         v_landed = T.alloc_barrier([PRODUCER_THREADS])
-        anchor = T.alloc_shared([2, half, 8], ACCUM)
         return _Buffers(
             Q,
             K,
@@ -496,7 +445,6 @@ def program(
             k_free,
             v_free,
             v_landed,
-            anchor,
         )
 
     @T.macro
