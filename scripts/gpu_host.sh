@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU host (torch, pytest, triton present; no tilelang, no network):
 # unpack the archives that ../shared/gpu/pack.sh wrote into .gpu/, then run what is asked.
+# A call that carries both archives (bench with the TileOPs peer) needs them slimmed first, once,
+# here: scripts/slim_gpu_archives.sh (as packed, they and the tracked files pass a call's 64 MiB).
 #   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
 #   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
