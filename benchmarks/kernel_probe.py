@@ -5,16 +5,16 @@ Run on a Hopper GPU from the repository root:
 
     python benchmarks/kernel_probe.py [--quick] [--out DIR] [--ncu]
 
-`--ncu` also profiles one launch of the old and the new dense D128 non-causal program (S 8192)
+`--ncu` also profiles one launch of every version's dense D128 non-causal program (S 8192)
 with Nsight Compute (`--clock-control none`, full set, source counters) and writes each
 report's details and per-instruction SASS table as CSV under DIR.
 
 The program modules are loaded without importing `tileprefill` itself (stub parent
 packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
-of the package is being edited. The ragged, paged and contiguous cases are timed twice:
-persistent, and built with `persistent_ctas = 0` (the one-CTA-per-tile grid the previous
-programs ran). `--wait-for FILE` holds the timing back until FILE exists, so the GPU test
-suite can share the call (and the CPUs for compiling) without disturbing the timings.
+of the package is being edited. The new program is checked on every source (the ragged one
+also with `persistent_ctas = 0`, the one-CTA-per-tile grid). `--wait-for FILE` holds the
+timing back until FILE exists, so the GPU test suite can share the call (and the CPUs for
+compiling) without disturbing the timings.
 `_old_attention_sm90.py` beside this file, if present, is loadable as module "old", and each
 `_variant_<name>.py` beside it as module "<name>": every version is timed on every case (only
 "new" is checked against the reference).
@@ -79,7 +79,6 @@ def _modules() -> dict[str, Any]:
 
 
 MODULES = _modules()
-OLD = MODULES.get("old")
 
 
 @dataclasses.dataclass(frozen=True)
