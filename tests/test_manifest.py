@@ -35,6 +35,11 @@ def _outputs(op: AnyOpClass) -> tuple[TensorSpec, ...]:
     return (op.output_spec,) if issubclass(op, PrefillOp) else ()  # type: ignore[union-attr]
 
 
+def _outputs_with_lse(op: AnyOpClass) -> tuple[TensorSpec, ...]:
+    """What an attention Op built with return_lse=True returns: the output, then the LSE."""
+    return (op.output_spec, op.lse_spec) if issubclass(op, PrefillOp) else ()  # type: ignore[union-attr]
+
+
 def test_every_exported_op_is_in_the_manifest_and_back(manifest: Manifest) -> None:
     exported = {name for name in tp.__all__ if name.startswith("GQA")}
     assert exported == {op.__name__ for op in PUBLIC_OPS}
@@ -58,6 +63,9 @@ def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: AnyOpClas
     ]
     assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
         (s.name, s.dtype.value, s.shape) for s in _outputs(op)
+    ]
+    assert [(o.name, o.dtype, o.shape) for o in entry.outputs_with_lse] == [
+        (s.name, s.dtype.value, s.shape) for s in _outputs_with_lse(op)
     ]
     # What a cache write writes in place (its only effect); the attention Ops return their output.
     assert list(entry.mutates) == list(getattr(op, "mutates", ()))

@@ -446,11 +446,11 @@ def test_validate_false_keeps_metadata_checks(oracle: Oracle, gen: torch.Generat
 @pytest.mark.parametrize(
     "make,words",
     [
-        (lambda: tp.GQAPrefill(causal=1), ("causal", "bool", "got 1")),  # type: ignore[arg-type]
+        (lambda: tp.GQAPrefill(causal=1), ("causal", "bool", "got 1")),  # type: ignore[call-overload]
         (lambda: tp.GQAPrefill(sm_scale=-0.5), ("sm_scale", "positive", "got -0.5")),
-        (lambda: tp.GQAPrefill(validate="no"), ("validate", "bool", "'no'")),  # type: ignore[arg-type]
+        (lambda: tp.GQAPrefill(validate="no"), ("validate", "bool", "'no'")),  # type: ignore[call-overload]
         (lambda: tp.GQARopePrefill(rope=tp.RopeMode.NONE), ("rope", "NEOX", "RopeMode.NONE")),
-        (lambda: tp.GQARopePrefill(rope="neox"), ("rope", "NEOX", "'neox'")),  # type: ignore[arg-type]
+        (lambda: tp.GQARopePrefill(rope="neox"), ("rope", "NEOX", "'neox'")),  # type: ignore[call-overload]
         (lambda: tp.GQARopePrefill(rope=tp.RopeMode.NEOX, rotary_dim=33), ("rotary_dim", "even", "got 33")),
         (lambda: tp.GQAPrefill(sliding_window=0), ("sliding_window", ">= 1", "got 0")),
         (lambda: tp.GQAPrefill(sliding_window=True), ("sliding_window", ">= 1", "got True")),

@@ -82,6 +82,9 @@ class OpEntry:
     kernel_map: tuple[KernelEntry, ...]
     #: The inputs the Op writes in place (a cache write's caches; empty for the attention Ops).
     mutates: tuple[str, ...] = ()
+    #: What the calls of an attention Op built with `return_lse=True` return, in order (the output,
+    #: then the LSE), and its `run_into` takes as `out`; empty for a cache write.
+    outputs_with_lse: tuple[TensorEntry, ...] = ()
 
 
 @attrs.frozen
@@ -161,6 +164,9 @@ def _op(item: object, where: str) -> OpEntry:
         ),
         kernel_map=tuple(kernels),
         mutates=_names(signature.get("mutates", []), f"{where}.signature.mutates"),
+        outputs_with_lse=_tensors(
+            signature.get("outputs_with_lse", []), f"{where}.signature.outputs_with_lse"
+        ),
     )
 
 

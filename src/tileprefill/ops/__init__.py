@@ -3,9 +3,9 @@
 The ten attention Ops (`PUBLIC_OPS`) and the cache write without attention (`CACHE_OPS`).
 """
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-from tileprefill.ops.base import BatchPlan, PrefillOp
+from tileprefill.ops.base import BatchPlan, OpOptions, OutputAndLSE, PrefillOp, RopeOpOptions
 from tileprefill.ops.contiguous import (
     ContiguousCacheOp,
     ContiguousShape,
@@ -31,8 +31,8 @@ from tileprefill.ops.paged import (
 )
 from tileprefill.ops.slots import PagedCacheSlotAppend, PagedCacheSlotAppendPlan, SlotAppendShape
 
-#: The class of a public Op (each extends one layout base).
-OpClass: TypeAlias = type[NoCacheOp] | type[ContiguousCacheOp] | type[PagedCacheOp]
+#: The class of a public Op (each extends one layout base), with or without the LSE.
+OpClass: TypeAlias = type[NoCacheOp[Any]] | type[ContiguousCacheOp[Any]] | type[PagedCacheOp[Any]]
 
 #: Every public Op class, in the order of the architecture's table.
 PUBLIC_OPS: tuple[OpClass, ...] = (
@@ -70,11 +70,14 @@ __all__ = [
     "GQAVarlenRopePrefill",
     "NoCacheOp",
     "OpClass",
+    "OpOptions",
+    "OutputAndLSE",
     "PagedCacheOp",
     "PagedCacheSlotAppend",
     "PagedCacheSlotAppendPlan",
     "PagedShape",
     "PrefillOp",
+    "RopeOpOptions",
     "SlotAppendShape",
     "VarlenShape",
 ]

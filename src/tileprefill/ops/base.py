@@ -11,7 +11,24 @@ An engine calls attention once per layer per step, so an Op splits a call in two
 - `plan.run(<data tensors>)`, once per layer: metadata checks that read no
   device memory, the output allocation, and the launches.
 
-`op(<all inputs>)` is `op.plan(...).run(...)` in one call. A layout module
+`op(<all inputs>)` is `op.plan(...).run(...)` in one call.
+
+The log-sum-exp (`return_lse=True`, a constructor flag): cascade and context-parallel
+attention merge partial results over split key ranges through each row's softmax
+log-sum-exp, so an Op built with it returns `(out, lse)` from every call and `run`,
+lse float32 `(tokens, Hq)` for packed q and `(B, Sq, Hq)` for dense q: the natural log
+of the sum over the visible keys of exp(scaled, capped score), as FlashInfer and
+flash-attn define it, and -inf for a row that sees no key. `run_into` takes what `run`
+returns as its first argument: the caller's `out`, or the pair `(out, lse)`.
+
+Why a constructor flag and a type parameter, not a per-call flag or optional tensors: the
+kernel with the LSE output is another compiled program, chosen once when a plan binds its
+kernels; `run`'s inputs stay fixed and ordered; and the result type is known statically.
+Each public Op is generic in what its calls return (`ResultT`: `torch.Tensor`, or
+`OutputAndLSE`), and its constructor overloads (for type checkers only, on each public
+class: mypy does not carry a base class's self-type overloads to subclasses) bind
+`return_lse=True` to `OutputAndLSE`, so `mypy --strict` proves `out, lse = op(...)` and
+`plan.run(...)`. A `return_lse` that is a plain bool gives the union. A layout module
 (`ops/dense.py`, `ops/contiguous.py`, `ops/paged.py`) says how one layout's
 inputs become a context, what its plan derives and which launches a plan
 means; a public Op names its inputs and writes each signature once.
@@ -31,12 +48,23 @@ import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, Required, TypeAlias, TypedDict, TypeVar, cast
 
 import torch
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode, arch_of
-from tileprefill.kernels.base import Kernel, RopeAppendLaunch, RopeLaunch, StaticFacts
+from tileprefill.kernels.base import (
+    NO_LSE,
+    ContiguousAttentionKernel,
+    DenseAttentionKernel,
+    Kernel,
+    PagedAttentionKernel,
+    RaggedAttentionKernel,
+    RopeAppendLaunch,
+    RopeLaunch,
+    StaticFacts,
+)
 from tileprefill.kernels.launch import check_writable
 from tileprefill.kernels.registry import ALL_KERNELS, kernel_family
 from tileprefill.keys import (
@@ -70,6 +98,32 @@ from tileprefill.validation import (
 )
 
 KernelT = TypeVar("KernelT", bound=Kernel)
+
+#: What the calls of an Op built with `return_lse=True` return: the output and the float32 LSE.
+OutputAndLSE: TypeAlias = tuple[torch.Tensor, torch.Tensor]
+#: What an Op's calls (`op(...)`, `plan.run(...)`) return: its output, or with `return_lse=True`
+#: (out, lse). Its default keeps a bare `GQAPrefill` annotation meaning the Op without the LSE.
+ResultT = DefaultTypeVar("ResultT", bound=torch.Tensor | OutputAndLSE, default=torch.Tensor)
+
+
+class OpOptions(TypedDict, total=False):
+    """The constructor parameters of an Op without RoPE other than `return_lse` (the typing-only
+    constructor overloads of the public Ops take them as `**options`)."""
+
+    causal: bool
+    sm_scale: float | None
+    sliding_window: int | None
+    softcap: float | None
+    kernel_map: Mapping[KernelKey, type[Kernel]] | None
+    validate: bool
+
+
+class RopeOpOptions(OpOptions, total=False):
+    """`OpOptions` of an Op with RoPE: `rope` is required."""
+
+    rope: Required[RopeMode]
+    rotary_dim: int | None
+
 
 #: The RoPE tables every RoPE Op takes last: float32 (max_position, rotary_dim // 2).
 COS = spec("cos", DtypeRule.FLOAT32, "P, R2")
@@ -253,6 +307,29 @@ def checked_kernel_map(
     return checked
 
 
+#: The attention families whose `with_lse` an Op built with `return_lse=True` calls.
+_ATTENTION_FAMILIES: tuple[type[Kernel], ...] = (
+    DenseAttentionKernel,
+    RaggedAttentionKernel,
+    ContiguousAttentionKernel,
+    PagedAttentionKernel,
+)
+
+
+def _check_computes_lse(kernel_map: Mapping[KernelKey, type[Kernel]]) -> None:
+    """Every attention kernel of an Op built with `return_lse=True` implements `with_lse` (a
+    `kernel_map` override may implement `__call__` only): found on construction, not mid-run."""
+    for key, kernel in kernel_map.items():
+        # The class whose `with_lse` the kernel's calls resolve to (None outside attention).
+        owner = next((c for c in kernel.__mro__ if "with_lse" in vars(c)), None)
+        if owner is not None and owner in _ATTENTION_FAMILIES:
+            raise ValueError(
+                f"kernel_map[{key.value}]: expected a class that implements with_lse (the Op was built "
+                f"with return_lse=True), got {kernel.__name__}, which inherits {owner.__name__}.with_lse "
+                "(it raises NotImplementedError)"
+            )
+
+
 def concrete_device(device: torch.device | str) -> torch.device:
     """`device` with its index: "cuda" is the current CUDA device, as tensors made on it say."""
     concrete = torch.device(device)
@@ -355,29 +432,34 @@ def expected_of(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) ->
 
 @functools.lru_cache(maxsize=1024)
 def _expectations(
-    op: type[PrefillOp], sizes: tuple[tuple[str, int], ...], q_dtype: torch.dtype
-) -> tuple[tuple[Expected, ...], Expected]:
-    """What a plan of `op` whose shape symbols have `sizes` expects of `run`'s tensors and of an
-    output: cached, since an engine plans every step and most steps repeat a batch shape."""
+    op: type[PrefillOp[Any]], sizes: tuple[tuple[str, int], ...], q_dtype: torch.dtype
+) -> tuple[tuple[Expected, ...], Expected, Expected]:
+    """What a plan of `op` whose shape symbols have `sizes` expects of `run`'s tensors, of an
+    output and of an LSE: cached, since an engine plans every step and most steps repeat a batch
+    shape."""
     dims = dict(sizes)
-    return tuple(expected_of(s, dims, q_dtype) for s in op.run_specs), expected_of(
-        op.output_spec, dims, q_dtype
+    return (
+        tuple(expected_of(s, dims, q_dtype) for s in op.run_specs),
+        expected_of(op.output_spec, dims, q_dtype),
+        expected_of(op.lse_spec, dims, q_dtype),
     )
 
 
 BatchT = TypeVar("BatchT")
 
 
-class BatchPlan(Generic[BatchT]):
+class BatchPlan(Generic[BatchT, ResultT]):
     """What `op.plan(...)` returns: the steps of a batch and what its runs share. Immutable.
 
-    Subclasses (one per public Op) add `run(<data tensors>)`, which checks the data
-    tensors' metadata against the plan (reading no device memory) and launches.
+    Subclasses (one per public Op) add `run(<data tensors>) -> ResultT`, which checks the data
+    tensors' metadata against the plan (reading no device memory) and launches, and
+    `run_into(out, <data tensors>) -> ResultT`, the same into the caller's `out`: a tensor, or
+    with `return_lse=True` the pair (out, lse), as `run` returns it.
     """
 
     def __init__(
         self,
-        op: PrefillOp,
+        op: PrefillOp[Any],
         steps: StepNames,
         context: CallFacts,
         dims: Dims,
@@ -394,8 +476,13 @@ class BatchPlan(Generic[BatchT]):
         self._data_specs = op.run_specs
         self._device = context.device
         sizes = tuple((symbol, binding.value) for symbol, binding in dims.items())
-        self._expected, self._expected_out = _expectations(type(op), sizes, context.q_dtype)
+        self._expected, self._expected_out, self._expected_lse = _expectations(
+            type(op), sizes, context.q_dtype
+        )
         self._out_spec = op.output_spec
+        self._lse_spec = op.lse_spec
+        #: Whether the plan's attention kernel writes the LSE and its runs return (out, lse).
+        self._lse = op.return_lse
 
     @property
     def plan(self) -> PrefillPlan:
@@ -453,29 +540,80 @@ class BatchPlan(Generic[BatchT]):
         check_metadata(self._data_specs, tensors, bound=self._dims, device=self._device)
         raise AssertionError(f"plan check: {[tuple(t.shape) for t in tensors]} differ from the plan")
 
-    def _check_out(self, out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+    def _allocate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of `run` (like q) and, with `return_lse`, its LSE (float32, q's shape less the
+        head dim); `NO_LSE` otherwise (the launches neither read nor write it). Both follow q's sizes,
+        as torch.compile traces them."""
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if self._lse else NO_LSE
+        return torch.empty_like(q), lse
+
+    def _result(self, out: torch.Tensor, lse: torch.Tensor) -> ResultT:
+        """What the runs of this plan return: `out`, or (out, lse) with `return_lse` (the Op's type
+        parameter says which; the cast states what the constructor overloads bound it to)."""
+        return cast(ResultT, (out, lse) if self._lse else out)
+
+    def _callers_outputs(
+        self, outputs: object, inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first argument of `run_into` checked (metadata only, before anything is written) and
+        split into the output and the LSE buffer (`NO_LSE` without `return_lse`)."""
+        name = self._out_spec.name
+        if not self._lse:
+            if isinstance(outputs, tuple):
+                raise TypeError(
+                    f"{name}: expected a torch.Tensor (the Op was built without return_lse), "
+                    f"got a tuple of {len(outputs)}"
+                )
+            return self._check_out(outputs, inputs), NO_LSE
+        if not (isinstance(outputs, tuple) and len(outputs) == 2):
+            got = f"a tuple of {len(outputs)}" if isinstance(outputs, tuple) else type(outputs).__name__
+            raise TypeError(
+                f"{name}: expected the pair ({name}, {self._lse_spec.name}) of tensors (the Op was built "
+                f"with return_lse=True), got {got}"
+            )
+        out = self._check_out(outputs[0], inputs)
+        return out, self._check_lse(outputs[1], out, inputs)
+
+    def _check_out(self, out: object, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """`out` of `run_into`: the output's dtype, shape and device, contiguous and 16-byte aligned
         (the programs write it directly), sharing no memory with an input (metadata only)."""
-        expected = self._expected_out
-        name = self._out_spec.name
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != expected.dtype:
-            raise ValueError(f"{name}: expected dtype {expected.dtype} (the plan's), got {out.dtype}")
-        if tuple(out.shape) != expected.shape:
+        return self._check_written(self._out_spec, self._expected_out, out, inputs)
+
+    def _check_lse(self, lse: object, out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The LSE buffer of `run_into`, like `out`; and apart from `out` too (both are written)."""
+        checked = self._check_written(self._lse_spec, self._expected_lse, lse, inputs)
+        if overlaps(checked, out):
+            name, out_name = self._lse_spec.name, self._out_spec.name
             raise ValueError(
-                f"{name}: expected shape {self._out_spec.shape} = {expected.shape} (the plan's), "
-                f"got {tuple(out.shape)}"
+                f"{name}: expected memory apart from {out_name}, got memory shared with {out_name} "
+                "(the programs write both)"
             )
-        if out.device != self._device:
-            raise ValueError(f"{name}: expected a tensor on {self._device} (the plan's), got {out.device}")
-        check_writable(name, out)
-        for spec_, t in zip(self._data_specs, inputs, strict=True):
-            if overlaps(out, t):
+        return checked
+
+    def _check_written(
+        self, spec_: TensorSpec, expected: Expected, t: object, inputs: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """A caller's tensor a run writes (returned, checked): the plan's dtype, shape and device,
+        contiguous and 16-byte aligned, sharing no memory with an input (metadata only)."""
+        name = spec_.name
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != expected.dtype:
+            raise ValueError(f"{name}: expected dtype {expected.dtype} (the plan's), got {t.dtype}")
+        if tuple(t.shape) != expected.shape:
+            raise ValueError(
+                f"{name}: expected shape {spec_.shape} = {expected.shape} (the plan's), got {tuple(t.shape)}"
+            )
+        if t.device != self._device:
+            raise ValueError(f"{name}: expected a tensor on {self._device} (the plan's), got {t.device}")
+        check_writable(name, t)
+        for input_spec, x in zip(self._data_specs, inputs, strict=True):
+            if overlaps(t, x):
                 raise ValueError(
-                    f"{name}: expected memory apart from every input, got memory shared with {spec_.name} "
-                    f"(the programs read {spec_.name} while they write {name})"
+                    f"{name}: expected memory apart from every input, got memory shared with "
+                    f"{input_spec.name} (the programs read {input_spec.name} while they write {name})"
                 )
+        return t
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -493,8 +631,9 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-#: Attention of q over a plan's caches into out (q, k_cache, v_cache, out), the plan's metadata bound.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: Attention of q over a plan's caches into out and lse (q, k_cache, v_cache, out, lse), the plan's
+#: metadata bound; lse is `NO_LSE` unless the plan was made with `return_lse`.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 #: The write of k_new, v_new into a plan's caches (k_new, v_new, k_cache, v_cache), metadata bound.
 Append = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -512,7 +651,7 @@ class CacheSteps(NamedTuple):
     rope_append: RopeAppendLaunch | None
 
 
-class CachePlan(BatchPlan[CacheSteps]):
+class CachePlan(BatchPlan[CacheSteps, ResultT]):
     """A plan over a KV cache: its runs rotate and write the new keys (append Ops), then attend."""
 
     #: The names of the two cache inputs, for errors.
@@ -528,7 +667,8 @@ class CachePlan(BatchPlan[CacheSteps]):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         out: torch.Tensor,
-    ) -> torch.Tensor:
+        lse: torch.Tensor,
+    ) -> None:
         s = self._batch
         if s.append is not None or s.rope_append is not None:
             # The caches are written in place: they cannot be copied into the layout the programs need.
@@ -545,12 +685,15 @@ class CachePlan(BatchPlan[CacheSteps]):
                 assert cos is not None and sin is not None
                 q, k_new = rotate(s.rope_q, s.rope_k, q, k_new, s.positions, s.positions, cos, sin)
             s.append(k_new, v_new, k_cache, v_cache)
-        s.attend(q, k_cache, v_cache, out)
-        return out
+        s.attend(q, k_cache, v_cache, out, lse)
 
 
-class PrefillOp(abc.ABC):
-    """Base of the public Ops. Subclasses declare their traits and input specs as class variables."""
+class PrefillOp(abc.ABC, Generic[ResultT]):
+    """Base of the public Ops. Subclasses declare their traits and input specs as class variables.
+
+    Generic in what its calls return (`ResultT`): the output, or (out, lse) when built with
+    `return_lse=True` (the module docstring says why and how the type follows the flag).
+    """
 
     # Traits of the Op: what contexts it builds (and so which kernels can serve it).
     kv_layout: ClassVar[KVLayout]
@@ -560,13 +703,15 @@ class PrefillOp(abc.ABC):
     #: The Op's tensor inputs, in call order, and its output (the manifest lists the same).
     input_specs: ClassVar[tuple[TensorSpec, ...]]
     output_spec: ClassVar[TensorSpec]
+    #: The float32 log-sum-exp its calls also return with `return_lse=True` (out's shape less D).
+    lse_spec: ClassVar[TensorSpec]
     #: The names of the inputs `plan` takes (the per-batch metadata); `run` takes the others.
     plan_inputs: ClassVar[tuple[str, ...]]
     #: The specs of `plan`'s and `run`'s tensor inputs, in call order (derived).
     plan_specs: ClassVar[tuple[TensorSpec, ...]]
     run_specs: ClassVar[tuple[TensorSpec, ...]]
     #: The class of this Op's plans (it adds `run` with the Op's data tensors).
-    plan_class: ClassVar[type[BatchPlan[Any]]]
+    plan_class: ClassVar[type[BatchPlan[Any, Any]]]
     #: The keys any call of this Op may plan, and the registered kernel class of each.
     kernel_keys: ClassVar[tuple[KernelKey, ...]]
     default_kernel_map: ClassVar[Mapping[KernelKey, type[Kernel]]]
@@ -590,6 +735,7 @@ class PrefillOp(abc.ABC):
         sm_scale: float | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        return_lse: bool = False,
         kernel_map: Mapping[KernelKey, type[Kernel]] | None = None,
         validate: bool = True,
     ) -> None:
@@ -616,6 +762,8 @@ class PrefillOp(abc.ABC):
             raise ValueError(f"sm_scale: expected None or a positive float, got {sm_scale!r}")
         if not isinstance(validate, bool):
             raise TypeError(f"validate: expected a bool, got {validate!r}")
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
         if not torch.compiler.is_compiling():
             _mark_plan_constant()
         self.causal = causal
@@ -625,6 +773,8 @@ class PrefillOp(abc.ABC):
         self.softcap = 0.0 if softcap is None else float(softcap)
         self._capped = softcap is not None
         self.validate = validate
+        #: Whether calls return (out, lse): the plan binds the attention kernel with `StaticFacts.lse`.
+        self.return_lse = return_lse
         self.rope = RopeMode.NONE
         self.rotary_dim: int | None = None
         overrides = self._checked_overrides(kernel_map or {})
@@ -632,6 +782,8 @@ class PrefillOp(abc.ABC):
         self.kernel_map: Mapping[KernelKey, type[Kernel]] = MappingProxyType(
             {**self.default_kernel_map, **overrides}
         )
+        if return_lse:
+            _check_computes_lse(self.kernel_map)
         # Kernels are cheap to construct; one instance per key, looked up by key value in `plan`.
         self._kernels: dict[str, Kernel] = {key.value: cls() for key, cls in self.kernel_map.items()}
 
@@ -730,6 +882,11 @@ class PrefillOp(abc.ABC):
             softcap=self.softcap,
         )
 
+    def attention_facts(self, static: StaticFacts) -> StaticFacts:
+        """What the plan's attention kernel is specialised for: `static` and whether it writes the LSE
+        (the other steps keep `lse` False: a flag they do not read must not compile them twice)."""
+        return static._replace(lse=self.return_lse)
+
     def _kernel_of(self, name: str, family: Callable[..., KernelT]) -> KernelT:
         """This Op's kernel instance for the key whose value is `name`, typed as the family the plan
         step needs (its class extends the key's family: `kernel_map` is checked on construction)."""
@@ -764,7 +921,7 @@ class PrefillOp(abc.ABC):
         return shape.rotary_dim
 
 
-class RotatingOp(PrefillOp):
+class RotatingOp(PrefillOp[ResultT]):
     """An Op that rotates q and the keys with RoPE before attention."""
 
     rotates: ClassVar[bool] = True
@@ -778,6 +935,7 @@ class RotatingOp(PrefillOp):
         sm_scale: float | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        return_lse: bool = False,
         kernel_map: Mapping[KernelKey, type[Kernel]] | None = None,
         validate: bool = True,
     ) -> None:
@@ -798,6 +956,7 @@ class RotatingOp(PrefillOp):
             sm_scale=sm_scale,
             sliding_window=sliding_window,
             softcap=softcap,
+            return_lse=return_lse,
             kernel_map=kernel_map,
             validate=validate,
         )

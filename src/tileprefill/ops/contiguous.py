@@ -7,13 +7,13 @@ takes the data tensors of one layer.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
-    NO_LSE,
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
     RopeAppendKernel,
@@ -25,8 +25,12 @@ from tileprefill.ops.base import (
     Append,
     CachePlan,
     CacheSteps,
+    OpOptions,
+    OutputAndLSE,
     PrefillOp,
     Requirement,
+    ResultT,
+    RopeOpOptions,
     RotatingOp,
 )
 from tileprefill.positions import batch_positions, contiguous_slots
@@ -65,27 +69,28 @@ _V_CACHE = spec("v_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D")
 _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
+_LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
 
 
-class ContiguousPlan(CachePlan):
+class ContiguousPlan(CachePlan[ResultT]):
     """A contiguous-cache batch: the lengths, and (appending) each new token's position and slot."""
 
     cache_names = ("k_cache", "v_cache")
 
 
-class ContiguousCacheOp(PrefillOp):
+class ContiguousCacheOp(PrefillOp[ResultT]):
     """Layout CONTIGUOUS: [RoPE of q and k_new at cache_seqlens[b] + i, append,] attention.
 
     Append Ops write k_new[b, i] / v_new[b, i] at row cache_seqlens[b] + i of the caches
     and attend over cache_seqlens[b] + Sq keys.
     """
 
-    plan_class: ClassVar[type[ContiguousPlan]]
+    plan_class: ClassVar[type[ContiguousPlan[Any]]]
     kv_layout: ClassVar[KVLayout] = KVLayout.CONTIGUOUS
 
     def _plan_contiguous(
-        self, lengths: torch.Tensor, shape: ContiguousShape, plan_class: type[ContiguousPlan]
-    ) -> ContiguousPlan:
+        self, lengths: torch.Tensor, shape: ContiguousShape, plan_class: type[ContiguousPlan[Any]]
+    ) -> ContiguousPlan[ResultT]:
         shape = shape._replace(device=self._concrete_device(shape.device))
         extra = {
             "Sq": Binding(shape.seq_q, "shape.seq_q"),
@@ -117,10 +122,18 @@ class ContiguousCacheOp(PrefillOp):
                 slots = contiguous_slots(positions, lengths.shape[0], shape.seq_q, shape.max_seq)
         else:
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(static)
+        attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(
+            self.attention_facts(static)
+        )
 
-        def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-            attention(q, k_cache, v_cache, kv_seqlens, out, NO_LSE)
+        def attend(
+            q: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            out: torch.Tensor,
+            lse: torch.Tensor,
+        ) -> None:
+            attention(q, k_cache, v_cache, kv_seqlens, out, lse)
 
         append: Append | None = None
         if steps.append is not None:
@@ -173,7 +186,7 @@ class ContiguousCacheOp(PrefillOp):
             )
         ]
 
-    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> ContiguousPlan:
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> ContiguousPlan[ResultT]:
         """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
         dims = self._check_call(tensors)
         q = tensors["q"]
@@ -191,11 +204,12 @@ class ContiguousCacheOp(PrefillOp):
         lengths = tensors["cache_seqlens" if self.appends else "kv_seqlens"]
         return self._plan_contiguous(lengths, shape, self.plan_class)
 
-    def _call(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
         plan = self._plan_call(tensors)
         plan._check([tensors[s.name] for s in self.run_specs])
-        return plan._run(
+        out, lse = plan._allocate(tensors["q"])
+        plan._run(
             tensors["q"],
             tensors.get("k_new"),
             tensors.get("v_new"),
@@ -203,29 +217,39 @@ class ContiguousCacheOp(PrefillOp):
             tensors["v_cache"],
             tensors.get("cos"),
             tensors.get("sin"),
-            torch.empty_like(tensors["q"]),
+            out,
+            lse,
         )
+        return plan._result(out, lse)
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
+#
+# Generic in what their calls return, as in ops/dense.py: constructor overloads for type checkers
+# bind `return_lse=True` to (out, lse); `run_into` takes what `run` returns.
 
 
-class GQAContiguousCachePrefillPlan(ContiguousPlan):
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+class GQAContiguousCachePrefillPlan(ContiguousPlan[ResultT]):
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> ResultT:
         """Attention of this layer's q over the first kv_seqlens[b] rows of its caches."""
         self._check((q, k_cache, v_cache))
-        return self._run(q, None, None, k_cache, v_cache, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, None, None, k_cache, v_cache, None, None, out, lse)
+        return self._result(out, lse)
 
     def run_into(
-        self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self, out: ResultT, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_cache, v_cache))
-        self._check_out(out, (q, k_cache, v_cache))
-        return self._run(q, None, None, k_cache, v_cache, None, None, out)
+        self._run(
+            q, None, None, k_cache, v_cache, None, None, *self._callers_outputs(out, (q, k_cache, v_cache))
+        )
+        return out
 
 
-class GQAContiguousCachePrefill(ContiguousCacheOp):
+class GQAContiguousCachePrefill(ContiguousCacheOp[ResultT]):
     """Attention of q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k_cache, v_cache
     (B, S_max, Hkv, D) -> (B, Sq, Hq, D). kv_seqlens counts the query chunk's own keys;
     causal masks are bottom-right aligned (a query that sees no key outputs 0).
@@ -238,20 +262,48 @@ class GQAContiguousCachePrefill(ContiguousCacheOp):
     input_specs = (_Q, _K_CACHE, _V_CACHE, _KV_SEQLENS)
     plan_inputs = ("kv_seqlens",)
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAContiguousCachePrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAContiguousCachePrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCachePrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCachePrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
 
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_seqlens: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(dict(q=q, k_cache=k_cache, v_cache=v_cache, kv_seqlens=kv_seqlens))
 
-    def plan(self, kv_seqlens: torch.Tensor, *, shape: ContiguousShape) -> GQAContiguousCachePrefillPlan:
+    def plan(
+        self, kv_seqlens: torch.Tensor, *, shape: ContiguousShape
+    ) -> GQAContiguousCachePrefillPlan[ResultT]:
         plan = self._plan_contiguous(kv_seqlens, shape, GQAContiguousCachePrefillPlan)
         assert isinstance(plan, GQAContiguousCachePrefillPlan)
         return plan
 
 
-class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan):
+class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan[ResultT]):
     def run(
         self,
         q: torch.Tensor,
@@ -259,27 +311,39 @@ class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan):
         v_new: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Append this layer's new keys and values to its caches, then attend."""
         self._check((q, k_new, v_new, k_cache, v_cache))
-        return self._run(q, k_new, v_new, k_cache, v_cache, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k_new, v_new, k_cache, v_cache, None, None, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_new, v_new, k_cache, v_cache))
-        self._check_out(out, (q, k_new, v_new, k_cache, v_cache))
-        return self._run(q, k_new, v_new, k_cache, v_cache, None, None, out)
+        self._run(
+            q,
+            k_new,
+            v_new,
+            k_cache,
+            v_cache,
+            None,
+            None,
+            *self._callers_outputs(out, (q, k_new, v_new, k_cache, v_cache)),
+        )
+        return out
 
 
-class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
+class GQAContiguousCacheAppendPrefill(ContiguousCacheOp[ResultT]):
     """Append k_new, v_new (B, Sq, Hkv, D) at rows cache_seqlens[b] + i of k_cache, v_cache
     (B, S_max, Hkv, D) (in place), then attend q (B, Sq, Hq, D) over cache_seqlens[b] + Sq keys.
 
@@ -295,7 +359,33 @@ class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
     input_specs = (_Q, _K_NEW, _V_NEW, _K_CACHE, _V_CACHE, _CACHE_SEQLENS)
     plan_inputs = ("cache_seqlens",)
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAContiguousCacheAppendPrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAContiguousCacheAppendPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCacheAppendPrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCacheAppendPrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -305,20 +395,20 @@ class GQAContiguousCacheAppendPrefill(ContiguousCacheOp):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         cache_seqlens: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
         )
 
     def plan(
         self, cache_seqlens: torch.Tensor, *, shape: ContiguousShape
-    ) -> GQAContiguousCacheAppendPrefillPlan:
+    ) -> GQAContiguousCacheAppendPrefillPlan[ResultT]:
         plan = self._plan_contiguous(cache_seqlens, shape, GQAContiguousCacheAppendPrefillPlan)
         assert isinstance(plan, GQAContiguousCacheAppendPrefillPlan)
         return plan
 
 
-class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan):
+class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan[ResultT]):
     def run(
         self,
         q: torch.Tensor,
@@ -328,14 +418,16 @@ class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan):
         v_cache: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Rotate this layer's q and new keys, append the keys and values to its caches, then attend."""
         self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
-        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
@@ -343,14 +435,24 @@ class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan):
         v_cache: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
-        self._check_out(out, (q, k_new, v_new, k_cache, v_cache, cos, sin))
-        return self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, out)
+        self._run(
+            q,
+            k_new,
+            v_new,
+            k_cache,
+            v_cache,
+            cos,
+            sin,
+            *self._callers_outputs(out, (q, k_new, v_new, k_cache, v_cache, cos, sin)),
+        )
+        return out
 
 
-class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
+class GQAContiguousCacheRopeAppendPrefill(RotatingOp[ResultT], ContiguousCacheOp[ResultT]):
     """`GQAContiguousCacheAppendPrefill` with RoPE: q and k_new are rotated (copies) at
     positions cache_seqlens[b] + i, the rotated keys are appended, then attention.
 
@@ -365,7 +467,33 @@ class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
     input_specs = (_Q, _K_NEW, _V_NEW, _K_CACHE, _V_CACHE, _CACHE_SEQLENS, COS, SIN)
     plan_inputs = ("cache_seqlens",)
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAContiguousCacheRopeAppendPrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAContiguousCacheRopeAppendPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCacheRopeAppendPrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAContiguousCacheRopeAppendPrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[RopeOpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -377,7 +505,7 @@ class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
         cache_seqlens: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(
                 q=q,
@@ -393,7 +521,7 @@ class GQAContiguousCacheRopeAppendPrefill(RotatingOp, ContiguousCacheOp):
 
     def plan(
         self, cache_seqlens: torch.Tensor, *, shape: ContiguousShape
-    ) -> GQAContiguousCacheRopeAppendPrefillPlan:
+    ) -> GQAContiguousCacheRopeAppendPrefillPlan[ResultT]:
         plan = self._plan_contiguous(cache_seqlens, shape, GQAContiguousCacheRopeAppendPrefillPlan)
         assert isinstance(plan, GQAContiguousCacheRopeAppendPrefillPlan)
         return plan

@@ -7,13 +7,13 @@ their cu_seqlens (`plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
-    NO_LSE,
     DenseAttentionKernel,
     DenseAttentionLaunch,
     RaggedAttentionKernel,
@@ -21,7 +21,19 @@ from tileprefill.kernels.base import (
     RopeKernel,
     RopeLaunch,
 )
-from tileprefill.ops.base import COS, SIN, BatchPlan, PrefillOp, Requirement, RotatingOp, rotate
+from tileprefill.ops.base import (
+    COS,
+    SIN,
+    BatchPlan,
+    OpOptions,
+    OutputAndLSE,
+    PrefillOp,
+    Requirement,
+    ResultT,
+    RopeOpOptions,
+    RotatingOp,
+    rotate,
+)
 from tileprefill.positions import batch_positions, ragged_positions
 from tileprefill.validation import (
     Binding,
@@ -66,12 +78,14 @@ _Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D")
 _K = spec("k", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D")
 _V = spec("v", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
+_LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
 _Q_RAGGED = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D")
 _K_RAGGED = spec("k", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D")
 _V_RAGGED = spec("v", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D")
 _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _CU_KV = spec("cu_seqlens_kv", DtypeRule.INT32, "B + 1")
 _OUT_RAGGED = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
+_LSE_RAGGED = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 
 class _Batch(NamedTuple):
@@ -87,7 +101,7 @@ class _Batch(NamedTuple):
     rope_k: RopeLaunch | None
 
 
-class NoCachePlan(BatchPlan["_Batch"]):
+class NoCachePlan(BatchPlan["_Batch", ResultT]):
     def _run(
         self,
         q: torch.Tensor,
@@ -96,24 +110,24 @@ class NoCachePlan(BatchPlan["_Batch"]):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         out: torch.Tensor,
-    ) -> torch.Tensor:
+        lse: torch.Tensor,
+    ) -> None:
         b = self._batch
         if b.rope_q is not None and b.rope_k is not None:
             assert cos is not None and sin is not None
             q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
         if b.ragged is not None:
             assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
-            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, NO_LSE)
+            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, lse)
         else:
             assert b.dense is not None
-            b.dense(q, k, v, out, NO_LSE)
-        return out
+            b.dense(q, k, v, out, lse)
 
 
-class NoCacheOp(PrefillOp):
+class NoCacheOp(PrefillOp[ResultT]):
     """Layout NONE: optional RoPE of q and k (positions 0.. within each sequence), then attention."""
 
-    plan_class: ClassVar[type[NoCachePlan]]
+    plan_class: ClassVar[type[NoCachePlan[Any]]]
     kv_layout: ClassVar[KVLayout] = KVLayout.NONE
 
     def _plan_no_cache(
@@ -121,8 +135,8 @@ class NoCacheOp(PrefillOp):
         cu_seqlens_q: torch.Tensor | None,
         cu_seqlens_kv: torch.Tensor | None,
         shape: DenseShape | VarlenShape,
-        plan_class: type[NoCachePlan],
-    ) -> NoCachePlan:
+        plan_class: type[NoCachePlan[Any]],
+    ) -> NoCachePlan[ResultT]:
         shape = shape._replace(device=self._concrete_device(shape.device))
         if isinstance(shape, DenseShape):
             extra = {
@@ -173,6 +187,7 @@ class NoCacheOp(PrefillOp):
                     )
                 )
         static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
+        attention_facts = self.attention_facts(static)
         q_positions = k_positions = torch.empty(0, dtype=torch.int32, device=shape.device)
         if steps.rope is not None:
             # Self-attention prefill passes one length tensor (or one length) for q and k: one derivation.
@@ -195,8 +210,8 @@ class NoCacheOp(PrefillOp):
             k_positions=k_positions,
             dense=None
             if self.ragged
-            else self._kernel_of(steps.attention, DenseAttentionKernel).bind(static),
-            ragged=self._kernel_of(steps.attention, RaggedAttentionKernel).bind(static)
+            else self._kernel_of(steps.attention, DenseAttentionKernel).bind(attention_facts),
+            ragged=self._kernel_of(steps.attention, RaggedAttentionKernel).bind(attention_facts)
             if self.ragged
             else None,
             rope_q=None if steps.rope is None else self._kernel_of(steps.rope, RopeKernel).bind(static),
@@ -208,7 +223,7 @@ class NoCacheOp(PrefillOp):
         )
         return plan_class(self, steps, facts, dims, requirements, batch)
 
-    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> NoCachePlan:
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> NoCachePlan[ResultT]:
         """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
         dims = self._check_call(tensors)
         q = tensors["q"]
@@ -224,75 +239,106 @@ class NoCacheOp(PrefillOp):
         cu_q, cu_kv = tensors.get("cu_seqlens_q"), tensors.get("cu_seqlens_kv")
         return self._plan_no_cache(cu_q, cu_kv, shape, self.plan_class)
 
-    def _call(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
         plan = self._plan_call(tensors)
         plan._check([tensors[s.name] for s in self.run_specs])
-        q = tensors["q"]
-        return plan._run(
-            q, tensors["k"], tensors["v"], tensors.get("cos"), tensors.get("sin"), torch.empty_like(q)
-        )
+        out, lse = plan._allocate(tensors["q"])
+        plan._run(tensors["q"], tensors["k"], tensors["v"], tensors.get("cos"), tensors.get("sin"), out, lse)
+        return plan._result(out, lse)
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
+#
+# Each public Op is generic in what its calls return (ResultT, ops/base.py): the overloads of its
+# constructor, under TYPE_CHECKING only (at run time every Op has PrefillOp's or RotatingOp's
+# constructor), bind `return_lse=True` to (out, lse). `run_into` takes what `run` returns.
 
 
-class GQAPrefillPlan(NoCachePlan):
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+class GQAPrefillPlan(NoCachePlan[ResultT]):
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """Attention of this layer's q over its k, v."""
         self._check((q, k, v))
-        return self._run(q, k, v, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k, v, None, None, out, lse)
+        return self._result(out, lse)
 
-    def run_into(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    def run_into(self, out: ResultT, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k, v))
-        self._check_out(out, (q, k, v))
-        return self._run(q, k, v, None, None, out)
+        self._run(q, k, v, None, None, *self._callers_outputs(out, (q, k, v)))
+        return out
 
 
-class GQAPrefill(NoCacheOp):
+class GQAPrefill(NoCacheOp[ResultT]):
     """Attention of q (B, Sq, Hq, D) over k, v (B, Skv, Hkv, D) -> (B, Sq, Hq, D).
 
     Causal masks are bottom-right aligned (query i sees keys j <= Skv - Sq + i);
     a query that sees no key outputs 0. `sm_scale` defaults to D ** -0.5.
     `plan(shape=DenseShape(...))` once, then `run(q, k, v)` per layer; `op(q, k, v)` does both.
+    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/base.py).
     All checks are metadata checks; `validate=False` skips nothing.
     """
 
     input_specs = (_Q, _K, _V)
     plan_inputs = ()
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAPrefillPlan
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPrefill[OutputAndLSE], *, return_lse: Literal[True], **options: Unpack[OpOptions]
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPrefill[torch.Tensor | OutputAndLSE], *, return_lse: bool, **options: Unpack[OpOptions]
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         return self._call(dict(q=q, k=k, v=v))
 
-    def plan(self, *, shape: DenseShape) -> GQAPrefillPlan:
+    def plan(self, *, shape: DenseShape) -> GQAPrefillPlan[ResultT]:
         plan = self._plan_no_cache(None, None, shape, GQAPrefillPlan)
         assert isinstance(plan, GQAPrefillPlan)
         return plan
 
 
-class GQAVarlenPrefillPlan(NoCachePlan):
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+class GQAVarlenPrefillPlan(NoCachePlan[ResultT]):
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """Attention of this layer's packed q over its packed k, v (the plan's cu_seqlens)."""
         self._check((q, k, v))
-        return self._run(q, k, v, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k, v, None, None, out, lse)
+        return self._result(out, lse)
 
-    def run_into(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    def run_into(self, out: ResultT, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k, v))
-        self._check_out(out, (q, k, v))
-        return self._run(q, k, v, None, None, out)
+        self._run(q, k, v, None, None, *self._callers_outputs(out, (q, k, v)))
+        return out
 
 
-class GQAVarlenPrefill(NoCacheOp):
+class GQAVarlenPrefill(NoCacheOp[ResultT]):
     """Attention of packed sequences: q (Tq, Hq, D), k, v (Tkv, Hkv, D) -> (Tq, Hq, D).
 
     Sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] over k/v[cu_seqlens_kv[b]:cu_seqlens_kv[b+1]];
     zero-length sequences are legal. Causal masks are bottom-right aligned per sequence.
     `plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))` once per batch, then
-    `run(q, k, v)` per layer; `op(...)` does both.
+    `run(q, k, v)` per layer; `op(...)` does both. With `return_lse=True` every call returns
+    (out, lse), lse float32 (Tq, Hq) (ops/base.py).
 
     `validate=False` skips (they read device values): cu_seqlens_q and cu_seqlens_kv start at 0,
     never decrease and end at Tq and Tkv. With bad values the output is unspecified, but no kernel
@@ -303,7 +349,30 @@ class GQAVarlenPrefill(NoCacheOp):
     input_specs = (_Q_RAGGED, _K_RAGGED, _V_RAGGED, _CU_Q, _CU_KV)
     plan_inputs = ("cu_seqlens_q", "cu_seqlens_kv")
     output_spec = _OUT_RAGGED
+    lse_spec = _LSE_RAGGED
     plan_class = GQAVarlenPrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAVarlenPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAVarlenPrefill[OutputAndLSE], *, return_lse: Literal[True], **options: Unpack[OpOptions]
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAVarlenPrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -312,92 +381,123 @@ class GQAVarlenPrefill(NoCacheOp):
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv))
 
     def plan(
         self, cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor, *, shape: VarlenShape
-    ) -> GQAVarlenPrefillPlan:
+    ) -> GQAVarlenPrefillPlan[ResultT]:
         plan = self._plan_no_cache(cu_seqlens_q, cu_seqlens_kv, shape, GQAVarlenPrefillPlan)
         assert isinstance(plan, GQAVarlenPrefillPlan)
         return plan
 
 
-class GQARopePrefillPlan(NoCachePlan):
+class GQARopePrefillPlan(NoCachePlan[ResultT]):
     def run(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Attention of this layer's q over its k, v, both rotated first."""
         self._check((q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k, v, cos, sin, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k, v, cos, sin))
-        self._check_out(out, (q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin, out)
+        self._run(q, k, v, cos, sin, *self._callers_outputs(out, (q, k, v, cos, sin)))
+        return out
 
 
-class GQARopePrefill(RotatingOp, NoCacheOp):
+class GQARopePrefill(RotatingOp[ResultT], NoCacheOp[ResultT]):
     """`GQAPrefill` on copies of q and k rotated by RoPE (`rope`, NEOX or INTERLEAVED).
 
     cos, sin float32 (P, rotary_dim // 2); the first rotary_dim dims of each head rotate,
     the rest pass through. q token i and k token j sit at positions i and j. The inputs
     are not modified. `plan(shape=DenseShape(...))`, then `run(q, k, v, cos, sin)`.
+    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/base.py).
     All checks (including P >= max(Sq, Skv)) are metadata checks; `validate=False` skips nothing.
     """
 
     input_specs = (_Q, _K, _V, COS, SIN)
     plan_inputs = ()
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQARopePrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQARopePrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQARopePrefill[OutputAndLSE], *, return_lse: Literal[True], **options: Unpack[RopeOpOptions]
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQARopePrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[RopeOpOptions]) -> None: ...
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(dict(q=q, k=k, v=v, cos=cos, sin=sin))
 
-    def plan(self, *, shape: DenseShape) -> GQARopePrefillPlan:
+    def plan(self, *, shape: DenseShape) -> GQARopePrefillPlan[ResultT]:
         plan = self._plan_no_cache(None, None, shape, GQARopePrefillPlan)
         assert isinstance(plan, GQARopePrefillPlan)
         return plan
 
 
-class GQAVarlenRopePrefillPlan(NoCachePlan):
+class GQAVarlenRopePrefillPlan(NoCachePlan[ResultT]):
     def run(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Attention of this layer's packed q over its packed k, v, both rotated first."""
         self._check((q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k, v, cos, sin, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k, v, cos, sin))
-        self._check_out(out, (q, k, v, cos, sin))
-        return self._run(q, k, v, cos, sin, out)
+        self._run(q, k, v, cos, sin, *self._callers_outputs(out, (q, k, v, cos, sin)))
+        return out
 
 
-class GQAVarlenRopePrefill(RotatingOp, NoCacheOp):
+class GQAVarlenRopePrefill(RotatingOp[ResultT], NoCacheOp[ResultT]):
     """`GQAVarlenPrefill` on copies of q and k rotated by RoPE at positions 0.. within each sequence.
 
     `plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))`, then `run(q, k, v, cos, sin)`.
+    With `return_lse=True` every call returns (out, lse), lse float32 (Tq, Hq) (ops/base.py).
     `validate=False` skips (they read device values): the cu_seqlens checks of
     `GQAVarlenPrefill`, and that cos/sin have a row for every rotated position
     (max(q_len, kv_len) - 1 of each sequence). With bad values the output is unspecified, but no
@@ -408,7 +508,33 @@ class GQAVarlenRopePrefill(RotatingOp, NoCacheOp):
     input_specs = (_Q_RAGGED, _K_RAGGED, _V_RAGGED, _CU_Q, _CU_KV, COS, SIN)
     plan_inputs = ("cu_seqlens_q", "cu_seqlens_kv")
     output_spec = _OUT_RAGGED
+    lse_spec = _LSE_RAGGED
     plan_class = GQAVarlenRopePrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAVarlenRopePrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAVarlenRopePrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAVarlenRopePrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[RopeOpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -419,14 +545,14 @@ class GQAVarlenRopePrefill(RotatingOp, NoCacheOp):
         cu_seqlens_kv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv, cos=cos, sin=sin)
         )
 
     def plan(
         self, cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor, *, shape: VarlenShape
-    ) -> GQAVarlenRopePrefillPlan:
+    ) -> GQAVarlenRopePrefillPlan[ResultT]:
         plan = self._plan_no_cache(cu_seqlens_q, cu_seqlens_kv, shape, GQAVarlenRopePrefillPlan)
         assert isinstance(plan, GQAVarlenRopePrefillPlan)
         return plan

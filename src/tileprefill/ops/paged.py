@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
-    NO_LSE,
     PagedAppendKernel,
     PagedAttentionKernel,
     PagedBatchKernel,
@@ -30,8 +30,12 @@ from tileprefill.ops.base import (
     Append,
     CachePlan,
     CacheSteps,
+    OpOptions,
+    OutputAndLSE,
     PrefillOp,
     Requirement,
+    ResultT,
+    RopeOpOptions,
     RotatingOp,
 )
 from tileprefill.validation import (
@@ -73,22 +77,23 @@ _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
+_LSE = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 
-class PagedPlan(CachePlan):
+class PagedPlan(CachePlan[ResultT]):
     """A paged batch: the block table, lengths, and (appending) each new token's position and slot."""
 
     cache_names = ("k_pages", "v_pages")
 
 
-class PagedCacheOp(PrefillOp):
+class PagedCacheOp(PrefillOp[ResultT]):
     """Layout PAGED: [RoPE of q and k_new at cache_seqlens[b] + i, append,] attention.
 
     Append Ops write new token i of sequence b at position cache_seqlens[b] + i and
     attend over cache_seqlens[b] + q_len_b keys (q_len_b from cu_seqlens_q, on the device).
     """
 
-    plan_class: ClassVar[type[PagedPlan]]
+    plan_class: ClassVar[type[PagedPlan[Any]]]
     kv_layout: ClassVar[KVLayout] = KVLayout.PAGED
     ragged: ClassVar[bool] = True
 
@@ -98,8 +103,8 @@ class PagedCacheOp(PrefillOp):
         lengths: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         shape: PagedShape,
-        plan_class: type[PagedPlan],
-    ) -> PagedPlan:
+        plan_class: type[PagedPlan[Any]],
+    ) -> PagedPlan[ResultT]:
         shape = shape._replace(device=self._concrete_device(shape.device))
         extra = {
             "Tq": Binding(shape.tokens_q, "shape.tokens_q"),
@@ -128,10 +133,16 @@ class PagedCacheOp(PrefillOp):
         else:
             positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(static)
+        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(self.attention_facts(static))
 
-        def attend(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, out: torch.Tensor) -> None:
-            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, NO_LSE)
+        def attend(
+            q: torch.Tensor,
+            k_pages: torch.Tensor,
+            v_pages: torch.Tensor,
+            out: torch.Tensor,
+            lse: torch.Tensor,
+        ) -> None:
+            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
 
         append: Append | None = None
         if plan.append is not None:
@@ -199,7 +210,7 @@ class PagedCacheOp(PrefillOp):
 
     # --- the one-shot call ------------------------------------------------------------------------
 
-    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> PagedPlan:
+    def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> PagedPlan[ResultT]:
         """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
         dims = self._check_call(tensors)
         q = tensors["q"]
@@ -223,11 +234,12 @@ class PagedCacheOp(PrefillOp):
         )
         return plan
 
-    def _call(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
         plan = self._plan_call(tensors)
         plan._check([tensors[s.name] for s in self.run_specs])
-        return plan._run(
+        out, lse = plan._allocate(tensors["q"])
+        plan._run(
             tensors["q"],
             tensors.get("k_new"),
             tensors.get("v_new"),
@@ -235,8 +247,10 @@ class PagedCacheOp(PrefillOp):
             tensors["v_pages"],
             tensors.get("cos"),
             tensors.get("sin"),
-            torch.empty_like(tensors["q"]),
+            out,
+            lse,
         )
+        return plan._result(out, lse)
 
 
 def _rope_rows(last: list[int]) -> Requirement:
@@ -250,24 +264,32 @@ def _rope_rows(last: list[int]) -> Requirement:
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
+#
+# Generic in what their calls return, as in ops/dense.py: constructor overloads for type checkers
+# bind `return_lse=True` to (out, lse); `run_into` takes what `run` returns.
 
 
-class GQAPagedCachePrefillPlan(PagedPlan):
-    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+class GQAPagedCachePrefillPlan(PagedPlan[ResultT]):
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> ResultT:
         """Attention of this layer's q over its pages (the plan's block table and kv_seqlens)."""
         self._check((q, k_pages, v_pages))
-        return self._run(q, None, None, k_pages, v_pages, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, None, None, k_pages, v_pages, None, None, out, lse)
+        return self._result(out, lse)
 
     def run_into(
-        self, out: torch.Tensor, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+        self, out: ResultT, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_pages, v_pages))
-        self._check_out(out, (q, k_pages, v_pages))
-        return self._run(q, None, None, k_pages, v_pages, None, None, out)
+        self._run(
+            q, None, None, k_pages, v_pages, None, None, *self._callers_outputs(out, (q, k_pages, v_pages))
+        )
+        return out
 
 
-class GQAPagedCachePrefill(PagedCacheOp):
+class GQAPagedCachePrefill(PagedCacheOp[ResultT]):
     """Attention of packed q (Tq, Hq, D) over the first kv_seqlens[b] keys of each sequence
     in k_pages, v_pages (num_pages, page_size, Hkv, D) through block_table (B, max_pages)
     -> (Tq, Hq, D). kv_seqlens counts the query chunk's own keys; causal masks are
@@ -285,7 +307,33 @@ class GQAPagedCachePrefill(PagedCacheOp):
     input_specs = (_Q, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _KV_SEQLENS, _CU_Q)
     plan_inputs = ("block_table", "kv_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAPagedCachePrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAPagedCachePrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCachePrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCachePrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -295,7 +343,7 @@ class GQAPagedCachePrefill(PagedCacheOp):
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(
                 q=q,
@@ -314,13 +362,13 @@ class GQAPagedCachePrefill(PagedCacheOp):
         cu_seqlens_q: torch.Tensor,
         *,
         shape: PagedShape,
-    ) -> GQAPagedCachePrefillPlan:
+    ) -> GQAPagedCachePrefillPlan[ResultT]:
         plan = self._plan_paged(block_table, kv_seqlens, cu_seqlens_q, shape, GQAPagedCachePrefillPlan)
         assert isinstance(plan, GQAPagedCachePrefillPlan)
         return plan
 
 
-class GQAPagedCacheAppendPrefillPlan(PagedPlan):
+class GQAPagedCacheAppendPrefillPlan(PagedPlan[ResultT]):
     def run(
         self,
         q: torch.Tensor,
@@ -328,27 +376,39 @@ class GQAPagedCacheAppendPrefillPlan(PagedPlan):
         v_new: torch.Tensor,
         k_pages: torch.Tensor,
         v_pages: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Append this layer's new keys and values to its pages, then attend."""
         self._check((q, k_new, v_new, k_pages, v_pages))
-        return self._run(q, k_new, v_new, k_pages, v_pages, None, None, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k_new, v_new, k_pages, v_pages, None, None, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         k_pages: torch.Tensor,
         v_pages: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_new, v_new, k_pages, v_pages))
-        self._check_out(out, (q, k_new, v_new, k_pages, v_pages))
-        return self._run(q, k_new, v_new, k_pages, v_pages, None, None, out)
+        self._run(
+            q,
+            k_new,
+            v_new,
+            k_pages,
+            v_pages,
+            None,
+            None,
+            *self._callers_outputs(out, (q, k_new, v_new, k_pages, v_pages)),
+        )
+        return out
 
 
-class GQAPagedCacheAppendPrefill(PagedCacheOp):
+class GQAPagedCacheAppendPrefill(PagedCacheOp[ResultT]):
     """Append k_new, v_new (Tq, Hkv, D), packed by cu_seqlens_q, at positions cache_seqlens[b] + i
     of each sequence's pages (in place), then attend q (Tq, Hq, D) over cache_seqlens[b] + q_len_b keys.
 
@@ -368,7 +428,33 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
     input_specs = (_Q, _K_NEW, _V_NEW, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _CACHE_SEQLENS, _CU_Q)
     plan_inputs = ("block_table", "cache_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAPagedCacheAppendPrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAPagedCacheAppendPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCacheAppendPrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCacheAppendPrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[OpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[OpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -380,7 +466,7 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
         block_table: torch.Tensor,
         cache_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(
                 q=q,
@@ -401,7 +487,7 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
         cu_seqlens_q: torch.Tensor,
         *,
         shape: PagedShape,
-    ) -> GQAPagedCacheAppendPrefillPlan:
+    ) -> GQAPagedCacheAppendPrefillPlan[ResultT]:
         plan = self._plan_paged(
             block_table, cache_seqlens, cu_seqlens_q, shape, GQAPagedCacheAppendPrefillPlan
         )
@@ -409,7 +495,7 @@ class GQAPagedCacheAppendPrefill(PagedCacheOp):
         return plan
 
 
-class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan):
+class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan[ResultT]):
     def run(
         self,
         q: torch.Tensor,
@@ -419,14 +505,16 @@ class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan):
         v_pages: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         """Rotate this layer's q and new keys, append the keys and values to its pages, then attend."""
         self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
-        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, torch.empty_like(q))
+        out, lse = self._allocate(q)
+        self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, out, lse)
+        return self._result(out, lse)
 
     def run_into(
         self,
-        out: torch.Tensor,
+        out: ResultT,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
@@ -434,14 +522,24 @@ class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan):
         v_pages: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`run` into the caller's `out` (returned; contiguous, sharing no memory with an input)."""
+    ) -> ResultT:
+        """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
+        each contiguous and sharing no memory with an input or the other."""
         self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
-        self._check_out(out, (q, k_new, v_new, k_pages, v_pages, cos, sin))
-        return self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, out)
+        self._run(
+            q,
+            k_new,
+            v_new,
+            k_pages,
+            v_pages,
+            cos,
+            sin,
+            *self._callers_outputs(out, (q, k_new, v_new, k_pages, v_pages, cos, sin)),
+        )
+        return out
 
 
-class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
+class GQAPagedCacheRopeAppendPrefill(RotatingOp[ResultT], PagedCacheOp[ResultT]):
     """`GQAPagedCacheAppendPrefill` with RoPE: q and k_new are rotated (copies) at positions
     cache_seqlens[b] + i, the rotated keys are appended, then attention.
 
@@ -457,7 +555,33 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
     input_specs = (_Q, _K_NEW, _V_NEW, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _CACHE_SEQLENS, _CU_Q, COS, SIN)
     plan_inputs = ("block_table", "cache_seqlens", "cu_seqlens_q")
     output_spec = _OUT
+    lse_spec = _LSE
     plan_class = GQAPagedCacheRopeAppendPrefillPlan
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: GQAPagedCacheRopeAppendPrefill[torch.Tensor],
+            *,
+            return_lse: Literal[False] = False,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCacheRopeAppendPrefill[OutputAndLSE],
+            *,
+            return_lse: Literal[True],
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: GQAPagedCacheRopeAppendPrefill[torch.Tensor | OutputAndLSE],
+            *,
+            return_lse: bool,
+            **options: Unpack[RopeOpOptions],
+        ) -> None: ...
+        def __init__(self, *, return_lse: bool = False, **options: Unpack[RopeOpOptions]) -> None: ...
 
     def __call__(
         self,
@@ -471,7 +595,7 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
         cu_seqlens_q: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ResultT:
         return self._call(
             dict(
                 q=q,
@@ -494,7 +618,7 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp, PagedCacheOp):
         cu_seqlens_q: torch.Tensor,
         *,
         shape: PagedShape,
-    ) -> GQAPagedCacheRopeAppendPrefillPlan:
+    ) -> GQAPagedCacheRopeAppendPrefillPlan[ResultT]:
         plan = self._plan_paged(
             block_table, cache_seqlens, cu_seqlens_q, shape, GQAPagedCacheRopeAppendPrefillPlan
         )
