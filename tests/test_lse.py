@@ -99,6 +99,7 @@ def read_only_inputs(
     vs: Sequence[torch.Tensor],
     rng: random.Random,
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> dict[str, torch.Tensor]:
     """The inputs, by name, of a read-only Op (or a no-cache RoPE Op) attending qs[b] (n_b, Hq, D)
     over ks[b], vs[b] (m_b, Hkv, D). Dense layouts need equal lengths (the contiguous cache equal
@@ -130,12 +131,12 @@ def read_only_inputs(
             "kv_seqlens": torch.tensor(kv_lens, dtype=torch.int32),
         }
     else:
-        layout = _paged_layout(kv_lens, rng)
+        table, num_pages = _paged_layout(kv_lens, rng, page_size)
         named = {
             "q": torch.cat(list(qs)),
-            "k_pages": pages_of(ks, layout[0], layout[1], PAGE_SIZE),
-            "v_pages": pages_of(vs, layout[0], layout[1], PAGE_SIZE),
-            "block_table": layout[0],
+            "k_pages": pages_of(ks, table, num_pages, page_size),
+            "v_pages": pages_of(vs, table, num_pages, page_size),
+            "block_table": table,
             "kv_seqlens": torch.tensor(kv_lens, dtype=torch.int32),
             "cu_seqlens_q": cumulative([q.shape[0] for q in qs]),
         }
@@ -145,9 +146,11 @@ def read_only_inputs(
     return {s.name: named[s.name] for s in op_cls.input_specs}
 
 
-def _paged_layout(capacities: Sequence[int], rng: random.Random) -> tuple[torch.Tensor, int]:
+def _paged_layout(
+    capacities: Sequence[int], rng: random.Random, page_size: int = PAGE_SIZE
+) -> tuple[torch.Tensor, int]:
     """A block table (-1 past each sequence's pages) over a shuffled pool with two spare pages."""
-    needed = [math.ceil(n / PAGE_SIZE) for n in capacities]
+    needed = [math.ceil(n / page_size) for n in capacities]
     num_pages = sum(needed) + 2
     pool = list(range(num_pages))
     rng.shuffle(pool)
@@ -412,13 +415,18 @@ def split_and_merge(
     splits: Sequence[int],
     rng: random.Random,
     device: torch.device,
+    page_size: int = PAGE_SIZE,
+    before_each_call: Callable[[], None] = lambda: None,
 ) -> tuple[tp.OutputAndLSE, tuple[torch.Tensor, torch.Tensor]]:
     """(the causal call over all keys, the merge of the prefix call and the call over the rest),
-    each call an Op built with return_lse=True on `device`."""
+    each call an Op built with return_lse=True on `device` (`before_each_call` runs before each:
+    the GPU test poisons the allocator there)."""
 
     def call(causal: bool, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> tp.OutputAndLSE:
-        named = read_only_inputs(op_cls, qs, keys, values, rng)
-        return lse_op(op_cls, causal=causal)(*[t.to(device) for t in named.values()])
+        named = read_only_inputs(op_cls, qs, keys, values, rng, page_size=page_size)
+        tensors = [t.to(device) for t in named.values()]
+        before_each_call()
+        return lse_op(op_cls, causal=causal)(*tensors)
 
     whole = call(True, ks, vs)
     prefix = call(
