@@ -17,9 +17,10 @@ The log-sum-exp (`return_lse=True`, a constructor flag): cascade and context-par
 attention merge partial results over split key ranges through each row's softmax
 log-sum-exp, so an Op built with it returns `(out, lse)` from every call and `run`,
 lse float32 `(tokens, Hq)` for packed q and `(B, Sq, Hq)` for dense q: the natural log
-of the sum over the visible keys of exp(scaled, capped score), as FlashInfer and
-flash-attn define it, and -inf for a row that sees no key. `run_into` takes what `run`
-returns as its first argument: the caller's `out`, or the pair `(out, lse)`.
+of the sum over the visible keys of exp(scaled, capped score), as flash-attn defines it
+and vLLM's `merge_attn_states` reads it, and -inf for a row that sees no key (FlashInfer's
+prefill wrappers return base 2 unless asked for "ln": theirs times ln 2 is ours). `run_into`
+takes what `run` returns as its first argument: the caller's `out`, or the pair `(out, lse)`.
 
 Why a constructor flag and a type parameter, not a per-call flag or optional tensors: the
 kernel with the LSE output is another compiled program, chosen once when a plan binds its
