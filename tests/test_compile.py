@@ -101,7 +101,7 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     for facts in by_source.values():
         assert any(f.dtype == "float16" and f.causal for f in facts)
     dense = by_source[Source.DENSE]
-    assert {f.head_dim for f in dense} == {80, 128, 192, 256}
+    assert {f.head_dim for f in dense} == {80, 128, 256}
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
     assert any(f.window > 0 and f.softcap > 0 for f in dense)
@@ -291,25 +291,6 @@ def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
         attention_sm90.program(
             KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, attention_configs.sm90_config(128)
         )
-
-
-def test_persistent_programs_hold_two_query_tiles_where_shared_memory_has_room() -> None:
-    """Two Q slots (the per-tile hand-over) for every persistent SM90 program whose two slots, K/V
-    ring and output staging fit in 227 KiB: all but dense D 192; one for one CTA a query tile."""
-    pytest.importorskip("tilelang")
-    from tileprefill.kernels.tl import attention_configs, attention_sm90
-
-    def slots(head_dim: int, staged: bool, contiguous: bool = False) -> int:
-        config = attention_configs.sm90_config(head_dim, contiguous_cache=contiguous)
-        return attention_sm90.query_slots(head_dim, config, staged)
-
-    assert [d for d in attention_configs.SM90_CONFIGS if slots(d, staged=True) == 2] == [
-        64, 80, 96, 112, 128, 144, 160, 176,
-    ]  # fmt: skip
-    assert [d for d in attention_configs.SM90_CONFIGS if slots(d, staged=False) == 2] == [
-        64, 80, 96, 112, 128, 144, 160, 176, 192,
-    ]  # fmt: skip
-    assert slots(128, staged=False, contiguous=True) == 1
 
 
 @pytest.mark.compile

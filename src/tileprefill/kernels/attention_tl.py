@@ -589,10 +589,9 @@ def _compile_weight(source: Source, arch: Arch) -> int:
 
 def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
     """Static configurations compiled in CI (Hq 32, Hkv 8): every source causal fp16; dense also at
-    D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256 (one CTA a
-    query tile) and at D 192 non-causal (one Q slot); the contiguous cache at D 192 (block_N 64)
-    with a window; the paged ones at the page sizes engines use most, the tiled one at D 96
-    (32-column panels of each page's copy)."""
+    D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256 and
+    non-causal; the contiguous cache at D 192 (block_N 64) with a window; the paged ones at the
+    page sizes engines use most, the tiled one at D 96 (32-column panels of each page's copy)."""
 
     def facts(
         head_dim: int = 128,
@@ -626,9 +625,7 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                     facts(head_dim=80, dtype=DType.BF16, window=200, softcap=30.0),
                 ),
                 ("d256 fp16 causal", facts(head_dim=256)),
-                # D 192 dense is the one persistent program with a single Q slot (attention_sm90's
-                # query_slots): the other consumer loop.
-                ("d192 fp16 non-causal", facts(head_dim=192, causal=False)),
+                ("d128 fp16 non-causal", facts(causal=False)),
                 # The program with the LSE output, once an arch (every source lowers it the same way).
                 ("d128 bf16 causal lse", facts(dtype=DType.BF16)._replace(lse=True)),
             )

@@ -29,7 +29,6 @@ from tileprefill.kernels.tl.attention_parts import (
     kv_tile_count,
     kv_tile_first,
     locate_ragged_tile,
-    scalar,
     work,
 )
 from tileprefill.selection import pages_tile_evenly
@@ -407,6 +406,14 @@ def persistent_program(
     return main_dense
 
 
+def _scalar(value: Any) -> Any:
+    """A one-element int32 register buffer holding `value`: read and written as buf[0], also by the
+    macros it is passed to (a `T.alloc_var` passed to a macro arrives as its value)."""
+    buf = T.alloc_local([1], "int32")
+    T.buffer_store(buf, value, [0])
+    return buf
+
+
 #: Steps (one (band, sequence) pair each) a persistent CTA's walk over a packed batch may take:
 #: the cost bands widen until (bands x sequences) fits, so the walk stays a few microseconds.
 WALK_STEPS = 160
@@ -489,8 +496,8 @@ def persistent_packed_program(
     @T.macro
     def batch_totals(lengths: Any, batch: Any) -> Any:
         """Every sequence once: the batch's query units and the top cost of any unit."""
-        total = scalar(0)
-        top_cost = scalar(0)
+        total = _scalar(0)
+        top_cost = _scalar(0)
         for b in T.serial(batch):
             _, q_len, _, kv_len = lengths(b)
             units = T.ceildiv(q_len, block_M)
@@ -515,7 +522,7 @@ def persistent_packed_program(
 
     @T.macro
     def begin(lengths: Any, top_cost: Any, width: Any) -> _Walk:
-        walk = _Walk(*(scalar(value) for value in (top_cost, 0, 0, 0, 0, 0, 0, 0, 0)))
+        walk = _Walk(*(_scalar(value) for value in (top_cost, 0, 0, 0, 0, 0, 0, 0, 0)))
         enter(walk, lengths, width)
         return walk
 
@@ -558,7 +565,7 @@ def persistent_packed_program(
         b's (q_first, q_len, kv_first, kv_len)."""
         total, top_cost = batch_totals(lengths, batch)
         # Bands of `width` costs: about WALK_STEPS (band, sequence) pairs in all.
-        width = scalar(T.max(1, T.ceildiv((top_cost[0] + 1) * batch, WALK_STEPS)))
+        width = _scalar(T.max(1, T.ceildiv((top_cost[0] + 1) * batch, WALK_STEPS)))
         tiles = total[0] * heads
         rounds = tiles // ctas
         last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)

@@ -131,14 +131,6 @@ def work(
     )
 
 
-def scalar(value: Any) -> Any:
-    """A one-element int32 register buffer holding `value`: read and written as buf[0], also by the
-    macros it is passed to (a `T.alloc_var` passed to a macro arrives as its value)."""
-    buf = T.alloc_local([1], "int32")
-    T.buffer_store(buf, value, [0])
-    return buf
-
-
 def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
     """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics.
 

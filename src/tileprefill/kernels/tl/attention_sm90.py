@@ -24,15 +24,11 @@ and the last, partial tile run the masked loop.
 Dense, ragged and paged programs with `config.persistent_ctas > 0` launch that many CTAs
 (one per SM); each computes a static list of query tiles one after another (see
 `attention_entries.persistent_program` and `persistent_packed_program` for the
-orders). The K/V ring and the Q tiles' barriers run on across tiles (phases counted by
-`kbase`, `qround`; the producer's own v_landed barrier by `landed`), and dense outputs
-are staged in tiles of their own. Where shared memory holds two Q tiles (`query_slots`),
-the next tile's Q loads while the current tile runs, and one turn hands a tile over: the
-next tile's first Q K^T and the current tile's last P V are issued together, the next
-tile's first softmax runs under that P V, and the current tile's epilogue follows it
-(`consume_handing_over`). With one Q slot (dense D 192) the consumers release the Q tile
-after their last Q K^T, and the next tile's Q and first K/V tiles load under the current
-tile's last P V product and epilogue. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
+orders). The K/V ring and the Q tile's barriers run on across tiles (phases counted by
+`kbase`, `qround`; the producer's own v_landed barrier by `landed`), the consumers
+release the Q tile after their last Q K^T, and dense outputs are staged in tiles of
+their own, so the next tile's Q and first K/V tiles load under the current tile's last
+P V product and epilogue. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
 one compiled program serves every call with the same static arguments.
 
 A cache tile that ends past `kv_seqlens[b]` holds rows the call does not own
@@ -59,7 +55,6 @@ from tileprefill.kernels.tl.attention_parts import (
     KVSource,
     Work,
     online_softmax,
-    scalar,
     score_scale,
     soft_cap,
     unmasked_tiles,
@@ -82,45 +77,12 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = 10
 #: Registers a thread of the 384-thread CTA is launched with (setmaxnreg redistributes them).
 REGISTERS_PER_THREAD = 168
-#: Shared memory a CTA may use on SM90 (227 KiB), less 1 KiB for the mbarriers and alignment.
-SHARED_BYTES = 226 * 1024
 
 
 #: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
 #: divide the row, else 64- or 32-byte ones (TMA copies a sub-tile panel by panel).
 def panel_columns(head_dim: int) -> int:
     return next(cols for cols in (64, 32, 16) if head_dim % cols == 0)
-
-
-def query_slots(head_dim: int, config: TileConfig, stages_output: bool) -> int:
-    """Q tiles a CTA holds: two for a persistent one where shared memory has room (the next tile's
-    Q lands while the current tile runs, so its first Q K^T can be issued beside the current
-    tile's last P V), else one. `stages_output`: the output has staging tiles of its own."""
-    tile = ROWS_PER_CONSUMER * head_dim * 2  # bytes of one consumer's 16-bit Q (or output) tile
-    kv = 2 * config.num_stages * config.block_N * head_dim * 2
-    staging = 2 * tile if stages_output else 0
-    fits = 2 * 2 * tile + kv + staging <= SHARED_BYTES
-    return 2 if config.persistent_ctas > 0 and fits else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _HeldWork:
-    """A query tile's `Work` in one-element int32 buffers: it outlives the next tile's `Work`, whose
-    fields the schedule recomputes, so that the tile's epilogue can run after the next one started."""
-
-    fields: dict[str, Any]
-
-    @staticmethod
-    def alloc() -> "_HeldWork":
-        """A held Work of no keys (call inside a kernel)."""
-        return _HeldWork({field.name: scalar(0) for field in dataclasses.fields(Work)})
-
-    def save(self, w: Work) -> None:
-        for name, buf in self.fields.items():
-            T.buffer_store(buf, getattr(w, name), [0])
-
-    def work(self) -> Work:
-        return Work(**{name: buf[0] for name, buf in self.fields.items()})
 
 
 @dataclasses.dataclass
@@ -133,16 +95,16 @@ class _Buffers:
     O: Any
     LSE: Any  # the log-sum-exp output (programs with `lse`; None otherwise)
     block_table: Any
-    # (q_slots, 64, D) per consumer: a ring of Q tiles; separate buffers, so TileLang's sync
-    # planning sees no sharing between the consumers.
+    # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
+    # between the consumers.
     Qs: tuple[Any, Any]
-    # (64, D) per consumer, staging its output for the TMA store (dense q): its Q slot,
+    # (64, D) per consumer, staging its output for the TMA store (dense q): Qs itself,
     # or, persistent, separate tiles, so that the next tile's Q may land meanwhile.
     Os: tuple[Any, Any]
     Ks: Any  # (stages, block_N, D)
     Vs: Any
-    q_full: Any  # per Q slot
-    q_free: Any  # per Q slot (persistent): both consumers are done with its Q tile
+    q_full: Any
+    q_free: Any  # persistent: both consumers are done with the Q tile
     k_full: Any
     v_full: Any
     k_free: Any
@@ -185,10 +147,10 @@ def program(
     cleans_tail = source in (KVSource.CONTIGUOUS, KVSource.PAGED_TILED)
     # setmaxnreg moves registers between warpgroups inside the CTA's launch allocation,
     # 168 a thread (65536 / 384 rounded down to 8): producer + 2 x consumer <= 504, or the
-    # consumers' increase waits forever. A TMA producer needs few (FlashAttention-3 gives it 24;
-    # 40 here: at 24 the Q ring's slot arithmetic spilled, ragged D 128 68 bytes); a gathering one computes a block-table address per row and spills below ~88 (ptxas),
+    # consumers' increase waits forever. A TMA producer needs few (24, as FlashAttention-3);
+    # a gathering one computes a block-table address per row and spills below ~88 (ptxas),
     # which leaves its consumers 208 (enough for D <= 128; D 256 spills ~100 bytes there).
-    producer_regs, consumer_regs = (88, 208) if gathers else (40, 232)
+    producer_regs, consumer_regs = (88, 208) if gathers else (24, 240)
     assert producer_regs + 2 * consumer_regs <= REGISTERS_PER_THREAD * 3
     policy = T.GemmWarpPolicy.FullRow
 
@@ -209,7 +171,6 @@ def program(
     # Dense outputs are staged for a TMA store, persistent ones in tiles of their own (ragged and
     # paged outputs are stored from registers, row by row).
     stages_output = persistent and not source.ragged_q
-    q_slots = query_slots(D, config, stages_output)
 
     @T.macro
     def copy_rows(
@@ -268,22 +229,17 @@ def program(
         `kbase` key tiles and `qround` Q tiles went through the rings before this one, and
         `landed` partial V tiles through the v_landed barrier (at most one a query tile)."""
         if w.tiles > 0:
-            q = qround % q_slots
             if persistent:
-                T.mbarrier_wait_parity(b.q_free[q], (qround // q_slots) % 2 ^ 1)
+                T.mbarrier_wait_parity(b.q_free, (qround % 2) ^ 1)
             for c in (0, 1):
                 rows = w.q0 + c * half
                 if source.ragged_q:
                     T.tma_copy(
-                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :],
-                        b.Qs[c][q, :, :],
-                        barrier=b.q_full[q],
+                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :], b.Qs[c], barrier=b.q_full
                     )
                 else:
-                    T.tma_copy(
-                        b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c][q, :, :], barrier=b.q_full[q]
-                    )
-            T.mbarrier_arrive(b.q_full[q])
+                    T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
+            T.mbarrier_arrive(b.q_full)
         for k in T.serial(w.tiles + 1):
             if k < w.tiles:
                 slot = (kbase + k) % stages
@@ -312,23 +268,10 @@ def program(
                 T.mbarrier_arrive(b.v_full[slot])
 
     @T.macro
-    def fragments() -> Any:
-        s = T.alloc_fragment([half, block_N], ACCUM)
-        p = T.alloc_fragment([half, block_N], dtype)
-        o = T.alloc_fragment([half, D], ACCUM)
-        m = T.alloc_fragment([half], ACCUM)
-        m_prev = T.alloc_fragment([half], ACCUM)
-        alpha = T.alloc_fragment([half], ACCUM)
-        row_sum = T.alloc_fragment([half], ACCUM)
-        l = T.alloc_fragment([half], ACCUM)
-        return s, p, o, m, m_prev, alpha, row_sum, l
-
-    @T.macro
     def attend_tile(
         c: Any,
         k: Any,
         kbase: Any,
-        q: Any,
         w: Work,
         b: _Buffers,
         s: Any,
@@ -341,15 +284,15 @@ def program(
         l: Any,
         masked: Any,
     ) -> None:
-        """Key tile k >= 1 for consumer c (its Q in slot q): S_k = Q K_k^T and O += P_{k-1} V_{k-1},
-        then the softmax of S_k under the P V product and, once that is done, O *= alpha_k (outside
-        the turn window in which the two consumers take turns issuing GEMMs)."""
+        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
+        of S_k under the P V product and, once that is done, O *= alpha_k (outside the turn window
+        in which the two consumers take turns issuing GEMMs)."""
         n = kbase + k
         slot = n % stages
         prev = (n - 1) % stages
         T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
         T.mbarrier_wait_parity(b.k_full[slot], (n // stages) % 2)
-        T.wgmma_gemm(b.Qs[c][q, :, :], b.Ks[slot, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
+        T.wgmma_gemm(b.Qs[c], b.Ks[slot, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
         T.mbarrier_wait_parity(b.v_full[prev], ((n - 1) // stages) % 2)
         T.wgmma_gemm(p, b.Vs[prev, :, :], o, policy=policy)
         T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
@@ -373,67 +316,50 @@ def program(
         T.copy(s, p)
 
     @T.macro
-    def wait_first_scores(w: Work, b: _Buffers, kbase: Any, qround: Any) -> None:
-        """Wait for the Q tile and the first K tile of a query tile (`kbase`, `qround`: its place in
-        the rings)."""
-        T.mbarrier_wait_parity(b.q_full[qround % q_slots], (qround // q_slots) % 2)
-        T.mbarrier_wait_parity(b.k_full[kbase % stages], (kbase // stages) % 2)
-
-    @T.macro
-    def issue_first_scores(c: Any, b: _Buffers, kbase: Any, qround: Any, s: Any) -> None:
-        """Issue consumer c's S_0 = Q K_0^T of a query tile (waited for by wait_first_scores)."""
-        q = qround % q_slots
-        first = kbase % stages
-        T.wgmma_gemm(
-            b.Qs[c][q, :, :], b.Ks[first, :, :], s, transpose_B=True, policy=policy, clear_accum=True
-        )
-
-    @T.macro
-    def first_softmax(c: Any, w: Work, b: _Buffers, kbase: Any, f: Any) -> None:
-        """Consumer c's softmax of S_0 (waited for), which starts the row statistics of its tile."""
-        s, _, _, m, m_prev, alpha, row_sum, l = f
-        T.warpgroup_fence_operand(s, num_regs=half * block_N // 128)
-        T.mbarrier_arrive(b.k_free[kbase % stages])
-        if capped:
-            cap(s)
-        mask(s, w.q0 + c * half, w.k_first * block_N, w.kv_len, w.offset)
-        softmax(s, m, m_prev, alpha, row_sum, l, True)
-
-    @T.macro
-    def attend_rest(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
-        """Key tiles 1 .. tiles - 1 of the query tile of `w` for consumer c."""
+    def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
+        """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
         s, p, o, m, m_prev, alpha, row_sum, l = f
-        q = qround % q_slots
         row0 = w.q0 + c * half
-        # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
-        # the others after the first run masked: before lo (a window's lower edge) and from hi
-        # (the causal diagonal, the partial last tile).
-        lo, hi = whole_tiles(row0, w.kv_len, w.offset)
-        start = T.min(w.tiles, T.max(1, lo - w.k_first))
-        split = T.max(start, T.min(w.tiles, hi - w.k_first))
-        if window:
-            for k in T.serial(1, start):
-                attend_tile(c, k, kbase, q, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
-        for k in T.serial(start, split):
-            attend_tile(c, k, kbase, q, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
-        for k in T.serial(split, w.tiles):
-            attend_tile(c, k, kbase, q, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
-
-    @T.macro
-    def wait_last_values(b: Any, n: Any) -> None:
-        """Wait for the V tile of a query tile's last key tile, the n-th through the ring."""
-        T.mbarrier_wait_parity(b.v_full[n % stages], (n // stages) % 2)
-
-    @T.macro
-    def issue_last_values(b: Any, n: Any, p: Any, o: Any) -> None:
-        """Issue O += P V of a query tile's last key tile, the n-th through the ring (n >= 0; waited
-        for by wait_last_values)."""
-        T.wgmma_gemm(p, b.Vs[n % stages, :, :], o, policy=policy)
-
-    @T.macro
-    def finish(c: Any, w: Work, b: _Buffers, o: Any, m: Any, l: Any, row_sum: Any) -> None:
-        """Consumer c's epilogue of the query tile of `w`: O / l (and the LSE) to global memory."""
-        row0 = w.q0 + c * half
+        T.fill(o, 0)
+        T.fill(l, 0)
+        if w.tiles > 0:
+            T.mbarrier_wait_parity(b.q_full, qround % 2)
+            if c == 1 and not persistent:
+                # Consumer 0 issues first.
+                T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+            first = kbase % stages
+            T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
+            T.mbarrier_wait_parity(b.k_full[first], (kbase // stages) % 2)
+            T.wgmma_gemm(b.Qs[c], b.Ks[first, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
+            T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
+            T.wait_wgmma(0)
+            T.mbarrier_arrive(b.k_free[first])
+            if capped:
+                cap(s)
+            mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
+            softmax(s, m, m_prev, alpha, row_sum, l, True)
+            T.copy(s, p)
+            # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
+            # the others after the first run masked: before lo (a window's lower edge) and from hi
+            # (the causal diagonal, the partial last tile).
+            lo, hi = whole_tiles(row0, w.kv_len, w.offset)
+            start = T.min(w.tiles, T.max(1, lo - w.k_first))
+            split = T.max(start, T.min(w.tiles, hi - w.k_first))
+            if window:
+                for k in T.serial(1, start):
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+            for k in T.serial(start, split):
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+            for k in T.serial(split, w.tiles):
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+            if persistent:
+                # Every Q K^T of the tile is done: the next tile's Q may land.
+                T.mbarrier_arrive(b.q_free)
+            last = (kbase + w.tiles - 1) % stages
+            T.mbarrier_wait_parity(b.v_full[last], ((kbase + w.tiles - 1) // stages) % 2)
+            T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
+            T.wait_wgmma(0)
+            T.mbarrier_arrive(b.v_free[last])
         if lse:
             store_lse(b.LSE, m, l, w, row0)
         # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
@@ -452,127 +378,30 @@ def program(
             # Staged in shared memory, then one TMA store; rows past Sq fall outside the
             # tensor and are dropped.
             if persistent:
-                # The previous tile's store has read the staging tile: its issuing thread waits
-                # for that here, not after issuing it, so its warp goes on meanwhile (the other
-                # threads have no store in flight).
-                T.tma_store_wait()
+                # The previous tile's store has read the staging tile (its issuing thread
+                # waited for that).
                 T.sync_threads(EPILOGUE_BARRIER + c, 128)
             T.copy(o, b.Os[c])
             T.fence_proxy_async()
             T.sync_threads(EPILOGUE_BARRIER + c, 128)
-            if persistent:
-                # (the consumer loops wait for the last store before the CTA exits)
-                T.tma_copy(b.Os[c], b.O[w.seq, row0 : row0 + half, w.head, :])
-            else:
-                T.copy(b.Os[c], b.O[w.seq, row0 : row0 + half, w.head, :])
+            T.copy(b.Os[c], b.O[w.seq, row0 : row0 + half, w.head, :])
 
     @T.macro
-    def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
-        """Consumer c's 64 rows of the query tile of `w`, start to end (see produce_tile for kbase,
-        qround): one CTA per query tile, or a persistent one with a single Q slot."""
-        s, p, o, m, _, _, row_sum, l = f
-        T.fill(o, 0)
-        T.fill(l, 0)
-        if w.tiles > 0:
-            if c == 1 and not persistent:
-                # Consumer 0 issues first.
-                T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
-            T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
-            wait_first_scores(w, b, kbase, qround)
-            issue_first_scores(c, b, kbase, qround, s)
-            T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
-            T.wait_wgmma(0)
-            first_softmax(c, w, b, kbase, f)
-            T.copy(s, p)
-            attend_rest(c, w, b, kbase, qround, f)
-            if persistent:
-                # Every Q K^T of the tile is done: the next tile's Q may land.
-                T.mbarrier_arrive(b.q_free[qround % q_slots])
-            last = kbase + w.tiles - 1
-            wait_last_values(b, last)
-            issue_last_values(b, last, p, o)
-            T.wait_wgmma(0)
-            T.mbarrier_arrive(b.v_free[last % stages])
-        finish(c, w, b, o, m, l, row_sum)
-
-    @T.macro
-    def consume_handing_over(c: Any, schedule: Schedule, b: _Buffers) -> None:
-        """Consumer c of a persistent CTA with two Q slots: its tiles one after another, each tile's
-        first Q K^T issued in one turn with the previous tile's last P V, so that the new tile's
-        first softmax runs under that product and the previous tile's epilogue follows it (the
-        previous tile's Work, row sums and maxima are held until then)."""
-        T.set_max_nreg(consumer_regs, 1)
-        f = fragments()
-        s, p, o, m, _, _, row_sum, l = f
-        l_done = T.alloc_fragment([half], ACCUM)
-        m_done = T.alloc_fragment([half], ACCUM)
-        done = _HeldWork.alloc()
-        kbase = T.alloc_var("int32", init=0)
-        qround = T.alloc_var("int32", init=0)
-        T.fill(o, 0)
-        # Read only after a tile was done (TileLang's init check cannot see that).
-        T.fill(p, 0)
-        T.fill(l_done, 0)
-        if c == 1:
-            # Consumer 0 issues first; afterwards the turns alternate across tiles.
-            T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
-        walk = schedule.begin()
-        for i in T.serial(schedule.count):
-            w = schedule.work(i, walk)
-            prev = done.work()
-            # One turn: this tile's S_0 = Q K_0^T, then the previous tile's last O += P V.
-            # Both products are issued even for a tile without keys, on whatever its slots hold:
-            # ptxas serializes every wgmma of the program when a product or its wait depends on a
-            # branch. Such a product's result is never read (its S is not used; its O is dropped
-            # by the epilogue's l == 0 select, then cleared).
-            T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
-            if w.tiles > 0:
-                wait_first_scores(w, b, kbase, qround)
-            issue_first_scores(c, b, kbase, qround, s)
-            if prev.tiles > 0:
-                wait_last_values(b, kbase - 1)
-            issue_last_values(b, kbase + stages - 1, p, o)
-            T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
-            T.wait_wgmma(1)
-            if w.tiles > 0:
-                first_softmax(c, w, b, kbase, f)
-            T.wait_wgmma(0)
-            T.warpgroup_fence_operand(o, num_regs=half * D // 128)
-            if prev.tiles > 0:
-                T.mbarrier_arrive(b.v_free[(kbase - 1) % stages])
-            if w.tiles > 0:
-                # P_0 overwrites the operand the previous P V read.
-                T.copy(s, p)
-            if i > 0:
-                finish(c, prev, b, o, m_done, l_done, row_sum)
-            # (also after the first turn: its stand-in P V may have added 0 * NaN)
-            T.fill(o, 0)
-            if w.tiles > 0:
-                attend_rest(c, w, b, kbase, qround, f)
-                # Every Q K^T of the tile is done: its Q slot may be refilled.
-                T.mbarrier_arrive(b.q_free[qround % q_slots])
-            done.save(w)
-            for r in T.Parallel(half):
-                # A tile without keys has l 0 (its rows are written as 0).
-                l_done[r] = T.if_then_else(w.tiles > 0, l[r], 0)
-                m_done[r] = m[r]
-            kbase = kbase + w.tiles
-            qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
-        last = done.work()
-        if last.tiles > 0:
-            wait_last_values(b, kbase - 1)
-            issue_last_values(b, kbase - 1, p, o)
-            T.wait_wgmma(0)
-            T.mbarrier_arrive(b.v_free[(kbase - 1) % stages])
-        if schedule.count > 0:
-            finish(c, last, b, o, m_done, l_done, row_sum)
-        if stages_output:
-            T.tma_store_wait()
+    def fragments() -> Any:
+        s = T.alloc_fragment([half, block_N], ACCUM)
+        p = T.alloc_fragment([half, block_N], dtype)
+        o = T.alloc_fragment([half, D], ACCUM)
+        m = T.alloc_fragment([half], ACCUM)
+        m_prev = T.alloc_fragment([half], ACCUM)
+        alpha = T.alloc_fragment([half], ACCUM)
+        row_sum = T.alloc_fragment([half], ACCUM)
+        l = T.alloc_fragment([half], ACCUM)
+        return s, p, o, m, m_prev, alpha, row_sum, l
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
-        Qs0 = T.alloc_shared([q_slots, half, D], dtype)
-        Qs1 = T.alloc_shared([q_slots, half, D], dtype)
+        Qs0 = T.alloc_shared([half, D], dtype)
+        Qs1 = T.alloc_shared([half, D], dtype)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
         Vs = T.alloc_shared([stages, block_N, D], dtype)
         layouts = {
@@ -581,7 +410,7 @@ def program(
             Ks: make_swizzled_layout(Ks),
             Vs: make_swizzled_layout(Vs),
         }
-        Os: tuple[Any, Any] = (Qs0[0, :, :], Qs1[0, :, :])
+        Os: tuple[Any, Any] = (Qs0, Qs1)
         if stages_output:
             # One buffer for both consumers: TileLang's shared-memory planner orders the
             # warp-specialized regions one after another and would otherwise overlay a
@@ -591,8 +420,8 @@ def program(
             Os = (Ost[0, :, :], Ost[1, :, :])
         T.annotate_layout(layouts)
         # Every arrival is by a whole warpgroup; TMA bytes are counted on top.
-        q_full = T.alloc_barrier([PRODUCER_THREADS] * q_slots)
-        q_free = T.alloc_barrier([CONSUMER_THREADS] * q_slots)
+        q_full = T.alloc_barrier([PRODUCER_THREADS])
+        q_free = T.alloc_barrier([CONSUMER_THREADS])
         k_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
         v_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
         k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
@@ -634,7 +463,6 @@ def program(
 
     @T.macro
     def consume_all(c: Any, schedule: Schedule, b: _Buffers) -> None:
-        """Consumer c of a persistent CTA with one Q slot: its tiles one after another, each whole."""
         T.set_max_nreg(consumer_regs, 1)
         f = fragments()
         kbase = T.alloc_var("int32", init=0)
@@ -648,8 +476,6 @@ def program(
             consume_tile(c, w, b, kbase, qround, f)
             kbase = kbase + w.tiles
             qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
-        if stages_output:
-            T.tma_store_wait()
 
     @T.macro
     def attend_tiles(schedule: Schedule, Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> None:
@@ -671,11 +497,10 @@ def program(
                     landed = landed + T.if_then_else(
                         (w.tiles > 0) & ((w.k_first + w.tiles) * block_N > w.kv_len), 1, 0
                     )
-        consume = consume_handing_over if q_slots == 2 else consume_all
         with T.ws(0):
-            consume(0, schedule, b)
+            consume_all(0, schedule, b)
         with T.ws(1):
-            consume(1, schedule, b)
+            consume_all(1, schedule, b)
 
     if persistent and source is KVSource.DENSE:
         return persistent_program(
