@@ -559,6 +559,7 @@ def main() -> None:
         (Prog("new", "dense", 32, 2, 256, B16, True), (1, 1000, 1200)),
         (Prog("new", "dense", 16, 1, 96, "float16", False), (2, 333, 129)),
         (Prog("new", "dense", 16, 16, 176, B16, True), (1, 500, 900)),
+        (Prog("new", "dense", 16, 4, 192, B16, True), (2, 700, 900)),
     ]
     progs = [p for _, p, _ in timing]
     progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks + dense_checks]
