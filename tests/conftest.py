@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -225,5 +226,12 @@ def compiled_programs(request: pytest.FixtureRequest) -> None:
             warm_up = getattr(module, "warm_up", None)
             if warm_up is not None:
                 warm_up()
-    print(f"\ncompiling {len(set(requests))} programs side by side")
+    # Through pytest's terminal writer, not print: the line shows under output capture, so a run cut
+    # off while compiling says so (seen: a GPU call's log stayed empty for the whole 400 s prebuild
+    # of six modules on a machine with an empty TileLang cache).
+    report = request.config.pluginmanager.get_plugin("terminalreporter")
+    say = print if report is None else report.write_line
+    say(f"\ncompiling {len(set(requests))} programs side by side")
+    start = time.perf_counter()
     prebuild(requests)
+    say(f"compiled in {time.perf_counter() - start:.0f} s")

@@ -17,6 +17,7 @@ metadata checks read them and the manifest test compares them to the YAML.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple, assert_never
@@ -174,23 +175,30 @@ def cache_view_problem(t: torch.Tensor) -> str | None:
     A cache may be any view of the engine's storage whose head dim is contiguous, whose address and
     strides are multiples of 16 bytes, and whose elements are distinct (no two indices of the view
     share an address: an append would race). Size-1 dims take any stride."""
-    itemsize = t.element_size()
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return f"expected the last dim (D) contiguous (stride 1), got strides {t.stride()}"
-    outer = [(stride, size) for stride, size in zip(t.stride()[:-1], t.shape[:-1], strict=True) if size > 1]
+    problem = _cache_layout_problem(tuple(t.shape), t.stride(), t.element_size())
+    if problem is None and not torch.compiler.is_compiling() and t.data_ptr() % CACHE_ALIGNMENT_BYTES:
+        return f"expected data {CACHE_ALIGNMENT_BYTES}-byte aligned, got address {t.data_ptr():#x}"
+    return problem
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> str | None:
+    """`cache_view_problem` of the shape and strides (cached: a run checks each cache every layer,
+    and an engine's caches keep one layout)."""
+    if shape[-1] > 1 and strides[-1] != 1:
+        return f"expected the last dim (D) contiguous (stride 1), got strides {strides}"
+    outer = [(stride, size) for stride, size in zip(strides[:-1], shape[:-1], strict=True) if size > 1]
     if any(stride * itemsize % CACHE_ALIGNMENT_BYTES for stride, _ in outer):
         return (
             f"expected every stride a multiple of {CACHE_ALIGNMENT_BYTES} bytes "
-            f"({CACHE_ALIGNMENT_BYTES // itemsize} elements), got strides {t.stride()}"
+            f"({CACHE_ALIGNMENT_BYTES // itemsize} elements), got strides {strides}"
         )
-    if not torch.compiler.is_compiling() and t.data_ptr() % CACHE_ALIGNMENT_BYTES:
-        return f"expected data {CACHE_ALIGNMENT_BYTES}-byte aligned, got address {t.data_ptr():#x}"
     # Distinct elements: each stride passes the farthest offset the dims of smaller stride (D, and
     # on equal strides the later dims) reach. Written without sorting: under torch.compile the
     # sizes and strides may be symbolic, and a sort by them does not trace.
     for i, (stride, _) in enumerate(outer):
         inside = (
-            t.shape[-1]
+            shape[-1]
             - 1
             + sum(
                 (size - 1) * other
@@ -201,7 +209,7 @@ def cache_view_problem(t: torch.Tensor) -> str | None:
         if stride <= inside:
             return (
                 f"expected a view whose elements do not overlap (each stride past the extent of the "
-                f"dims inside it), got shape {tuple(t.shape)} with strides {t.stride()}"
+                f"dims inside it), got shape {shape} with strides {strides}"
             )
     return None
 
