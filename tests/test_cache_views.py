@@ -277,3 +277,14 @@ def test_rejected_cache_views_change_nothing(oracle: Oracle, gen: torch.Generato
     with pytest.raises(ValueError, match=error):
         run_paged("append", case, k_pages, v_pages)
     assert torch.equal(k_pages, k_before) and torch.equal(v_pages, v_before), f"{name}: a rejected call wrote"
+
+
+def test_slot_append_refuses_k_and_v_views_that_share_elements(gen: torch.Generator) -> None:
+    """Interleaved K and V views of one storage pass (no shared element); views one row apart do not."""
+    storage = torch.randn(6, 5, HKV, D, generator=gen).to(torch.bfloat16)
+    k_pages, v_pages = storage[:, :4], storage[:, 1:]
+    k_new, v_new = (torch.randn(3, HKV, D, generator=gen).to(torch.bfloat16) for _ in "kv")
+    before = storage.clone()
+    with pytest.raises(ValueError, match=r"v_pages: expected memory apart from k_pages"):
+        tp.PagedCacheSlotAppend()(k_new, v_new, k_pages, v_pages, torch.tensor([0, 5, 9]))
+    assert torch.equal(storage, before)

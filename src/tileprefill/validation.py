@@ -193,25 +193,29 @@ def _cache_layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], item
             f"expected every stride a multiple of {CACHE_ALIGNMENT_BYTES} bytes "
             f"({CACHE_ALIGNMENT_BYTES // itemsize} elements), got strides {strides}"
         )
-    # Distinct elements: each stride passes the farthest offset the dims of smaller stride (D, and
-    # on equal strides the later dims) reach. Written without sorting: under torch.compile the
-    # sizes and strides may be symbolic, and a sort by them does not trace.
-    for i, (stride, _) in enumerate(outer):
-        inside = (
-            shape[-1]
-            - 1
-            + sum(
-                (size - 1) * other
-                for j, (other, size) in enumerate(outer)
-                if other < stride or (other == stride and j > i)
-            )
+    if not distinct_elements(shape, strides):
+        return (
+            f"expected a view whose elements do not overlap (each stride past the extent of the "
+            f"dims inside it), got shape {shape} with strides {strides}"
+        )
+    return None
+
+
+def distinct_elements(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the dims of a view nest, so that no two of its indices share an address: each stride
+    (of a dim of size > 1) passes the farthest offset the dims of smaller stride, and on equal
+    strides the later dims, reach. Written without sorting: under torch.compile the sizes and
+    strides may be symbolic, and a sort by them does not trace."""
+    dims = [(stride, size) for stride, size in zip(strides, shape, strict=True) if size > 1]
+    for i, (stride, _) in enumerate(dims):
+        inside = sum(
+            (size - 1) * other
+            for j, (other, size) in enumerate(dims)
+            if other < stride or (other == stride and j > i)
         )
         if stride <= inside:
-            return (
-                f"expected a view whose elements do not overlap (each stride past the extent of the "
-                f"dims inside it), got shape {shape} with strides {strides}"
-            )
-    return None
+            return False
+    return True
 
 
 def follows(t: torch.Tensor, rule: StrideRule) -> bool:

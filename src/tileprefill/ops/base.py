@@ -97,6 +97,7 @@ from tileprefill.validation import (
     check_metadata,
     check_positive,
     check_same_strides,
+    distinct_elements,
     follows,
     rotary_dim_of,
     spec,
@@ -645,14 +646,13 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     itemsize = a.element_size()
     if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != itemsize:
         return True
+    if not distinct_elements(a.shape, a.stride()):
+        return True  # elements of one view overlap each other: no exact answer here
     shift, misaligned = divmod(b.data_ptr() - a0, itemsize)
-    dims = sorted((stride, size) for stride, size in zip(a.stride(), a.shape, strict=True) if size > 1)
-    span = 1
-    for stride, size in dims:
-        if stride < span:
-            return True  # elements of one view overlap each other: no exact answer here
-        span = stride * size
-    return bool(misaligned) or _shift_meets(shift, dims[::-1])
+    dims = sorted(
+        ((stride, size) for stride, size in zip(a.stride(), a.shape, strict=True) if size > 1), reverse=True
+    )
+    return bool(misaligned) or _shift_meets(shift, dims)
 
 
 def _shift_meets(shift: int, dims: Sequence[tuple[int, int]]) -> bool:
