@@ -156,9 +156,17 @@ def rope_append_program(
     num_tokens = T.dynamic("num_tokens")
     max_position = T.dynamic("max_position")
     num_blocks, block_rows = T.dynamic("num_blocks, block_rows")
-    num_slots = num_blocks * block_rows
     cache_strides = kv_cache_strides()
     chunk = _chunk_space(block_t, num_tokens)
+
+    # Slot s of the cache is row s % rows of block s // rows, here in C's truncating division (no
+    # floor corrections): a negative slot gets a negative row, which the store check skips like a
+    # block past the cache.
+    def block_of(slot: Any) -> Any:
+        return T.truncdiv(slot, block_rows)
+
+    def row_of_block(slot: Any) -> Any:
+        return T.truncmod(slot, block_rows)
 
     @T.macro
     def rotate_rows(
@@ -181,7 +189,8 @@ def rope_append_program(
         c = T.alloc_local((batch, pairs), "float32")
         s = T.alloc_local((batch, pairs), "float32")
         pos = T.alloc_local((batch,), "int32")
-        slot_of = T.alloc_local((batch,), "int32")
+        page_of = T.alloc_local((batch,), "int32")
+        row_of = T.alloc_local((batch,), "int32")
         yf = T.alloc_local((2 * pairs,), "float32")
         for g in T.unroll(_ceildiv(iters, batch)):
             # Loads that wait for nothing, for the whole batch, come first; then cos/sin,
@@ -193,7 +202,8 @@ def rope_append_program(
                     j = i * pairs  # first rotation pair of the chunk
                     pos[b] = positions[t]
                     if to_cache:
-                        slot_of[b] = slots[t]
+                        page_of[b] = block_of(slots[t])
+                        row_of[b] = row_of_block(slots[t])
                     if interleaved:
                         for v in T.vectorized(2 * pairs):
                             xa[b, v] = src[t, h, 2 * j + v]
@@ -231,11 +241,12 @@ def rope_append_program(
                             x2 = T.cast(xa[b, pairs + v], "float32")
                             yf[v] = x1 * c[b, v] - x2 * s[b, v]
                             yf[pairs + v] = x2 * c[b, v] + x1 * s[b, v]
-                    # A slot bound to a variable and checked once also shows TileLang that
+                    # A block and row bound to variables and checked once also show TileLang that
                     # the cache stores are in bounds (it adds no per-store guards of its own).
-                    row = slot_of[b] if to_cache else t
-                    if not to_cache or (0 <= row and row < num_slots):
-                        at = (row // block_rows, row % block_rows) if to_cache else (row,)
+                    page = page_of[b] if to_cache else t
+                    row = row_of[b] if to_cache else 0
+                    if not to_cache or (0 <= page and page < num_blocks and 0 <= row and row < block_rows):
+                        at = (page, row) if to_cache else (page,)
                         if interleaved:
                             for v in T.vectorized(2 * pairs):
                                 dst[(*at, h, 2 * j + v)] = T.cast(yf[v], dtype)
@@ -254,21 +265,24 @@ def rope_append_program(
         iters = _ceildiv(block_t * heads * per_row, THREADS)
         batch = batch_size(width, iters)
         xa = T.alloc_local((batch, width), dtype)
-        slot_of = T.alloc_local((batch,), "int32")
+        page_of = T.alloc_local((batch,), "int32")
+        row_of = T.alloc_local((batch,), "int32")
         for g in T.unroll(_ceildiv(iters, batch)):
             for b in T.unroll(batch):
                 valid, t, h, i = chunk(tx, bx, g * batch + b, heads, per_row)
                 if valid:
                     if to_cache:
-                        slot_of[b] = slots[t]
+                        page_of[b] = block_of(slots[t])
+                        row_of[b] = row_of_block(slots[t])
                     for v in T.vectorized(width):
                         xa[b, v] = src[t, h, first + i * width + v]
             for b in T.unroll(batch):
                 valid, t, h, i = chunk(tx, bx, g * batch + b, heads, per_row)
                 if valid:
-                    row = slot_of[b] if to_cache else t
-                    if not to_cache or (0 <= row and row < num_slots):
-                        at = (row // block_rows, row % block_rows) if to_cache else (row,)
+                    page = page_of[b] if to_cache else t
+                    row = row_of[b] if to_cache else 0
+                    if not to_cache or (0 <= page and page < num_blocks and 0 <= row and row < block_rows):
+                        at = (page, row) if to_cache else (page,)
                         for v in T.vectorized(width):
                             dst[(*at, h, first + i * width + v)] = xa[b, v]
 
