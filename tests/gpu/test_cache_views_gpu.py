@@ -65,8 +65,13 @@ def test_paged_views_match_the_reference(
     out = run_paged(kind, case, views.k, views.v)
     expected = run_paged(kind, cpu, k_cpu, v_cpu)
     err = float((out.cpu().double() - expected.double()).abs().max())
-    assert err <= 2e-2, f"{kind} on {layout}: max abs error {err:.3e} against the reference"
-    assert torch.equal(views.k.cpu(), k_cpu) and torch.equal(views.v.cpu(), v_cpu), f"{kind} on {layout}"
+    assert err <= oracle.atol(out.dtype), f"{kind} on {layout}: max abs error {err:.3e} against the reference"
+    assert torch.equal(views.v.cpu(), v_cpu), f"{kind} on {layout}: values"
+    # Rotated keys round like the TileLang RoPE, not bit for bit like the reference's torch ops.
+    k_err = float((views.k.cpu().double() - k_cpu.double()).abs().max())
+    assert k_err <= (2e-2 * float(k_cpu.double().abs().max()) if kind == "rope_append" else 0.0), (
+        f"{kind} on {layout}: keys off by {k_err:.3e}"
+    )
 
 
 @pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
