@@ -3,11 +3,12 @@ old-vs-new timing, side by side in one process (see benchmarks/kernel-notes.md).
 
 Run on a Hopper GPU from the repository root:
 
-    python benchmarks/kernel_probe.py [--quick] [--out DIR] [--ncu]
+    python benchmarks/kernel_probe.py [--quick] [--out DIR] [--ncu [--ncu-case dense|paged32]]
 
-`--ncu` also profiles one launch of every version's dense D128 non-causal program (S 8192)
-with Nsight Compute (`--clock-control none`, full set, source counters) and writes each
-report's details and per-instruction SASS table as CSV under DIR.
+`--ncu` also profiles one launch of every version's program of `--ncu-case` (dense: D128
+non-causal at S 8192, long tiles; paged32: the tiled paged program on 32 x (512 + 128) at page
+32, short tiles) with Nsight Compute (`--clock-control none`, full set, source counters) and
+writes each report's details and per-instruction SASS table as CSV under DIR.
 
 The program modules are loaded without importing `tileprefill` itself (stub parent
 packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
@@ -367,10 +368,10 @@ def time_ragged(prog: Prog, q_lens: list[int]) -> float:
     return float(flops / (ms * 1e-3) / 1e12)
 
 
-def time_paged(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> float:
-    """Paged (or tiled paged) cache: each sequence's pages scattered over a shuffled pool."""
+def paged_inputs(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> tuple[Any, ...]:
+    """The arguments of a paged program (q, pages, table, lengths, cu_seqlens_q, out): each
+    sequence's pages scattered over a shuffled pool."""
     import torch
-    from triton.testing import do_bench
 
     dt = _dtype(prog.dtype)
     ps = prog.page_size
@@ -387,9 +388,16 @@ def time_paged(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> float:
     cq = torch.tensor([0, *itertools_accumulate(q_lens)], dtype=torch.int32, device=DEV)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
     q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
-    out = torch.empty_like(q)
+    return q, kp, vp, table, lens, cq, torch.empty_like(q)
+
+
+def time_paged(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> float:
+    """Paged (or tiled paged) cache: each sequence's pages scattered over a shuffled pool."""
+    from triton.testing import do_bench
+
+    inputs = paged_inputs(prog, q_lens, kv_lens)
     kernel = _KERNELS[prog]
-    ms = do_bench(lambda: kernel(q, kp, vp, table, lens, cq, out), warmup=100, rep=400, return_mode="median")
+    ms = do_bench(lambda: kernel(*inputs), warmup=100, rep=400, return_mode="median")
     flops = sum(
         4 * prog.heads * prog.head_dim * visible_pairs(ql, kl, prog.causal)
         for ql, kl in zip(q_lens, kv_lens, strict=True)
@@ -443,37 +451,41 @@ def _wait_for(path: str | None, log: Any) -> None:
     log(f"waited {time.time() - start:.0f}s for {path}")
 
 
-#: The program and shape `--ncu` profiles (one launch after two warm-ups).
-NCU_CASE = ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False)
+#: The cases `--ncu` can profile (one launch after two warm-ups): dense D128 non-causal at S 8192
+#: (long tiles), and the chunked-prefill paged batch, 32 x (512 + 128) at page 32 (short tiles).
+NCU_CASES = ("dense", "paged32")
 
 
-def ncu_launch(module: str) -> None:
-    """Launch the NCU_CASE program of `module` three times (the child process ncu profiles)."""
+def ncu_launch(module: str, case: str) -> None:
+    """Launch `case`'s program of `module` three times (the child process ncu profiles)."""
     import torch
 
-    _label, batch, seq, h, hk, d, dt, causal = NCU_CASE
-    prog = Prog(module, "dense", h, hk, d, dt, causal)
-    compile_prog(prog)
-    dtype = _dtype(dt)
-    q = torch.randn(batch, seq, h, d, device=DEV, dtype=dtype)
-    k = torch.randn(batch, seq, hk, d, device=DEV, dtype=dtype)
-    v = torch.randn(batch, seq, hk, d, device=DEV, dtype=dtype)
-    out = torch.empty_like(q)
+    if case == "paged32":
+        prog = Prog(module, "paged_tiled", 32, 8, 128, "bfloat16", True, page_size=32)
+        compile_prog(prog)
+        inputs = paged_inputs(prog, [128] * 32, [640] * 32)
+    else:
+        prog = Prog(module, "dense", 32, 8, 128, "bfloat16", False)
+        compile_prog(prog)
+        q = torch.randn(1, 8192, 32, 128, device=DEV, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 8192, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in "kv")
+        inputs = (q, k, v, torch.empty_like(q))
     for _ in range(3):
-        _KERNELS[prog](q, k, v, out)
+        _KERNELS[prog](*inputs)
     torch.cuda.synchronize()
 
 
-def profile(module: str, out_dir: pathlib.Path, log: Any) -> None:
-    """ncu on the third launch of `module`'s NCU_CASE program: details and SASS source tables as CSV."""
+def profile(module: str, case: str, out_dir: pathlib.Path, log: Any) -> None:
+    """ncu on the third launch of `module`'s `case` program: details and SASS source tables as CSV."""
     import subprocess
 
     ncu = os.environ.get("NCU", "ncu")
-    report = out_dir / f"ncu-{module}"
+    report = out_dir / f"ncu-{case}-{module}"
+    kernel = "regex:main_paged" if case == "paged32" else "regex:main_dense"
     command = [
         ncu, "--clock-control", "none", "--set", "full", "--import-source", "no",
-        "--launch-skip", "2", "--launch-count", "1", "--kernel-name", "regex:main_dense",
-        "-f", "-o", str(report), sys.executable, __file__, "--ncu-child", module,
+        "--launch-skip", "2", "--launch-count", "1", "--kernel-name", kernel,
+        "-f", "-o", str(report), sys.executable, __file__, "--ncu-child", module, "--ncu-case", case,
     ]  # fmt: skip
     start = time.time()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -485,19 +497,20 @@ def profile(module: str, out_dir: pathlib.Path, log: Any) -> None:
             text=True,
             timeout=300,
         )
-        (out_dir / f"ncu-{module}-{page}.csv").write_text(dump.stdout + dump.stderr[-2000:])
+        (out_dir / f"ncu-{case}-{module}-{page}.csv").write_text(dump.stdout + dump.stderr[-2000:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe"))
     parser.add_argument("--quick", action="store_true", help="correctness only")
-    parser.add_argument("--ncu", action="store_true", help="also profile old and new dense D128 (ncu)")
+    parser.add_argument("--ncu", action="store_true", help="also profile every version's --ncu-case (ncu)")
+    parser.add_argument("--ncu-case", choices=NCU_CASES, default="dense", help="what --ncu profiles")
     parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--wait-for", default=None, help="a file to wait for before timing")
     args = parser.parse_args()
     if args.ncu_child:
-        ncu_launch(args.ncu_child)
+        ncu_launch(args.ncu_child, args.ncu_case)
         return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +634,7 @@ def main() -> None:
     )
     if args.ncu:
         for module in versions:
-            profile(module, out_dir, log)
+            profile(module, args.ncu_case, out_dir, log)
     log(f"checks: {len(results) - len(bad)} ok, {len(bad)} failed; compile failures {len(failed)}")
     for row in timings:
         log(f"{row['case']:<48} {row['tflops']:7.1f}")
