@@ -6,7 +6,7 @@ import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode
 
 
 def _valid(**changes: object) -> PrefillContext:
@@ -43,6 +43,17 @@ IMPOSSIBLE = [
     ({"head_dim": 127}, "head_dim", "got 127"),
     ({"head_dim": 0}, "head_dim", "got 0"),
     ({"group_size": 0}, "group_size", "got 0"),
+    (
+        {
+            "kv_layout": KVLayout.NONE,
+            "rope": RopeMode.NONE,
+            "append": False,
+            "page_size": 0,
+            "kv_order": KVOrder.HND,
+        },
+        "kv_order",
+        "got HND",
+    ),
 ]
 
 

@@ -58,8 +58,8 @@ def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: AnyOpClas
         "Op inputs are fixed and ordered: no defaults, no *args"
     )
     assert [i.name for i in entry.inputs] == [p.name for p in call]
-    assert [(i.name, i.dtype, i.shape) for i in entry.inputs] == [
-        (s.name, s.dtype.value, s.shape) for s in op.input_specs
+    assert [(i.name, i.dtype, i.shape, i.strides) for i in entry.inputs] == [
+        (s.name, s.dtype.value, s.shape, s.strides.value) for s in op.input_specs
     ]
     assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
         (s.name, s.dtype.value, s.shape) for s in _outputs(op)

@@ -15,9 +15,10 @@ import sys
 import textwrap
 from collections.abc import Iterator
 
+import attrs
 import pytest
 
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode
 from tileprefill.keys import ALL_KEYS, AppendKey, AttentionKey, BatchKey, KernelKey, RopeAppendKey, RopeKey
 from tileprefill.selection import (
     Explanation,
@@ -88,8 +89,8 @@ EXPECTED_ATTENTION: dict[tuple[str, Arch], AttentionKey] = {
 
 
 def _all_fields(kv_layout: KVLayout, arch: Arch) -> Iterator[dict[str, object]]:
-    for rope, append, q_dtype, kv_dtype, head_dim, causal, ragged, page_size in itertools.product(
-        RopeMode, (False, True), DType, DType, HEAD_DIMS, (False, True), (False, True), PAGE_SIZES
+    for rope, append, q_dtype, kv_dtype, head_dim, causal, ragged, page_size, kv_order in itertools.product(
+        RopeMode, (False, True), DType, DType, HEAD_DIMS, (False, True), (False, True), PAGE_SIZES, KVOrder
     ):
         yield {
             "kv_layout": kv_layout,
@@ -103,6 +104,7 @@ def _all_fields(kv_layout: KVLayout, arch: Arch) -> Iterator[dict[str, object]]:
             "causal": causal,
             "page_size": page_size,
             "ragged": ragged,
+            "kv_order": kv_order,
         }
 
 
@@ -124,6 +126,8 @@ def _impossible_fields(f: dict[str, object]) -> set[str]:
         bad.add("page_size")
     if f["kv_layout"] is KVLayout.CONTIGUOUS and f["ragged"]:
         bad.add("ragged")
+    if f["kv_layout"] is KVLayout.NONE and f["kv_order"] is not KVOrder.NHD:
+        bad.add("kv_order")
     return bad
 
 
@@ -231,6 +235,10 @@ def test_plan_describes_its_steps() -> None:
     assert str(plan) == "batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90"
     explanation = str(explain(ctx))
     assert "plan: batch_paged_tl -> rope_append_neox_tl -> attn_paged_tiled_sm90" in explanation
+    # Every step reads and writes the cache through its strides, in either order.
+    assert "cache order: NHD, read (and written) in place" in explanation
+    assert "cache order: HND" in str(explain(attrs.evolve(ctx, kv_order=KVOrder.HND)))
+    assert select_plan(attrs.evolve(ctx, kv_order=KVOrder.HND)) == plan
     # The separate steps it stands in for say why they were not used.
     assert "rope_neox_tl: rope_append_neox_tl rotates and appends in one kernel" in explanation
     assert "append_paged_tl: rope_append_neox_tl rotates and appends in one kernel" in explanation

@@ -164,8 +164,9 @@ def _paged_inputs() -> dict[str, torch.Tensor]:
         ("v_pages", torch.randn(8, 16, 2, 32, dtype=torch.float16), "v_pages: expected (Hkv, D) = (2, 64)"),
         (
             "k_pages",
-            torch.randn(8, 2, 16, 64, dtype=torch.float16).transpose(1, 2),
-            "k_pages: expected a contig",
+            # HND pages are a cache view the program writes through; a strided head dim is not.
+            torch.randn(8, 16, 64, 2, dtype=torch.float16).transpose(2, 3),
+            "k_pages: expected the last dim (D) contiguous",
         ),
         ("block_table", torch.zeros(2, 4, dtype=torch.int64), "block_table: expected int32 of shape (2, 4)"),
         ("block_table", torch.zeros(8, dtype=torch.int32), "block_table: expected int32 of shape (-1, -1)"),

@@ -4,7 +4,7 @@ TileLang kernels on SM80/SM90, torch reference kernels everywhere else.
 Importing this package does not import tilelang.
 """
 
-from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, DType, IndexDType, KVLayout, KVOrder, PrefillContext, RopeMode
 from tileprefill.keys import AppendKey, AttentionKey, KernelKey, RopeAppendKey, RopeKey, SlotAppendKey
 from tileprefill.ops import (
     BatchPlan,
@@ -49,6 +49,7 @@ __all__ = [
     "GQAVarlenRopePrefill",
     "IndexDType",
     "KVLayout",
+    "KVOrder",
     "KernelKey",
     "OutputAndLSE",
     "PagedCacheSlotAppend",

@@ -23,6 +23,17 @@ class KVLayout(enum.Enum):
     PAGED = "paged"  # (num_pages, page_size, Hkv, D) pages with a block table
 
 
+class KVOrder(enum.Enum):
+    """The order of a cache block's rows and heads in memory: NHD (rows before heads: a row's Hkv
+    heads lie side by side, FlashAttention's and vLLM's default) or HND (heads before rows: one
+    head's rows of a block lie side by side, FlashInfer's and vLLM's HND). The tensors are
+    (blocks, rows, Hkv, D) views either way, strided as the engine stores them; a call without a
+    cache is NHD."""
+
+    NHD = "NHD"
+    HND = "HND"
+
+
 class RopeMode(enum.Enum):
     """Rotary embedding applied to q and the new keys before attention."""
 
@@ -115,6 +126,7 @@ class PrefillContext:
     (p - sliding_window, p] (causal only); `softcap` says whether the scaled scores are capped
     to c * tanh(score / c) (the cap c itself, like sm_scale, is a static fact of the kernels,
     not of the decision). Both are compiled into the attention programs.
+    `kv_order` is the cache's row/head order (KVOrder; NHD without a cache).
     `slot_mapping` says that the call gives each new token's cache row itself (slot = page *
     page_size + row, -1: skip) and only writes the cache: its plan is one slot-append step, with
     no batch step and no attention (`PagedCacheSlotAppend`, vLLM's `reshape_and_cache_flash`).
@@ -134,6 +146,7 @@ class PrefillContext:
     sliding_window: int = 0
     softcap: bool = False
     slot_mapping: bool = False
+    kv_order: KVOrder = KVOrder.NHD
 
     def __attrs_post_init__(self) -> None:
         problems = list(_impossible(self))
@@ -146,6 +159,10 @@ def _impossible(ctx: PrefillContext) -> list[str]:
     if ctx.q_dtype is not ctx.kv_dtype:
         problems.append(
             f"kv_dtype: expected the same dtype as q ({ctx.q_dtype.value}), got {ctx.kv_dtype.value}"
+        )
+    if ctx.kv_layout is KVLayout.NONE and ctx.kv_order is not KVOrder.NHD:
+        problems.append(
+            f"kv_order: expected NHD with kv_layout none (there is no cache), got {ctx.kv_order.value}"
         )
     if ctx.kv_layout is KVLayout.NONE and ctx.append:
         problems.append("append: expected False with kv_layout none (there is no cache to append to)")

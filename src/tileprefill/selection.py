@@ -19,7 +19,7 @@ from typing import TypeVar, assert_never
 
 import attrs
 
-from tileprefill.context import Arch, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, KVLayout, KVOrder, PrefillContext, RopeMode
 from tileprefill.kernels.tl import attention_configs
 from tileprefill.keys import (
     AppendKey,
@@ -109,6 +109,11 @@ class Explanation:
             config = None if attention is None else attention_config(attention, self.context)
             if config is not None:
                 lines.append(f"attention config: {config}")
+            if self.context.kv_layout is not KVLayout.NONE:
+                lines.append(
+                    f"cache order: {self.context.kv_order.value}, read (and written) in place through the "
+                    "caches' strides by every step above"
+                )
         lines.append("not chosen:")
         for rejection in self.rejected:
             lines.append(f"  {rejection.key.value}: " + "; ".join(rejection.reasons))
@@ -427,6 +432,19 @@ def source_of(ctx: PrefillContext) -> tuple[Source, ...]:
             assert_never(ctx.kv_layout)
 
 
+def orders_read(source: Source) -> tuple[KVOrder, ...]:
+    """The cache orders a source's kernels read: a cache's K and V are strided views whatever their
+    order (`kernels/tl/cache_view.py`), so every cache source reads both; inputs without a cache
+    are token-major (NHD)."""
+    match source:
+        case Source.DENSE | Source.RAGGED:
+            return (KVOrder.NHD,)
+        case Source.CONTIGUOUS | Source.PAGED | Source.PAGED_TILED:
+            return (KVOrder.NHD, KVOrder.HND)
+        case _:
+            assert_never(source)
+
+
 def pages_tile_evenly(page_size: int) -> bool:
     """Whether a power-of-two KV tile is whole pages (or lies inside one page).
 
@@ -446,6 +464,8 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
         reasons.append(
             f"the call reads {shape} q with kv_layout {ctx.kv_layout.value}; this kernel reads {source.value}"
         )
+    if source in source_of(ctx) and ctx.kv_order not in orders_read(source):
+        reasons.append(f"this kernel reads no {ctx.kv_order.value} cache")
     if (
         source is Source.PAGED_TILED
         and ctx.kv_layout is KVLayout.PAGED

@@ -17,12 +17,15 @@ metadata checks read them and the manifest test compares them to the YAML.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple, assert_never
 
 import attrs
 import torch
+
+from tileprefill.context import KVOrder
 
 
 class DtypeRule(enum.Enum):
@@ -40,6 +43,14 @@ class DtypeRule(enum.Enum):
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
+class StrideRule(enum.Enum):
+    """The memory layout an input must have; the value is how the manifest writes it."""
+
+    CONTIGUOUS = "contiguous"
+    # A KV cache (blocks, rows, Hkv, D): any view of the engine's storage (`check_cache_view`).
+    CACHE_VIEW = "D contiguous, 16-byte aligned strides"
+
+
 class Dim(NamedTuple):
     """One dimension of a symbolic shape: `symbol + offset` (e.g. "B + 1" for cu_seqlens)."""
 
@@ -52,11 +63,12 @@ class Dim(NamedTuple):
 
 @attrs.frozen
 class TensorSpec:
-    """One tensor input of an Op: its name, dtype rule and symbolic shape."""
+    """One tensor input of an Op: its name, dtype rule, symbolic shape and stride rule."""
 
     name: str
     dtype: DtypeRule
     dims: tuple[Dim, ...]
+    strides: StrideRule = StrideRule.CONTIGUOUS
 
     @property
     def shape(self) -> str:
@@ -65,13 +77,13 @@ class TensorSpec:
         return f"({inner},)" if len(self.dims) == 1 else f"({inner})"
 
 
-def spec(name: str, dtype: DtypeRule, shape: str) -> TensorSpec:
+def spec(name: str, dtype: DtypeRule, shape: str, strides: StrideRule = StrideRule.CONTIGUOUS) -> TensorSpec:
     """A TensorSpec from a shape written like "B, Sq, Hq, D" or "B + 1"."""
     dims: list[Dim] = []
     for part in shape.split(","):
         symbol, _, offset = part.partition("+")
         dims.append(Dim(symbol.strip(), int(offset) if offset.strip() else 0))
-    return TensorSpec(name, dtype, tuple(dims))
+    return TensorSpec(name, dtype, tuple(dims), strides)
 
 
 class Binding(NamedTuple):
@@ -135,12 +147,124 @@ def check_metadata(
                     f"{s.name}: expected shape {s.shape} with {dim.symbol}={known.value} "
                     f"(from {known.source}), got {tuple(t.shape)}"
                 )
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{s.name}: expected a contiguous tensor (kernels index it densely), "
-                f"got shape {tuple(t.shape)} with strides {t.stride()}"
-            )
+        match s.strides:
+            case StrideRule.CONTIGUOUS:
+                if not t.is_contiguous():
+                    raise ValueError(
+                        f"{s.name}: expected a contiguous tensor (kernels index it densely), "
+                        f"got shape {tuple(t.shape)} with strides {t.stride()}"
+                    )
+            case StrideRule.CACHE_VIEW:
+                check_cache_view(s.name, t)
+            case _:
+                assert_never(s.strides)
     return dims
+
+
+# --- KV-cache views ---------------------------------------------------------------------------------
+
+#: Every cache stride and the cache's address are multiples of this: the programs load and store
+#: 16-byte vectors of a row, and TMA needs 16-byte aligned strides and base.
+CACHE_ALIGNMENT_BYTES = 16
+
+
+def cache_view_problem(t: torch.Tensor) -> str | None:
+    """What keeps the 4-D cache `t` (blocks, rows, Hkv, D) from being read and written in place by
+    the kernels, in words, or None. Metadata only: under torch.compile the address is not read.
+
+    A cache may be any view of the engine's storage whose head dim is contiguous, whose address and
+    strides are multiples of 16 bytes, and whose elements are distinct (no two indices of the view
+    share an address: an append would race). Size-1 dims take any stride."""
+    problem = _cache_layout_problem(tuple(t.shape), t.stride(), t.element_size())
+    if problem is None and not torch.compiler.is_compiling() and t.data_ptr() % CACHE_ALIGNMENT_BYTES:
+        return f"expected data {CACHE_ALIGNMENT_BYTES}-byte aligned, got address {t.data_ptr():#x}"
+    return problem
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> str | None:
+    """`cache_view_problem` of the shape and strides (cached: a run checks each cache every layer,
+    and an engine's caches keep one layout)."""
+    if shape[-1] > 1 and strides[-1] != 1:
+        return f"expected the last dim (D) contiguous (stride 1), got strides {strides}"
+    outer = [(stride, size) for stride, size in zip(strides[:-1], shape[:-1], strict=True) if size > 1]
+    if any(stride * itemsize % CACHE_ALIGNMENT_BYTES for stride, _ in outer):
+        return (
+            f"expected every stride a multiple of {CACHE_ALIGNMENT_BYTES} bytes "
+            f"({CACHE_ALIGNMENT_BYTES // itemsize} elements), got strides {strides}"
+        )
+    if not distinct_elements(shape, strides):
+        return (
+            f"expected a view whose elements do not overlap (each stride past the extent of the "
+            f"dims inside it), got shape {shape} with strides {strides}"
+        )
+    return None
+
+
+def distinct_elements(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the dims of a view nest, so that no two of its indices share an address: each stride
+    (of a dim of size > 1) passes the farthest offset the dims of smaller stride, and on equal
+    strides the later dims, reach. Written without sorting: under torch.compile the sizes and
+    strides may be symbolic, and a sort by them does not trace."""
+    dims = [(stride, size) for stride, size in zip(strides, shape, strict=True) if size > 1]
+    for i, (stride, _) in enumerate(dims):
+        inside = sum(
+            (size - 1) * other
+            for j, (other, size) in enumerate(dims)
+            if other < stride or (other == stride and j > i)
+        )
+        if stride <= inside:
+            return False
+    return True
+
+
+def follows(t: torch.Tensor, rule: StrideRule) -> bool:
+    """Whether `t`'s layout meets `rule` (the fast path of a plan's run checks; metadata only)."""
+    match rule:
+        case StrideRule.CONTIGUOUS:
+            return t.is_contiguous()
+        case StrideRule.CACHE_VIEW:
+            return cache_view_problem(t) is None
+        case _:
+            assert_never(rule)
+
+
+def check_cache_view(name: str, t: torch.Tensor) -> None:
+    """`cache_view_problem` as an error naming the argument."""
+    problem = cache_view_problem(t)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+
+
+def kv_order_of(t: torch.Tensor) -> KVOrder | None:
+    """The row/head order of a cache view (blocks, rows, Hkv, D): HND when one head's rows lie side
+    by side (the head stride is the larger), NHD otherwise; None when a block has one row or the
+    cache one head (then both orders are the same memory)."""
+    if t.shape[1] == 1 or t.shape[2] == 1:
+        return None
+    return KVOrder.HND if t.stride(2) > t.stride(1) else KVOrder.NHD
+
+
+def check_same_strides(caches: Mapping[str, torch.Tensor]) -> None:
+    """The K and V caches of one call have the strides of the first (the programs index them with
+    one set of strides). Metadata only."""
+    (first, reference), *rest = caches.items()
+    for name, cache in rest:
+        if cache.stride() != reference.stride():
+            raise ValueError(
+                f"{name}: expected the strides of {first} {reference.stride()} (the kernels index the "
+                f"caches alike), got {cache.stride()}"
+            )
+
+
+def check_kv_order(name: str, cache: torch.Tensor, order: KVOrder, order_source: str) -> None:
+    """A cache has the row/head order a plan was made for (metadata only)."""
+    found = kv_order_of(cache)
+    if found is not None and found is not order:
+        raise ValueError(
+            f"{name}: expected a {order.value} cache ({order_source}), got a {found.value} one "
+            f"(shape {tuple(cache.shape)}, strides {cache.stride()})"
+        )
 
 
 def _check_dtype(s: TensorSpec, t: torch.Tensor, q_dtype: torch.dtype, first: str) -> None:

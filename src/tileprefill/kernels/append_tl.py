@@ -29,10 +29,10 @@ from tileprefill.kernels.launch import (
     Launcher,
     Program,
     check_cuda,
-    check_writable,
     register,
 )
 from tileprefill.keys import AppendKey
+from tileprefill.validation import check_cache_view, check_same_strides
 
 
 def program(key: AppendKey, facts: StaticFacts) -> Program:
@@ -50,6 +50,7 @@ RECORDS: Final[dict[AppendKey, KernelRecord]] = {
             key=AppendKey.CONTIGUOUS_TL,
             tensors=("k_new", "v_new", "k_cache", "v_cache", "cache_seqlens"),
             mutates=("k_cache", "v_cache"),
+            views=("k_cache", "v_cache"),
             program=lambda facts: program(AppendKey.CONTIGUOUS_TL, facts),
         )
     ),
@@ -58,6 +59,7 @@ RECORDS: Final[dict[AppendKey, KernelRecord]] = {
             key=AppendKey.PAGED_TL,
             tensors=("k_new", "v_new", "k_pages", "v_pages", "block_table", "cache_seqlens", "cu_seqlens_q"),
             mutates=("k_pages", "v_pages"),
+            views=("k_pages", "v_pages"),
             program=lambda facts: program(AppendKey.PAGED_TL, facts),
         )
     ),
@@ -78,7 +80,8 @@ def _check_new(k_new: torch.Tensor, v_new: torch.Tensor, dims: int) -> DType:
 
 def _check_caches(new: torch.Tensor, caches: dict[str, torch.Tensor], batch: int | None) -> None:
     """Metadata only (no host sync). The caches are written in place, so unlike the inputs
-    they cannot be copied into a layout the program reads: they must come contiguous and aligned."""
+    they cannot be copied into a layout the program reads: they must be views it writes through
+    (`validation.check_cache_view`), with the same strides."""
     first = next(iter(caches.values()))
     for name, cache in caches.items():
         if cache.dim() != 4 or cache.dtype != new.dtype or cache.device != new.device:
@@ -95,7 +98,8 @@ def _check_caches(new: torch.Tensor, caches: dict[str, torch.Tensor], batch: int
             raise ValueError(
                 f"{name}: expected batch {batch} (that of k_new), got shape {tuple(cache.shape)}"
             )
-        check_writable(name, cache)
+        check_cache_view(name, cache)
+    check_same_strides(caches)
 
 
 def _check_int32(name: str, tensor: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:

@@ -103,6 +103,14 @@ _TENSORS: Final[dict[Source, tuple[str, ...]]] = {
     Source.PAGED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
     Source.PAGED_TILED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
 }
+#: The KV-cache parameters of each source's programs (strided views, `kernels/tl/cache_view.py`).
+_CACHES: Final[dict[Source, tuple[str, ...]]] = {
+    Source.DENSE: (),
+    Source.RAGGED: (),
+    Source.CONTIGUOUS: ("k_cache", "v_cache"),
+    Source.PAGED: ("k_pages", "v_pages"),
+    Source.PAGED_TILED: ("k_pages", "v_pages"),
+}
 
 
 def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
@@ -113,13 +121,18 @@ def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
                 key=key,
                 tensors=(*_TENSORS[source], "lse"),
                 mutates=("out", "lse"),
+                views=_CACHES[source],
                 program=lambda facts: program(key, facts),
                 variant="_lse",
             )
         )
     return register(
         KernelRecord(
-            key=key, tensors=_TENSORS[source], mutates=("out",), program=lambda facts: program(key, facts)
+            key=key,
+            tensors=_TENSORS[source],
+            mutates=("out",),
+            program=lambda facts: program(key, facts),
+            views=_CACHES[source],
         )
     )
 

@@ -152,8 +152,8 @@ class RopeAppendLaunch(Protocol):
         slots: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_rows: torch.Tensor,
-        v_rows: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         q_out: torch.Tensor,
     ) -> None: ...
 

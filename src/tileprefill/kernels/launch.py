@@ -57,6 +57,10 @@ class KernelRecord:
     #: A second record of the same key for programs with another parameter list (attention with
     #: `facts.lse` writes one more output) names itself by this suffix: one custom op each.
     variant: str = ""
+    #: The KV-cache parameters: views of the caller's storage with any strides the Op accepted
+    #: (`validation.check_cache_view`), passed as they are, never copied (a copy is a whole cache
+    #: per layer, and an append into a copy is lost).
+    views: tuple[str, ...] = ()
 
     @property
     def op_name(self) -> str:
@@ -151,8 +155,11 @@ class Launcher:
     def __init__(self, record: KernelRecord, facts: StaticFacts) -> None:
         self._op = _OPS_BY_NAME[record.op_name]
         self._scalars = scalars(facts)
-        #: Which parameters are read only (those may be copied into the layout the program reads).
-        self._inputs = tuple(name not in record.mutates for name in record.tensors)
+        #: Which parameters may be copied into the layout the program reads: the read-only ones but
+        #: the cache views.
+        self._inputs = tuple(
+            name not in record.mutates and name not in record.views for name in record.tensors
+        )
         self._entry: Callable[..., object] | None = None
         if torch.compiler.is_compiling():
             return
@@ -182,7 +189,8 @@ class Launcher:
 
     def direct(self, *tensors: torch.Tensor) -> None:
         """Launch on the current stream of the tensors' device. Read-only inputs that are not
-        contiguous and 16-byte aligned are copied first; written ones were checked by the caller."""
+        contiguous and 16-byte aligned are copied first (but cache views); written ones and cache
+        views were checked by the caller."""
         entry = self._entry
         assert entry is not None, "a launcher built while tracing launches through its custom op"
         tensors = tuple(aligned(t) if read else t for t, read in zip(tensors, self._inputs, strict=True))

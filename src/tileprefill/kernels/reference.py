@@ -169,9 +169,9 @@ class AppendPagedRefKernel(PagedAppendKernel):
 
 
 class SlotAppendRefKernel(SlotAppendKernel):
-    """Token t to row slot_mapping[t] of the pages seen as rows; a slot outside [0, num_pages *
-    page_size) (-1: skip) writes nothing, as in the TileLang program. Torch ops on the device, no
-    host sync."""
+    """Token t to slot slot_mapping[t] of the pages (row slot % page_size of page slot // page_size,
+    through any strides); a slot outside [0, num_pages * page_size) (-1: skip) writes nothing, as in
+    the TileLang program. Torch ops on the device."""
 
     key: ClassVar[SlotAppendKey] = SlotAppendKey.REF
 
@@ -183,13 +183,12 @@ class SlotAppendRefKernel(SlotAppendKernel):
         v_pages: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        k_rows = k_pages.view(-1, *k_pages.shape[2:])
-        v_rows = v_pages.view(-1, *v_pages.shape[2:])
+        num_pages, page_size = k_pages.shape[:2]
         slots = slot_mapping.long()
-        keep = ((slots >= 0) & (slots < k_rows.shape[0])).nonzero().squeeze(1)
-        rows = slots[keep]
-        k_rows.index_copy_(0, rows, k_new[keep])
-        v_rows.index_copy_(0, rows, v_new[keep])
+        keep = ((slots >= 0) & (slots < num_pages * page_size)).nonzero().squeeze(1)
+        pages, rows = slots[keep] // page_size, slots[keep] % page_size
+        k_pages[pages, rows] = k_new[keep]
+        v_pages[pages, rows] = v_new[keep]
 
 
 # ---------------------------------------------------------------------------

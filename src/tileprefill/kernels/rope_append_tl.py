@@ -1,10 +1,11 @@
 """TileLang RoPE + append kernels: q rotated into a new tensor, new keys rotated and written with the
 new values into any cache, in one launch (sm80 and sm90: one program).
 
-The program (`kernels/tl/rope_append.py`) writes by slot: the plan views the
-cache as rows (S, Hkv, D) and computes one int32 slot per new token once per
-batch (`positions.paged_slots`, `positions.contiguous_slots`), so the program
-does not depend on the page size or on the cache layout. It launches through
+The program (`kernels/tl/rope_append.py`) writes by slot: the plan computes one
+int32 slot per new token once per batch (`positions.paged_slots`,
+`positions.contiguous_slots`: row slot % rows of block slot // rows of the 4-D
+cache, a strided view), so the program depends on neither the page size nor
+the cache layout. It launches through
 the one launch path (`kernels/launch.py`); its custom op declares q_out and
 the two caches as written.
 """
@@ -40,8 +41,20 @@ def _record(key: RopeAppendKey) -> KernelRecord:
     return register(
         KernelRecord(
             key=key,
-            tensors=("q", "k_new", "v_new", "positions", "slots", "cos", "sin", "k_rows", "v_rows", "q_out"),
-            mutates=("k_rows", "v_rows", "q_out"),
+            tensors=(
+                "q",
+                "k_new",
+                "v_new",
+                "positions",
+                "slots",
+                "cos",
+                "sin",
+                "k_cache",
+                "v_cache",
+                "q_out",
+            ),
+            mutates=("k_cache", "v_cache", "q_out"),
+            views=("k_cache", "v_cache"),
             program=lambda facts: program(key, facts),
         )
     )
@@ -62,8 +75,8 @@ class _RopeAppendTLKernel(RopeAppendKernel):
             slots: torch.Tensor,
             cos: torch.Tensor,
             sin: torch.Tensor,
-            k_rows: torch.Tensor,
-            v_rows: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
             q_out: torch.Tensor,
         ) -> None:
             if q.shape[0] == 0:
@@ -76,8 +89,8 @@ class _RopeAppendTLKernel(RopeAppendKernel):
                 slots,
                 cos,
                 sin,
-                k_rows,
-                v_rows,
+                k_cache,
+                v_cache,
                 q_out,
             )
 

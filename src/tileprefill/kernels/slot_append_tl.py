@@ -1,9 +1,9 @@
 """TileLang slot-append kernel: new keys/values into a paged cache at the rows a slot mapping names
 (vLLM's `reshape_and_cache_flash`), sm80 and sm90: one program.
 
-The program (`kernels/tl/slot_append.py`) sees the pages as rows (num_pages *
-page_size, Hkv, D), so it is compiled per (Hkv, D, dtype, slot dtype) and not per
-page size. It launches through the one launch path (`kernels/launch.py`), whose
+The program (`kernels/tl/slot_append.py`) reads the page size from the pages'
+shape (a strided view) at launch, so it is compiled per (Hkv, D, dtype, slot
+dtype) and not per page size. It launches through the one launch path (`kernels/launch.py`), whose
 custom op (`tileprefill::slot_append_tl`) declares the two caches it writes.
 No host syncs: the launch reads nothing on the host.
 """
@@ -17,8 +17,9 @@ import torch
 from tileprefill.context import Arch, DType, IndexDType, arch_of
 from tileprefill.kernels.base import Kernel, SlotAppendKernel, SlotAppendLaunch, StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, check_writable, register
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, register
 from tileprefill.keys import SlotAppendKey
+from tileprefill.validation import check_cache_view, check_same_strides
 
 
 def program(key: SlotAppendKey, facts: StaticFacts) -> Program:
@@ -32,17 +33,13 @@ RECORDS: Final[dict[SlotAppendKey, KernelRecord]] = {
     SlotAppendKey.TL: register(
         KernelRecord(
             key=SlotAppendKey.TL,
-            tensors=("k_new", "v_new", "k_rows", "v_rows", "slot_mapping"),
-            mutates=("k_rows", "v_rows"),
+            tensors=("k_new", "v_new", "k_pages", "v_pages", "slot_mapping"),
+            mutates=("k_pages", "v_pages"),
+            views=("k_pages", "v_pages"),
             program=lambda facts: program(SlotAppendKey.TL, facts),
         )
     )
 }
-
-
-def rows_of(pages: torch.Tensor) -> torch.Tensor:
-    """A contiguous paged cache (num_pages, page_size, Hkv, D) as rows (num_pages * page_size, Hkv, D)."""
-    return pages.view(-1, *pages.shape[2:])
 
 
 class SlotAppendTLKernel(SlotAppendKernel):
@@ -60,7 +57,7 @@ class SlotAppendTLKernel(SlotAppendKernel):
         ) -> None:
             if k_new.shape[0] == 0 or k_pages.shape[0] == 0:
                 return  # nothing to write (or nowhere), and an empty grid is not a valid launch
-            launcher(k_new, v_new, rows_of(k_pages), rows_of(v_pages), slot_mapping)
+            launcher(k_new, v_new, k_pages, v_pages, slot_mapping)
 
         return launch
 
@@ -72,8 +69,9 @@ class SlotAppendTLKernel(SlotAppendKernel):
         v_pages: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Token t of k_new/v_new (T, Hkv, D) goes to row slot_mapping[t] of k_pages/v_pages
-        (num_pages, page_size, Hkv, D) seen as rows; metadata checks only (the Op checks values)."""
+        """Token t of k_new/v_new (T, Hkv, D) goes to slot s = slot_mapping[t] of k_pages/v_pages
+        (num_pages, page_size, Hkv, D): row s % page_size of page s // page_size. Metadata checks
+        only (the Op checks values)."""
         dtype = DType.of(k_new.dtype, argument="k_new")
         index_dtype = IndexDType.of(slot_mapping.dtype, argument="slot_mapping")
         if k_new.dim() != 3:
@@ -101,8 +99,10 @@ class SlotAppendTLKernel(SlotAppendKernel):
                 f"slot_mapping: expected shape ({k_new.shape[0]},) on {k_new.device}, "
                 f"got {tuple(slot_mapping.shape)} on {slot_mapping.device}"
             )
-        check_writable("k_pages", k_pages)
-        check_writable("v_pages", v_pages)
+        caches = {"k_pages": k_pages, "v_pages": v_pages}
+        for name, pages in caches.items():
+            check_cache_view(name, pages)
+        check_same_strides(caches)
         check_cuda("k_new", k_new)
         facts = StaticFacts(
             arch=arch_of(k_new.device),

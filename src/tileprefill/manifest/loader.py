@@ -29,11 +29,14 @@ class ManifestError(ValueError):
 
 @attrs.frozen
 class TensorEntry:
-    """One tensor input or output: dtype rule (e.g. "q.dtype") and symbolic shape (e.g. "(B, Sq, Hq, D)")."""
+    """One tensor input or output: dtype rule (e.g. "q.dtype"), symbolic shape (e.g. "(B, Sq, Hq, D)")
+    and stride rule ("contiguous" unless the YAML says otherwise: a KV cache is any view of the
+    engine's storage, "D contiguous, 16-byte aligned strides")."""
 
     name: str
     dtype: str
     shape: str
+    strides: str = "contiguous"
 
 
 @attrs.frozen
@@ -194,6 +197,7 @@ def _tensors(value: object, where: str) -> tuple[TensorEntry, ...]:
                 name=_str(t.get("name"), f"{where}[{i}].name"),
                 dtype=_str(t.get("dtype"), f"{where}[{i}].dtype"),
                 shape=_str(t.get("shape"), f"{where}[{i}].shape"),
+                strides=_str(t.get("strides", "contiguous"), f"{where}[{i}].strides"),
             )
         )
     return tuple(entries)

@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, Protocol, Required, TypeA
 import torch
 from typing_extensions import TypeVar as DefaultTypeVar
 
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode, arch_of
+from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode, arch_of
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -90,10 +90,15 @@ from tileprefill.validation import (
     Binding,
     Dims,
     DtypeRule,
+    StrideRule,
     TensorSpec,
     check_heads,
+    check_kv_order,
     check_metadata,
     check_positive,
+    check_same_strides,
+    distinct_elements,
+    follows,
     rotary_dim_of,
     spec,
 )
@@ -147,6 +152,7 @@ class CallFacts(NamedTuple):
     ragged: bool
     sliding_window: int
     softcap: bool
+    kv_order: KVOrder
 
 
 def context_of(facts: CallFacts) -> PrefillContext:
@@ -164,6 +170,7 @@ def context_of(facts: CallFacts) -> PrefillContext:
         ragged=facts.ragged,
         sliding_window=facts.sliding_window,
         softcap=facts.softcap,
+        kv_order=facts.kv_order,
     )
 
 
@@ -383,7 +390,8 @@ def rotate_and_write(
     v_cache: torch.Tensor,
 ) -> torch.Tensor:
     """RoPE of q (into a new tensor, returned) and of k_new, and the write of the rotated keys and
-    v_new into the caches at `slots` (one per new token, the caches seen as rows), in one launch."""
+    v_new into the caches (blocks, rows, Hkv, D) at `slots` (one per new token: row slot % rows of
+    block slot // rows), in one launch."""
     rotated = torch.empty_like(q)
     rope_append(
         as_rows(q),
@@ -393,8 +401,8 @@ def rotate_and_write(
         slots,
         cos,
         sin,
-        as_rows(k_cache),
-        as_rows(v_cache),
+        k_cache,
+        v_cache,
         as_rows(rotated),
     )
     return rotated
@@ -420,6 +428,7 @@ class Expected(NamedTuple):
     dtype: torch.dtype
     lead: str | None
     shape: tuple[int, ...]
+    strides: StrideRule = StrideRule.CONTIGUOUS
 
 
 def expected_of(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) -> Expected:
@@ -428,7 +437,7 @@ def expected_of(s: TensorSpec, dims: Mapping[str, int], q_dtype: torch.dtype) ->
     lead = None if first.symbol in dims else first.symbol
     known = rest if lead is not None else s.dims
     assert all(d.symbol in dims for d in known), f"{s.name}: only a leading size may be left free by a plan"
-    return Expected(dtype, lead, tuple(dims[d.symbol] + d.offset for d in known))
+    return Expected(dtype, lead, tuple(dims[d.symbol] + d.offset for d in known), s.strides)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -516,7 +525,7 @@ class BatchPlan(Generic[BatchT, ResultT]):
                 isinstance(t, torch.Tensor)
                 and t.dtype == expected.dtype
                 and t.device == self._device
-                and t.is_contiguous()
+                and follows(t, expected.strides)
             ):
                 break
             shape = t.shape
@@ -625,11 +634,39 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' byte ranges meet (metadata only)."""
+    """Whether two tensors may share memory (metadata only). Byte ranges that do not meet never do.
+    Two views with one shape and one set of strides are told apart exactly: the K and V halves of
+    one cache storage interleave (vLLM's K|V-packed and `(blocks, 2, ...)` layouts) without sharing
+    an element. Any other pair whose ranges meet counts as sharing."""
     if a.device != b.device or not a.numel() or not b.numel():
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    itemsize = a.element_size()
+    if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != itemsize:
+        return True
+    if not distinct_elements(a.shape, a.stride()):
+        return True  # elements of one view overlap each other: no exact answer here
+    shift, misaligned = divmod(b.data_ptr() - a0, itemsize)
+    dims = sorted(
+        ((stride, size) for stride, size in zip(a.stride(), a.shape, strict=True) if size > 1), reverse=True
+    )
+    return bool(misaligned) or _shift_meets(shift, dims)
+
+
+def _shift_meets(shift: int, dims: Sequence[tuple[int, int]]) -> bool:
+    """Whether a view whose (stride, size) dims, outermost first, nest (each stride at least the
+    extent of the dims inside it) meets itself moved by `shift` elements: whether shift is a sum
+    of d * stride over its dims with |d| < size. The dims inside one span less than its stride, so
+    only the two multiples of the outermost stride nearest to shift can start such a sum."""
+    if not dims:
+        return shift == 0
+    (stride, size), inner = dims[0], dims[1:]
+    return any(
+        abs(d) < size and _shift_meets(shift - d * stride, inner)
+        for d in {shift // stride, -(-shift // stride)}
+    )
 
 
 #: Attention of q over a plan's caches into out and lse (q, k_cache, v_cache, out, lse), the plan's
@@ -671,10 +708,11 @@ class CachePlan(BatchPlan[CacheSteps, ResultT]):
         lse: torch.Tensor,
     ) -> None:
         s = self._batch
-        if s.append is not None or s.rope_append is not None:
-            # The caches are written in place: they cannot be copied into the layout the programs need.
-            check_writable(self.cache_names[0], k_cache)
-            check_writable(self.cache_names[1], v_cache)
+        # The caches are views the programs read (and appends write) in place, never copies: one set
+        # of strides for both, in the order the plan was made for (`check_metadata` checked each).
+        k_name, v_name = self.cache_names
+        check_same_strides({k_name: k_cache, v_name: v_cache})
+        check_kv_order(k_name, k_cache, self._context.kv_order, "the plan's shape.kv_order")
         if s.rope_append is not None:
             assert k_new is not None and v_new is not None and cos is not None and sin is not None
             q = rotate_and_write(
@@ -841,7 +879,7 @@ class PrefillOp(abc.ABC, Generic[ResultT]):
             rotary_dim_of(dims, self.rotary_dim)
         return dims
 
-    def _facts(self, shape: ShapeFacts, page_size: int) -> CallFacts:
+    def _facts(self, shape: ShapeFacts, page_size: int, kv_order: KVOrder = KVOrder.NHD) -> CallFacts:
         # Under torch.compile with dynamic shapes a size may be symbolic. The plan needs the value:
         # operator.index (unlike int()) makes the tracer specialise it, guarding on it.
         return CallFacts(
@@ -860,6 +898,7 @@ class PrefillOp(abc.ABC, Generic[ResultT]):
             # Whether, not how much: under torch.compile the float is symbolic, and the plan (a
             # constant of the trace) depends only on the bool.
             softcap=self._capped,
+            kv_order=kv_order,
         )
 
     def _select(self, facts: CallFacts) -> StepNames:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 import torch
 from typing_extensions import Unpack
 
-from tileprefill.context import KVLayout
+from tileprefill.context import KVLayout, KVOrder
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
@@ -38,10 +38,12 @@ from tileprefill.validation import (
     Binding,
     Dims,
     DtypeRule,
+    StrideRule,
     check_append_capacity,
     check_lengths,
     check_rope_positions,
     host_values,
+    kv_order_of,
     rotary_dim_of,
     spec,
 )
@@ -59,13 +61,14 @@ class ContiguousShape(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
+    kv_order: KVOrder = KVOrder.NHD  # the caches' row/head order (any strides: `check_cache_view`)
 
 
 _Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D")
 _K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D")
 _V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D")
-_K_CACHE = spec("k_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D")
-_V_CACHE = spec("v_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D")
+_K_CACHE = spec("k_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.CACHE_VIEW)
+_V_CACHE = spec("v_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.CACHE_VIEW)
 _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
@@ -102,7 +105,7 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
                 f"k_cache: expected S_max >= Sq = {shape.seq_q} (room for the new keys), "
                 f"got S_max = {shape.max_seq}"
             )
-        facts = self._facts(shape, 0)
+        facts = self._facts(shape, 0, shape.kv_order)
         steps = self._select(facts)
         rotary_dim = self._rotary_dim(shape) if self.rotates else 0
         if self.rotates:
@@ -199,6 +202,7 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
             dtype=q.dtype,
             device=q.device,
             rotary_dim=rotary_dim_of(dims, self.rotary_dim) if self.rotates else 0,
+            kv_order=kv_order_of(tensors["k_cache"]) or KVOrder.NHD,
         )
         self._shape_dims(shape)
         lengths = tensors["cache_seqlens" if self.appends else "kv_seqlens"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 import torch
 from typing_extensions import Unpack
 
-from tileprefill.context import KVLayout
+from tileprefill.context import KVLayout, KVOrder
 from tileprefill.kernels.base import (
     PagedAppendKernel,
     PagedAttentionKernel,
@@ -42,12 +42,14 @@ from tileprefill.validation import (
     Binding,
     Dims,
     DtypeRule,
+    StrideRule,
     check_append_capacity,
     check_block_table,
     check_cu_seqlens,
     check_lengths,
     check_rope_positions,
     host_values,
+    kv_order_of,
     rotary_dim_of,
     rows,
     spec,
@@ -65,13 +67,14 @@ class PagedShape(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
+    kv_order: KVOrder = KVOrder.NHD  # the pages' row/head order (any strides: `check_cache_view`)
 
 
 _Q = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D")
 _K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D")
 _V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D")
-_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D")
-_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D")
+_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
+_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
 _BLOCK_TABLE = spec("block_table", DtypeRule.INT32, "B, MP")
 _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
@@ -115,7 +118,7 @@ class PagedCacheOp(PrefillOp[ResultT]):
         dims = self._metadata_dims(shape, [metadata[s.name] for s in self.plan_specs], extra)
         if shape.page_size < 1:
             raise ValueError(f"shape.page_size: expected an integer >= 1, got {shape.page_size}")
-        facts = self._facts(shape, shape.page_size)
+        facts = self._facts(shape, shape.page_size, shape.kv_order)
         plan = self._select(facts)
         rotary_dim = self._rotary_dim(shape) if self.rotates else 0
         if self.rotates:
@@ -223,6 +226,7 @@ class PagedCacheOp(PrefillOp[ResultT]):
             dtype=q.dtype,
             device=q.device,
             rotary_dim=rotary_dim_of(dims, self.rotary_dim) if self.rotates else 0,
+            kv_order=kv_order_of(tensors["k_pages"]) or KVOrder.NHD,
         )
         self._shape_dims(shape)
         plan = self._plan_paged(

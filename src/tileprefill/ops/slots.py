@@ -28,7 +28,6 @@ import torch
 
 from tileprefill.context import DType, IndexDType, KVLayout, PrefillContext, RopeMode, arch_of
 from tileprefill.kernels.base import Kernel, SlotAppendKernel, SlotAppendLaunch, StaticFacts
-from tileprefill.kernels.launch import check_writable
 from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import KernelKey
 from tileprefill.ops.base import (
@@ -45,11 +44,14 @@ from tileprefill.selection import Explanation, PrefillPlan, explain, select_plan
 from tileprefill.validation import (
     Binding,
     DtypeRule,
+    StrideRule,
     TensorSpec,
     check_metadata,
     check_positive,
+    check_same_strides,
     check_slot_mapping,
     check_slots_fit,
+    follows,
     spec,
 )
 
@@ -67,8 +69,8 @@ class SlotAppendShape(NamedTuple):
 
 _K_NEW = spec("k_new", DtypeRule.ACTIVATION, "T, Hkv, D")
 _V_NEW = spec("v_new", DtypeRule.SAME_AS_K_NEW, "T, Hkv, D")
-_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D")
-_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D")
+_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
+_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
 _SLOT_MAPPING = spec("slot_mapping", DtypeRule.INDEX, "T")
 
 
@@ -165,7 +167,7 @@ class PagedCacheSlotAppendPlan:
                 isinstance(t, torch.Tensor)
                 and t.dtype == expected.dtype
                 and t.device == device
-                and t.is_contiguous()
+                and follows(t, expected.strides)
             ):
                 break
             shape = t.shape
@@ -189,11 +191,10 @@ class PagedCacheSlotAppendPlan:
 
 
 def _check_apart(tensors: Sequence[torch.Tensor]) -> None:
-    """The caches are written in place: contiguous and 16-byte aligned, and sharing no memory with
-    each other or with the new rows (metadata only)."""
+    """The caches are written in place: views with one set of strides, sharing no memory with each
+    other or with the new rows (metadata only; `check_metadata` checked each view)."""
     k_new, v_new, k_pages, v_pages = tensors
-    check_writable("k_pages", k_pages)
-    check_writable("v_pages", v_pages)
+    check_same_strides({"k_pages": k_pages, "v_pages": v_pages})
     for name, cache in (("k_pages", k_pages), ("v_pages", v_pages)):
         for other_name, other in (("k_new", k_new), ("v_new", v_new), ("k_pages", k_pages)):
             if other_name != name and overlaps(cache, other):

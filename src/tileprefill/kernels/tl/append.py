@@ -1,10 +1,11 @@
 """TileLang programs: write new key/value rows into a contiguous or a paged KV cache.
 
-A token's keys (or values) are one row of Hkv * D contiguous elements both in
-the new tensor and in the cache, so both programs are row copies: find each
-token's destination row on the device, then copy the row of k and of v in
-16-byte vectors. Consecutive threads take consecutive vectors of a row, so
-warps read and write contiguous memory.
+A token's keys (or values) are one row of Hkv * D contiguous elements in the
+new tensor, and Hkv runs of D contiguous elements in the cache (a strided view,
+`cache_view`), so both programs are row copies: find each token's destination
+row on the device, then copy the row of k and of v in 16-byte vectors.
+Consecutive threads take consecutive vectors of a row, so warps read contiguous
+memory and write contiguous runs of D.
 
 Nothing outside the destination rows is written: a destination outside the
 cache (a position past S_max, a block-table entry past the table or naming
@@ -15,6 +16,7 @@ program memory-safe.
 
 import tilelang.language as T
 
+from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
 from tileprefill.kernels.tl.rope import widest_vector
 
 #: Threads per CTA and elements of one tensor (k or v) each CTA aims to copy:
@@ -43,15 +45,17 @@ def append_contiguous_program(num_kv_heads: int, head_dim: int, dtype: str) -> T
     batch = T.dynamic("batch")
     new_len = T.dynamic("new_len")
     max_len = T.dynamic("max_len")
+    cache_strides = kv_cache_strides()
 
     @T.prim_func
     def append_contiguous(
         k_new: T.Tensor((batch, new_len, Hkv, D), dtype),
         v_new: T.Tensor((batch, new_len, Hkv, D), dtype),
-        k_cache: T.Tensor((batch, max_len, Hkv, D), dtype),
-        v_cache: T.Tensor((batch, max_len, Hkv, D), dtype),
+        k_cache: T.StridedTensor((batch, max_len, Hkv, D), cache_strides, dtype),
+        v_cache: T.StridedTensor((batch, max_len, Hkv, D), cache_strides, dtype),
         cache_seqlens: T.Tensor((batch,), "int32"),
     ) -> None:
+        k_dst, v_dst = vector_view(k_cache), vector_view(v_cache)
         with T.Kernel(T.ceildiv(new_len, block_s), batch, threads=THREADS) as (bx, b):
             tx = T.get_thread_binding()
             start = cache_seqlens[b]
@@ -68,9 +72,9 @@ def append_contiguous_program(num_kv_heads: int, head_dim: int, dtype: str) -> T
                     for v in T.vectorized(vec):
                         kv[1, v] = v_new[b, i, h, d + v]
                     for v in T.vectorized(vec):
-                        k_cache[b, pos, h, d + v] = kv[0, v]
+                        k_dst[b, pos, h, d + v] = kv[0, v]
                     for v in T.vectorized(vec):
-                        v_cache[b, pos, h, d + v] = kv[1, v]
+                        v_dst[b, pos, h, d + v] = kv[1, v]
 
     return append_contiguous
 
@@ -99,17 +103,19 @@ def append_paged_program(num_kv_heads: int, head_dim: int, page_size: int, dtype
     batch = T.dynamic("batch")
     num_pages = T.dynamic("num_pages")
     max_pages = T.dynamic("max_pages")
+    cache_strides = kv_cache_strides()
 
     @T.prim_func
     def append_paged(
         k_new: T.Tensor((num_tokens, Hkv, D), dtype),
         v_new: T.Tensor((num_tokens, Hkv, D), dtype),
-        k_pages: T.Tensor((num_pages, page_size, Hkv, D), dtype),
-        v_pages: T.Tensor((num_pages, page_size, Hkv, D), dtype),
+        k_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
+        v_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
         block_table: T.Tensor((batch, max_pages), "int32"),
         cache_seqlens: T.Tensor((batch,), "int32"),
         cu_seqlens_q: T.Tensor((batch + 1,), "int32"),
     ) -> None:
+        k_dst, v_dst = vector_view(k_pages), vector_view(v_pages)
         with T.Kernel(T.ceildiv(num_tokens, block_t), threads=THREADS) as bx:
             tx = T.get_thread_binding()
             dst_page = T.alloc_shared((block_t,), "int32")
@@ -150,8 +156,8 @@ def append_paged_program(num_kv_heads: int, head_dim: int, page_size: int, dtype
                     for v in T.vectorized(vec):
                         kv[1, v] = v_new[t, h, d + v]
                     for v in T.vectorized(vec):
-                        k_pages[dst_page[i], dst_row[i], h, d + v] = kv[0, v]
+                        k_dst[dst_page[i], dst_row[i], h, d + v] = kv[0, v]
                     for v in T.vectorized(vec):
-                        v_pages[dst_page[i], dst_row[i], h, d + v] = kv[1, v]
+                        v_dst[dst_page[i], dst_row[i], h, d + v] = kv[1, v]
 
     return append_paged

@@ -9,7 +9,8 @@ prim_func has one more output after O, the float32 log-sum-exp `LSE` (tokens, he
 always was and the body gets LSE None. (A prim_func's parameters are read from its
 source, so each source has one prim_func of each kind.) Only the body
 differs between architectures, so the grids, the tile order and the ragged tile
-search are written once, here.
+search are written once, here. A cache source's K and V (contiguous, paged) are strided views
+(`cache_view.kv_cache_strides`); dense and ragged K and V are contiguous.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
 causal, sm_scale, page_size, config, window, softcap, lse)`, which builds its body and returns
@@ -31,6 +32,7 @@ from tileprefill.kernels.tl.attention_parts import (
     locate_ragged_tile,
     work,
 )
+from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
 from tileprefill.selection import pages_tile_evenly
 
 #: The dtype of the log-sum-exp output.
@@ -205,6 +207,7 @@ def entry_program(
 
     if source is KVSource.CONTIGUOUS:
         batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
+        cache_strides = kv_cache_strides()
 
         @T.macro
         def contiguous_grid(Q: Any, K: Any, V: Any, kv_seqlens: Any, O: Any, LSE: Any) -> None:
@@ -217,29 +220,30 @@ def entry_program(
             @T.prim_func
             def main_contiguous_lse(
                 Q: T.Tensor([batch, seq_q, heads, D], dtype),
-                K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
-                V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+                K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
+                V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
                 kv_seqlens: T.Tensor([batch], "int32"),
                 O: T.Tensor([batch, seq_q, heads, D], dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
             ) -> None:
-                contiguous_grid(Q, K, V, kv_seqlens, O, LSE)
+                contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, LSE)
 
             return main_contiguous_lse
 
         @T.prim_func
         def main_contiguous(
             Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, max_seq, kv_heads, D], dtype),
-            V: T.Tensor([batch, max_seq, kv_heads, D], dtype),
+            K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
+            V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             kv_seqlens: T.Tensor([batch], "int32"),
             O: T.Tensor([batch, seq_q, heads, D], dtype),
         ) -> None:
-            contiguous_grid(Q, K, V, kv_seqlens, O, None)
+            contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, None)
 
         return main_contiguous
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+    cache_strides = kv_cache_strides()
 
     @T.macro
     def paged_grid(
@@ -254,29 +258,29 @@ def entry_program(
         @T.prim_func
         def main_paged_lse(
             Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-            V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
+            V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
             O: T.Tensor([tokens_q, heads, D], dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
         Q: T.Tensor([tokens_q, heads, D], dtype),
-        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
+        V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
-        paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
 
     return main_paged
 
@@ -630,6 +634,7 @@ def persistent_packed_program(
         return main_ragged
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
+    cache_strides = kv_cache_strides()
 
     @T.macro
     def paged_grid(
@@ -645,29 +650,29 @@ def persistent_packed_program(
         @T.prim_func
         def main_paged_lse(
             Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-            V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+            K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
+            V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
             O: T.Tensor([tokens_q, heads, D], dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
         Q: T.Tensor([tokens_q, heads, D], dtype),
-        K: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
-        V: T.Tensor([num_pages, page_size, kv_heads, D], dtype),
+        K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
+        V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.Tensor([tokens_q, heads, D], dtype),
     ) -> None:
-        paged_grid(Q, K, V, block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
 
     return main_paged
 

@@ -1,12 +1,12 @@
 """TileLang program: RoPE of q and the new keys, and their write with the new values into a KV cache by
 slot, in one launch.
 
-The caller views any cache as rows of slots, (num_slots, Hkv, D): a paged
-cache (num_pages, page_size, Hkv, D) as (num_pages * page_size, Hkv, D), a
-contiguous one (B, S_max, Hkv, D) as (B * S_max, Hkv, D), and hands one int32
-slot per new token, computed once per batch. The program therefore knows
-nothing of pages or sequences: no block-table walk or search per token, and
-page size 1 costs what any page size costs. One launch of
+The caller hands any cache as blocks of rows, (blocks, rows, Hkv, D): a paged
+cache (num_pages, page_size, Hkv, D) or a contiguous one (B, S_max, Hkv, D), a
+strided view (`cache_view`), and one int32 slot per new token, computed once
+per batch: slot s is row s % rows of block s // rows. The program therefore
+knows nothing of pages or sequences: no block-table walk or search per token,
+and page size 1 costs what any page size costs. One launch of
 `rope_append_program` does the work of three (RoPE of q, RoPE of k, append).
 
 A CTA takes a block of whole tokens (a token's heads share one position, one
@@ -15,7 +15,7 @@ THREADS, so that consecutive threads take consecutive 16-byte chunks and a
 warp touches contiguous memory: the rotated chunks of its q rows, then of its
 k rows (the same code on two pairs of tensors); the pass-through dims >= R of
 q and k; and the values (a token's Hkv * D values are one contiguous row in
-v_new and in the cache).
+v_new, and Hkv runs of D in the cache).
 
 Several loads in flight: each thread takes its chunks in batches, issuing
 every load of a batch (x first, then cos/sin, which wait for the position)
@@ -24,7 +24,7 @@ loads of data. The rotation is rope.py's fp32 arithmetic, operation for
 operation, rounded once to dtype, so q and k come out bit-for-bit as that
 program's.
 
-Memory safety: a token whose slot is outside [0, num_slots) (e.g. -1 for a
+Memory safety: a token whose slot is outside [0, blocks * rows) (e.g. -1 for a
 padding token) writes nothing to the caches; its q_out row is still written.
 No slot value makes a program write outside the caches. Slots are not checked
 for duplicates: two tokens with one slot race, and one of them wins.
@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import tilelang.language as T
 
+from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
 from tileprefill.kernels.tl.rope import ELEMENT_BYTES, VECTOR_BYTES, widest_vector
 
 #: Threads per CTA, and elements of q, k and v together a CTA aims to cover (16 KiB
@@ -132,13 +133,15 @@ def rope_append_program(
     """RoPE of q into q_out, and RoPE of k_new plus v_new into the caches at slots, in one launch.
 
     q (T, Hq, D), k_new/v_new (T, Hkv, D), positions/slots int32 (T,), cos/sin
-    float32 (P, R/2), k_cache/v_cache (S, Hkv, D), q_out (T, Hq, D); T, P, S
-    dynamic, T >= 1. q_out[t] = RoPE(q[t]) at positions[t]; when 0 <= slots[t] < S,
-    k_cache[slots[t]] = RoPE(k_new[t]) and v_cache[slots[t]] = v_new[t]. RoPE is
+    float32 (P, R/2), k_cache/v_cache (blocks, rows, Hkv, D) strided, q_out (T, Hq, D); T, P,
+    blocks, rows dynamic, T >= 1. q_out[t] = RoPE(q[t]) at positions[t]; when
+    0 <= slots[t] < S = blocks * rows, with s = slots[t], k_cache[s // rows, s % rows] =
+    RoPE(k_new[t]) and v_cache[s // rows, s % rows] = v_new[t]. RoPE is
     rope.py's: dims < R rotate (NEOX halves, INTERLEAVED pairs), dims >= R pass
     through, fp32 math, one rounding to dtype. A position outside [0, P) reads
     cos = sin = 0 (TileLang's bounds guard on the dynamic table), as rope.py does.
-    The caller passes contiguous tensors whose data starts 16-byte aligned.
+    The caller passes tensors whose data starts 16-byte aligned, contiguous but for the caches,
+    whose strides are multiples of 16 bytes.
     """
     if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(
@@ -152,8 +155,18 @@ def rope_append_program(
     block_t = max(1, ELEMENTS_PER_CTA // ((Hq + 2 * Hkv) * D))
     num_tokens = T.dynamic("num_tokens")
     max_position = T.dynamic("max_position")
-    num_slots = T.dynamic("num_slots")
+    num_blocks, block_rows = T.dynamic("num_blocks, block_rows")
+    cache_strides = kv_cache_strides()
     chunk = _chunk_space(block_t, num_tokens)
+
+    # Slot s of the cache is row s % rows of block s // rows, here in C's truncating division (no
+    # floor corrections): a negative slot gets a negative row, which the store check skips like a
+    # block past the cache.
+    def block_of(slot: Any) -> Any:
+        return T.truncdiv(slot, block_rows)
+
+    def row_of_block(slot: Any) -> Any:
+        return T.truncmod(slot, block_rows)
 
     @T.macro
     def rotate_rows(
@@ -176,7 +189,8 @@ def rope_append_program(
         c = T.alloc_local((batch, pairs), "float32")
         s = T.alloc_local((batch, pairs), "float32")
         pos = T.alloc_local((batch,), "int32")
-        slot_of = T.alloc_local((batch,), "int32")
+        page_of = T.alloc_local((batch,), "int32")
+        row_of = T.alloc_local((batch,), "int32")
         yf = T.alloc_local((2 * pairs,), "float32")
         for g in T.unroll(_ceildiv(iters, batch)):
             # Loads that wait for nothing, for the whole batch, come first; then cos/sin,
@@ -188,7 +202,8 @@ def rope_append_program(
                     j = i * pairs  # first rotation pair of the chunk
                     pos[b] = positions[t]
                     if to_cache:
-                        slot_of[b] = slots[t]
+                        page_of[b] = block_of(slots[t])
+                        row_of[b] = row_of_block(slots[t])
                     if interleaved:
                         for v in T.vectorized(2 * pairs):
                             xa[b, v] = src[t, h, 2 * j + v]
@@ -226,18 +241,20 @@ def rope_append_program(
                             x2 = T.cast(xa[b, pairs + v], "float32")
                             yf[v] = x1 * c[b, v] - x2 * s[b, v]
                             yf[pairs + v] = x2 * c[b, v] + x1 * s[b, v]
-                    # A slot bound to a variable and checked once also shows TileLang that
+                    # A block and row bound to variables and checked once also show TileLang that
                     # the cache stores are in bounds (it adds no per-store guards of its own).
-                    row = slot_of[b] if to_cache else t
-                    if not to_cache or (0 <= row and row < num_slots):
+                    page = page_of[b] if to_cache else t
+                    row = row_of[b] if to_cache else 0
+                    if not to_cache or (0 <= page and page < num_blocks and 0 <= row and row < block_rows):
+                        at = (page, row) if to_cache else (page,)
                         if interleaved:
                             for v in T.vectorized(2 * pairs):
-                                dst[row, h, 2 * j + v] = T.cast(yf[v], dtype)
+                                dst[(*at, h, 2 * j + v)] = T.cast(yf[v], dtype)
                         else:
                             for v in T.vectorized(pairs):
-                                dst[row, h, j + v] = T.cast(yf[v], dtype)
+                                dst[(*at, h, j + v)] = T.cast(yf[v], dtype)
                             for v in T.vectorized(pairs):
-                                dst[row, h, half + j + v] = T.cast(yf[pairs + v], dtype)
+                                dst[(*at, h, half + j + v)] = T.cast(yf[pairs + v], dtype)
 
     @T.macro
     def copy_rows(
@@ -248,22 +265,26 @@ def rope_append_program(
         iters = _ceildiv(block_t * heads * per_row, THREADS)
         batch = batch_size(width, iters)
         xa = T.alloc_local((batch, width), dtype)
-        slot_of = T.alloc_local((batch,), "int32")
+        page_of = T.alloc_local((batch,), "int32")
+        row_of = T.alloc_local((batch,), "int32")
         for g in T.unroll(_ceildiv(iters, batch)):
             for b in T.unroll(batch):
                 valid, t, h, i = chunk(tx, bx, g * batch + b, heads, per_row)
                 if valid:
                     if to_cache:
-                        slot_of[b] = slots[t]
+                        page_of[b] = block_of(slots[t])
+                        row_of[b] = row_of_block(slots[t])
                     for v in T.vectorized(width):
                         xa[b, v] = src[t, h, first + i * width + v]
             for b in T.unroll(batch):
                 valid, t, h, i = chunk(tx, bx, g * batch + b, heads, per_row)
                 if valid:
-                    row = slot_of[b] if to_cache else t
-                    if not to_cache or (0 <= row and row < num_slots):
+                    page = page_of[b] if to_cache else t
+                    row = row_of[b] if to_cache else 0
+                    if not to_cache or (0 <= page and page < num_blocks and 0 <= row and row < block_rows):
+                        at = (page, row) if to_cache else (page,)
                         for v in T.vectorized(width):
-                            dst[row, h, first + i * width + v] = xa[b, v]
+                            dst[(*at, h, first + i * width + v)] = xa[b, v]
 
     @T.prim_func
     def rope_append(
@@ -274,21 +295,22 @@ def rope_append_program(
         slots: T.Tensor((num_tokens,), "int32"),
         cos: T.Tensor((max_position, half), "float32"),
         sin: T.Tensor((max_position, half), "float32"),
-        k_cache: T.Tensor((num_slots, Hkv, D), dtype),
-        v_cache: T.Tensor((num_slots, Hkv, D), dtype),
+        k_cache: T.StridedTensor((num_blocks, block_rows, Hkv, D), cache_strides, dtype),
+        v_cache: T.StridedTensor((num_blocks, block_rows, Hkv, D), cache_strides, dtype),
         q_out: T.Tensor((num_tokens, Hq, D), dtype),
     ) -> None:
+        k_dst, v_dst = vector_view(k_cache), vector_view(v_cache)
         with T.Kernel(T.ceildiv(num_tokens, block_t), threads=THREADS) as bx:
             tx = T.get_thread_binding()
             # q rows, then k rows: one code on two pairs of tensors, in separate loops (one
             # loop with a per-item branch between the q_out and the cache store made nvcc
             # split more 16-byte stores into 4-byte ones).
             rotate_rows(tx, bx, q, q_out, positions, slots, cos, sin, Hq, False)
-            rotate_rows(tx, bx, k_new, k_cache, positions, slots, cos, sin, Hkv, True)
+            rotate_rows(tx, bx, k_new, k_dst, positions, slots, cos, sin, Hkv, True)
             if D > R:
                 copy_rows(tx, bx, q, q_out, slots, Hq, False, geo.pass_vec, R)
-                copy_rows(tx, bx, k_new, k_cache, slots, Hkv, True, geo.pass_vec, R)
-            # A token's Hkv * D values are one row in v_new and in the cache.
-            copy_rows(tx, bx, v_new, v_cache, slots, Hkv, True, vec, 0)
+                copy_rows(tx, bx, k_new, k_dst, slots, Hkv, True, geo.pass_vec, R)
+            # A token's Hkv * D values are one row in v_new and Hkv runs of D in the cache.
+            copy_rows(tx, bx, v_new, v_dst, slots, Hkv, True, vec, 0)
 
     return rope_append

@@ -1,0 +1,42 @@
+"""The view every TileLang program takes of a KV cache: strides read from the tensors at launch.
+
+A cache is 4-D, (blocks, rows, Hkv, D): pages (num_pages, page_size, Hkv, D) or a contiguous
+cache's sequences (B, S_max, Hkv, D). Engines hand over views of their own storage: vLLM's
+kv-first `(2, num_blocks, ...)` (contiguous halves), its FlashInfer layout
+`(num_blocks, 2, ...)` and K|V packed in the last dim (strided halves), FlashInfer's NHD and
+HND pages (rows before heads, or heads before rows). All are one strided tensor per K and V
+whose head dim is contiguous, so the programs declare exactly that and read the strides at
+launch. The Op checks what the programs need: the 16-byte alignment of the data and of every
+stride (TMA and the 16-byte loads and stores), and that K and V share strides.
+
+A program reads and writes a cache through `vector_view(cache)`: strides TileLang cannot see to
+be multiples of 16 bytes turn every 16-byte load (cp.async, vector copy) into 2-byte ones (seen:
+the page-size-1 program's `cp_async_gs_conditional<16>` became scalar loads).
+"""
+
+from typing import Any
+
+import tilelang.language as T
+
+#: Elements in 16 bytes (fp16 / bf16): every stride of a cache is a multiple of this.
+VECTOR_ELEMENTS = 8
+
+
+def kv_cache_strides() -> tuple[Any, Any, Any, int]:
+    """The element strides of a cache's K and V (blocks, rows, Hkv, D), as symbolic variables.
+
+    K and V share them, so a launch whose K and V strides differ is refused by the program's
+    own argument checks. The block stride is int64: with K|V packed, a block offset past 2**31
+    elements is common, and the product page * stride is then computed in 64 bits."""
+    block = T.dynamic("kv_block_stride", "int64")
+    row, head = T.dynamic("kv_row_stride, kv_head_stride")
+    return (block, row, head, 1)
+
+
+def vector_view(cache: Any) -> Any:
+    """`cache` (a parameter declared with `kv_cache_strides`) with each stride written as a multiple
+    of VECTOR_ELEMENTS: the same addresses for every stride the Op accepts, and TileLang can then
+    prove that a 16-byte vector of a row stays 16-byte aligned. Called in a prim_func's body."""
+    block, row, head, _ = cache.strides
+    n = VECTOR_ELEMENTS
+    return T.view(cache, strides=(block // n * n, row // n * n, head // n * n, 1))
