@@ -288,3 +288,19 @@ def test_slot_append_refuses_k_and_v_views_that_share_elements(gen: torch.Genera
     with pytest.raises(ValueError, match=r"v_pages: expected memory apart from k_pages"):
         tp.PagedCacheSlotAppend()(k_new, v_new, k_pages, v_pages, torch.tensor([0, 5, 9]))
     assert torch.equal(storage, before)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "padded_to", "vector_bytes"), [(128, 132, 16), (36, 38, 8), (72, 76, 16), (6, 7, 4)]
+)
+def test_cache_strides_follow_the_widest_vector_of_a_row(
+    head_dim: int, padded_to: int, vector_bytes: int
+) -> None:
+    """A contiguous cache of any head dim passes; a row padded off the row's widest vector (16 bytes,
+    or less where D is not a multiple of 8 elements: the programs then move narrower vectors) does not."""
+    from tileprefill.validation import cache_view_problem
+
+    assert cache_view_problem(torch.zeros(3, 5, 2, head_dim, dtype=torch.float16)) is None
+    padded = torch.zeros(3, 5, 2, padded_to, dtype=torch.float16)[..., :head_dim]
+    problem = cache_view_problem(padded)
+    assert problem is not None and f"a multiple of {vector_bytes} bytes" in problem, problem

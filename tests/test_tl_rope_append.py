@@ -216,7 +216,7 @@ def test_program_factories_reject_impossible_static_configs() -> None:
 
 
 def test_vector_widths_divide_the_extents() -> None:
-    from tileprefill.kernels.tl.rope import widest_vector
+    from tileprefill.validation import widest_vector
 
     assert widest_vector(128, 2) == 8
     assert widest_vector(36, 2) == 4

@@ -163,9 +163,24 @@ def check_metadata(
 
 # --- KV-cache views ---------------------------------------------------------------------------------
 
-#: Every cache stride and the cache's address are multiples of this: the programs load and store
-#: 16-byte vectors of a row, and TMA needs 16-byte aligned strides and base.
-CACHE_ALIGNMENT_BYTES = 16
+#: The widest access of the programs, in bytes: a 16-byte vector of a row (cp.async, vector loads
+#: and stores), which is also TMA's stride and base alignment.
+VECTOR_BYTES = 16
+
+
+def widest_vector(extent: int, element_bytes: int) -> int:
+    """The most elements (a power of two, at most VECTOR_BYTES) of one access that divide `extent`."""
+    width = VECTOR_BYTES // element_bytes
+    while width > 1 and extent % width:
+        width //= 2
+    return width
+
+
+def cache_vector_bytes(head_dim: int, element_bytes: int) -> int:
+    """The bytes every cache stride and the cache's address are multiples of: the widest vector of a
+    row of `head_dim` (16 bytes, the programs' vector, for a head dim that is a multiple of 8 fp16
+    elements; less for one that is not, whose rows the programs move in narrower vectors)."""
+    return widest_vector(head_dim, element_bytes) * element_bytes
 
 
 def cache_view_problem(t: torch.Tensor) -> str | None:
@@ -173,11 +188,13 @@ def cache_view_problem(t: torch.Tensor) -> str | None:
     the kernels, in words, or None. Metadata only: under torch.compile the address is not read.
 
     A cache may be any view of the engine's storage whose head dim is contiguous, whose address and
-    strides are multiples of 16 bytes, and whose elements are distinct (no two indices of the view
-    share an address: an append would race). Size-1 dims take any stride."""
+    strides are multiples of the row's vector (`cache_vector_bytes`: 16 bytes for every head dim the
+    attention kernels take), and whose elements are distinct (no two indices of the view share an
+    address: an append would race). Size-1 dims take any stride."""
     problem = _cache_layout_problem(tuple(t.shape), t.stride(), t.element_size())
-    if problem is None and not torch.compiler.is_compiling() and t.data_ptr() % CACHE_ALIGNMENT_BYTES:
-        return f"expected data {CACHE_ALIGNMENT_BYTES}-byte aligned, got address {t.data_ptr():#x}"
+    alignment = cache_vector_bytes(t.shape[-1], t.element_size())
+    if problem is None and not torch.compiler.is_compiling() and t.data_ptr() % alignment:
+        return f"expected data {alignment}-byte aligned, got address {t.data_ptr():#x}"
     return problem
 
 
@@ -188,10 +205,11 @@ def _cache_layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], item
     if shape[-1] > 1 and strides[-1] != 1:
         return f"expected the last dim (D) contiguous (stride 1), got strides {strides}"
     outer = [(stride, size) for stride, size in zip(strides[:-1], shape[:-1], strict=True) if size > 1]
-    if any(stride * itemsize % CACHE_ALIGNMENT_BYTES for stride, _ in outer):
+    alignment = cache_vector_bytes(shape[-1], itemsize)
+    if any(stride * itemsize % alignment for stride, _ in outer):
         return (
-            f"expected every stride a multiple of {CACHE_ALIGNMENT_BYTES} bytes "
-            f"({CACHE_ALIGNMENT_BYTES // itemsize} elements), got strides {strides}"
+            f"expected every stride a multiple of {alignment} bytes ({alignment // itemsize} elements, "
+            f"the widest vector of a row of D {shape[-1]}), got strides {strides}"
         )
     if not distinct_elements(shape, strides):
         return (

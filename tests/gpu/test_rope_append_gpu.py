@@ -508,13 +508,14 @@ def test_append_paged_sm80_build() -> None:
     check_paged(paged_case(q_lens, cache_lens, 16, 8, 128, torch.float16))
 
 
-def test_append_paged_rejects_a_strided_cache_untouched() -> None:
+def test_append_paged_rejects_caches_of_different_strides_untouched() -> None:
+    """A strided K view beside a contiguous V: the program indexes both with one set of strides."""
     tl, _ = paged_kernels()
     case = paged_case([3, 4], [1, 2], 16, 2, 64, torch.float16)
     kv = torch.randn(case.k_pages.shape[0], 2, *case.k_pages.shape[1:], dtype=torch.float16, device=DEV)
     k_strided = kv[:, 0]
     before = kv.clone()
-    with pytest.raises(ValueError, match="k_pages: expected a contiguous tensor"):
+    with pytest.raises(ValueError, match="v_pages: expected the strides of k_pages"):
         tl(
             case.k_new,
             case.v_new,
@@ -549,9 +550,9 @@ ROPE_APPEND_OPCHECK = StaticFacts(  # group 4, partial rotary
 
 @pytest.mark.parametrize("key", list(RopeAppendKey), ids=lambda k: k.value)
 def test_rope_append_opcheck(key: RopeAppendKey) -> None:
-    """q, k_new, v_new, positions, slots, cos, sin, the caches as rows and q_out: the caches and q_out
+    """q, k_new, v_new, positions, slots, cos, sin, the caches as pages and q_out: the caches and q_out
     are written. Slots are distinct rows of the caches, one token with slot -1 writes no row."""
-    assert written_by(key) == {"k_rows", "v_rows", "q_out"}
+    assert written_by(key) == {"k_cache", "v_cache", "q_out"}
     f = ROPE_APPEND_OPCHECK._replace(arch=arch_of(DEV))
     tokens, num_rows, dt = 23, 64, f.dtype.torch_dtype
     cos, sin = rope_tables(256, f.rotary_dim)
@@ -565,8 +566,8 @@ def test_rope_append_opcheck(key: RopeAppendKey) -> None:
         slots,
         cos,
         sin,
-        torch.randn(num_rows, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
-        torch.randn(num_rows, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
+        torch.randn(num_rows, 1, f.kv_heads, f.head_dim, dtype=dt, device=DEV),  # pages of one row
+        torch.randn(num_rows, 1, f.kv_heads, f.head_dim, dtype=dt, device=DEV),
         torch.full((tokens, f.heads, f.head_dim), float("nan"), dtype=dt, device=DEV),
     )
     torch.library.opcheck(launch.OPS[key], (*args, *launch.scalars(f)))
@@ -577,7 +578,7 @@ def test_rope_append_opcheck(key: RopeAppendKey) -> None:
     kernel.bind(f)(*direct)
     launch.OPS[key](*args, *launch.scalars(f))
     torch.cuda.synchronize()
-    for name, got, want in zip(("k_rows", "v_rows", "q_out"), args[7:], direct[7:], strict=True):
+    for name, got, want in zip(("k_cache", "v_cache", "q_out"), args[7:], direct[7:], strict=True):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: op != launch"
     assert not args[9].isnan().any(), "q_out: a row was not written"
 

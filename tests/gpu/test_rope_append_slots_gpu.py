@@ -172,7 +172,8 @@ def check_rope_append(
     k_before, v_before = k_cache.clone(), v_cache.clone()
 
     kernel = rope_append_kernel(heads, kv_heads, head_dim, rotary_dim, dtype, mode, arch)
-    kernel(q, k_new, v_new, positions, slots, cos, sin, k_cache, v_cache, q_out)
+    # The program takes 4-D caches (blocks, rows, Hkv, D): slot s is block s of one row here.
+    kernel(q, k_new, v_new, positions, slots, cos, sin, k_cache.unsqueeze(1), v_cache.unsqueeze(1), q_out)
     # The existing RoPE program on the same inputs: the bits q_out and the keys must have.
     q_rope = torch.full_like(q, float("nan"))
     k_rope = torch.full_like(k_new, float("nan"))
@@ -238,7 +239,8 @@ def test_rope_append_sm80_build(mode: str) -> None:
 
 
 def test_rope_append_into_a_paged_cache_viewed_as_slots() -> None:
-    """Page size 1 and 16: slots from a shuffled block table, the pages viewed as (pages * size, Hkv, D)."""
+    """Page size 1 and 16: slots from a shuffled block table; the program splits slot s into page
+    s // page_size and row s % page_size of the (pages, page_size, Hkv, D) caches."""
     heads, kv_heads, head_dim, dtype = 16, 4, 128, torch.bfloat16
     for page_size in (1, 16):
         num_pages, num_tokens = 64 // page_size + 8, 50
@@ -255,8 +257,7 @@ def test_rope_append_into_a_paged_cache_viewed_as_slots() -> None:
         v_new = torch.randn_like(k_new)
         q_out = torch.full_like(q, float("nan"))
         kernel = rope_append_kernel(heads, kv_heads, head_dim, head_dim, dtype, "neox", HERE)
-        k_slots, v_slots = k_pages.view(-1, kv_heads, head_dim), v_pages.view(-1, kv_heads, head_dim)
-        kernel(q, k_new, v_new, positions, slots, cos, sin, k_slots, v_slots, q_out)
+        kernel(q, k_new, v_new, positions, slots, cos, sin, k_pages, v_pages, q_out)
         torch.cuda.synchronize()
         k_ref = rope_reference(k_new, positions, cos, sin, "neox")
         for p in range(num_tokens):

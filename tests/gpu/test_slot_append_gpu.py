@@ -235,12 +235,12 @@ def test_cuda_graph_replays_run_with_new_slots_in_the_plans_buffer() -> None:
 
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
 def test_slot_append_opcheck(index_dtype: torch.dtype) -> None:
-    """k_new, v_new, the caches as rows, slot_mapping, then the static facts: the caches are written;
+    """k_new, v_new, the caches as pages, slot_mapping, then the static facts: the caches are written;
     the direct launch a plan holds writes what the custom op writes, bit for bit."""
     op = launch.OPS[SlotAppendKey.TL]
     schema = torch.ops.tileprefill.slot_append_tl.default._schema
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert written == {"k_rows", "v_rows"}
+    assert written == {"k_pages", "v_pages"}
     f = facts(2, 128, torch.bfloat16, index_dtype)
     tokens, num_rows = 23, 64
     slots = random_slots(tokens, num_rows, index_dtype, skip=0.0)
@@ -248,15 +248,14 @@ def test_slot_append_opcheck(index_dtype: torch.dtype) -> None:
     args = (
         torch.randn(tokens, 2, 128, dtype=torch.bfloat16, device=DEV),
         torch.randn(tokens, 2, 128, dtype=torch.bfloat16, device=DEV),
-        torch.randn(num_rows, 2, 128, dtype=torch.bfloat16, device=DEV),
-        torch.randn(num_rows, 2, 128, dtype=torch.bfloat16, device=DEV),
+        torch.randn(num_rows, 1, 2, 128, dtype=torch.bfloat16, device=DEV),  # pages of one row
+        torch.randn(num_rows, 1, 2, 128, dtype=torch.bfloat16, device=DEV),
         slots,
     )
     torch.library.opcheck(op, (*args, *launch.scalars(f)))
     direct = [t.clone() for t in args]
     tl, _ = kernels()
-    # The kernel's launch takes pages (it views them as rows): one row per page here.
-    tl.bind(f)(direct[0], direct[1], direct[2].unsqueeze(1), direct[3].unsqueeze(1), direct[4])
+    tl.bind(f)(*direct)
     op(*args, *launch.scalars(f))
     torch.cuda.synchronize()
     assert torch.equal(bits(args[2]), bits(direct[2])) and torch.equal(bits(args[3]), bits(direct[3]))

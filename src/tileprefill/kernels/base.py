@@ -314,10 +314,11 @@ class PagedAppendKernel(Kernel):
 class RopeAppendKernel(Kernel):
     """RoPE of q and the new keys, and the write of the new keys and values, in one kernel.
 
-    The caches are viewed as rows (S, Hkv, D) (a paged cache as (num_pages *
-    page_size, Hkv, D), a contiguous one as (B * S_max, Hkv, D)); `slots[t]` is
-    the row token t goes to, computed once per plan. A slot outside [0, S)
-    writes nothing.
+    The caches are 4-D views (blocks, rows, Hkv, D): pages (num_pages,
+    page_size, Hkv, D) or a contiguous cache's sequences (B, S_max, Hkv, D).
+    `slots[t]` is the row token t goes to, counted across blocks (block
+    slots[t] // rows, row slots[t] % rows), computed once per plan. A slot
+    outside [0, blocks * rows) writes nothing.
     """
 
     key: ClassVar[RopeAppendKey]

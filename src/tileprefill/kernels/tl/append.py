@@ -17,7 +17,7 @@ program memory-safe.
 import tilelang.language as T
 
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.kernels.tl.rope import widest_vector
+from tileprefill.validation import widest_vector
 
 #: Threads per CTA and elements of one tensor (k or v) each CTA aims to copy:
 #: 8 KiB of fp16 for each of k and v, several 16-byte vectors per thread.

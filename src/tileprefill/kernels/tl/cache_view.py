@@ -6,8 +6,9 @@ kv-first `(2, num_blocks, ...)` (contiguous halves), its FlashInfer layout
 `(num_blocks, 2, ...)` and K|V packed in the last dim (strided halves), FlashInfer's NHD and
 HND pages (rows before heads, or heads before rows). All are one strided tensor per K and V
 whose head dim is contiguous, so the programs declare exactly that and read the strides at
-launch. The Op checks what the programs need: the 16-byte alignment of the data and of every
-stride (TMA and the 16-byte loads and stores), and that K and V share strides.
+launch. The Op checks what the programs need: the data and every stride aligned to the widest
+vector of a row (16 bytes, for TMA and the 16-byte loads and stores, wherever D is a multiple of
+8 elements), and that K and V share strides.
 
 A program reads and writes a cache through `vector_view(cache)`: strides TileLang cannot see to
 be multiples of 16 bytes turn every 16-byte load (cp.async, vector copy) into 2-byte ones (seen:
@@ -18,8 +19,8 @@ from typing import Any
 
 import tilelang.language as T
 
-#: Elements in 16 bytes (fp16 / bf16): every stride of a cache is a multiple of this.
-VECTOR_ELEMENTS = 8
+from tileprefill.kernels.tl.rope import ELEMENT_BYTES
+from tileprefill.validation import widest_vector
 
 
 def kv_cache_strides() -> tuple[Any, Any, Any, int]:
@@ -35,8 +36,9 @@ def kv_cache_strides() -> tuple[Any, Any, Any, int]:
 
 def vector_view(cache: Any) -> Any:
     """`cache` (a parameter declared with `kv_cache_strides`) with each stride written as a multiple
-    of VECTOR_ELEMENTS: the same addresses for every stride the Op accepts, and TileLang can then
-    prove that a 16-byte vector of a row stays 16-byte aligned. Called in a prim_func's body."""
+    of the widest vector of its rows (`validation.cache_vector_bytes`, the rule the Op checks): the
+    same addresses for every stride the Op accepts, and TileLang can then prove that a vector of a
+    row stays aligned. Called in a prim_func's body."""
     block, row, head, _ = cache.strides
-    n = VECTOR_ELEMENTS
+    n = widest_vector(int(cache.shape[-1]), ELEMENT_BYTES)
     return T.view(cache, strides=(block // n * n, row // n * n, head // n * n, 1))

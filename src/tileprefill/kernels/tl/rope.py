@@ -12,22 +12,14 @@ cos/sin row (L1 hits). Arithmetic is fp32; the store is in the input dtype.
 
 import tilelang.language as T
 
+from tileprefill.validation import widest_vector
+
 #: Threads per CTA, and elements of x a CTA aims to cover (16 KiB of fp16):
 #: several independent 16-byte loads in flight per thread.
 THREADS = 128
 ELEMENTS_PER_CTA = 8192
 
-#: Widest vector access in bytes (8 fp16/bf16 or 4 fp32 elements).
-VECTOR_BYTES = 16
 ELEMENT_BYTES = 2  # fp16 / bf16
-
-
-def widest_vector(extent: int, element_bytes: int) -> int:
-    """The most elements (a power of two, at most VECTOR_BYTES) of one access that divide `extent`."""
-    width = VECTOR_BYTES // element_bytes
-    while width > 1 and extent % width:
-        width //= 2
-    return width
 
 
 def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) -> T.PrimFunc:

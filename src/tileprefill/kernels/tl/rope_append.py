@@ -41,7 +41,8 @@ import attrs
 import tilelang.language as T
 
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.kernels.tl.rope import ELEMENT_BYTES, VECTOR_BYTES, widest_vector
+from tileprefill.kernels.tl.rope import ELEMENT_BYTES
+from tileprefill.validation import VECTOR_BYTES, widest_vector
 
 #: Threads per CTA, and elements of q, k and v together a CTA aims to cover (16 KiB
 #: of fp16 read, as much written): about 8 16-byte loads per thread.

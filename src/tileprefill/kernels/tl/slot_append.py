@@ -26,7 +26,7 @@ import tilelang.language as T
 
 from tileprefill.kernels.tl.append import ELEMENT_BYTES, THREADS, rows_per_cta
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.kernels.tl.rope import widest_vector
+from tileprefill.validation import widest_vector
 
 
 def slot_append_program(num_kv_heads: int, head_dim: int, dtype: str, index_dtype: str) -> T.PrimFunc:
