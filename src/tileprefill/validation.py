@@ -47,8 +47,9 @@ class StrideRule(enum.Enum):
     """The memory layout an input must have; the value is how the manifest writes it."""
 
     CONTIGUOUS = "contiguous"
-    # A KV cache (blocks, rows, Hkv, D): any view of the engine's storage (`check_cache_view`).
-    CACHE_VIEW = "D contiguous, 16-byte aligned strides"
+    # A KV cache (blocks, rows, Hkv, D): any view of the engine's storage (`check_cache_view`); the
+    # widest vector is 16 bytes wherever D is a multiple of 8 (`cache_vector_bytes`).
+    CACHE_VIEW = "D contiguous, strides a multiple of a row's widest vector"
 
 
 class Dim(NamedTuple):

@@ -31,7 +31,7 @@ class ManifestError(ValueError):
 class TensorEntry:
     """One tensor input or output: dtype rule (e.g. "q.dtype"), symbolic shape (e.g. "(B, Sq, Hq, D)")
     and stride rule ("contiguous" unless the YAML says otherwise: a KV cache is any view of the
-    engine's storage, "D contiguous, 16-byte aligned strides")."""
+    engine's storage, "D contiguous, strides a multiple of a row's widest vector")."""
 
     name: str
     dtype: str

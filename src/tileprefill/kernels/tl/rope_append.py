@@ -142,7 +142,7 @@ def rope_append_program(
     through, fp32 math, one rounding to dtype. A position outside [0, P) reads
     cos = sin = 0 (TileLang's bounds guard on the dynamic table), as rope.py does.
     The caller passes tensors whose data starts 16-byte aligned, contiguous but for the caches,
-    whose strides are multiples of 16 bytes.
+    whose address and strides are multiples of a row's widest vector (`validation.cache_vector_bytes`).
     """
     if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(
