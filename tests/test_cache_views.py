@@ -304,3 +304,35 @@ def test_cache_strides_follow_the_widest_vector_of_a_row(
     padded = torch.zeros(3, 5, 2, padded_to, dtype=torch.float16)[..., :head_dim]
     problem = cache_view_problem(padded)
     assert problem is not None and f"a multiple of {vector_bytes} bytes" in problem, problem
+
+
+@pytest.mark.parametrize("kind", ["append", "rope_append"])
+def test_append_refuses_k_and_v_views_that_share_elements(
+    oracle: Oracle, gen: torch.Generator, kind: str
+) -> None:
+    """K and V views one row apart in one storage: the append would write each over the other.
+    Refused before any write; a read-only call over the same views is not an append and runs."""
+    case = paged_case(oracle, gen, 16, torch.device("cpu"))
+    blocks, rows, heads, d = case.k_pages.shape
+    storage = torch.randn(blocks, rows + 1, heads, d, generator=gen).to(torch.bfloat16)
+    k_pages, v_pages = storage[:, :rows], storage[:, 1:]
+    before = storage.clone()
+    with pytest.raises(ValueError, match=r"v_pages: expected memory apart from k_pages"):
+        run_paged(kind, case, k_pages, v_pages)
+    assert torch.equal(storage, before), f"{kind}: a rejected call wrote"
+    run_paged("read", case, k_pages, v_pages)
+
+
+def test_append_refuses_a_cache_that_shares_memory_with_the_new_rows(
+    oracle: Oracle, gen: torch.Generator
+) -> None:
+    """New keys read from the pages they are written into: refused, nothing written."""
+    case = paged_case(oracle, gen, 16, torch.device("cpu"))
+    k_pages = case.k_pages.clone()
+    k_new = k_pages.view(-1, *k_pages.shape[2:])[: case.k_new.shape[0]]
+    before = k_pages.clone()
+    with pytest.raises(ValueError, match=r"k_pages: expected memory apart from k_new"):
+        tp.GQAPagedCacheAppendPrefill()(
+            case.q, k_new, case.v_new, k_pages, case.v_pages, case.block_table, case.lengths, case.cu_q
+        )
+    assert torch.equal(k_pages, before), "a rejected call wrote"

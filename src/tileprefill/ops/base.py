@@ -646,13 +646,44 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     itemsize = a.element_size()
     if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != itemsize:
         return True
-    if not distinct_elements(a.shape, a.stride()):
+    return _view_meets_shifted(tuple(a.shape), a.stride(), itemsize, b.data_ptr() - a0)
+
+
+@functools.lru_cache(maxsize=256)
+def _view_meets_shifted(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, shift_bytes: int
+) -> bool:
+    """Whether a view meets itself moved by `shift_bytes` (`overlaps` of two views of one shape and
+    strides). Cached: an engine's K and V views keep one layout and one offset, checked every run."""
+    if not distinct_elements(shape, strides):
         return True  # elements of one view overlap each other: no exact answer here
-    shift, misaligned = divmod(b.data_ptr() - a0, itemsize)
+    shift, misaligned = divmod(shift_bytes, itemsize)
     dims = sorted(
-        ((stride, size) for stride, size in zip(a.stride(), a.shape, strict=True) if size > 1), reverse=True
+        ((stride, size) for stride, size in zip(strides, shape, strict=True) if size > 1), reverse=True
     )
     return bool(misaligned) or _shift_meets(shift, dims)
+
+
+def check_apart(written: Mapping[str, torch.Tensor], read: Mapping[str, torch.Tensor]) -> None:
+    """The tensors a call writes in place share no memory with each other or with what it reads
+    (metadata only): a shared element would race, or change an input in the middle of the call.
+    Each written tensor is checked against the written ones before it, then against the read.
+    Under torch.compile nothing is checked: addresses are not traced (as `cache_view_problem`)."""
+    if torch.compiler.is_compiling():
+        return
+    # Tensors of separate allocations never meet: `overlaps` (byte ranges, exact for interleaved
+    # views) runs only on two views of one storage. A run checks this every layer.
+    tensors = {**written, **read}
+    storage = {name: t.untyped_storage().data_ptr() for name, t in tensors.items()}
+    earlier: list[str] = []
+    for name, t in written.items():
+        for other_name in (*earlier, *read):
+            if storage[name] == storage[other_name] and overlaps(t, tensors[other_name]):
+                raise ValueError(
+                    f"{name}: expected memory apart from {other_name}, got memory shared with "
+                    f"{other_name} (the write of {name} would change {other_name})"
+                )
+        earlier.append(name)
 
 
 def _shift_meets(shift: int, dims: Sequence[tuple[int, int]]) -> bool:
@@ -713,6 +744,9 @@ class CachePlan(BatchPlan[CacheSteps, ResultT]):
         k_name, v_name = self.cache_names
         check_same_strides({k_name: k_cache, v_name: v_cache})
         check_kv_order(k_name, k_cache, self._context.kv_order, "the plan's shape.kv_order")
+        if k_new is not None and v_new is not None:
+            # An append writes the caches in place while its launches read q and the new rows.
+            check_apart({k_name: k_cache, v_name: v_cache}, {"q": q, "k_new": k_new, "v_new": v_new})
         if s.rope_append is not None:
             assert k_new is not None and v_new is not None and cos is not None and sin is not None
             q = rotate_and_write(
