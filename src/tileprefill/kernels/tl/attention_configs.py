@@ -38,7 +38,7 @@ class TileConfig:
 #   scores inside the consumers' 240 registers, and Q + 2 x K/V (+ the output staging
 #   tile) inside 227 KiB.
 # - Persistent (dense, ragged, paged) up to D 192: one CTA per SM of an H100 SXM / H200
-#   (132), each looping over query tiles; dense outputs go through a separate 2 x 64-row
+#   (132), each looping over query tiles; outputs go through a separate 2 x 64-row
 #   staging tile so the next tile's Q load overlaps the current tile's epilogue. On a GPU
 #   with fewer SMs the surplus CTAs run as a second wave. D 224 and up have no shared
 #   memory left for the staging tile and keep one CTA per query tile; so does D 208

@@ -26,7 +26,7 @@ Dense, ragged and paged programs with `config.persistent_ctas > 0` launch that m
 `attention_entries.persistent_program` and `persistent_packed_program` for the
 orders). The K/V ring and the Q tile's barriers run on across tiles (phases counted by
 `kbase`, `qround`; the producer's own v_landed barrier by `landed`), the consumers
-release the Q tile after their last Q K^T, and dense outputs are staged in tiles of
+release the Q tile after their last Q K^T, and outputs are staged in tiles of
 their own, so the next tile's Q and first K/V tiles load under the current tile's last
 P V product and epilogue. Sequence lengths, token counts, batch, pages and cache sizes are dynamic:
 one compiled program serves every call with the same static arguments.
@@ -98,7 +98,7 @@ class _Buffers:
     # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
     # between the consumers.
     Qs: tuple[Any, Any]
-    # (64, D) per consumer, staging its output for the TMA store (dense q): Qs itself,
+    # (64, D) per consumer, staging its output for the TMA store: Qs itself,
     # or, persistent, separate tiles, so that the next tile's Q may land meanwhile.
     Os: tuple[Any, Any]
     Ks: Any  # (stages, block_N, D)
@@ -168,9 +168,10 @@ def program(
             f"says why), got {config.persistent_ctas}"
         )
     store_lse = write_lse(half, scale, source.ragged_q) if lse else None
-    # Dense outputs are staged for a TMA store, persistent ones in tiles of their own (ragged and
-    # paged outputs are stored from registers, row by row).
-    stages_output = persistent and not source.ragged_q
+    # Outputs are staged in shared memory for a TMA store, persistent ones in tiles of their own.
+    # A ragged or paged tile that ends past its sequence's q_len is stored from registers, row by
+    # row, instead (a TMA store would write the next sequence's rows).
+    stages_output = persistent
 
     @T.macro
     def copy_rows(
@@ -316,6 +317,28 @@ def program(
         T.copy(s, p)
 
     @T.macro
+    def store_staged(c: Any, o: Any, b: _Buffers, rows: Any) -> None:
+        """Consumer c's output tile `o`, staged in shared memory, then one TMA store to `rows`."""
+        if persistent:
+            # The previous tile's store has read the staging tile (its issuing thread
+            # waited for that).
+            T.sync_threads(EPILOGUE_BARRIER + c, 128)
+        T.copy(o, b.Os[c])
+        T.fence_proxy_async()
+        T.sync_threads(EPILOGUE_BARRIER + c, 128)
+        T.copy(b.Os[c], rows)
+
+    @T.macro
+    def store_rows(o: Any, b: _Buffers, w: Work, row0: Any) -> None:
+        """Consumer rows row0.. of a ragged tile `o`, element by element from registers, each row
+        only if it is below q_len: the rows past it belong to the next sequence. (Seen on paged
+        32 x (512 + 128), where every tile went this way: 13% of the warp samples were in these
+        4-byte stores; whole tiles now go through `store_staged`.)"""
+        for i, d in T.Parallel(half, D):
+            if row0 + i < w.q_len:
+                b.O[w.q_first + row0 + i, w.head, d] = T.cast(o[i, d], dtype)
+
+    @T.macro
     def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
         """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
         s, p, o, m, m_prev, alpha, row_sum, l = f
@@ -369,22 +392,19 @@ def program(
             row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
             o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
-        if source.ragged_q:
-            # Rows past q_len belong to the next sequence: store row by row from registers.
-            for i, d in T.Parallel(half, D):
-                if row0 + i < w.q_len:
-                    b.O[w.q_first + row0 + i, w.head, d] = T.cast(o[i, d], dtype)
+        if source.ragged_q and persistent:
+            if row0 + half <= w.q_len:
+                store_staged(c, o, b, b.O[w.q_first + row0 : w.q_first + row0 + half, w.head, :])
+            else:
+                store_rows(o, b, w, row0)
+        elif source.ragged_q:
+            # One CTA a tile stages in Qs, which the producer's TMA wrote: TileLang then syncs the
+            # consumer before the staging write, and cannot inside a branch on q_len (a compile
+            # error: the barrier's threads are not warp-uniform to it).
+            store_rows(o, b, w, row0)
         else:
-            # Staged in shared memory, then one TMA store; rows past Sq fall outside the
-            # tensor and are dropped.
-            if persistent:
-                # The previous tile's store has read the staging tile (its issuing thread
-                # waited for that).
-                T.sync_threads(EPILOGUE_BARRIER + c, 128)
-            T.copy(o, b.Os[c])
-            T.fence_proxy_async()
-            T.sync_threads(EPILOGUE_BARRIER + c, 128)
-            T.copy(b.Os[c], b.O[w.seq, row0 : row0 + half, w.head, :])
+            # Rows past Sq fall outside the tensor and are dropped by the TMA store.
+            store_staged(c, o, b, b.O[w.seq, row0 : row0 + half, w.head, :])
 
     @T.macro
     def fragments() -> Any:
