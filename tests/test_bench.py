@@ -270,6 +270,36 @@ def test_split_runs_merge_into_one_set_of_outputs(tmp_path: Path) -> None:
     assert (tmp_path / "ab.md").exists() and (tmp_path / "ab-paged.png").exists()
 
 
+def test_merge_combines_split_runs_per_implementation(tmp_path: Path) -> None:
+    """Ours in one run, the peer in another (--peer-only), a third run whose peer stopped at its
+    deadline, and a raw peer JSON folded in: every figure survives, none is replaced by a missing
+    one, and a merge of an unfinished run is marked partial."""
+    ours_run, peer_run, cut_off = fake_run(), fake_run(), fake_run()
+    for case_result in ours_run.cases:
+        del case_result.results[TILEOPS]
+    peer_run.cases = [CaseResult(c.case, {TILEOPS: c.results[TILEOPS]}) for c in peer_run.cases]
+    cut_off.cases = [CaseResult(c.case, {TILEOPS: Measurement.unavailable("stopped")}) for c in cut_off.cases]
+    cut_off.finished = ""
+    for name, run in (("ours", ours_run), ("peer", peer_run), ("cut", cut_off)):
+        report.write_json(run, tmp_path / f"{name}.json")
+    folded = {"peer": "TileOPs 0.1.0", "available": True, "cases": {"paged_bf16_2x2048+256_p1": {"ms": 8.0}}}
+    (tmp_path / "raw-peer.json").write_text(json.dumps(folded))
+    files = [str(tmp_path / f"{name}.json") for name in ("ours", "peer", "cut")]
+    assert cli.main(["bench", "--merge", *files, "--out-dir", str(tmp_path), "--name", "m"]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())["cases"]
+    dense = merged["dense_s8192_causal"]
+    assert dense["results"]["ours"]["ms"] == 1.0 and dense["results"]["tileops"]["ms"] == 0.5
+    assert dense["kernel"] == "attn_dense_sm90" and dense["speedup"]["tileops"] == 0.5
+    assert "**partial**" in (tmp_path / "m.md").read_text()
+    argv = ["bench", "--merge", *files[:2], "--peer-results", str(tmp_path / "raw-peer.json")]
+    assert cli.main([*argv, "--out-dir", str(tmp_path), "--name", "f"]) == 0
+    merged = json.loads((tmp_path / "f.json").read_text())["cases"]
+    assert merged["paged_bf16_2x2048+256_p1"]["results"]["tileops"]["ms"] == 8.0
+    assert merged["dense_s8192_causal"]["results"]["tileops"]["ms"] == 0.5
+    text = (tmp_path / "f.md").read_text()
+    assert "folded in from" in text and "- status: complete" in text
+
+
 def test_a_run_of_every_suite_on_cpu_writes_every_output(tmp_path: Path) -> None:
     """The whole pipeline on tiny cases: our Ops (reference kernels) and SDPA on the CPU, timed by
     the fake timer; outputs checked against SDPA's for real."""

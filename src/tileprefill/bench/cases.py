@@ -24,6 +24,7 @@ import enum
 import itertools
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -703,6 +704,28 @@ def rope_tables(max_position: int, rotary_dim: int) -> tuple[torch.Tensor, torch
 def cumulative(lens: Sequence[int], device: torch.device | str) -> torch.Tensor:
     """int32 (len + 1,) offsets 0, lens[0], lens[0] + lens[1], ..."""
     return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+
+
+#: How long `warm_up_gpu` keeps the tensor cores busy before a process times its first case.
+WARM_UP_S: Final = 1.0
+
+
+def warm_up_gpu(device: torch.device | str = "cuda", seconds: float = WARM_UP_S) -> None:
+    """Keep the GPU busy with bf16 matmuls for about `seconds`, so that the first timed case does
+    not run at idle clocks. Both timing processes (ours and the peer's) call it before their first
+    case. Seen without it (H100, 2026-12-05): the first case of a run (fp16 D256 S4096 causal)
+    measured 407 TFLOP/s, below the same call with a softcap timed right after it (477), which
+    does more work."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(8):  # ~10 ms of work between host checks
+            a @ a
+        torch.cuda.synchronize(device)
 
 
 def make_inputs(case: Case, device: torch.device | str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:

@@ -162,7 +162,11 @@ def markdown(result: RunResult) -> str:
         "sequence; contiguous and paged: on the cache gathered to dense (gather not timed); "
         "rope-append: attention FLOPs over the time of the whole RoPE + append + attention Op",
         "- status: "
-        + ("complete, " + result.finished if result.finished else "**partial** (run in progress)"),
+        + (
+            "complete, " + result.finished
+            if result.finished
+            else "**partial**: the run had not finished when this was written (under way, or stopped)"
+        ),
         "",
     ]
     references = [r for r in result.cases if r.case.labels]

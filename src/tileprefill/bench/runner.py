@@ -38,6 +38,7 @@ import tileprefill as tp
 from tileprefill.bench import peer as peer_process
 from tileprefill.bench import report
 from tileprefill.bench.cases import (
+    WARM_UP_S,
     Case,
     Layout,
     Suite,
@@ -46,6 +47,7 @@ from tileprefill.bench.cases import (
     quick_cases,
     select,
     tiny_cases,
+    warm_up_gpu,
 )
 from tileprefill.bench.results import (
     OURS,
@@ -596,9 +598,13 @@ def run(settings: BenchSettings, timer: Timer | None = None) -> int:
 
 
 def merge_runs(settings: BenchSettings) -> int:
-    """Combine the JSON of runs split by --suite / --dtype (same machine) into one set of outputs.
+    """Combine the JSON of runs split by --suite / --dtype / --peer-only (same machine) into one set
+    of outputs, and fold in a peer JSON (`--peer-results`) where one is given.
 
-    Cases keep the order of their files; a case in several files takes the later figures.
+    Cases keep the order of their files. A case in several files is combined per implementation:
+    a later measurement replaces an earlier one, except that a missing one ("unavailable: not
+    run", a peer stopped at its deadline) never replaces a figure. Our kernel, error and first
+    call come from the last file that timed our call.
     """
     runs = [RunResult.from_json(json.loads(Path(p).read_text())) for p in settings.merge]
     merged = runs[0]
@@ -612,20 +618,44 @@ def merge_runs(settings: BenchSettings) -> int:
             )
             return 2
         for case_result in other.cases:
-            by_name[case_result.case.name] = case_result
+            if (earlier := by_name.get(case_result.case.name)) is None:
+                by_name[case_result.case.name] = case_result
+            else:
+                _fold(earlier, case_result)
         merged.compile.programs += other.compile.programs
         merged.compile.seconds += other.compile.seconds
-        merged.finished = max(merged.finished, other.finished)
+        # A run cut off before its end leaves `finished` empty: the merge is then partial too.
+        merged.finished = max(merged.finished, other.finished) if merged.finished and other.finished else ""
         if other.peer.available and not merged.peer.available:
             merged.peer = other.peer
     merged.cases = list(by_name.values())
     merged.command = " && ".join(r.command for r in runs)
+    if settings.peer_results is not None:
+        info, peer_results = peer_process.read_results(Path(settings.peer_results))
+        info.command = f"folded in from {settings.peer_results}"
+        merged.peer = info
+        for case_result in merged.cases:
+            if (measurement := peer_results.get(case_result.case.name)) is not None:
+                case_result.results[TILEOPS] = measurement
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = settings.name or f"{Path(settings.merge[0]).stem}-merged"
     for path in report.write_all(merged, report.OutputPaths(out_dir, stem)):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _fold(into: CaseResult, later: CaseResult) -> None:
+    """`later`'s measurements of one case into `into`'s (see `merge_runs`)."""
+    for name, measurement in later.results.items():
+        if measurement.ok or not (earlier := into.results.get(name)) or not earlier.ok:
+            into.results[name] = measurement
+    if (ours := later.results.get(OURS)) is not None and ours.ok:
+        into.kernel, into.relative_error, into.first_call_s = (
+            later.kernel,
+            later.relative_error,
+            later.first_call_s,
+        )
 
 
 def _run_ours(
@@ -648,6 +678,9 @@ def _run_ours(
         print(f"prebuild failed: {run_result.compile.error}", file=sys.stderr)
     run_result.compile.programs = len(requests)
     run_result.compile.seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        warm_up_gpu(device)
+        run_result.timer += f"; {WARM_UP_S:g} s of bf16 matmuls before the first case (clocks up)"
     progress = Progress(len(cases), "ours + SDPA")
     for case in cases:
         result = run_case(case, device, timer)
