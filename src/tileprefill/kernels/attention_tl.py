@@ -21,7 +21,7 @@ from typing import ClassVar, Final, assert_never, cast
 
 import torch
 
-from tileprefill.context import Arch, DType
+from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -62,7 +62,9 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         from tileprefill.kernels.tl import attention_sm90
 
         programs = attention_sm90
-        config = attention_configs.sm90_config(facts.head_dim, contiguous_cache=source is Source.CONTIGUOUS)
+        config = attention_configs.sm90_config(
+            facts.head_dim, contiguous_cache=source is Source.CONTIGUOUS, sm_count=facts.sm_count
+        )
     else:
         from tileprefill.kernels.tl import attention_sm80
 
@@ -183,8 +185,9 @@ def facts_of(
         raise ValueError(f"k/v: expected a number of heads dividing q's {heads}, got {kv_heads}")
     source, _ = attention_traits(key)
     paged = source is Source.PAGED or source is Source.PAGED_TILED
+    arch = program_arch(key)
     return StaticFacts(
-        arch=program_arch(key),
+        arch=arch,
         dtype=dtype,
         heads=heads,
         kv_heads=kv_heads,
@@ -195,6 +198,7 @@ def facts_of(
         window=window,
         softcap=float(softcap),
         lse=lse,
+        sm_count=sm_count_of(q.device) if arch is Arch.SM90 else 0,
     )
 
 
