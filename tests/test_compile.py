@@ -103,7 +103,7 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     for facts in by_source.values():
         assert any(f.dtype == "float16" and f.causal for f in facts)
     dense = by_source[Source.DENSE]
-    assert {f.head_dim for f in dense} == {80, 128, 256}
+    assert {f.head_dim for f in dense} == {64, 80, 128, 256}  # 64: three consumers on SM90
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
     assert any(f.window > 0 and f.softcap > 0 for f in dense)
@@ -301,6 +301,31 @@ def test_persistent_programs_launch_one_cta_per_sm_of_the_device(monkeypatch: py
     cpu = torch.device("cpu")
     assert op.attention_facts(facts._replace(sm_count=0), cpu).sm_count == 114
     assert op.attention_facts(facts._replace(arch=Arch.SM80, sm_count=0), cpu).sm_count == 0
+
+
+def test_d64_runs_three_consumer_warpgroups_where_the_program_reads_dense_q() -> None:
+    """One rule (selection.sm90_config) for the program factory and explain: D 64 dense and
+    contiguous programs run 192-row tiles with three consumers; packed q keeps two."""
+    pytest.importorskip("tilelang")
+    from tileprefill.kernels.tl import attention_sm90
+    from tileprefill.kernels.tl.attention_configs import TileConfig
+    from tileprefill.kernels.tl.attention_parts import KVSource
+    from tileprefill.selection import sm90_config
+
+    three = TileConfig(192, 128, 2, 512, persistent_ctas=132)
+    assert sm90_config(Source.DENSE, 64) == three
+    assert sm90_config(Source.CONTIGUOUS, 64) == TileConfig(192, 128, 2, 512)
+    for packed in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED):
+        assert sm90_config(packed, 64).block_M == 128 and sm90_config(packed, 64).threads == 384
+    assert sm90_config(Source.DENSE, 80).block_M == 128
+    facts = StaticFacts(Arch.SM90, DType.BF16, 16, 4, 64, True, 0.125)
+    assert three in attention_tl.program(AttentionKey.DENSE_SM90, facts).args
+    with pytest.raises(ValueError, match="expected two consumers for the gathering paged program"):
+        attention_sm90.program(KVSource.PAGED, 16, 4, 64, "bfloat16", True, 0.125, 1, three)
+    with pytest.raises(ValueError, match="two or three consumer warpgroups"):
+        attention_sm90.program(
+            KVSource.DENSE, 16, 4, 64, "bfloat16", True, 0.125, 0, TileConfig(256, 128, 2, 640)
+        )
 
 
 def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:

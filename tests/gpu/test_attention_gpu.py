@@ -147,7 +147,8 @@ F16, BF16 = torch.float16, torch.bfloat16
 DENSE_CONFIGS = [
     facts(128, F16, True, 32, 8),  # group 4
     facts(128, BF16, False, 32, 2),  # group 16
-    facts(64, F16, True, 8, 8),  # group 1
+    facts(64, F16, True, 8, 8),  # group 1; SM90: three consumers
+    facts(64, BF16, False, 16, 4),  # SM90: three consumers, KV-head sections
     facts(256, BF16, True, 16, 2),  # group 8
     facts(96, BF16, True, 16, 4, window=200),
     facts(80, F16, True, 8, 1, softcap=30.0),
@@ -170,6 +171,7 @@ CONTIGUOUS_CONFIGS = [
     facts(128, F16, True, 32, 4),  # group 8
     facts(256, F16, False, 8, 8),  # group 1
     facts(192, BF16, True, 8, 2, window=300),
+    facts(64, BF16, True, 16, 2),  # SM90: three consumers, one CTA a 192-row tile
 ]
 PAGED_CONFIGS = [  # rows gathered through the block table
     facts(128, F16, True, 32, 8, page_size=1),
