@@ -605,8 +605,9 @@ def _compile_weight(source: Source, arch: Arch) -> int:
 def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
     """Static configurations compiled in CI (Hq 32, Hkv 8): every source causal fp16; dense also at
     D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256,
-    non-causal, and at D 64 (three consumers on SM90); the contiguous cache at D 192 (block_N 64) with a window; the paged ones at the
-    page sizes engines use most, the tiled one at D 96 (32-column panels of each page's copy)."""
+    non-causal, and at D 64 (three consumers on SM90); the contiguous cache at D 192 (block_N 64)
+    with a window; the paged ones at the page sizes engines use most, the tiled one at D 96
+    (32-column panels of each page's copy)."""
 
     def facts(
         head_dim: int = 128,
