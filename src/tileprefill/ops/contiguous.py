@@ -126,7 +126,7 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
         else:
             cache_seqlens = kv_seqlens = lengths
         attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(
-            self.attention_facts(static, shape.device)
+            self.attention_facts(static)
         )
 
         def attend(

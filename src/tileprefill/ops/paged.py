@@ -136,9 +136,7 @@ class PagedCacheOp(PrefillOp[ResultT]):
         else:
             positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(
-            self.attention_facts(static, shape.device)
-        )
+        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(self.attention_facts(static))
 
         def attend(
             q: torch.Tensor,
