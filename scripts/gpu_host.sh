@@ -6,7 +6,8 @@
 #   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
 #   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
-#                                             process) into $OUT; e.g. `bench --quick`
+#                                             process) into $OUT (plots and peer logs packed into
+#                                             bench-extra.tar.xz); e.g. `bench --quick`
 #   scripts/gpu_host.sh costs [--profile F]   first-call compile and per-call host time, to $OUT/costs.json
 #   scripts/gpu_host.sh sanitize [pytest args] every kernel key under compute-sanitizer (memcheck, racecheck,
 #                                             synccheck), logs to $OUT; LIMIT bounds the whole pytest run
@@ -37,6 +38,11 @@ case "$what" in
     fi
     timeout -k 5 "$limit" python3 -m tileprefill bench --peer-path /tmp/peer:/tmp/tl --out-dir "$out" "$@" 2>&1 \
       | tee "$out/bench.log"
+    # A device call brings back at most 8 files from $OUT (seen: a run's .md and .json left behind
+    # by its 16 peer compile logs). Keep the tables, the JSON and the logs; pack the plots and the
+    # peer's side files into one archive.
+    (cd "$out" && shopt -s nullglob && extra=(*.png *-peer-compile-* *-peer-cases.json *-peer.log) \
+      && if [ ${#extra[@]} -gt 0 ]; then tar -cJf bench-extra.tar.xz --remove-files "${extra[@]}"; fi)
     ;;
   costs)
     timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" "$@" 2>&1 | grep -v '\[TileLang:'
