@@ -631,9 +631,7 @@ def merge_runs(settings: BenchSettings) -> int:
     merged.cases = list(by_name.values())
     merged.command = " && ".join(r.command for r in runs)
     if settings.peer_results is not None:
-        info, peer_results = peer_process.read_results(Path(settings.peer_results))
-        info.command = f"folded in from {settings.peer_results}"
-        merged.peer = info
+        merged.peer, peer_results = _folded_peer(settings.peer_results)
         for case_result in merged.cases:
             if (measurement := peer_results.get(case_result.case.name)) is not None:
                 case_result.results[TILEOPS] = measurement
@@ -645,10 +643,18 @@ def merge_runs(settings: BenchSettings) -> int:
     return 0
 
 
+def _folded_peer(path: str) -> tuple[PeerInfo, dict[str, Measurement]]:
+    """A peer JSON written by an earlier peer process (`--peer-results`), labelled as folded in."""
+    info, results = peer_process.read_results(Path(path))
+    info.command = f"folded in from {path}"
+    return info, results
+
+
 def _fold(into: CaseResult, later: CaseResult) -> None:
     """`later`'s measurements of one case into `into`'s (see `merge_runs`)."""
     for name, measurement in later.results.items():
-        if measurement.ok or not (earlier := into.results.get(name)) or not earlier.ok:
+        earlier = into.results.get(name)
+        if earlier is None or measurement.ok or not earlier.ok:
             into.results[name] = measurement
     if (ours := later.results.get(OURS)) is not None and ours.ok:
         into.kernel, into.relative_error, into.first_call_s = (
@@ -704,8 +710,7 @@ def _run_peer(
     paths: report.OutputPaths,
 ) -> None:
     if settings.peer_results is not None:
-        info, peer_results = peer_process.read_results(Path(settings.peer_results))
-        info.command = f"folded in from {settings.peer_results}"
+        info, peer_results = _folded_peer(settings.peer_results)
     elif settings.dry_run or settings.peer_path is None:
         reason = "--dry-run" if settings.dry_run else "no --peer-path (nor $TILEPREFILL_PEER_PATH) given"
         info, peer_results = PeerInfo(reason=f"not run: {reason}"), {}
