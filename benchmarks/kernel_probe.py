@@ -44,8 +44,9 @@ for _name, _sub in (("tileprefill", "src/tileprefill"), ("tileprefill.kernels", 
         _stub.__path__ = [str(ROOT / _sub)]
         sys.modules[_name] = _stub
 
-from tileprefill.kernels.tl import attention_configs, attention_sm90  # noqa: E402
+from tileprefill.kernels.tl import attention_sm90  # noqa: E402
 from tileprefill.kernels.tl.attention_parts import KVSource  # noqa: E402
+from tileprefill.selection import Source, sm90_config  # noqa: E402
 
 
 def _extra_pass_configs(factory: Any) -> dict[str, Any]:
@@ -97,7 +98,10 @@ class Prog:
     persistent: bool = True
 
     def factory_args(self) -> tuple[Any, ...]:
-        config = attention_configs.sm90_config(self.head_dim, contiguous_cache=self.source == "contiguous")
+        config = sm90_config(_SOURCES[self.source], self.head_dim)
+        if config.block_M > 128 and getattr(MODULES[self.module], "MAX_CONSUMERS", 2) < 3:
+            # A program from before three consumers (main before kernel-notes step 10): two.
+            config = dataclasses.replace(config, block_M=128, threads=384)
         if not self.persistent:
             config = dataclasses.replace(config, persistent_ctas=0)
         return (
@@ -113,6 +117,14 @@ class Prog:
         )
 
 
+#: The selection source of each program source name.
+_SOURCES: dict[str, Source] = {
+    "dense": Source.DENSE,
+    "ragged": Source.RAGGED,
+    "contiguous": Source.CONTIGUOUS,
+    "paged": Source.PAGED,
+    "paged_tiled": Source.PAGED_TILED,
+}
 _KERNELS: dict[Prog, Any] = {}
 #: Where the probe's tensors live ("cpu" only to test the probe itself with fake kernels).
 DEV = "cuda"

@@ -7,6 +7,7 @@ the custom ops' registration.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import tileprefill as tp
 from tileprefill import compile_check
 from tileprefill.context import Arch, DType
 from tileprefill.kernels import attention_tl, launch, slot_append_tl
@@ -101,7 +103,7 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     for facts in by_source.values():
         assert any(f.dtype == "float16" and f.causal for f in facts)
     dense = by_source[Source.DENSE]
-    assert {f.head_dim for f in dense} == {80, 128, 256}
+    assert {f.head_dim for f in dense} == {64, 80, 128, 256}  # 64: three consumers on SM90
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
     assert any(f.window > 0 and f.softcap > 0 for f in dense)
@@ -174,11 +176,11 @@ def test_every_tilelang_key_has_one_launch_record_and_custom_op() -> None:
     meta = torch.device("meta")
     q = torch.empty(2, 33, 8, 64, dtype=torch.float16, device=meta)
     kv = torch.empty(2, 17, 2, 64, dtype=torch.float16, device=meta)
-    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0, False, "int32")
+    facts = ("sm90", "float16", 8, 2, 64, True, 0.125, 0, 0, 0, 0.0, False, 132, "int32")
     assert torch.ops.tileprefill.attn_dense_sm90(q, kv, kv, torch.empty_like(q), *facts) is None
     # The programs with the LSE output: one more custom op a key, writing out and lse.
     lse = torch.empty(2, 33, 8, dtype=torch.float32, device=meta)
-    with_lse = (*facts[:-2], True, "int32")
+    with_lse = (*facts[:-3], True, 132, "int32")
     assert torch.ops.tileprefill.attn_dense_sm90_lse(q, kv, kv, torch.empty_like(q), lse, *with_lse) is None
     for key, record in attention_tl.LSE_RECORDS.items():
         assert record.mutates == ("out", "lse") and record.tensors[-2:] == ("out", "lse"), key.value
@@ -198,6 +200,7 @@ def test_launch_scalars_round_trip_the_static_facts() -> None:
         window=64,
         softcap=30.0,
         lse=True,
+        sm_count=114,
     )
     assert launch._facts(launch.scalars(facts)) == facts
 
@@ -272,6 +275,57 @@ def test_attention_prebuild_compiles_what_the_kernels_build(monkeypatch: pytest.
     attention_tl.prebuild([(key, facts) for key in keys])
     programs = [attention_tl.program(key, facts) for key in keys]
     assert handed == [compile_module.BuildRequest(p.factory, p.args, p.arch) for p in programs]
+
+
+def test_persistent_programs_launch_one_cta_per_sm_of_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SM count is a static fact of SM90 attention (read from the plan's device): a persistent
+    program built for an H100 PCIe (114 SMs) or an H20 (78) launches that many CTAs, not the 132 of
+    an H100 SXM, whose surplus would run as a second, partial wave. Other steps and arches do not
+    take it, so that they are not compiled once per device kind."""
+    pytest.importorskip("tilelang")
+    from tileprefill.kernels.tl import attention_configs
+
+    assert attention_configs.sm90_config(128, sm_count=114).persistent_ctas == 114
+    assert attention_configs.sm90_config(128).persistent_ctas == attention_configs.SM90_PERSISTENT_CTAS
+    assert attention_configs.sm90_config(256, sm_count=114).persistent_ctas == 0  # one CTA a query tile
+    assert attention_configs.sm90_config(128, contiguous_cache=True, sm_count=114).persistent_ctas == 0
+    with pytest.raises(ValueError, match="sm_count: expected the device's SM count"):
+        attention_configs.sm90_config(128, sm_count=-1)
+    facts = StaticFacts(Arch.SM90, DType.FP16, 8, 2, 128, True, 0.125, sm_count=78)
+    dense = attention_tl.program(AttentionKey.DENSE_SM90, facts)
+    assert dataclasses.replace(attention_configs.sm90_config(128), persistent_ctas=78) in dense.args
+    import tileprefill.ops.base as ops_base
+
+    monkeypatch.setattr(ops_base, "sm_count_of", lambda device: 114)
+    op = tp.GQAPrefill()
+    cpu = torch.device("cpu")
+    assert op.attention_facts(facts._replace(sm_count=0), cpu).sm_count == 114
+    assert op.attention_facts(facts._replace(arch=Arch.SM80, sm_count=0), cpu).sm_count == 0
+
+
+def test_d64_runs_three_consumer_warpgroups_where_the_program_reads_dense_q() -> None:
+    """One rule (selection.sm90_config) for the program factory and explain: D 64 dense and
+    contiguous programs run 192-row tiles with three consumers; packed q keeps two."""
+    pytest.importorskip("tilelang")
+    from tileprefill.kernels.tl import attention_sm90
+    from tileprefill.kernels.tl.attention_configs import TileConfig
+    from tileprefill.kernels.tl.attention_parts import KVSource
+    from tileprefill.selection import sm90_config
+
+    three = TileConfig(192, 128, 2, 512, persistent_ctas=132)
+    assert sm90_config(Source.DENSE, 64) == three
+    assert sm90_config(Source.CONTIGUOUS, 64) == TileConfig(192, 128, 2, 512)
+    for packed in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED):
+        assert sm90_config(packed, 64).block_M == 128 and sm90_config(packed, 64).threads == 384
+    assert sm90_config(Source.DENSE, 80).block_M == 128
+    facts = StaticFacts(Arch.SM90, DType.BF16, 16, 4, 64, True, 0.125)
+    assert three in attention_tl.program(AttentionKey.DENSE_SM90, facts).args
+    with pytest.raises(ValueError, match="expected two consumers for the gathering paged program"):
+        attention_sm90.program(KVSource.PAGED, 16, 4, 64, "bfloat16", True, 0.125, 1, three)
+    with pytest.raises(ValueError, match="two or three consumer warpgroups"):
+        attention_sm90.program(
+            KVSource.DENSE, 16, 4, 64, "bfloat16", True, 0.125, 0, TileConfig(256, 128, 2, 640)
+        )
 
 
 def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:

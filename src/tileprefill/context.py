@@ -70,6 +70,16 @@ def arch_of(device: torch.device) -> Arch:
     return Arch.of_device(device)
 
 
+@functools.cache
+def sm_count_of(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (132 on an H100 SXM or H200, 114 on an H100
+    PCIe, 78 on an H20), read once per device; 0 for any other device. A persistent SM90 attention
+    program launches one CTA per SM: more would run as a second, partial wave."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 class DType(enum.Enum):
     """Element types of q and the KV tensors."""
 

@@ -482,6 +482,17 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
     return (*reasons, *_code_rejections(code, ctx))
 
 
+def sm90_config(source: Source, head_dim: int, sm_count: int = 0) -> attention_configs.TileConfig:
+    """The SM90 tile configuration of `source`'s programs at `head_dim` on a device of `sm_count`
+    SMs (0: the table's count): what the program factory builds and `explain` names."""
+    return attention_configs.sm90_config(
+        head_dim,
+        contiguous_cache=source is Source.CONTIGUOUS,
+        packed_q=source in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED),
+        sm_count=sm_count,
+    )
+
+
 def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
     """The tile configuration the TileLang attention kernel of `key` runs `ctx` with, in words (None
     for a reference kernel)."""
@@ -490,8 +501,7 @@ def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
         case Code.REF:
             return None
         case Code.SM90:
-            config = attention_configs.sm90_config(ctx.head_dim, contiguous_cache=source is Source.CONTIGUOUS)
-            return "sm90 " + attention_configs.describe(config)
+            return "sm90 " + attention_configs.describe(sm90_config(source, ctx.head_dim))
         case Code.SM80 | Code.TL:
             return "sm80 " + attention_configs.describe(attention_configs.sm80_config(ctx.head_dim))
         case _:

@@ -47,7 +47,7 @@ import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch, DType
+from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels import attention_tl, launch
 from tileprefill.kernels.base import (
     NO_LSE,
@@ -131,8 +131,10 @@ def facts(
 
 
 def on(f: StaticFacts, arch: Arch) -> StaticFacts:
-    """The facts of configuration `f` for the programs of `arch` (what `facts_of` gives a call)."""
-    return f._replace(arch=arch)
+    """The facts of configuration `f` for the programs of `arch` (what `facts_of` gives a call on this
+    GPU: SM90 programs also take its SM count, one CTA per SM where the grid is persistent)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    return f._replace(arch=arch, sm_count=sm_count_of(device) if arch is Arch.SM90 else 0)
 
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -145,7 +147,8 @@ F16, BF16 = torch.float16, torch.bfloat16
 DENSE_CONFIGS = [
     facts(128, F16, True, 32, 8),  # group 4
     facts(128, BF16, False, 32, 2),  # group 16
-    facts(64, F16, True, 8, 8),  # group 1
+    facts(64, F16, True, 8, 8),  # group 1; SM90: three consumers
+    facts(64, BF16, False, 16, 4),  # SM90: three consumers, KV-head sections
     facts(256, BF16, True, 16, 2),  # group 8
     facts(96, BF16, True, 16, 4, window=200),
     facts(80, F16, True, 8, 1, softcap=30.0),
@@ -168,6 +171,7 @@ CONTIGUOUS_CONFIGS = [
     facts(128, F16, True, 32, 4),  # group 8
     facts(256, F16, False, 8, 8),  # group 1
     facts(192, BF16, True, 8, 2, window=300),
+    facts(64, BF16, True, 16, 2),  # SM90: three consumers, one CTA a 192-row tile
 ]
 PAGED_CONFIGS = [  # rows gathered through the block table
     facts(128, F16, True, 32, 8, page_size=1),
@@ -204,6 +208,17 @@ MERGE_CONFIG = CONTIGUOUS_CONFIGS[1]._replace(lse=True)
 assert not MERGE_CONFIG.causal
 
 
+#: Persistent SM90 programs built for fewer SMs than this GPU has (an H20 has 78, an H100 PCIe 114;
+#: one CTA: every tile in one CTA's loop): their static schedules must cover every tile, each once.
+FEWER_SMS: list[tuple[Source, StaticFacts, int]] = [
+    (Source.DENSE, DENSE_CONFIGS[0], 78),  # causal: heads fastest, longest first, round-robin
+    (Source.DENSE, DENSE_CONFIGS[1], 78),  # non-causal: KV-head sections, snake dealing
+    (Source.RAGGED, RAGGED_CONFIGS[0], 78),
+    (Source.RAGGED, RAGGED_CONFIGS[0], 1),
+    (Source.PAGED_TILED, PAGED_TILED_CONFIGS[0], 78),
+]
+
+
 def config_id(f: StaticFacts) -> str:
     page = f"-page{f.page_size}" if f.page_size else ""
     mode = "causal" if f.causal else "full"
@@ -223,6 +238,11 @@ def warm_up() -> None:
         for arch in ARCHS:
             if runnable(arch) is None:
                 Launcher(attention_tl.LSE_RECORDS[KEYS[source, arch]], on(f, arch))
+    if runnable(Arch.SM90) is None:
+        for source, f, sm_count in FEWER_SMS:
+            Launcher(
+                attention_tl.RECORDS[KEYS[source, Arch.SM90]], on(f, Arch.SM90)._replace(sm_count=sm_count)
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -413,6 +433,12 @@ def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: p
     assert torch.equal(bits(bound), bits(out)), "the bound launch and the allocating call differ"
     for i, (tensor, old) in enumerate(zip(case.tensors, before, strict=True)):
         assert torch.equal(bits(tensor), old), f"input {i} changed"
+    assert_matches(out, expected, case)
+
+
+def assert_matches(out: torch.Tensor, expected: torch.Tensor, case: Case) -> None:
+    """Every element written and finite, rows that see no key exactly 0, errors within bounds."""
+    q = case.tensors[0]
     assert not out.isnan().any(), "NaN in the output: an element was not written, or garbage leaked in"
     assert not out.isinf().any()
     if case.blind_rows.any():
@@ -426,6 +452,33 @@ def check(source: Source, arch: Arch, f: StaticFacts, case: Case, monkeypatch: p
     print(f"relative error {rel:.2e}, max abs error {diff.max().item():.2e}")
     assert rel < REL_ERR[q.dtype], f"relative error {rel:.2e}"
     assert diff.max().item() < ABS_ERR[q.dtype], f"max abs error {diff.max().item():.2e}"
+
+
+@pytest.mark.parametrize(
+    ("source", "f", "sm_count"),
+    FEWER_SMS,
+    ids=[f"{s.name.lower()}-{config_id(f)}-{n}sms" for s, f, n in FEWER_SMS],
+)
+def test_persistent_programs_built_for_fewer_sms(source: Source, f: StaticFacts, sm_count: int) -> None:
+    """A plan on a GPU of `sm_count` SMs binds the program of that many persistent CTAs. Run here, on
+    more SMs, it must still compute every tile (a tile left out stays NaN)."""
+    kernel = kernel_of(source, Arch.SM90)
+    fewer = on(f, Arch.SM90)._replace(sm_count=sm_count)
+    match source:
+        case Source.DENSE:
+            cases = [dense_case(f, 2, 300, 300), dense_case(f, 3, 1000, 37), dense_case(f, 1, 1, 1)]
+        case Source.RAGGED:
+            cases = [ragged_case(f, q_lens, kv_lens) for q_lens, kv_lens in ragged_lengths()]
+        case _:
+            cases = [paged_case(f, q_lens, kv_lens) for q_lens, kv_lens in paged_lengths()]
+    for case in cases:
+        expected = REFERENCES[source](
+            *case.tensors, causal=f.causal, sm_scale=f.sm_scale, window=f.window, softcap=f.softcap
+        )
+        out = nan_filled(case.tensors[0])
+        kernel.bind(fewer)(*case.tensors, out, NO_LSE)
+        torch.cuda.synchronize()
+        assert_matches(out, expected, case)
 
 
 # ----------------------------------------------------------------------------------------- dense

@@ -21,7 +21,7 @@ from typing import ClassVar, Final, assert_never, cast
 
 import torch
 
-from tileprefill.context import Arch, DType
+from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -39,7 +39,7 @@ from tileprefill.kernels.compile import CompileCase, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
 from tileprefill.kernels.launch import KernelRecord, Launcher, Program, register
 from tileprefill.keys import AttentionKey
-from tileprefill.selection import Code, Source, attention_traits
+from tileprefill.selection import Code, Source, attention_traits, sm90_config
 
 
 def program_arch(key: AttentionKey) -> Arch:
@@ -62,7 +62,7 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         from tileprefill.kernels.tl import attention_sm90
 
         programs = attention_sm90
-        config = attention_configs.sm90_config(facts.head_dim, contiguous_cache=source is Source.CONTIGUOUS)
+        config = sm90_config(source, facts.head_dim, facts.sm_count)
     else:
         from tileprefill.kernels.tl import attention_sm80
 
@@ -183,8 +183,9 @@ def facts_of(
         raise ValueError(f"k/v: expected a number of heads dividing q's {heads}, got {kv_heads}")
     source, _ = attention_traits(key)
     paged = source is Source.PAGED or source is Source.PAGED_TILED
+    arch = program_arch(key)
     return StaticFacts(
-        arch=program_arch(key),
+        arch=arch,
         dtype=dtype,
         heads=heads,
         kv_heads=kv_heads,
@@ -195,6 +196,7 @@ def facts_of(
         window=window,
         softcap=float(softcap),
         lse=lse,
+        sm_count=sm_count_of(q.device) if arch is Arch.SM90 else 0,
     )
 
 
@@ -602,9 +604,10 @@ def _compile_weight(source: Source, arch: Arch) -> int:
 
 def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
     """Static configurations compiled in CI (Hq 32, Hkv 8): every source causal fp16; dense also at
-    D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256 and
-    non-causal; the contiguous cache at D 192 (block_N 64) with a window; the paged ones at the
-    page sizes engines use most, the tiled one at D 96 (32-column panels of each page's copy)."""
+    D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256,
+    non-causal, and at D 64 (three consumers on SM90); the contiguous cache at D 192 (block_N 64)
+    with a window; the paged ones at the page sizes engines use most, the tiled one at D 96
+    (32-column panels of each page's copy)."""
 
     def facts(
         head_dim: int = 128,
@@ -639,6 +642,8 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                 ),
                 ("d256 fp16 causal", facts(head_dim=256)),
                 ("d128 fp16 non-causal", facts(causal=False)),
+                # SM90: three consumer warpgroups (192-row tiles, 512 threads; attention_configs).
+                ("d64 bf16 causal", facts(head_dim=64, dtype=DType.BF16)),
                 # The program with the LSE output, once an arch (every source lowers it the same way).
                 ("d128 bf16 causal lse", facts(dtype=DType.BF16)._replace(lse=True)),
             )

@@ -80,6 +80,9 @@ class StaticFacts(NamedTuple):
     window: int = 0  # attention: a causal sliding window of this many keys (0: none)
     softcap: float = 0.0  # attention: the logit softcap (0: none)
     lse: bool = False  # attention: also write the log-sum-exp of every (query token, query head)
+    #: SM90 attention: the device's SM count, one CTA each for a persistent program (0: the
+    #: table's count, attention_configs.SM90_PERSISTENT_CTAS). Other families and arches: 0.
+    sm_count: int = 0
     index_dtype: IndexDType = IndexDType.INT32
 
 

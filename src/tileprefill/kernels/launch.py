@@ -78,7 +78,7 @@ class KernelRecord:
 #: The static facts as custom-op scalars, in `StaticFacts` order.
 _FACTS_SCHEMA: Final = (
     "str arch, str dtype, int heads, int kv_heads, int head_dim, bool causal, float sm_scale, "
-    "int page_size, int rotary_dim, int window, float softcap, bool lse, str index_dtype"
+    "int page_size, int rotary_dim, int window, float softcap, bool lse, int sm_count, str index_dtype"
 )
 
 

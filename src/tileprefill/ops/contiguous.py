@@ -126,7 +126,7 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
         else:
             cache_seqlens = kv_seqlens = lengths
         attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(
-            self.attention_facts(static)
+            self.attention_facts(static, shape.device)
         )
 
         def attend(

@@ -187,7 +187,7 @@ class NoCacheOp(PrefillOp[ResultT]):
                     )
                 )
         static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
-        attention_facts = self.attention_facts(static)
+        attention_facts = self.attention_facts(static, shape.device)
         q_positions = k_positions = torch.empty(0, dtype=torch.int32, device=shape.device)
         if steps.rope is not None:
             # Self-attention prefill passes one length tensor (or one length) for q and k: one derivation.

@@ -136,7 +136,9 @@ class PagedCacheOp(PrefillOp[ResultT]):
         else:
             positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(self.attention_facts(static))
+        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(
+            self.attention_facts(static, shape.device)
+        )
 
         def attend(
             q: torch.Tensor,

@@ -26,9 +26,16 @@ class TileConfig:
     persistent_ctas: int = 0
 
 
-# SM90: one producer warpgroup (TMA or cp.async gathers) and two consumer
-# warpgroups of 64 query rows each (block_M = 128) that take turns on the tensor
-# cores (ping-pong), so one's softmax hides under the other's wgmma.
+# SM90: one producer warpgroup (TMA or cp.async gathers) and two or three consumer
+# warpgroups of 64 query rows each (block_M = 128 or 192) that take turns on the tensor
+# cores (ping-pong), so one's softmax hides under the others' wgmma.
+# - D 64: three consumers (192 x 128 tiles, 512 threads, 160 registers a consumer, as
+#   TileOPs 0.1.0 and FlashAttention-3 at D 64). A score costs 4 x 64 FLOPs and one exp2:
+#   at tensor peak that is the whole MUFU pipe of an SM (16 a clock), so the softmax of
+#   one tile must run under the products of two others, not one (benchmarks/kernel-notes.md,
+#   session 9). Dense and contiguous programs only: the packed ones (ragged, paged) carry their
+#   schedule's walk through the loop and spill 44-148 bytes at 160 registers (ptxas), and the
+#   gathering paged producer needs 88 registers; they keep two consumers until measured.
 # - D 64 to 128: 128 x 128 tiles, two K/V stages: Q 16-32 KiB + K/V 64-128 KiB of
 #   shared memory, 64 fp32 score registers per thread; the FlashAttention-3 shape.
 #   Head dims that 64 columns do not divide (80, 96, 112, ...) use 32- or 64-byte
@@ -37,10 +44,11 @@ class TileConfig:
 # - D 144 to 256: block_N 64 keeps the fp32 output (80-128 registers a thread) plus
 #   scores inside the consumers' 240 registers, and Q + 2 x K/V (+ the output staging
 #   tile) inside 227 KiB.
-# - Persistent (dense, ragged, paged) up to D 192: one CTA per SM of an H100 SXM / H200
-#   (132), each looping over query tiles; outputs go through a separate 2 x 64-row
-#   staging tile so the next tile's Q load overlaps the current tile's epilogue. On a GPU
-#   with fewer SMs the surplus CTAs run as a second wave. D 224 and up have no shared
+# - Persistent (dense, ragged, paged) up to D 192: one CTA per SM of the device (the table
+#   says 132, an H100 SXM / H200; `sm90_config(sm_count=...)` puts the plan's device's count,
+#   `StaticFacts.sm_count`), each looping over query tiles; outputs go through a separate
+#   2 x 64-row staging tile so the next tile's Q load overlaps the current tile's epilogue.
+#   More CTAs than SMs would run as a second, partial wave. D 224 and up have no shared
 #   memory left for the staging tile and keep one CTA per query tile; so does D 208
 #   (212 of 227 KiB with it: not yet measured persistent).
 SM90_PERSISTENT_CTAS = 132
@@ -51,8 +59,11 @@ _SM90_DEEP = TileConfig(
     block_M=128, block_N=64, num_stages=2, threads=384, persistent_ctas=SM90_PERSISTENT_CTAS
 )
 _SM90_WIDEST = TileConfig(block_M=128, block_N=64, num_stages=2, threads=384)
+_SM90_THREE_CONSUMERS = TileConfig(
+    block_M=192, block_N=128, num_stages=2, threads=512, persistent_ctas=SM90_PERSISTENT_CTAS
+)
 SM90_CONFIGS: dict[int, TileConfig] = {
-    64: _SM90_WIDE,
+    64: _SM90_THREE_CONSUMERS,
     80: _SM90_WIDE,
     96: _SM90_WIDE,
     112: _SM90_WIDE,
@@ -95,20 +106,32 @@ HEAD_DIMS: tuple[int, ...] = tuple(sorted(set(SM90_CONFIGS) & set(SM80_CONFIGS))
 
 def describe(config: TileConfig) -> str:
     """One line naming a configuration (what `explain` prints for a TileLang attention step)."""
-    grid = f", persistent {config.persistent_ctas} CTAs" if config.persistent_ctas else ""
+    grid = f", persistent {config.persistent_ctas} CTAs (one per SM)" if config.persistent_ctas else ""
     return (
         f"{config.block_M}x{config.block_N} tiles, {config.num_stages} stage(s), "
         f"{config.threads} threads{grid}"
     )
 
 
-def sm90_config(head_dim: int, *, contiguous_cache: bool = False) -> TileConfig:
-    """The SM90 configuration of `head_dim`. The contiguous cache keeps one CTA per query tile:
-    persistent, its longest-first order over the batch made the resident CTAs read every
-    sequence's cache at once (4 x 4608 keys: 75 MB of K/V, over the L2) and measured 9% slower
-    (benchmarks/kernel-notes.md, step 3)."""
+def sm90_config(
+    head_dim: int, *, contiguous_cache: bool = False, packed_q: bool = False, sm_count: int = 0
+) -> TileConfig:
+    """The SM90 configuration of `head_dim` on a device of `sm_count` SMs (0: the table's
+    SM90_PERSISTENT_CTAS): a persistent program launches one CTA per SM. Programs of packed q
+    (ragged, paged) keep two consumers (see the table's comment). The contiguous cache
+    keeps one CTA per query tile: persistent, its longest-first order over the batch made the
+    resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB of K/V, over the L2)
+    and measured 9% slower (benchmarks/kernel-notes.md, step 3)."""
+    if sm_count < 0:
+        raise ValueError(f"sm_count: expected the device's SM count (>= 1) or 0, got {sm_count}")
     config = _lookup(SM90_CONFIGS, head_dim, "sm90")
-    return dataclasses.replace(config, persistent_ctas=0) if contiguous_cache else config
+    if packed_q and config.block_M > 128:
+        config = dataclasses.replace(config, block_M=128, threads=384)
+    if contiguous_cache:
+        return dataclasses.replace(config, persistent_ctas=0)
+    if config.persistent_ctas and sm_count:
+        return dataclasses.replace(config, persistent_ctas=sm_count)
+    return config
 
 
 def sm80_config(head_dim: int) -> TileConfig:

@@ -1,19 +1,20 @@
 """SM90 (Hopper) attention programs: warp-specialized, TMA-fed, wgmma, ping-pong consumers.
 
-One CTA computes 128 query rows of one query head (384 threads):
+One CTA computes 128 query rows of one query head with two consumer warpgroups (384
+threads), or 192 rows with three (512 threads; D 64, see attention_configs):
 
-- warpgroup 2, the producer, loads the Q tile once and then K and V tiles into a
+- the last warpgroup, the producer, loads the Q tile once and then K and V tiles into a
   ring of `num_stages` shared-memory slots: rectangular tiles with TMA
   (dense, ragged, contiguous cache, and whole pages of the tiled paged cache),
   rows gathered through the block table with cp.async for any page size. Each
   slot has a `full` mbarrier (producer -> consumers) and a `free` one
   (consumers -> producer).
-- warpgroups 0 and 1, the consumers, own 64 query rows each. Per key tile k a
-  consumer issues S = Q K_k^T and O += P_{k-1} V_{k-1} as asynchronous wgmma,
+- warpgroups 0 .. consumers - 1, the consumers, own 64 query rows each. Per key tile k
+  a consumer issues S = Q K_k^T and O += P_{k-1} V_{k-1} as asynchronous wgmma,
   waits only for S, and runs the softmax of tile k while the P V product runs
-  (intra-warpgroup overlap). Two named barriers make the consumers take turns
-  issuing their GEMMs (ping-pong), so one warpgroup's softmax runs under the
-  other's tensor-core work.
+  (intra-warpgroup overlap). One named barrier per consumer passes the turn to issue
+  GEMMs round the consumers (ping-pong with two), so one warpgroup's softmax runs
+  under the others' tensor-core work.
 
 Per key tile the output is rescaled (`o *= alpha`) after the P V product has been
 waited for, outside the window in which the consumers take turns (as FlashAttention-3
@@ -64,19 +65,22 @@ from tileprefill.kernels.tl.attention_parts import (
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
 ROWS_PER_CONSUMER = 64
-#: Threads of the two consumer warpgroups.
-CONSUMER_THREADS = 256
-#: Threads of the producer warpgroup.
-PRODUCER_THREADS = 128
+#: Threads of one warpgroup: each consumer, and the producer.
+WARPGROUP_THREADS = 128
+PRODUCER_THREADS = WARPGROUP_THREADS
+#: Threads that meet at a turn barrier: the consumer whose turn it is and the one before it.
+TURN_THREADS = 2 * WARPGROUP_THREADS
+#: Consumer warpgroups a program may have (block_M = 64 x consumers).
+MAX_CONSUMERS = 3
 #: Named barrier ids (16 per CTA): TileLang reserves 0-2 (__syncthreads, cross-warp reductions)
 #: and numbers the partial barriers it inserts itself from 3 up, one per thread range
-#: (at most 3 here); ours stay clear of both.
+#: (at most 4 here); ours stay clear of both.
 #: Consumer w waits on TURN_BARRIER + w for its turn to issue GEMMs.
 TURN_BARRIER = 8
 #: Consumer w syncs its own 128 threads on EPILOGUE_BARRIER + w before the output TMA store.
-EPILOGUE_BARRIER = 10
-#: Registers a thread of the 384-thread CTA is launched with (setmaxnreg redistributes them).
-REGISTERS_PER_THREAD = 168
+EPILOGUE_BARRIER = TURN_BARRIER + MAX_CONSUMERS
+#: All 65,536 registers of an SM go to the one CTA; setmaxnreg moves them between warpgroups.
+REGISTER_FILE = 65536
 
 
 #: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
@@ -97,14 +101,14 @@ class _Buffers:
     block_table: Any
     # (64, D) per consumer; separate buffers, so TileLang's sync planning sees no sharing
     # between the consumers.
-    Qs: tuple[Any, Any]
+    Qs: tuple[Any, ...]
     # (64, D) per consumer, staging its output for the TMA store: Qs itself,
     # or, persistent, separate tiles, so that the next tile's Q may land meanwhile.
-    Os: tuple[Any, Any]
+    Os: tuple[Any, ...]
     Ks: Any  # (stages, block_N, D)
     Vs: Any
     q_full: Any
-    q_free: Any  # persistent: both consumers are done with the Q tile
+    q_free: Any  # persistent: every consumer is done with the Q tile
     k_full: Any
     v_full: Any
     k_free: Any
@@ -130,8 +134,20 @@ def program(
     `lse` adds the log-sum-exp output (see `attention_parts`)."""
     if heads % kv_heads:
         raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
-    if config.block_M != 2 * ROWS_PER_CONSUMER or config.threads != CONSUMER_THREADS + PRODUCER_THREADS:
-        raise ValueError(f"config: expected block_M 128 and 384 threads for sm90, got {config}")
+    consumers = config.block_M // ROWS_PER_CONSUMER
+    if (
+        config.block_M % ROWS_PER_CONSUMER
+        or not 2 <= consumers <= MAX_CONSUMERS
+        or config.threads != (consumers + 1) * WARPGROUP_THREADS
+    ):
+        raise ValueError(
+            "config: expected block_M 128 or 192 (two or three consumer warpgroups of 64 rows) and "
+            f"128 threads per consumer plus the producer's 128 for sm90, got {config}"
+        )
+    consumer_threads = consumers * WARPGROUP_THREADS  # what the free barriers count
+    # A tuple, not range(): TileLang turns a `for` over range() inside a macro into a device loop,
+    # and each consumer's code must be unrolled with its index a Python int.
+    consumer_ids = tuple(range(consumers))
     half = ROWS_PER_CONSUMER
     block_N = config.block_N
     stages = config.num_stages
@@ -146,12 +162,18 @@ def program(
     # Caches may hold garbage past kv_len inside a tile that TMA loads whole.
     cleans_tail = source in (KVSource.CONTIGUOUS, KVSource.PAGED_TILED)
     # setmaxnreg moves registers between warpgroups inside the CTA's launch allocation,
-    # 168 a thread (65536 / 384 rounded down to 8): producer + 2 x consumer <= 504, or the
-    # consumers' increase waits forever. A TMA producer needs few (24, as FlashAttention-3);
-    # a gathering one computes a block-table address per row and spills below ~88 (ptxas),
-    # which leaves its consumers 208 (enough for D <= 128; D 256 spills ~100 bytes there).
-    producer_regs, consumer_regs = (88, 208) if gathers else (24, 240)
-    assert producer_regs + 2 * consumer_regs <= REGISTERS_PER_THREAD * 3
+    # 65536 / threads a thread rounded down to 8 (168 with two consumers, 128 with three):
+    # producer + consumers x consumer <= that times the warpgroups, or the consumers' increase
+    # waits forever. A TMA producer needs few (24, as FlashAttention-3); a gathering one
+    # computes a block-table address per row and spills below ~88 (ptxas), which leaves two
+    # consumers 208 (enough for D <= 128; D 256 spills ~100 bytes there). Three consumers
+    # (D 64, TMA producers only) get 160, as TileOPs' D 64 kernel.
+    launch_regs = REGISTER_FILE // config.threads // 8 * 8
+    if gathers and consumers > 2:
+        raise ValueError(f"config: expected two consumers for the gathering paged program, got {config}")
+    producer_regs = 88 if gathers else 24
+    consumer_regs = (launch_regs * (consumers + 1) - producer_regs) // consumers // 8 * 8
+    consumer_regs = min(consumer_regs, 240)
     policy = T.GemmWarpPolicy.FullRow
 
     softmax = online_softmax(half, block_N, scale)
@@ -232,7 +254,7 @@ def program(
         if w.tiles > 0:
             if persistent:
                 T.mbarrier_wait_parity(b.q_free, (qround % 2) ^ 1)
-            for c in (0, 1):
+            for c in consumer_ids:
                 rows = w.q0 + c * half
                 if source.ragged_q:
                     T.tma_copy(
@@ -287,16 +309,16 @@ def program(
     ) -> None:
         """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
         of S_k under the P V product and, once that is done, O *= alpha_k (outside the turn window
-        in which the two consumers take turns issuing GEMMs)."""
+        in which the consumers take turns issuing GEMMs, each handing the turn to the next)."""
         n = kbase + k
         slot = n % stages
         prev = (n - 1) % stages
-        T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
+        T.sync_threads(TURN_BARRIER + c, TURN_THREADS)
         T.mbarrier_wait_parity(b.k_full[slot], (n // stages) % 2)
         T.wgmma_gemm(b.Qs[c], b.Ks[slot, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
         T.mbarrier_wait_parity(b.v_full[prev], ((n - 1) // stages) % 2)
         T.wgmma_gemm(p, b.Vs[prev, :, :], o, policy=policy)
-        T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
+        T.named_barrier_arrive(TURN_BARRIER + (c + 1) % consumers, TURN_THREADS)
         T.wait_wgmma(1)
         # Pin the accumulators after the waits, so nvcc reads none of them earlier (the count is
         # a thread's registers: the fragment's elements over the warpgroup's 128 threads).
@@ -347,14 +369,14 @@ def program(
         T.fill(l, 0)
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
-            if c == 1 and not persistent:
-                # Consumer 0 issues first.
-                T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+            if c == consumers - 1 and not persistent:
+                # Consumer 0 issues first: the last one hands it the first turn.
+                T.named_barrier_arrive(TURN_BARRIER, TURN_THREADS)
             first = kbase % stages
-            T.sync_threads(TURN_BARRIER + c, CONSUMER_THREADS)
+            T.sync_threads(TURN_BARRIER + c, TURN_THREADS)
             T.mbarrier_wait_parity(b.k_full[first], (kbase // stages) % 2)
             T.wgmma_gemm(b.Qs[c], b.Ks[first, :, :], s, transpose_B=True, policy=policy, clear_accum=True)
-            T.named_barrier_arrive(TURN_BARRIER + 1 - c, CONSUMER_THREADS)
+            T.named_barrier_arrive(TURN_BARRIER + (c + 1) % consumers, TURN_THREADS)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.k_free[first])
             if capped:
@@ -420,32 +442,26 @@ def program(
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
-        Qs0 = T.alloc_shared([half, D], dtype)
-        Qs1 = T.alloc_shared([half, D], dtype)
+        Qs = tuple(T.alloc_shared([half, D], dtype) for _ in consumer_ids)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
         Vs = T.alloc_shared([stages, block_N, D], dtype)
-        layouts = {
-            Qs0: make_swizzled_layout(Qs0),
-            Qs1: make_swizzled_layout(Qs1),
-            Ks: make_swizzled_layout(Ks),
-            Vs: make_swizzled_layout(Vs),
-        }
-        Os: tuple[Any, Any] = (Qs0, Qs1)
+        layouts = {tile: make_swizzled_layout(tile) for tile in (*Qs, Ks, Vs)}
+        Os: tuple[Any, ...] = Qs
         if stages_output:
-            # One buffer for both consumers: TileLang's shared-memory planner orders the
+            # One buffer for all consumers: TileLang's shared-memory planner orders the
             # warp-specialized regions one after another and would otherwise overlay a
-            # consumer-1-only tile on Qs0, which the producer refills meanwhile.
-            Ost = T.alloc_shared([2, half, D], dtype)
+            # consumer-1-only tile on Qs[0], which the producer refills meanwhile.
+            Ost = T.alloc_shared([consumers, half, D], dtype)
             layouts[Ost] = make_swizzled_layout(Ost)
-            Os = (Ost[0, :, :], Ost[1, :, :])
+            Os = tuple(Ost[c, :, :] for c in consumer_ids)
         T.annotate_layout(layouts)
         # Every arrival is by a whole warpgroup; TMA bytes are counted on top.
         q_full = T.alloc_barrier([PRODUCER_THREADS])
-        q_free = T.alloc_barrier([CONSUMER_THREADS])
+        q_free = T.alloc_barrier([consumer_threads])
         k_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
         v_full = T.alloc_barrier([PRODUCER_THREADS] * stages)
-        k_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
-        v_free = T.alloc_barrier([CONSUMER_THREADS] * stages)
+        k_free = T.alloc_barrier([consumer_threads] * stages)
+        v_free = T.alloc_barrier([consumer_threads] * stages)
         v_landed = T.alloc_barrier([PRODUCER_THREADS])
         return _Buffers(
             Q,
@@ -454,7 +470,7 @@ def program(
             O,
             LSE,
             block_table,
-            (Qs0, Qs1),
+            Qs,
             Os,
             Ks,
             Vs,
@@ -471,15 +487,13 @@ def program(
     def attend(w: Work, Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> None:
         """One query tile per CTA."""
         b = buffers(Q, K, V, O, LSE, block_table)
-        with T.ws(2):
+        with T.ws(consumers):
             T.set_max_nreg(producer_regs, 0)
             produce_tile(w, b, 0, 0, 0)
-        with T.ws(0):
-            T.set_max_nreg(consumer_regs, 1)
-            consume_tile(0, w, b, 0, 0, fragments())
-        with T.ws(1):
-            T.set_max_nreg(consumer_regs, 1)
-            consume_tile(1, w, b, 0, 0, fragments())
+        for c in consumer_ids:
+            with T.ws(c):
+                T.set_max_nreg(consumer_regs, 1)
+                consume_tile(c, w, b, 0, 0, fragments())
 
     @T.macro
     def consume_all(c: Any, schedule: Schedule, b: _Buffers) -> None:
@@ -487,9 +501,9 @@ def program(
         f = fragments()
         kbase = T.alloc_var("int32", init=0)
         qround = T.alloc_var("int32", init=0)
-        if c == 1:
-            # Consumer 0 issues first; afterwards the turns alternate across tiles.
-            T.named_barrier_arrive(TURN_BARRIER, CONSUMER_THREADS)
+        if c == consumers - 1:
+            # Consumer 0 issues first; afterwards the turns go round across tiles.
+            T.named_barrier_arrive(TURN_BARRIER, TURN_THREADS)
         walk = schedule.begin()
         for i in T.serial(schedule.count):
             w = schedule.work(i, walk)
@@ -502,7 +516,7 @@ def program(
         """Persistent: the CTA's query tiles one after another; the K/V rings and the Q tile's
         barriers run on across tiles (phases counted by kbase and qround)."""
         b = buffers(Q, K, V, O, LSE, block_table)
-        with T.ws(2):
+        with T.ws(consumers):
             T.set_max_nreg(producer_regs, 0)
             kbase = T.alloc_var("int32", init=0)
             qround = T.alloc_var("int32", init=0)
@@ -517,10 +531,9 @@ def program(
                     landed = landed + T.if_then_else(
                         (w.tiles > 0) & ((w.k_first + w.tiles) * block_N > w.kv_len), 1, 0
                     )
-        with T.ws(0):
-            consume_all(0, schedule, b)
-        with T.ws(1):
-            consume_all(1, schedule, b)
+        for c in consumer_ids:
+            with T.ws(c):
+                consume_all(c, schedule, b)
 
     if persistent and source is KVSource.DENSE:
         return persistent_program(
