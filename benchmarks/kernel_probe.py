@@ -434,12 +434,14 @@ def time_contiguous(prog: Prog, seq_q: int, kv_lens: list[int]) -> float:
     return float(flops / (ms * 1e-3) / 1e12)
 
 
-# (label, batch, seq, heads, kv_heads, D, dtype, causal): the dense cases (programs unchanged
-# in this step: timed once, for reference).
+# (label, batch, seq, heads, kv_heads, D, dtype, causal): the dense cases, and D 64 both ways
+# (three consumers since step 10).
 DENSE_TIMING = [
     ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False),
     ("B1 S8192 32/8 D128 causal bf16", 1, 8192, 32, 8, 128, "bfloat16", True),
     ("B4 S2048 32/8 D64 causal bf16", 4, 2048, 32, 8, 64, "bfloat16", True),
+    ("B2 S8192 32/8 D64 nc bf16", 2, 8192, 32, 8, 64, "bfloat16", False),
+    ("B4 S4096 32/8 D64 causal fp16", 4, 4096, 32, 8, 64, "float16", True),
     ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
 ]
 RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
