@@ -442,6 +442,8 @@ DENSE_TIMING = [
     ("B4 S2048 32/8 D64 causal bf16", 4, 2048, 32, 8, 64, "bfloat16", True),
     ("B2 S8192 32/8 D64 nc bf16", 2, 8192, 32, 8, 64, "bfloat16", False),
     ("B4 S4096 32/8 D64 causal fp16", 4, 4096, 32, 8, 64, "float16", True),
+    ("B16 S1024 32/8 D64 causal bf16", 16, 1024, 32, 8, 64, "bfloat16", True),
+    ("B16 S1024 32/8 D64 nc bf16", 16, 1024, 32, 8, 64, "bfloat16", False),
     ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
 ]
 RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
@@ -522,6 +524,11 @@ def main() -> None:
     parser.add_argument("--ncu-case", choices=NCU_CASES, default="dense", help="what --ncu profiles")
     parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--wait-for", default=None, help="a file to wait for before timing")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="time only the cases whose label contains this text, and skip the correctness checks",
+    )
     args = parser.parse_args()
     if args.ncu_child:
         ncu_launch(args.ncu_child, args.ncu_case)
@@ -588,6 +595,9 @@ def main() -> None:
         (Prog("new", "dense", 16, 16, 176, B16, True), (1, 500, 900)),
         (Prog("new", "dense", 16, 4, 192, B16, True), (2, 700, 900)),
     ]
+    if args.only is not None:
+        timing = [entry for entry in timing if args.only in entry[0]]
+        ragged_checks, contiguous_checks, paged_checks, dense_checks = [], [], [], []
     progs = [p for _, p, _ in timing]
     progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks + dense_checks]
     failed = prebuild(progs, log)
@@ -607,7 +617,7 @@ def main() -> None:
         if prog not in failed:
             paged_case(prog, ql, kl, results, log)
     for _label, prog, (source, a, b) in timing:
-        if prog.module == "new" and prog not in failed:
+        if prog.module == "new" and prog not in failed and args.only is None:
             if source == "dense":
                 dense_case(prog, min(a, 2), min(b, 2048) + 33, min(b, 2048) + 33, results, log)
             elif source == "ragged":
