@@ -80,13 +80,6 @@ def sm_count_of(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def attention_sm_count(arch: Arch, device: torch.device) -> int:
-    """The SM count an attention program of `arch` on `device` is built for
-    (`StaticFacts.sm_count`): SM90's persistent programs launch one CTA per SM of the device; the
-    other arches do not read it (0), so their programs compile once for every device."""
-    return sm_count_of(device) if arch is Arch.SM90 else 0
-
-
 class DType(enum.Enum):
     """Element types of q and the KV tensors."""
 

@@ -47,7 +47,7 @@ import attrs
 import pytest
 import torch
 
-from tileprefill.context import Arch, DType, attention_sm_count
+from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels import attention_tl, launch
 from tileprefill.kernels.base import (
     NO_LSE,
@@ -134,7 +134,7 @@ def on(f: StaticFacts, arch: Arch) -> StaticFacts:
     """The facts of configuration `f` for the programs of `arch` (what `facts_of` gives a call on this
     GPU: SM90 programs also take its SM count, one CTA per SM where the grid is persistent)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    return f._replace(arch=arch, sm_count=attention_sm_count(arch, device))
+    return f._replace(arch=arch, sm_count=sm_count_of(device) if arch is Arch.SM90 else 0)
 
 
 F16, BF16 = torch.float16, torch.bfloat16

@@ -21,7 +21,7 @@ from typing import ClassVar, Final, assert_never, cast
 
 import torch
 
-from tileprefill.context import Arch, DType, attention_sm_count
+from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -196,7 +196,7 @@ def facts_of(
         window=window,
         softcap=float(softcap),
         lse=lse,
-        sm_count=attention_sm_count(arch, q.device),
+        sm_count=sm_count_of(q.device) if arch is Arch.SM90 else 0,
     )
 
 

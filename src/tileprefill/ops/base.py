@@ -54,16 +54,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, Protocol, Required, TypeA
 import torch
 from typing_extensions import TypeVar as DefaultTypeVar
 
-from tileprefill.context import (
-    Arch,
-    DType,
-    KVLayout,
-    KVOrder,
-    PrefillContext,
-    RopeMode,
-    arch_of,
-    attention_sm_count,
-)
+from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode, arch_of, sm_count_of
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -969,7 +960,8 @@ class PrefillOp(abc.ABC, Generic[ResultT]):
         """What the plan's attention kernel is specialised for: `static`, whether it writes the LSE
         and, on SM90, the SM count of `device` (one CTA per SM for a persistent program). The other
         steps keep both unset: facts they do not read must not compile them twice."""
-        return static._replace(lse=self.return_lse, sm_count=attention_sm_count(static.arch, device))
+        sm_count = sm_count_of(device) if static.arch is Arch.SM90 else 0
+        return static._replace(lse=self.return_lse, sm_count=sm_count)
 
     def _kernel_of(self, name: str, family: Callable[..., KernelT]) -> KernelT:
         """This Op's kernel instance for the key whose value is `name`, typed as the family the plan

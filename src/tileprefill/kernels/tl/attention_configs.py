@@ -125,8 +125,8 @@ def sm90_config(
     if sm_count < 0:
         raise ValueError(f"sm_count: expected the device's SM count (>= 1) or 0, got {sm_count}")
     config = _lookup(SM90_CONFIGS, head_dim, "sm90")
-    if packed_q and config.block_M > _SM90_WIDE.block_M:
-        config = dataclasses.replace(config, block_M=_SM90_WIDE.block_M, threads=_SM90_WIDE.threads)
+    if packed_q and config.block_M > 128:
+        config = dataclasses.replace(config, block_M=128, threads=384)
     if contiguous_cache:
         return dataclasses.replace(config, persistent_ctas=0)
     if config.persistent_ctas and sm_count:
