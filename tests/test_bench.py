@@ -327,6 +327,54 @@ def test_a_run_of_every_suite_on_cpu_writes_every_output(tmp_path: Path) -> None
     assert {p.name for p in tmp_path.glob("*.png")} == {f"t-{s.value}.png" for s in Suite}
 
 
+def test_a_resumed_run_times_only_what_the_earlier_runs_left(tmp_path: Path) -> None:
+    """--resume after a cut-off run: a case with a figure or a failure (which a new attempt would
+    repeat) is left out; one never reached, or missing from the earlier runs, is timed; the two runs
+    then merge into one whole set."""
+    settings = BenchSettings(
+        dry_run=True, suites=(Suite.DENSE, Suite.PAGED), out_dir=str(tmp_path), name="rest"
+    )
+    cases = runner.selected_cases(settings)
+    measured, failed, unreached, missing = cases
+    earlier = fake_run()
+    earlier.device = runner.environment(torch.device("cpu"))[0]  # what --merge checks: one machine
+    earlier.cases = [
+        CaseResult(measured, {OURS: Measurement(ms=3.0), TILEOPS: Measurement.unavailable("not run: x")}),
+        CaseResult(
+            failed, {OURS: Measurement.failed(RuntimeError("no kernel")), TILEOPS: Measurement(ms=1.0)}
+        ),
+        CaseResult(unreached, {OURS: Measurement.unavailable("not reached: stopped at its budget")}),
+    ]
+    report.write_json(earlier, tmp_path / "cut.json")
+    raw_peer = {
+        "peer": "TileOPs 0.1.0",
+        "available": True,
+        "cases": {missing.name: {"error": "unavailable: X"}},
+    }
+    (tmp_path / "cut-peer.json").write_text(json.dumps(raw_peer))
+    settled = runner.settled_in([str(tmp_path / "cut.json"), str(tmp_path / "cut-peer.json")])
+    assert settled[OURS] == {measured.name, failed.name}
+    assert settled[TILEOPS] == {failed.name, missing.name}
+    settings = attrs.evolve(settings, resume=(str(tmp_path / "cut.json"),))
+    assert runner.run(settings, timer=FakeTimer(2.0)) == 0
+    rest = json.loads((tmp_path / "rest.json").read_text())
+    assert list(rest["cases"]) == [unreached.name, missing.name]
+    argv = ["bench", "--merge", str(tmp_path / "cut.json"), str(tmp_path / "rest.json")]
+    assert cli.main([*argv, "--out-dir", str(tmp_path), "--name", "whole"]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())["cases"]
+    assert [whole[c.name]["results"]["ours"].get("ms") for c in cases] == [3.0, None, 2.0, 2.0]
+    everything = (*settings.resume, str(tmp_path / "rest.json"))
+    assert runner.run(attrs.evolve(settings, name="none", resume=everything), timer=FakeTimer()) == 0
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_resume_is_refused_beside_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report.write_json(fake_run(), tmp_path / "a.json")
+    run = str(tmp_path / "a.json")
+    assert cli.main(["bench", "--merge", run, "--resume", run, "--out-dir", str(tmp_path)]) == 2
+    assert "--resume: expected no --merge" in capsys.readouterr().err
+
+
 # --- the CLI -----------------------------------------------------------------------------------------
 
 
@@ -345,6 +393,8 @@ def test_cli_parses_bench_flags() -> None:
     assert isinstance(no_peer, BenchSettings) and no_peer.peer_path is None
     full = cli.parse_args(["bench"])
     assert isinstance(full, BenchSettings) and not full.quick and not full.suites and full.max_cases is None
+    resumed = cli.parse_args(["bench", "--peer-only", "--resume", "a.json", "b.json"])
+    assert isinstance(resumed, BenchSettings) and resumed.resume == ("a.json", "b.json") and resumed.peer_only
 
 
 def test_cli_lists_the_cases(capsys: pytest.CaptureFixture[str]) -> None:

@@ -184,6 +184,14 @@ def _parser() -> argparse.ArgumentParser:
         help="combine the JSON of split runs, per implementation (a figure is never replaced by a "
         "missing one); time nothing",
     )
+    bench.add_argument(
+        "--resume",
+        nargs="+",
+        default=(),
+        metavar="JSON",
+        help="leave out what these earlier runs measured (per stage: ours, the peer), e.g. after a run "
+        "cut off at a time limit; then --merge the runs",
+    )
     return parser
 
 
@@ -228,6 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> Command:
             list_only=bool(ns.list),
             jobs=None if ns.jobs is None else int(ns.jobs),
             merge=tuple(str(p) for p in ns.merge),
+            resume=tuple(str(p) for p in ns.resume),
             command=shlex.join(
                 [sys.executable, "-m", "tileprefill", *(sys.argv[1:] if argv is None else argv)]
             ),

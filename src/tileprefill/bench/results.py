@@ -30,6 +30,10 @@ LABELS: Final[Mapping[str, str]] = {
 }
 #: The peers our figure is compared with, in table order (ratio = their time / our time).
 PEERS: Final = (SDPA_FLASH, SDPA_CUDNN, TILEOPS)
+#: How the reasons of a measurement that was never taken begin: a peer stopped at its budget ("not
+#: reached"), not run or not importable, one that exited or wrote nothing for the case. A failure
+#: names its exception type instead (`Measurement.failed`). See `Measurement.settled`.
+_NOT_MEASURED: Final = ("unavailable: not ", "unavailable: no result", "unavailable: peer process")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Measurement:
     @property
     def ok(self) -> bool:
         return self.ms is not None
+
+    @property
+    def settled(self) -> bool:
+        """A figure, or a failure that timing the case again would repeat; not a case its
+        implementation never got to (what `bench --resume` times again)."""
+        return self.ok or not (self.error or "").startswith(_NOT_MEASURED)
 
     def tflops(self, flops: float) -> float | None:
         return None if self.ms is None or self.ms <= 0 else flops / self.ms / 1e9

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -552,6 +553,9 @@ def default_stem(settings: BenchSettings, device_name: str) -> str:
 def run(settings: BenchSettings, timer: Timer | None = None) -> int:
     """One benchmark run; the outputs go under `settings.out_dir`. Returns an exit status."""
     if settings.merge:
+        if settings.resume:
+            print("tileprefill bench: --resume: expected no --merge (it times nothing)", file=sys.stderr)
+            return 2
         return merge_runs(settings)
     cases = selected_cases(settings)
     if settings.list_only:
@@ -564,6 +568,22 @@ def run(settings: BenchSettings, timer: Timer | None = None) -> int:
     if not cases:
         print("tileprefill bench: no case matches the selection", file=sys.stderr)
         return 2
+    ours_cases = [] if settings.peer_only else cases
+    times_peer = not settings.dry_run and settings.peer_results is None and settings.peer_path is not None
+    peer_cases = cases if times_peer else ours_cases  # without a peer run: to mark them "not run"
+    if settings.resume:
+        settled = settled_in(settings.resume)
+        ours_cases = [c for c in ours_cases if c.name not in settled[OURS]]
+        peer_cases = [c for c in peer_cases if c.name not in settled[TILEOPS]] if times_peer else ours_cases
+        print(
+            f"--resume: {len(ours_cases)} cases left to time for ours, {len(peer_cases)} for the peer",
+            file=sys.stderr,
+        )
+    left = {c.name for c in (*ours_cases, *peer_cases)}
+    cases = [c for c in cases if c.name in left]
+    if not cases:
+        print("tileprefill bench: --resume: every selected case is measured already", file=sys.stderr)
+        return 0
     device = torch.device("cpu" if settings.dry_run else settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("tileprefill bench: --device: expected an available CUDA device, got none", file=sys.stderr)
@@ -586,15 +606,34 @@ def run(settings: BenchSettings, timer: Timer | None = None) -> int:
     print(f"{len(cases)} cases on {info['name']}; writing {paths.json}", file=sys.stderr)
     results = {c.name: CaseResult(c) for c in cases}
     run_result.cases = list(results.values())
-    if not settings.peer_only:
-        _run_ours(cases, device, timer, settings, run_result, results, paths)
+    if ours_cases:
+        _run_ours(ours_cases, device, timer, settings, run_result, results, paths)
         report.write_plots(run_result, paths)  # now, in case the peer outlives the caller's patience
-    _run_peer(cases, settings, run_result, results, paths)
+    _run_peer(peer_cases, settings, run_result, results, paths)
     run_result.finished = _now()
     written = report.write_all(run_result, paths)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def settled_in(paths: Sequence[str]) -> defaultdict[str, set[str]]:
+    """The names of the cases each implementation settled in these earlier runs (a figure, or a
+    failure that a new attempt would repeat): what a run resumed after them leaves out. A path is a
+    run's JSON or a peer process's own (`<stem>-peer.json`, rewritten after every case, so it
+    survives a run cut off before it wrote its outputs)."""
+    settled: defaultdict[str, set[str]] = defaultdict(set)
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "schema" in data:
+            for result in RunResult.from_json(data).cases:
+                for implementation, measurement in result.results.items():
+                    if measurement.settled:
+                        settled[implementation].add(result.case.name)
+        else:
+            _, peer_results = peer_process.read_results(Path(path))
+            settled[TILEOPS] |= {name for name, measurement in peer_results.items() if measurement.settled}
+    return settled
 
 
 def merge_runs(settings: BenchSettings) -> int:

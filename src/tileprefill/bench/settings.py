@@ -33,4 +33,6 @@ class BenchSettings:
     list_only: bool = False  # print the selected cases and counts, time nothing
     jobs: int | None = None  # prebuild worker processes (default: one per CPU, at most 16)
     merge: tuple[str, ...] = ()  # JSON files of earlier runs to combine into one set of outputs
+    #: JSON files of earlier runs: leave out, per stage (ours, the peer), the cases they measured.
+    resume: tuple[str, ...] = ()
     command: str = ""  # the command line, recorded in the JSON
