@@ -131,24 +131,23 @@ def work(
     )
 
 
-def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
-    """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics.
+def scaled_exponentials(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
+    """The macro that turns raw scores `s` (rows, cols) into probabilities: it updates the row
+    maxima `m` and leaves the fp32 probabilities in `s` and, after the first key tile, the rescale
+    factor of what was accumulated so far in `alpha`. The row sums are the caller's
+    (`online_softmax`).
 
-    `first` (a Python bool) is True for the first key tile of a row tile: the
-    statistics start there, so the previous maxima are not read. Afterwards `s`
-    holds the fp32 probabilities, `alpha` the rescale factor of the output
-    accumulated so far and `l` the running row sums (already rescaled). The
-    caller casts `s` to the P @ V operand: on SM90 only once the previous
-    asynchronous P @ V, which reads that operand's registers, has completed.
-    `m_prev` is scratch: it ends as the row's exponent offset (its scaled maximum).
+    `first` (a Python bool) is True for the first key tile of a row tile: the statistics start
+    there, so the previous maxima are not read (and `alpha` is not written). `m_prev` is scratch:
+    it ends as the row's exponent offset (its scaled maximum).
 
-    `guard_empty=False` drops the `m == -inf` select: only for tiles every row
-    sees at least one key of (then the new maximum is finite).
+    `guard_empty=False` drops the `m == -inf` select: only for tiles every row sees at least one
+    key of (then the new maximum is finite).
     """
     neg_inf = -T.infinity(ACCUM)
 
     @T.macro
-    def step(s: Any, m: Any, m_prev: Any, alpha: Any, row_sum: Any, l: Any, first: Any) -> None:
+    def step(s: Any, m: Any, m_prev: Any, alpha: Any, first: Any) -> None:
         if first:
             T.reduce_max(s, m, dim=1, clear=True)
         else:
@@ -167,6 +166,22 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
             m_prev[i] = offset
         for i, j in T.Parallel(rows, cols):
             s[i, j] = T.exp2(s[i, j] * scale - m_prev[i])
+
+    return step
+
+
+def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
+    """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics:
+    `scaled_exponentials`, then the running row sums `l` (already rescaled by `alpha`).
+
+    The caller casts `s` to the P @ V operand: on SM90 only once the previous asynchronous
+    P @ V, which reads that operand's registers, has completed. `row_sum` is scratch.
+    """
+    exponentiate = scaled_exponentials(rows, cols, scale, guard_empty=guard_empty)
+
+    @T.macro
+    def step(s: Any, m: Any, m_prev: Any, alpha: Any, row_sum: Any, l: Any, first: Any) -> None:
+        exponentiate(s, m, m_prev, alpha, first)
         T.reduce_sum(s, row_sum, dim=1)
         if first:
             T.copy(row_sum, l)
