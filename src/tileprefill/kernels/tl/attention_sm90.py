@@ -195,29 +195,12 @@ def program(
     # row, instead (a TMA store would write the next sequence's rows).
     stages_output = persistent
 
-    # A tiled paged tile is whole pages (`per_tile` of them) or part of one page.
-    per_tile = max(1, block_N // page_size) if source is KVSource.PAGED_TILED else 1
-
-    @T.macro
-    def read_pages(pages: Any, k: Any, w: Work, bt: Any) -> None:
-        """The block-table entries of key tile k (tiled paged cache; nothing for other sources), read
-        into `pages` before the producer waits for the tile's free slot, so that their global loads
-        run during the wait instead of after it. Pages past the sequence re-read its last page
-        (their rows are masked and, for V, zeroed) so that no entry the call does not own is read."""
-        if source is KVSource.PAGED_TILED:
-            if page_size >= block_N:
-                pages[0] = bt[w.seq, (k * block_N) // page_size]
-            else:
-                last_page = (w.kv_len - 1) // page_size
-                for i in T.unroll(per_tile):
-                    pages[i] = bt[w.seq, T.min(k * per_tile + i, last_page)]
-
     @T.macro
     def copy_rows(
-        src: Any, dst: Any, slot: Any, barriers: Any, barrier_index: Any, k: Any, w: Work, bt: Any, pages: Any
+        src: Any, dst: Any, slot: Any, barriers: Any, barrier_index: Any, k: Any, w: Work, bt: Any
     ) -> None:
         """Start loading key tile k of `src` (K or V) into dst[slot]; barriers[barrier_index] counts
-        its bytes. `pages`: a tiled paged tile's block-table entries (`read_pages`)."""
+        its bytes."""
         if source is KVSource.DENSE or source is KVSource.CONTIGUOUS:
             T.tma_copy(
                 src[w.seq, k * block_N : (k + 1) * block_N, w.kv_head, :],
@@ -232,18 +215,25 @@ def program(
         elif source is KVSource.PAGED_TILED:
             if page_size >= block_N:
                 # The tile lies inside one page (block_N divides page_size).
+                page = bt[w.seq, (k * block_N) // page_size]
                 row = (k * block_N) % page_size
                 T.tma_copy(
-                    src[pages[0], row : row + block_N, w.kv_head, :],
+                    src[page, row : row + block_N, w.kv_head, :],
                     dst[slot, :, :],
                     barrier=barriers[barrier_index],
                 )
             else:
-                # The tile is whole pages: one copy per page and 64-column panel of the swizzled tile.
+                # The tile is whole pages; pages past the sequence re-read its last page
+                # (their rows are masked and, for V, zeroed) so that no block-table entry
+                # the call does not own is read.
+                # One copy per page and 64-column panel of the swizzled tile.
+                per_tile = block_N // page_size
+                last_page = (w.kv_len - 1) // page_size
                 for i in T.unroll(per_tile):
+                    page = bt[w.seq, T.min(k * per_tile + i, last_page)]
                     for c in T.unroll(D // panel):
                         T.tma_copy(
-                            src[pages[i], 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
+                            src[page, 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
                             dst[slot, i * page_size : (i + 1) * page_size, c * panel : (c + 1) * panel],
                             barrier=barriers[barrier_index],
                         )
@@ -256,13 +246,11 @@ def program(
             T.fence_proxy_async()
 
     @T.macro
-    def produce_tile(w: Work, b: _Buffers, kbase: Any, qround: Any, landed: Any, pages: Any) -> None:
+    def produce_tile(w: Work, b: _Buffers, kbase: Any, qround: Any, landed: Any) -> None:
         """Load the Q tile of `w`, then its key tiles in the order the consumers use them:
         K(0), then K(k) before V(k - 1), so a K tile never waits behind the previous V's slot.
         `kbase` key tiles and `qround` Q tiles went through the rings before this one, and
-        `landed` partial V tiles through the v_landed barrier (at most one a query tile).
-        `pages`: the K and V tiles' block-table entries (`producer_pages`)."""
-        k_pages, v_pages = pages
+        `landed` partial V tiles through the v_landed barrier (at most one a query tile)."""
         if w.tiles > 0:
             if persistent:
                 T.mbarrier_wait_parity(b.q_free, (qround % 2) ^ 1)
@@ -278,20 +266,18 @@ def program(
         for k in T.serial(w.tiles + 1):
             if k < w.tiles:
                 slot = (kbase + k) % stages
-                read_pages(k_pages, w.k_first + k, w, b.block_table)
                 T.mbarrier_wait_parity(b.k_free[slot], ((kbase + k) // stages) % 2 ^ 1)
-                copy_rows(b.K, b.Ks, slot, b.k_full, slot, w.k_first + k, w, b.block_table, k_pages)
+                copy_rows(b.K, b.Ks, slot, b.k_full, slot, w.k_first + k, w, b.block_table)
                 T.mbarrier_arrive(b.k_full[slot])
             if k > 0:
                 v = k - 1
                 slot = (kbase + v) % stages
-                read_pages(v_pages, w.k_first + v, w, b.block_table)
                 T.mbarrier_wait_parity(b.v_free[slot], ((kbase + v) // stages) % 2 ^ 1)
                 if cleans_tail:
                     if (w.k_first + v + 1) * block_N > w.kv_len:
                         # The only partial tile of the sequence: let it land, zero the rows
                         # past kv_len, then publish it.
-                        copy_rows(b.V, b.Vs, slot, b.v_landed, 0, w.k_first + v, w, b.block_table, v_pages)
+                        copy_rows(b.V, b.Vs, slot, b.v_landed, 0, w.k_first + v, w, b.block_table)
                         T.mbarrier_arrive(b.v_landed)
                         T.mbarrier_wait_parity(b.v_landed, landed % 2)
                         for j, d in T.Parallel(block_N, D):
@@ -299,9 +285,9 @@ def program(
                                 b.Vs[slot, j, d] = T.cast(0, dtype)
                         T.fence_proxy_async()
                     else:
-                        copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table, v_pages)
+                        copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table)
                 else:
-                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table, v_pages)
+                    copy_rows(b.V, b.Vs, slot, b.v_full, slot, w.k_first + v, w, b.block_table)
                 T.mbarrier_arrive(b.v_full[slot])
 
     @T.macro
@@ -443,14 +429,6 @@ def program(
             store_staged(c, o, b, b.O[w.seq, row0 : row0 + half, w.head, :])
 
     @T.macro
-    def producer_pages() -> Any:
-        """Where the producer keeps the block-table entries of its next K and V tiles (tiled paged
-        cache; other producers read none ahead)."""
-        if source is KVSource.PAGED_TILED:
-            return T.alloc_local([per_tile], "int32"), T.alloc_local([per_tile], "int32")
-        return None, None
-
-    @T.macro
     def fragments() -> Any:
         s = T.alloc_fragment([half, block_N], ACCUM)
         p = T.alloc_fragment([half, block_N], dtype)
@@ -511,7 +489,7 @@ def program(
         b = buffers(Q, K, V, O, LSE, block_table)
         with T.ws(consumers):
             T.set_max_nreg(producer_regs, 0)
-            produce_tile(w, b, 0, 0, 0, producer_pages())
+            produce_tile(w, b, 0, 0, 0)
         for c in consumer_ids:
             with T.ws(c):
                 T.set_max_nreg(consumer_regs, 1)
@@ -543,11 +521,10 @@ def program(
             kbase = T.alloc_var("int32", init=0)
             qround = T.alloc_var("int32", init=0)
             landed = T.alloc_var("int32", init=0)
-            pages = producer_pages()
             walk = schedule.begin()
             for i in T.serial(schedule.count):
                 w = schedule.work(i, walk)
-                produce_tile(w, b, kbase, qround, landed, pages)
+                produce_tile(w, b, kbase, qround, landed)
                 kbase = kbase + w.tiles
                 qround = qround + T.if_then_else(w.tiles > 0, 1, 0)
                 if cleans_tail:
