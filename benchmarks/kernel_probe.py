@@ -463,6 +463,8 @@ DENSE_TIMING = [
     ("B16 S1024 32/8 D64 causal bf16", 16, 1024, 32, 8, 64, "bfloat16", True),
     ("B16 S1024 32/8 D64 nc bf16", 16, 1024, 32, 8, 64, "bfloat16", False),
     ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
+    ("B4 S4096 32/8 D256 causal bf16", 4, 4096, 32, 8, 256, "bfloat16", True),
+    ("B2 S8192 32/8 D256 nc fp16", 2, 8192, 32, 8, 256, "float16", False),
 ]
 RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
 #: (label, source, page size, q_lens, kv_lens): the issue's packed cases, 32/8 D128 bf16 causal.
