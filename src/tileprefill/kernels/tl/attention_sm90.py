@@ -16,12 +16,6 @@ threads), or 192 rows with three (512 threads; D 64, see attention_configs):
   GEMMs round the consumers (ping-pong with two), so one warpgroup's softmax runs
   under the others' tensor-core work.
 
-A consumer works only on the key tiles its own 64 rows see (`seen_tiles`): the query tile's key
-range is its last row's, so with causal 192-row tiles the first consumers' rows would otherwise
-compute whole tiles above their diagonal, and a row group past the sequence's end (the last,
-partial query tile) nothing but masked rows. For the tiles it does not see, a consumer only
-takes its turn and hands it on, and releases the K and V slots (`pass_tile`).
-
 Per key tile the output is rescaled (`o *= alpha`) after the P V product has been
 waited for, outside the window in which the consumers take turns (as FlashAttention-3
 does). Tiles that need no mask (every row of the warpgroup sees every key) run a loop
@@ -345,34 +339,6 @@ def program(
         T.copy(s, p)
 
     @T.macro
-    def pass_tile(c: Any, k: Any, kbase: Any, b: _Buffers) -> None:
-        """Key tile k >= the tiles consumer c's rows see (`seen_tiles`): take the turn and hand it on
-        at once, so the others keep their order, and release the tile's K and V slots once they
-        have landed (a slot is free when every consumer has arrived; arriving before the tile
-        landed would count towards the slot's previous tile)."""
-        n = kbase + k
-        slot = n % stages
-        T.sync_threads(TURN_BARRIER + c, TURN_THREADS)
-        T.named_barrier_arrive(TURN_BARRIER + (c + 1) % consumers, TURN_THREADS)
-        T.mbarrier_wait_parity(b.k_full[slot], (n // stages) % 2)
-        T.mbarrier_arrive(b.k_free[slot])
-        T.mbarrier_wait_parity(b.v_full[slot], (n // stages) % 2)
-        T.mbarrier_arrive(b.v_free[slot])
-
-    @T.macro
-    def seen_tiles(row0: Any, w: Work) -> Any:
-        """How many of the tile's key tiles (from k_first) consumer rows row0 .. row0 + 63 see:
-        none when every one of them lies past q_len (the tile's last, partial row group),
-        and, causal, only those up to the last written row's diagonal. The query tile's key range
-        is its last row's, so with 192-row tiles the first consumers' rows see fewer tiles."""
-        rows_end = T.min(row0 + half, w.q_len)
-        if causal:
-            end = T.ceildiv(T.max(0, T.min(w.kv_len, w.offset + rows_end)), block_N)
-        else:
-            end = T.ceildiv(w.kv_len, block_N)
-        return T.if_then_else(row0 < w.q_len, T.max(0, T.min(w.tiles, end - w.k_first)), 0)
-
-    @T.macro
     def store_staged(c: Any, o: Any, b: _Buffers, rows: Any) -> None:
         """Consumer c's output tile `o`, staged in shared memory, then one TMA store to `rows`."""
         if persistent:
@@ -401,14 +367,11 @@ def program(
         row0 = w.q0 + c * half
         T.fill(o, 0)
         T.fill(l, 0)
-        # Key tiles [seen, w.tiles) hold no key these rows see: the consumer only passes them on.
-        seen = T.alloc_var("int32", init=seen_tiles(row0, w))
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
             if c == consumers - 1 and not persistent:
                 # Consumer 0 issues first: the last one hands it the first turn.
                 T.named_barrier_arrive(TURN_BARRIER, TURN_THREADS)
-        if seen > 0:
             first = kbase % stages
             T.sync_threads(TURN_BARRIER + c, TURN_THREADS)
             T.mbarrier_wait_parity(b.k_full[first], (kbase // stages) % 2)
@@ -425,28 +388,23 @@ def program(
             # the others after the first run masked: before lo (a window's lower edge) and from hi
             # (the causal diagonal, the partial last tile).
             lo, hi = whole_tiles(row0, w.kv_len, w.offset)
-            start = T.min(seen, T.max(1, lo - w.k_first))
-            split = T.max(start, T.min(seen, hi - w.k_first))
+            start = T.min(w.tiles, T.max(1, lo - w.k_first))
+            split = T.max(start, T.min(w.tiles, hi - w.k_first))
             if window:
                 for k in T.serial(1, start):
                     attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
             for k in T.serial(start, split):
                 attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
-            for k in T.serial(split, seen):
+            for k in T.serial(split, w.tiles):
                 attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
             if persistent:
                 # Every Q K^T of the tile is done: the next tile's Q may land.
                 T.mbarrier_arrive(b.q_free)
-            last = (kbase + seen - 1) % stages
-            T.mbarrier_wait_parity(b.v_full[last], ((kbase + seen - 1) // stages) % 2)
+            last = (kbase + w.tiles - 1) % stages
+            T.mbarrier_wait_parity(b.v_full[last], ((kbase + w.tiles - 1) // stages) % 2)
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
-        elif persistent and w.tiles > 0:
-            # No Q K^T here; the Q tile has landed (the wait above), so this arrival counts for it.
-            T.mbarrier_arrive(b.q_free)
-        for k in T.serial(seen, w.tiles):
-            pass_tile(c, k, kbase, b)
         if lse:
             store_lse(b.LSE, m, l, w, row0)
         # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
