@@ -33,6 +33,8 @@ case "$what" in
     timeout -k 5 "$limit" python3 -m tileprefill demo --device cuda 2>&1 | grep -v '\[TileLang:' | tee "$out/demo.log"
     ;;
   bench)
+    # The peer's CUTLASS headers are a link to ours under /tmp/tl (scripts/slim_gpu_archives.sh),
+    # which the top of this script has unpacked.
     if [ -f .gpu/peer-site.tar.xz ] && [ ! -d /tmp/peer/tileops ]; then
       mkdir -p /tmp/peer && tar -xJf .gpu/peer-site.tar.xz -C /tmp/peer
     fi
