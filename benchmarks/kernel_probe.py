@@ -546,6 +546,11 @@ def main() -> None:
     parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--wait-for", default=None, help="a file to wait for before timing")
     parser.add_argument(
+        "--check-variants",
+        default="",
+        help="comma-separated variant names run over every check of new too (where their program differs)",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help="time only the cases whose label contains this text, and skip the correctness checks",
@@ -616,13 +621,30 @@ def main() -> None:
         (Prog("new", "dense", 16, 16, 176, B16, True), (1, 500, 900)),
         (Prog("new", "dense", 16, 4, 192, B16, True), (2, 700, 900)),
     ]
+    variants = [name for name in args.check_variants.split(",") if name]
+    unknown = [name for name in variants if name not in MODULES or name in ("new", "old")]
+    if unknown:
+        parser.error(f"--check-variants: expected variant names of {sorted(MODULES)}, got {unknown}")
+
+    def with_variants(checks: list[tuple[Prog, Any]]) -> list[tuple[Prog, Any]]:
+        return checks + [
+            (dataclasses.replace(p, module=name), shape) for name in variants for p, shape in checks
+        ]
+
+    ragged_checks, contiguous_checks = with_variants(ragged_checks), with_variants(contiguous_checks)
+    paged_checks, dense_checks = with_variants(paged_checks), with_variants(dense_checks)
     if args.only is not None:
         timing = [entry for entry in timing if args.only in entry[0]]
         ragged_checks, contiguous_checks, paged_checks, dense_checks = [], [], [], []
     progs = [p for _, p, _ in timing]
     progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks + dense_checks]
     failed = prebuild(progs, log)
-    same = {p for _, p, _ in timing if same_as_new(p)}
+    same = {p for p in progs if same_as_new(p)}
+    # A variant's check of a program that is new's would repeat new's.
+    ragged_checks = [(p, shape) for p, shape in ragged_checks if p not in same]
+    contiguous_checks = [(p, shape) for p, shape in contiguous_checks if p not in same]
+    paged_checks = [(p, shape) for p, shape in paged_checks if p not in same]
+    dense_checks = [(p, shape) for p, shape in dense_checks if p not in same]
     for label, prog, _ in timing:
         if prog in same:
             log(f"{label}: the same program as new's, not timed again")
