@@ -368,11 +368,19 @@ def test_a_resumed_run_times_only_what_the_earlier_runs_left(tmp_path: Path) -> 
     assert not (tmp_path / "none.json").exists()
 
 
-def test_resume_is_refused_beside_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_merge_and_files_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report.write_json(fake_run(), tmp_path / "a.json")
     run = str(tmp_path / "a.json")
     assert cli.main(["bench", "--merge", run, "--resume", run, "--out-dir", str(tmp_path)]) == 2
     assert "--resume: expected no --merge" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        argv = ["bench", "--dry-run", "--resume", str(path), "--out-dir", str(tmp_path), "--name", "x"]
+        assert cli.main(argv) == 2
+        assert "--resume: expected JSON written by bench, got" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 # --- the CLI -----------------------------------------------------------------------------------------

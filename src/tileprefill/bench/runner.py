@@ -572,7 +572,12 @@ def run(settings: BenchSettings, timer: Timer | None = None) -> int:
     times_peer = not settings.dry_run and settings.peer_results is None and settings.peer_path is not None
     peer_cases = cases if times_peer else ours_cases  # without a peer run: to mark them "not run"
     if settings.resume:
-        settled = settled_in(settings.resume)
+        try:
+            settled = settled_in(settings.resume)
+        except (OSError, ValueError, KeyError, AssertionError) as error:
+            why = f"{type(error).__name__}: {error}"
+            print(f"tileprefill bench: --resume: expected JSON written by bench, got {why}", file=sys.stderr)
+            return 2
         ours_cases = [c for c in ours_cases if c.name not in settled[OURS]]
         peer_cases = [c for c in peer_cases if c.name not in settled[TILEOPS]] if times_peer else ours_cases
         print(
