@@ -631,20 +631,23 @@ def main() -> None:
             (dataclasses.replace(p, module=name), shape) for name in variants for p, shape in checks
         ]
 
-    ragged_checks, contiguous_checks = with_variants(ragged_checks), with_variants(contiguous_checks)
-    paged_checks, dense_checks = with_variants(paged_checks), with_variants(dense_checks)
+    listed_checks = {
+        "dense": dense_checks,
+        "ragged": ragged_checks,
+        "contiguous": contiguous_checks,
+        "paged": paged_checks,
+    }
+    checks = {kind: with_variants(listed) for kind, listed in listed_checks.items()}
     if args.only is not None:
         timing = [entry for entry in timing if args.only in entry[0]]
-        ragged_checks, contiguous_checks, paged_checks, dense_checks = [], [], [], []
-    progs = [p for _, p, _ in timing]
-    progs += [p for p, _ in ragged_checks + contiguous_checks + paged_checks + dense_checks]
+        checks = {kind: [] for kind in checks}
+    progs = [p for _, p, _ in timing] + [p for listed in checks.values() for p, _ in listed]
     failed = prebuild(progs, log)
     same = {p for p in progs if same_as_new(p)}
     # A variant's check of a program that is new's would repeat new's.
-    ragged_checks = [(p, shape) for p, shape in ragged_checks if p not in same]
-    contiguous_checks = [(p, shape) for p, shape in contiguous_checks if p not in same]
-    paged_checks = [(p, shape) for p, shape in paged_checks if p not in same]
-    dense_checks = [(p, shape) for p, shape in dense_checks if p not in same]
+    checks = {kind: [(p, shape) for p, shape in listed if p not in same] for kind, listed in checks.items()}
+    dense_checks, ragged_checks = checks["dense"], checks["ragged"]
+    contiguous_checks, paged_checks = checks["contiguous"], checks["paged"]
     for label, prog, _ in timing:
         if prog in same:
             log(f"{label}: the same program as new's, not timed again")
