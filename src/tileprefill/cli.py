@@ -179,7 +179,9 @@ def arch_choices(arches: Sequence[Arch]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
-def _integer(flag: str, *, minimum: int) -> Callable[[str], int | BadValue]:
+def _add_integer(
+    parser: argparse.ArgumentParser, flag: str, minimum: int, default: int | None, help: str
+) -> None:
     def parse(text: str) -> int | BadValue:
         try:
             value = int(text)
@@ -189,7 +191,7 @@ def _integer(flag: str, *, minimum: int) -> Callable[[str], int | BadValue]:
             return BadValue(f"{flag}: expected an integer >= {minimum}, got {text!r}")
         return value
 
-    return parse
+    parser.add_argument(flag, type=parse, default=default, help=help)
 
 
 def _number(flag: str, *, minimum: float) -> Callable[[str], float | BadValue]:
@@ -239,31 +241,12 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         help=f"the arch the call runs on; nvcc's spellings (sm_80, sm_90, sm_90a) are accepted too "
         f"(default: the local GPU's, {FALLBACK_ARCH.value} when torch sees none)",
     )
-    ex.add_argument(
-        "--head-dim",
-        type=_integer("--head-dim", minimum=1),
-        default=128,
-        help="default: 128",
-    )
-    ex.add_argument(
-        "--group-size",
-        type=_integer("--group-size", minimum=1),
-        default=4,
-        help="query heads per KV head (default: 4)",
-    )
-    ex.add_argument(
-        "--page-size",
-        type=_integer("--page-size", minimum=1),
-        default=None,
-        help=f"tokens per page (paged layout only; default: {DEFAULT_PAGE_SIZE})",
-    )
+    _add_integer(ex, "--head-dim", 1, 128, "default: 128")
+    _add_integer(ex, "--group-size", 1, 4, "query heads per KV head (default: 4)")
+    page_help = f"tokens per page (paged layout only; default: {DEFAULT_PAGE_SIZE})"
+    _add_integer(ex, "--page-size", 1, None, page_help)
     ex.add_argument("--non-causal", action="store_true")
-    ex.add_argument(
-        "--sliding-window",
-        type=_integer("--sliding-window", minimum=0),
-        default=0,
-        help="keys a query sees, its own last (0: all)",
-    )
+    _add_integer(ex, "--sliding-window", 0, 0, "keys a query sees, its own last (0: all)")
     ex.add_argument(
         "--softcap", type=_number("--softcap", minimum=0.0), default=0.0, help="logit softcap (0: none)"
     )
@@ -295,11 +278,8 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         help="required; sm_80, sm_90 and sm_90a are accepted too",
     )
     comp.add_argument("--out", default=None, help="keep the .cu and .cubin files under this folder")
-    comp.add_argument(
-        "--jobs",
-        type=_integer("--jobs", minimum=1),
-        default=None,
-        help="compile in N processes side by side (default: the CPUs, at most 8)",
+    _add_integer(
+        comp, "--jobs", 1, None, "compile in N processes side by side (default: the CPUs, at most 8)"
     )
 
     bench = commands.add_parser(
