@@ -37,7 +37,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def compile(session: nox.Session) -> None:
-    session.run("pytest", "-q", "-m", "compile", *session.posargs, env=_CACHE)
+    # Minutes of nvcc: -v names each test as it starts, and the whole-set test prints a line per
+    # program as it completes (past pytest's capture), so the log shows where the run is.
+    session.run("pytest", "-v", "-m", "compile", *session.posargs, env=_CACHE)
 
 
 @nox.session

@@ -31,13 +31,18 @@ TL_ARCHS = [Arch.SM80, Arch.SM90]
 
 @pytest.mark.compile
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_every_compile_case_compiles(arch: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_every_compile_case_compiles(
+    arch: str, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Every case of every TileLang kernel module lowers and compiles, and every TileLang key is covered.
 
     The output directory is fresh; TileLang's caches are bypassed for it (so a
-    cubin is really built) and left as they are otherwise."""
+    cubin is really built) and left as they are otherwise. The whole set takes minutes: its progress,
+    a line per case as it completes, goes to the terminal whether or not pytest captures output."""
     out_dir = tmp_path_factory.mktemp(f"cubins-{arch}")
-    assert compile_check.main(arch=arch, out_dir=str(out_dir)) == 0
+    with capsys.disabled():
+        print()  # off the line pytest writes the test's name on
+        assert compile_check.main(arch=arch, out_dir=str(out_dir)) == 0
 
 
 @pytest.mark.compile
@@ -50,6 +55,36 @@ def test_slot_append_cases_compile(arch: str, tmp_path: pathlib.Path) -> None:
     outcomes = compile_check.compile_all(cases, target, str(tmp_path), jobs=1)
     table = compile_check.format_table(outcomes, target)
     assert all(o.error is None and o.cubin_bytes > 0 for o in outcomes), table
+
+
+def test_compile_check_prints_each_case_as_it_completes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """No compilation (a stand-in for one case's compile): the line of a case is out before the next
+    case starts, with its count and time; the table and the verdict follow."""
+    cases = compile_check.collect_cases(Arch.SM90)
+    printed_before: list[str] = []
+
+    def fake_compile(case: CompileCase, arch: Arch, case_dir: str) -> compile_check.Outcome:
+        printed_before.append(capsys.readouterr().out)
+        error = "nvcc: out of registers" if case == cases[1] else None
+        return compile_check.Outcome(case.key, case.label, 1.25, 0 if error else 4096, True, error)
+
+    monkeypatch.setattr(compile_check, "compile_case", fake_compile)
+    assert compile_check.main(arch="sm_90a", out_dir=str(tmp_path), jobs=1) == 1
+    total = len(cases)
+    width = len(str(total))
+    assert printed_before[0] == f"compiling {total} cases for sm90 (nvcc target sm_90a) in 1 jobs\n"
+    lines = [
+        f"[{n:>{width}}/{total}]    1.2s {case.key.value} {case.label}: "
+        + ("error: nvcc: out of registers" if n == 2 else "ok")
+        + "\n"
+        for n, case in enumerate(cases, start=1)
+    ]
+    assert printed_before[1:] == lines[:-1]  # each out before the next case started
+    rest = capsys.readouterr().out
+    assert rest.startswith(lines[-1] + f"compile check sm_90a: {total} cases, 1 jobs, ")
+    assert f"FAILED: 1 of {total} cases did not compile" in rest
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)

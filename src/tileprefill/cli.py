@@ -1,6 +1,8 @@
-"""`python -m tileprefill {explain,demo,compile,bench}`.
+"""tileprefill's command line: explain a call's plan, run the demo, compile the kernels, time them.
 
-- explain: the plan a context gets, and why every other kernel was not chosen.
+`tileprefill {explain,demo,compile,bench}`, or `python -m tileprefill ...`.
+
+- explain: the plan a context gets; with --verbose, why every other kernel was not chosen.
 - demo: a small engine loop (chunked prefill of several requests into one shared
   paged cache with RoPE), checked against a dense recomputation; `--engine transformers`:
   a random-weight model's generate() on tileprefill, checked against SDPA.
@@ -11,13 +13,15 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import importlib
+import importlib.metadata
 import itertools
 import os
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import Protocol, assert_never
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn, Protocol, TypeVar, assert_never
 
 import attrs
 import torch
@@ -26,8 +30,9 @@ from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
 from tileprefill.bench.cases import Suite
 from tileprefill.bench.settings import PEER_PATH_ENV, BenchSettings
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeAppendKey, RopeKey, SlotAppendKey
 from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill, PagedShape, VarlenShape
-from tileprefill.selection import Code, PrefillPlan, code_of, explain
+from tileprefill.selection import Code, Explanation, PrefillPlan, code_of, explain
 
 _DTYPES = {"fp16": DType.FP16, "bf16": DType.BF16}
 #: (atol, rtol) the demo accepts between chunked and dense outputs: a couple of ulps of the dtype,
@@ -45,11 +50,12 @@ class ExplainArgs:
     arch: Arch
     head_dim: int
     group_size: int
-    page_size: int | None
+    page_size: int | None  # None: DEFAULT_PAGE_SIZE with the paged layout, else none
     causal: bool
     sliding_window: int = 0
     softcap: float = 0.0
     slot_mapping: bool = False
+    verbose: bool = False
 
 
 @attrs.frozen
@@ -61,8 +67,9 @@ class DemoArgs:
 
 @attrs.frozen
 class CompileArgs:
-    arch: str
+    arch: Arch
     out_dir: str | None
+    jobs: int | None = None
 
 
 #: `bench`'s arguments are the run's settings record (tileprefill.bench.settings).
@@ -70,9 +77,30 @@ BenchArgs = BenchSettings
 
 Command = ExplainArgs | DemoArgs | CompileArgs | BenchArgs
 
+#: The name the help and the errors give the tool when it runs as the console script.
+PROG = "tileprefill"
 
-def main(argv: Sequence[str] | None = None) -> int:
-    command = parse_args(argv)
+#: Every spelling of an arch the flags accept: ours (Arch's value, the one printed) and nvcc's.
+ARCH_SPELLINGS: dict[str, Arch] = {
+    "cpu": Arch.CPU,
+    "sm80": Arch.SM80,
+    "sm_80": Arch.SM80,
+    "sm90": Arch.SM90,
+    "sm_90": Arch.SM90,
+    "sm_90a": Arch.SM90,
+}
+#: The arches TileLang programs are compiled for.
+COMPILED_ARCHS: tuple[Arch, ...] = (Arch.SM80, Arch.SM90)
+
+#: The page size `explain --layout paged` assumes when none is given (vLLM's default block size).
+DEFAULT_PAGE_SIZE = 16
+#: The arch `explain` assumes when torch sees no GPU we have code for.
+FALLBACK_ARCH = Arch.SM90
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    """Run one command; `prog` is how the help and the errors name the tool."""
+    command = parse_args(argv, prog=prog)
     match command:
         case ExplainArgs():
             return run_explain(command)
@@ -86,46 +114,173 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert_never(command)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tileprefill", description=__doc__.splitlines()[0])
+def package_version() -> str:
+    """The installed distribution's version, else the package's `__version__`, else "unknown"."""
+    try:
+        return importlib.metadata.version("tileprefill")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(importlib.import_module("tileprefill"), "__version__", None)
+        return version if isinstance(version, str) else "unknown"
+
+
+def default_arch() -> Arch:
+    """The local GPU's arch, or `FALLBACK_ARCH` when torch sees no GPU we have code for."""
+    if not torch.cuda.is_available():
+        return FALLBACK_ARCH
+    try:
+        return Arch.of_device(torch.device("cuda"))
+    except ValueError:  # a GPU of another compute capability
+        return FALLBACK_ARCH
+
+
+@attrs.frozen
+class BadValue:
+    """A flag's value that does not parse, kept (not raised) so that every bad flag of a command line
+    is reported at once."""
+
+    message: str
+
+
+T = TypeVar("T")
+
+
+def _one_of(flag: str, values: Mapping[str, T], expected: str) -> Callable[[str], T | BadValue]:
+    def parse(text: str) -> T | BadValue:
+        return values[text] if text in values else BadValue(f"{flag}: expected {expected}, got {text!r}")
+
+    return parse
+
+
+def _add_choice(
+    parser: argparse.ArgumentParser, flag: str, values: Mapping[str, object], default: object, help: str
+) -> None:
+    parser.add_argument(
+        flag,
+        type=_one_of(flag, values, "one of " + ", ".join(values)),
+        metavar="{" + ",".join(values) + "}",
+        default=default,
+        help=help,
+    )
+
+
+def _arch_choice(flag: str, arches: Sequence[Arch]) -> Callable[[str], Arch | BadValue]:
+    spellings = {text: arch for text, arch in ARCH_SPELLINGS.items() if arch in arches}
+    return _one_of(flag, spellings, arch_choices(arches))
+
+
+def arch_choices(arches: Sequence[Arch]) -> str:
+    """`arches` in words, each with its other spellings: "sm80 (or sm_80) or sm90 (or sm_90, sm_90a)"."""
+
+    def spelled(arch: Arch) -> str:
+        others = [text for text, a in ARCH_SPELLINGS.items() if a is arch and text != arch.value]
+        return arch.value + (f" (or {', '.join(others)})" if others else "")
+
+    words = [spelled(arch) for arch in arches]
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+
+
+def _add_integer(
+    parser: argparse.ArgumentParser, flag: str, minimum: int, default: int | None, help: str
+) -> None:
+    def parse(text: str) -> int | BadValue:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            return BadValue(f"{flag}: expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parser.add_argument(flag, type=parse, default=default, help=help)
+
+
+def _number(flag: str, *, minimum: float) -> Callable[[str], float | BadValue]:
+    def parse(text: str) -> float | BadValue:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:  # `not >=`: NaN is refused too
+            return BadValue(f"{flag}: expected a number >= {minimum:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its subcommands' parsers by name."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tileprefill {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # The defaults explain a common call: dense bf16, head dim 128, four query heads a KV head
+    # (Llama-3-8B's 32 over 8), on the local GPU's arch.
     ex = commands.add_parser(
-        "explain", help="print the plan of a context and why other kernels were not chosen"
+        "explain",
+        help="print the plan of a context (with --verbose: why other kernels were not chosen)",
+        description="The plan of one call's context: the kernel of each step. Every flag has a default, "
+        "so `explain` alone explains a dense bf16 call of head dim 128, four query heads a KV head, "
+        "on the local GPU's arch. When no kernel serves a step, the last line says why.",
+        epilog="exit status: 0 a plan, 1 no kernel serves some step, 2 bad flags (all of them reported)",
     )
-    ex.add_argument("--layout", required=True, choices=[m.value for m in KVLayout])
-    ex.add_argument("--rope", required=True, choices=[m.value for m in RopeMode])
+    layouts = {m.value: m for m in KVLayout}
+    _add_choice(
+        ex, "--layout", layouts, KVLayout.NONE, "the KV cache layout (default: none, k and v as inputs)"
+    )
+    _add_choice(
+        ex, "--rope", {m.value: m for m in RopeMode}, RopeMode.NONE, "the call's RoPE (default: none)"
+    )
     ex.add_argument("--append", action="store_true", help="the call appends new keys to the cache")
     ex.add_argument("--ragged", action="store_true", help="q packed with cu_seqlens (implied by paged)")
-    ex.add_argument("--dtype", required=True, choices=sorted(_DTYPES))
-    ex.add_argument("--arch", required=True, choices=[m.value for m in Arch])
-    ex.add_argument("--head-dim", required=True, type=int)
-    ex.add_argument("--group-size", required=True, type=int, help="query heads per KV head")
-    ex.add_argument("--page-size", type=int, help="tokens per page (paged layout only)")
+    _add_choice(ex, "--dtype", _DTYPES, DType.BF16, "q, k and v's dtype (default: bf16)")
+    ex.add_argument(
+        "--arch",
+        type=_arch_choice("--arch", tuple(Arch)),
+        metavar="{" + ",".join(m.value for m in Arch) + "}",
+        default=None,
+        help=f"the arch the call runs on; nvcc's spellings (sm_80, sm_90, sm_90a) are accepted too "
+        f"(default: the local GPU's, {FALLBACK_ARCH.value} when torch sees none)",
+    )
+    _add_integer(ex, "--head-dim", 1, 128, "default: 128")
+    _add_integer(ex, "--group-size", 1, 4, "query heads per KV head (default: 4)")
+    page_help = f"tokens per page (paged layout only; default: {DEFAULT_PAGE_SIZE})"
+    _add_integer(ex, "--page-size", 1, None, page_help)
     ex.add_argument("--non-causal", action="store_true")
-    ex.add_argument("--sliding-window", type=int, default=0, help="keys a query sees, its own last (0: all)")
-    ex.add_argument("--softcap", type=float, default=0.0, help="logit softcap (0: none)")
+    _add_integer(ex, "--sliding-window", 0, 0, "keys a query sees, its own last (0: all)")
+    ex.add_argument(
+        "--softcap", type=_number("--softcap", minimum=0.0), default=0.0, help="logit softcap (0: none)"
+    )
     ex.add_argument(
         "--slot-mapping",
         action="store_true",
         help="a slot-mapped cache write, no attention (PagedCacheSlotAppend; with --layout paged --append)",
     )
+    ex.add_argument("-v", "--verbose", action="store_true", help="also list every kernel not chosen and why")
 
     demo = commands.add_parser("demo", help="chunked prefill of a few requests into a paged cache, checked")
-    demo.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    demo.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    demo.add_argument(
+    devices = {"cpu": "cpu", "cuda": "cuda"}
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    _add_choice(demo, "--device", devices, default_device, "default: cuda when torch sees a GPU, else cpu")
+    _add_choice(demo, "--dtype", _DTYPES, DType.BF16, "default: bf16")
+    _add_choice(
+        demo,
         "--engine",
-        choices=["paged", "transformers"],
-        default="paged",
-        help="paged: the chunked-prefill loop; transformers: a random-weight Llama's generate() vs SDPA",
+        {"paged": "paged", "transformers": "transformers"},
+        "paged",
+        "paged: the chunked-prefill loop; transformers: a random-weight Llama's generate() vs SDPA",
     )
 
     comp = commands.add_parser("compile", help="compile every TileLang kernel for one arch (no GPU needed)")
-    comp.add_argument("--arch", required=True, choices=["sm_80", "sm_90a"])
+    comp.add_argument(
+        "--arch",
+        type=_arch_choice("--arch", COMPILED_ARCHS),
+        metavar="{" + ",".join(m.value for m in COMPILED_ARCHS) + "}",
+        help="required; sm_80, sm_90 and sm_90a are accepted too",
+    )
     comp.add_argument("--out", default=None, help="keep the .cu and .cubin files under this folder")
+    _add_integer(
+        comp, "--jobs", 1, None, "compile in N processes side by side (default: the CPUs, at most 8)"
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -192,30 +347,67 @@ def _parser() -> argparse.ArgumentParser:
         help="leave out what these earlier runs measured (per stage: ours, the peer), e.g. after a run "
         "cut off at a time limit; then --merge the runs",
     )
-    return parser
+    return parser, {"explain": ex, "demo": demo, "compile": comp, "bench": bench}
 
 
-def parse_args(argv: Sequence[str] | None) -> Command:
-    ns = _parser().parse_args(argv)
+class FlagProblems(ValueError):
+    """Every problem of a command line's flags, each naming its flag."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def parse_args(argv: Sequence[str] | None, *, prog: str = PROG) -> Command:
+    """The command of `argv`. Bad flags exit 2 after the usage and one line per problem: every value
+    is checked first, then (when all parse) the combinations."""
+    parser, subparsers = _parser(prog)
+    ns, unrecognized = parser.parse_known_args(argv)
+    command: str = ns.command
+    problems = [value.message for value in vars(ns).values() if isinstance(value, BadValue)]
+    if unrecognized:
+        problems.append("unrecognized arguments: " + " ".join(unrecognized))
+    if command == "compile" and ns.arch is None:
+        problems.append(f"--arch: expected {arch_choices(COMPILED_ARCHS)}, got none")
+    if problems:
+        _refuse(subparsers[command], problems)
+    parsed = _command(ns, argv)
+    if isinstance(parsed, ExplainArgs):
+        try:
+            context_from(parsed)
+        except FlagProblems as bad:
+            _refuse(subparsers[command], bad.problems)
+    return parsed
+
+
+def _refuse(parser: argparse.ArgumentParser, problems: Sequence[str]) -> NoReturn:
+    """Exit 2 after the usage and a line per problem, as argparse does for its one."""
+    parser.print_usage(sys.stderr)
+    parser.exit(2, "".join(f"{parser.prog}: error: {problem}\n" for problem in problems))
+
+
+def _command(ns: argparse.Namespace, argv: Sequence[str] | None) -> Command:
+    """The record of a namespace whose values all parsed."""
     command: str = ns.command
     if command == "explain":
         return ExplainArgs(
-            layout=KVLayout(ns.layout),
-            rope=RopeMode(ns.rope),
+            layout=ns.layout,
+            rope=ns.rope,
             append=bool(ns.append),
             ragged=bool(ns.ragged),
-            dtype=_DTYPES[ns.dtype],
-            arch=Arch(ns.arch),
-            head_dim=int(ns.head_dim),
-            group_size=int(ns.group_size),
-            page_size=None if ns.page_size is None else int(ns.page_size),
+            dtype=ns.dtype,
+            arch=default_arch() if ns.arch is None else ns.arch,
+            head_dim=ns.head_dim,
+            group_size=ns.group_size,
+            page_size=ns.page_size,
             causal=not ns.non_causal,
-            sliding_window=int(ns.sliding_window),
-            softcap=float(ns.softcap),
+            sliding_window=ns.sliding_window,
+            softcap=ns.softcap,
             slot_mapping=bool(ns.slot_mapping),
+            verbose=bool(ns.verbose),
         )
     if command == "demo":
-        return DemoArgs(device=torch.device(ns.device), dtype=_DTYPES[ns.dtype], engine=str(ns.engine))
+        return DemoArgs(device=torch.device(ns.device), dtype=ns.dtype, engine=ns.engine)
     if command == "bench":
         return BenchSettings(
             suites=tuple(Suite(s) for s in ns.suite or ()),
@@ -241,54 +433,85 @@ def parse_args(argv: Sequence[str] | None) -> Command:
                 [sys.executable, "-m", "tileprefill", *(sys.argv[1:] if argv is None else argv)]
             ),
         )
-    return CompileArgs(arch=str(ns.arch), out_dir=None if ns.out is None else str(ns.out))
+    return CompileArgs(arch=ns.arch, out_dir=None if ns.out is None else str(ns.out), jobs=ns.jobs)
 
 
 # --- explain ---------------------------------------------------------------------------------------
 
+#: The kinds of key that can serve each step `explain` may find no kernel for.
+STEP_KEYS: dict[str, tuple[type[enum.Enum], ...]] = {
+    "batch": (BatchKey,),
+    "rope": (RopeAppendKey, RopeKey),
+    "append": (RopeAppendKey, AppendKey),
+    "slot_append": (SlotAppendKey,),
+    "attention": (AttentionKey,),
+}
+
 
 def context_from(args: ExplainArgs) -> PrefillContext:
-    """The context of `args`; raises ValueError naming the flag for impossible combinations."""
+    """The context of `args`; raises FlagProblems naming every impossible combination."""
     paged = args.layout is KVLayout.PAGED
-    if paged and args.page_size is None:
-        raise ValueError("--page-size: expected a page size with --layout paged, got none")
+    problems: list[str] = []
     if not paged and args.page_size is not None:
-        raise ValueError(
-            f"--page-size: expected none with --layout {args.layout.value}, got {args.page_size}"
+        problems.append(f"--page-size: expected none with --layout {args.layout.value}, got {args.page_size}")
+    try:
+        context = PrefillContext(
+            kv_layout=args.layout,
+            rope=args.rope,
+            append=args.append,
+            q_dtype=args.dtype,
+            kv_dtype=args.dtype,
+            arch=args.arch,
+            head_dim=args.head_dim,
+            group_size=args.group_size,
+            causal=args.causal,
+            page_size=(DEFAULT_PAGE_SIZE if args.page_size is None else args.page_size) if paged else 0,
+            ragged=args.ragged or paged,
+            sliding_window=args.sliding_window,
+            softcap=args.softcap > 0,
+            slot_mapping=args.slot_mapping,
         )
-    return PrefillContext(
-        kv_layout=args.layout,
-        rope=args.rope,
-        append=args.append,
-        q_dtype=args.dtype,
-        kv_dtype=args.dtype,
-        arch=args.arch,
-        head_dim=args.head_dim,
-        group_size=args.group_size,
-        causal=args.causal,
-        page_size=args.page_size if args.page_size is not None else 0,
-        ragged=args.ragged or paged,
-        sliding_window=args.sliding_window,
-        softcap=args.softcap > 0,
-        slot_mapping=args.slot_mapping,
-    )
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise FlagProblems(problems)
+    return context
 
 
 def run_explain(args: ExplainArgs) -> int:
-    try:
-        ctx = context_from(args)
-    except ValueError as error:
-        print(f"tileprefill explain: {error}", file=sys.stderr)
-        return 2
-    explanation = explain(ctx)
-    print(explanation)
-    if explanation.plan is None:
-        print(
-            "tileprefill explain: no plan: no kernel serves step " + ", ".join(explanation.missing_steps),
-            file=sys.stderr,
+    explanation = explain(context_from(args))
+    print(explain_report(explanation, verbose=args.verbose))
+    return 0 if explanation.plan is not None else 1
+
+
+def explain_report(explanation: Explanation, *, verbose: bool) -> str:
+    """The explanation, with the kernels not chosen only when `verbose`; when some step has no kernel,
+    the last line says why."""
+    text = str(explanation)
+    if not verbose:
+        text = text.partition("\nnot chosen:")[0]
+        text += f"\n({len(explanation.rejected)} kernels not chosen: --verbose says why)"
+    return "\n".join([text, *blocking_reasons(explanation)])
+
+
+def blocking_reasons(explanation: Explanation) -> tuple[str, ...]:
+    """A line per step no kernel serves, with the reasons of its nearest kernel: of the step's kernels
+    built for the call's arch, the one with the fewest reasons (the earliest preferred on a tie)."""
+    arch = explanation.context.arch
+    lines: list[str] = []
+    for step in explanation.missing_steps:
+        kinds = STEP_KEYS.get(step, ())
+        candidates = [r for r in explanation.rejected if isinstance(r.key, kinds)]
+        nearest = min(
+            [r for r in candidates if arch in code_of(r.key).serves] or candidates,
+            key=lambda r: len(r.reasons),
+            default=None,
         )
-        return 2
-    return 0
+        line = f"no plan: no kernel serves step {step}"
+        if nearest is not None:
+            line += f"; the nearest, {nearest.key.value}, refuses: " + "; ".join(nearest.reasons)
+        lines.append(line)
+    return tuple(lines)
 
 
 # --- demo ------------------------------------------------------------------------------------------
@@ -467,13 +690,26 @@ def _dense_inputs(
 
 
 class CompileMain(Protocol):
-    def __call__(self, *, arch: str, out_dir: str | None) -> int: ...
+    def __call__(self, *, arch: str, out_dir: str | None, jobs: int | None) -> int: ...
+
+
+def nvcc_arch(arch: Arch) -> str:
+    """The nvcc target the programs of `arch` are compiled for."""
+    match arch:
+        case Arch.SM80:
+            return "sm_80"
+        case Arch.SM90:
+            return "sm_90a"  # wgmma and setmaxnreg exist only in the arch-specific target
+        case Arch.CPU:
+            raise ValueError(f"arch: expected {arch_choices(COMPILED_ARCHS)}, got {arch.value}")
+        case _:
+            assert_never(arch)
 
 
 def run_compile(args: CompileArgs) -> int:
     # Imported when the command runs: compile_check imports tilelang.
     compile_main: CompileMain = importlib.import_module("tileprefill.compile_check").main
-    return compile_main(arch=args.arch, out_dir=args.out_dir)
+    return compile_main(arch=nvcc_arch(args.arch), out_dir=args.out_dir, jobs=args.jobs)
 
 
 # --- bench -----------------------------------------------------------------------------------------

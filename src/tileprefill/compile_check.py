@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import pathlib
@@ -137,18 +138,53 @@ def _case_dir(root: str, index: int, case: CompileCase) -> str:
     return os.path.join(root, f"{index:02d}_{case.key.value}_{label}")
 
 
-def compile_all(cases: Sequence[CompileCase], arch: Arch, out_dir: str, *, jobs: int) -> tuple[Outcome, ...]:
-    """Compile `cases` with up to `jobs` worker processes (TileLang and nvcc are single-threaded)."""
+def compile_all(
+    cases: Sequence[CompileCase],
+    arch: Arch,
+    out_dir: str,
+    *,
+    jobs: int,
+    progress: Callable[[Outcome], None] | None = None,
+) -> tuple[Outcome, ...]:
+    """Compile `cases` with up to `jobs` worker processes (TileLang and nvcc are single-threaded);
+    `progress` sees each outcome as it completes."""
     dirs = [_case_dir(out_dir, i, case) for i, case in enumerate(cases)]
+    done: dict[int, Outcome] = {}
+
+    def finish(index: int, outcome: Outcome) -> None:
+        done[index] = outcome
+        if progress is not None:
+            progress(outcome)
+
     if jobs <= 1 or len(cases) <= 1:
-        return tuple(compile_case(case, arch, d) for case, d in zip(cases, dirs, strict=True))
-    # Fresh interpreters: no inherited compiler state, and nothing here touches CUDA.
-    context = multiprocessing.get_context("spawn")
-    # Longest first (by weight); outcomes stay in case order.
-    longest_first = sorted(range(len(cases)), key=lambda i: -cases[i].weight)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {i: pool.submit(compile_case, cases[i], arch, dirs[i]) for i in longest_first}
-        return tuple(futures[i].result() for i in range(len(cases)))
+        for i, case in enumerate(cases):
+            finish(i, compile_case(case, arch, dirs[i]))
+    else:
+        # Fresh interpreters: no inherited compiler state, and nothing here touches CUDA.
+        context = multiprocessing.get_context("spawn")
+        # Longest first (by weight); outcomes stay in case order.
+        longest_first = sorted(range(len(cases)), key=lambda i: -cases[i].weight)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(compile_case, cases[i], arch, dirs[i]): i for i in longest_first}
+            for future in concurrent.futures.as_completed(futures):
+                finish(futures[future], future.result())
+    return tuple(done[i] for i in range(len(cases)))
+
+
+def progress_printer(total: int) -> Callable[[Outcome], None]:
+    """Prints a line per outcome as it completes, "[n/total] seconds key label: result", at once
+    (a CI log shows it while the rest compile)."""
+    finished = itertools.count(1)
+    width = len(str(total))
+
+    def show(o: Outcome) -> None:
+        result = "ok" if o.error is None else f"error: {o.error}"
+        print(
+            f"[{next(finished):>{width}}/{total}] {o.seconds:6.1f}s {o.key.value} {o.label}: {result}",
+            flush=True,
+        )
+
+    return show
 
 
 def default_jobs() -> int:
@@ -175,8 +211,17 @@ def main(*, arch: str, out_dir: str | None, jobs: int | None = None) -> int:
     missing = uncovered_keys(target, cases)
     workers = default_jobs() if jobs is None else jobs
     started = time.perf_counter()
+    print(
+        f"compiling {len(cases)} cases for {target.value} (nvcc target {arch}) in {workers} jobs", flush=True
+    )
     with tempfile.TemporaryDirectory(prefix=f"tileprefill-{arch}-") as scratch:
-        outcomes = compile_all(cases, target, out_dir if out_dir is not None else scratch, jobs=workers)
+        outcomes = compile_all(
+            cases,
+            target,
+            out_dir if out_dir is not None else scratch,
+            jobs=workers,
+            progress=progress_printer(len(cases)),
+        )
     elapsed = time.perf_counter() - started
     print(f"compile check {arch}: {len(cases)} cases, {workers} jobs, {elapsed:.1f}s")
     print(format_table(outcomes, target))
