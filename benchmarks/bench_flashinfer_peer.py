@@ -159,7 +159,7 @@ def _jit_toolchain(torch: Any) -> None:
             os.environ["FLASHINFER_EXTRA_LDFLAGS"] = f"{flags} -L{links}".strip()
 
 
-def load_flashinfer() -> tuple[Adapter, str, dict[str, str]]:
+def load_flashinfer(device: str) -> tuple[Adapter, str, dict[str, str]]:
     os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/fi-cache")  # its JIT cache and locks
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     import flashinfer
@@ -180,7 +180,7 @@ def load_flashinfer() -> tuple[Adapter, str, dict[str, str]]:
         "prebuilt modules": str(len(modules)),
         "jit": "on" if jit else "off",
     }
-    return FlashInfer(MissingJITCacheError), f"FlashInfer {flashinfer.__version__}", versions
+    return FlashInfer(MissingJITCacheError, device), f"FlashInfer {flashinfer.__version__}", versions
 
 
 if __name__ == "__main__":

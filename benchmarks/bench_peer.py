@@ -78,9 +78,9 @@ class Adapter(Protocol):
         ...
 
 
-#: Loads the peer's package (raising if it does not import) and returns its adapter, its name with
-#: version, and the versions to record.
-Loader = Callable[[], tuple[Adapter, str, dict[str, str]]]
+#: Loads the peer's package (raising if it does not import) and returns its adapter for a device,
+#: its name with version, and the versions to record.
+Loader = Callable[[str], tuple[Adapter, str, dict[str, str]]]
 
 
 class TileOPs:
@@ -130,7 +130,7 @@ class TileOPs:
         return (lambda: op(*args)), "TileOPs paged Op over the contiguous cache, one page per sequence"
 
 
-def load_tileops() -> tuple[Adapter, str, dict[str, str]]:
+def load_tileops(device: str) -> tuple[Adapter, str, dict[str, str]]:
     import tileops
     from tileops.attention import GQADenseFwdOp  # noqa: F401  (the Ops this script calls)
 
@@ -163,7 +163,20 @@ def parse_args(description: str | None) -> argparse.Namespace:
     parser.add_argument("--shard", default="0/1", help="I/N: take cases I, I + N, I + 2N, ...")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument(
+        "--device", default="cuda", help="cpu: the harness's dry run (wall-clock median of 3 calls)"
+    )
     return parser.parse_args()
+
+
+def wall_clock(fn: Callable[[], Any], **_: object) -> float:
+    """Median milliseconds of 3 calls: the timer of a run on a CPU (no CUDA events there)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
 
 
 def reference_error(cases_module: ModuleType, case: Any, x: dict[str, Any], output: Any) -> float | None:
@@ -181,15 +194,19 @@ def main(load: Loader, description: str | None = __doc__) -> int:
     start = time.perf_counter()
     results: dict[str, Any] = {"peer": "", "available": False, "reason": "", "results": {}}
     try:  # the peer's package first: when it is missing, nothing else needs importing
-        adapter, name, versions = load()
+        adapter, name, versions = load(args.device)
     except Exception as exc:  # not importable here: say so, and that is the whole result
         results["reason"] = f"not importable in its process: {type(exc).__name__}: {exc}"[:500]
         write(args.out, results)
         print(results["reason"])
         return 0
     import torch
-    from triton.testing import do_bench
 
+    on_gpu = args.device == "cuda"
+    if on_gpu:
+        from triton.testing import do_bench
+    else:
+        do_bench = wall_clock
     cases_module = load_cases_module(args.cases_module)
     cases = [cases_module.Case.from_json(c) for c in json.loads(args.cases.read_text())]
     index, _, count = args.shard.partition("/")
@@ -198,19 +215,19 @@ def main(load: Loader, description: str | None = __doc__) -> int:
         "peer": name,
         "available": True,
         "versions": versions | {"torch": torch.__version__},
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if on_gpu else args.device,
         "implementations": list(adapter.implementations),
         "results": {implementation: {} for implementation in adapter.implementations},
     }
     write(args.out, results)
     if not args.compile_only:
-        cases_module.warm_up_gpu("cuda")  # as our process does: no case is timed at idle clocks
+        cases_module.warm_up_gpu(args.device)  # as our process does: no case is timed at idle clocks
     for case in cases:
         if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
             results["reason"] = f"stopped at its deadline ({args.deadline_s:.0f} s)"
             break
         try:
-            x = cases_module.make_inputs(case, "cuda")
+            x = cases_module.make_inputs(case, args.device)
         except Exception as exc:
             for implementation in adapter.implementations:
                 results["results"][implementation][case.name] = {"error": f"unavailable: {exc!r}"[:500]}
@@ -220,7 +237,8 @@ def main(load: Loader, description: str | None = __doc__) -> int:
             results["results"][implementation][case.name] = entry
             write(args.out, results)
         del x
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     write(args.out, results)
     return 0
 

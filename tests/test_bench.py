@@ -720,7 +720,7 @@ def started(
     files = report.OutputPaths(tmp_path, "t").peer_files(spec.slug)
     peer.write_cases(cases, files.cases)
     timeout = float(options.get("timeout_s", 120.0))
-    return peer.run_peer(spec, cases, files, timeout_s=timeout, warmup_ms=1, rep_ms=1)
+    return peer.run_peer(spec, cases, files, timeout_s=timeout, warmup_ms=1, rep_ms=1, device="cpu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tileops") is not None, reason="TileOPs is importable here")
@@ -822,6 +822,26 @@ def test_flashinfer_declines_a_case_without_a_prebuilt_module_with_a_note(
     x = cases_module.make_inputs(rope, "cpu")
     entry = script.bench_peer.measure(adapter, cases_module, rope, x, FLASHINFER_FA2, args, do_bench=None)
     assert entry["error"].startswith("unavailable: FlashInfer's prefill API has no RoPE + append Op")
+
+
+def test_the_flashinfer_process_declines_what_it_has_no_module_for_and_carries_on(tmp_path: Path) -> None:
+    """The FlashInfer script end to end in its own process (on the CPU, with a FlashInfer that has no
+    module for anything): every case comes back declined with its note, none crashes the run."""
+    site = tmp_path / "site"
+    site.mkdir()
+    FakeFlashInferSite.install(site)
+    cases = [c for c in tiny_cases() if c.layout in (Layout.PAGED, Layout.RAGGED)]
+    info, results = started(peer.flashinfer(str(site)), cases, tmp_path)
+    assert info.available and info.ran and info.name == "FlashInfer 0.0", info
+    assert info.versions["jit"] == "off" and info.implementations == (FLASHINFER_FA3, FLASHINFER_FA2)
+    for backend in (FLASHINFER_FA3, FLASHINFER_FA2):
+        assert set(results[backend]) == {c.name for c in cases}
+        for case in cases:
+            error = results[backend][case.name].error or ""
+            if case.suite is Suite.ROPE_APPEND:
+                assert error.startswith("unavailable: FlashInfer's prefill API has no RoPE + append Op")
+            else:
+                assert error.startswith(f"unavailable: no prebuilt FlashInfer {backend[-3:]} module for")
 
 
 def test_a_peer_output_off_the_reference_is_no_figure() -> None:

@@ -119,7 +119,9 @@ def write_cases(cases: Sequence[Case], path: Path) -> None:
     path.write_text(json.dumps([c.to_json() for c in ordered], indent=1))
 
 
-def _command(spec: PeerSpec, files: PeerFiles, out: Path, deadline_s: float, *extra: str) -> list[str]:
+def _command(
+    spec: PeerSpec, files: PeerFiles, out: Path, deadline_s: float, device: str, *extra: str
+) -> list[str]:
     return [
         sys.executable,
         str(spec.script),
@@ -131,6 +133,8 @@ def _command(spec: PeerSpec, files: PeerFiles, out: Path, deadline_s: float, *ex
         str(out),
         "--deadline-s",
         f"{deadline_s:.0f}",
+        "--device",
+        device,
         *extra,
     ]
 
@@ -155,7 +159,9 @@ class Compiling:
         return time.perf_counter() - self.start
 
 
-def start_compile(spec: PeerSpec, cases: int, files: PeerFiles, budget_s: float) -> Compiling | None:
+def start_compile(
+    spec: PeerSpec, cases: int, files: PeerFiles, budget_s: float, device: str = "cuda"
+) -> Compiling | None:
     """Start `spec.compile_jobs` compile-only processes over the `cases` cases in `files.cases`, each
     a disjoint shard; None where there is nothing to start (no script, jobs <= 1, no cases)."""
     jobs = min(spec.compile_jobs, cases)
@@ -164,7 +170,7 @@ def start_compile(spec: PeerSpec, cases: int, files: PeerFiles, budget_s: float)
     running = []
     for i in range(jobs):
         out = files.compile_log(i, ".json")
-        command = _command(spec, files, out, budget_s, "--compile-only", "--shard", f"{i}/{jobs}")
+        command = _command(spec, files, out, budget_s, device, "--compile-only", "--shard", f"{i}/{jobs}")
         with files.compile_log(i, ".log").open("w") as sink:
             running.append(
                 subprocess.Popen(
@@ -192,6 +198,7 @@ def run_peer(
     warmup_ms: int,
     rep_ms: int,
     compiled_s: float = 0.0,
+    device: str = "cuda",
 ) -> tuple[PeerInfo, PeerResults]:
     """Time `cases` (already in `files.cases`) in the peer's process, within `timeout_s`; its
     measurements (cases it did not reach are missing, or "not reached" when its budget ran out).
@@ -205,6 +212,7 @@ def run_peer(
         files,
         files.results,
         max(1.0, timeout_s - grace),
+        device,
         "--warmup-ms",
         str(warmup_ms),
         "--rep-ms",

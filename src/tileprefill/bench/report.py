@@ -207,16 +207,20 @@ def markdown(result: RunResult) -> str:
 def _ratios(stats: summary.Ratios | None) -> str:
     if stats is None:
         return "–"
-    below = (
-        f"{stats.below_one} of {stats.count} below 1.00×"
-        if stats.below_one
-        else f"none of {stats.count} below"
-    )
+    below = f"{stats.below_one or 'none'} of {stats.count} below 1.00×"
     return f"{stats.median:.2f}× (min {stats.low:.2f}× `{stats.low_case}`; {below})"
 
 
+def _figure(result: CaseResult, implementation: str) -> str:
+    """An implementation's TFLOP/s on a case, "–" without one (tables whose notes are elsewhere)."""
+    m = result.results.get(implementation)
+    tflops = None if m is None else m.tflops(result.case.flops)
+    return "–" if tflops is None else number(tflops)
+
+
 def _summary(results: Sequence[CaseResult]) -> list[str]:
-    """The summary: per family, dense long non-causal TFLOP/s, RoPE + append against attention alone."""
+    """The figures a run is judged by (`summary.py`): per family, dense long non-causal TFLOP/s,
+    RoPE + append against attention alone."""
     rows = summary.families(results)
     if not rows:
         return []
@@ -233,47 +237,47 @@ def _summary(results: Sequence[CaseResult]) -> list[str]:
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
+        *(f"| {f.name} | {f.cases} | " + " | ".join(_ratios(f.vs[p]) for p in compared) + " |" for f in rows),
+        "",
     ]
-    lines += [
-        f"| {f.name} | {f.cases} | " + " | ".join(_ratios(f.vs[p]) for p in compared) + " |" for f in rows
+    return lines + _long_dense(summary.long_dense(results)) + _rope(summary.rope_rows(results))
+
+
+def _long_dense(results: Sequence[CaseResult]) -> list[str]:
+    if not results:
+        return []
+    shown = [OURS, *_shown(results)]
+    return [
+        f"Dense D128 non-causal at S ≥ {summary.LONG_SEQ}, TFLOP/s:",
+        "",
+        "| case | work | " + " | ".join(LABELS[p] for p in shown) + " |",
+        "|" + "---|" * (len(shown) + 2),
+        *(
+            f"| `{r.case.name}` | {r.case.describe()} | " + " | ".join(_figure(r, p) for p in shown) + " |"
+            for r in results
+        ),
+        "",
     ]
-    lines.append("")
-    long = summary.long_dense(results)
-    if long:
-        shown = [OURS, *(p for p in PEERS if any(p in r.results for r in long))]
-        lines += [
-            f"Dense D128 non-causal at S ≥ {summary.LONG_SEQ}, TFLOP/s:",
-            "",
-            "| case | work | " + " | ".join(LABELS[p] for p in shown) + " |",
-            "|" + "---|" * (len(shown) + 2),
-        ]
-        for r in long:
-            figures = [
-                number(t) if (m := r.results.get(p)) is not None and (t := m.tflops(r.case.flops)) else "–"
-                for p in shown
-            ]
-            lines.append(f"| `{r.case.name}` | {r.case.describe()} | " + " | ".join(figures) + " |")
-        lines.append("")
-    rope = summary.rope_rows(results)
-    if rope:
-        lines += [
-            "RoPE + append Op against attention alone on the same batch, in speed (alone's time ÷ the "
-            "full Op's): on the same inputs in the same process, and against the batch's own paged case "
-            "(its twin):",
-            "",
-            "| case | full Op, TFLOP/s | full ÷ alone | twin | full ÷ twin |",
-            "|---|---|---|---|---|",
-        ]
-        for row in rope:
-            full = row.result.results.get(OURS)
-            tflops = full.tflops(row.result.case.flops) if full is not None else None
-            twin = f"`{row.twin.case.name}`" if row.twin is not None else "–"
-            lines.append(
-                f"| `{row.result.case.name}` | {'–' if tflops is None else number(tflops)} | "
-                f"{_ratio(row.vs_alone)} | {twin} | {_ratio(row.vs_twin)} |"
-            )
-        lines.append("")
-    return lines
+
+
+def _rope(rows: Sequence[summary.RopeRow]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "RoPE + append Op against attention alone on the same batch, in speed (alone's time ÷ the "
+        "full Op's): on the same inputs in the same process, and against the batch's own paged case "
+        "(its twin):",
+        "",
+        "| case | full Op, TFLOP/s | full ÷ alone | twin | full ÷ twin |",
+        "|---|---|---|---|---|",
+        *(
+            f"| `{row.result.case.name}` | {_figure(row.result, OURS)} | {_ratio(row.vs_alone)} | "
+            + (f"`{row.twin.case.name}`" if row.twin is not None else "–")
+            + f" | {_ratio(row.vs_twin)} |"
+            for row in rows
+        ),
+        "",
+    ]
 
 
 def _window_ratios(rows: Sequence[CaseResult]) -> list[str]:

@@ -271,177 +271,183 @@ def run(settings: BenchSettings, timer: Timer | None = None) -> int:
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = settings.name or default_stem(settings, str(info["name"]) if device.type == "cuda" else "cpu")
-    run_result = RunResult(
-        device=info,
-        versions=versions,
-        command=settings.command or " ".join([sys.executable, *sys.argv]),
-        settings=_settings_json(settings),
-        timer=timer.name,
-        started=_now(),
+    state = _Run(
+        settings=settings,
+        device=device,
+        result=RunResult(
+            device=info,
+            versions=versions,
+            command=settings.command or " ".join([sys.executable, *sys.argv]),
+            settings=_settings_json(settings),
+            timer=timer.name,
+            started=_now(),
+            cases=[CaseResult(c) for c in cases],
+        ),
+        paths=report.OutputPaths(out_dir, stem),
+        deadline=deadline,
+        expected=run_estimate(settings, ours_cases, specs, peer_cases),
     )
-    paths = report.OutputPaths(out_dir, stem)
-    expected = run_estimate(settings, ours_cases, specs, peer_cases)
     limit = f"; timing stops at {settings.deadline_s:.0f} s" if settings.deadline_s else ""
-    print(f"{len(cases)} cases on {info['name']}; writing {paths.json}", file=sys.stderr)
-    print(f"{expected.describe()}{limit}", file=sys.stderr, flush=True)
-    results = {c.name: CaseResult(c) for c in cases}
-    run_result.cases = list(results.values())
-    compiled = _compile(
-        ours_cases, specs, peer_cases, device, settings, run_result, paths, deadline, expected
-    )
+    print(f"{len(cases)} cases on {info['name']}; writing {state.paths.json}", file=sys.stderr)
+    print(f"{state.expected.describe()}{limit}", file=sys.stderr, flush=True)
+    compiled = _compile(state, ours_cases, specs, peer_cases)
+    state.elapsed("compiled")
     if ours_cases:
-        stop_at = time.perf_counter() + deadline.share(expected.ours_s, sum(expected.peers_s.values()))
-        _time_ours(ours_cases, device, timer, settings, run_result, results, paths, stop_at, deadline)
-        report.write_plots(run_result, paths)  # now, in case a peer outlives the caller's patience
+        _time_ours(state, ours_cases, timer)
+        report.write_plots(state.result, state.paths)  # now, in case a peer outlives the caller's patience
     for i, spec in enumerate(specs):
-        later = sum(expected.peers_s.get(s.name, 0.0) for s in specs[i + 1 :])
-        budget = min(settings.peer_timeout_s, deadline.share(expected.peers_s.get(spec.name, 0.0), later))
-        _time_peer(
-            spec, peer_cases[spec.slug], settings, run_result, results, paths, budget, compiled, deadline
-        )
-    _fold_absent(absent, settings, ours_cases, run_result, results)
-    run_result.finished = _now()
-    for path in report.write_all(run_result, paths):
+        later = sum(state.expected.peers_s.get(s.name, 0.0) for s in specs[i + 1 :])
+        budget = deadline.share(state.expected.peers_s.get(spec.name, 0.0), later)
+        _time_peer(state, spec, peer_cases[spec.slug], min(settings.peer_timeout_s, budget), compiled)
+    for info_absent in absent:
+        state.fold_peer(info_absent, {}, ours_cases)
+    if settings.peer_results is not None:
+        folded, measured = folded_peer(settings.peer_results)
+        state.result.peers = [p for p in state.result.peers if p.implementations != folded.implementations]
+        state.fold_peer(folded, measured, ours_cases)
+    state.result.finished = _now()
+    for path in report.write_all(state.result, state.paths):
         print(f"wrote {path}", file=sys.stderr)
+    state.elapsed("done")
     return 0
 
 
+@attrs.frozen
+class _Run:
+    """What every stage of one run shares: its settings, device, results, outputs and clock."""
+
+    settings: BenchSettings
+    device: torch.device
+    result: RunResult
+    paths: report.OutputPaths
+    deadline: Deadline
+    expected: Estimate
+    by_name: dict[str, CaseResult] = attrs.field(init=False)
+
+    @by_name.default
+    def _by_name(self) -> dict[str, CaseResult]:
+        return {r.case.name: r for r in self.result.cases}
+
+    def case(self, name: str) -> CaseResult:
+        return self.by_name[name]
+
+    def write(self) -> None:
+        """The JSON and markdown as they stand (rewritten after every case)."""
+        report.write_json(self.result, self.paths.json)
+        report.write_markdown(self.result, self.paths.markdown)
+
+    def elapsed(self, what: str) -> None:
+        left = self.deadline.left()
+        until = "" if left == float("inf") else f", {left:.0f} s before the deadline"
+        since = time.perf_counter() - self.deadline.start
+        print(f"{what}: {since:.0f} s since the start{until}", file=sys.stderr, flush=True)
+
+    def fold_peer(self, info: PeerInfo, measured: peer_process.PeerResults, cases: Sequence[Case]) -> None:
+        """One peer's measurements of `cases` into the run; a case it has none of gets why."""
+        self.result.peers.append(info)
+        for implementation in info.implementations:
+            got = measured.get(implementation, {})
+            for case in cases:
+                measurement = got.get(case.name)
+                if measurement is None:
+                    why = info.reason if not info.available else ""
+                    measurement = Measurement.unavailable(why or "no result from the peer process")
+                self.case(case.name).results[implementation] = measurement
+
+
 def _compile(
+    state: _Run,
     ours: Sequence[Case],
     specs: Sequence[peer_process.PeerSpec],
     peer_cases: dict[str, list[Case]],
-    device: torch.device,
-    settings: BenchSettings,
-    run_result: RunResult,
-    paths: report.OutputPaths,
-    deadline: Deadline,
-    expected: Estimate,
 ) -> dict[str, float]:
     """Our programs and the peers' kernels compiled side by side, before any timing: the seconds
     each peer's compile-only processes took, by slug."""
+    settings, expected = state.settings, state.expected
+    budget = state.deadline.share(expected.compile_s, expected.total_s - expected.compile_s)
     compiling = {}
     for spec in specs:
-        files = paths.peer_files(spec.slug)
+        files = state.paths.peer_files(spec.slug)
         peer_process.write_cases(peer_cases[spec.slug], files.cases)
-        budget = min(
-            settings.peer_timeout_s / 2,
-            deadline.share(expected.compile_s, expected.total_s - expected.compile_s),
+        started = peer_process.start_compile(
+            spec,
+            len(peer_cases[spec.slug]),
+            files,
+            min(settings.peer_timeout_s / 2, budget),
+            state.device.type,
         )
-        started = peer_process.start_compile(spec, len(peer_cases[spec.slug]), files, budget)
         if started is not None:
             compiling[spec.slug] = started
     if ours:
         # On a CPU every step runs a torch reference kernel: there is nothing to compile or record.
-        requests = record_programs(ours, device) if device.type == "cuda" else []
+        requests = record_programs(ours, state.device) if state.device.type == "cuda" else []
         start = time.perf_counter()
         print(f"compiling {len(requests)} programs side by side", file=sys.stderr, flush=True)
         try:
             prebuild(requests, jobs=settings.jobs)
         except Exception as error:  # each case then compiles on first use and reports its own failure
-            run_result.compile.error = Measurement.failed(error).error or ""
-            print(f"prebuild failed: {run_result.compile.error}", file=sys.stderr)
-        run_result.compile.programs = len(requests)
-        run_result.compile.seconds = time.perf_counter() - start
+            state.result.compile.error = Measurement.failed(error).error or ""
+            print(f"prebuild failed: {state.result.compile.error}", file=sys.stderr)
+        state.result.compile.programs = len(requests)
+        state.result.compile.seconds = time.perf_counter() - start
     return {slug: process.wait() for slug, process in compiling.items()}
 
 
-def _time_ours(
-    cases: Sequence[Case],
-    device: torch.device,
-    timer: Timer,
-    settings: BenchSettings,
-    run_result: RunResult,
-    results: dict[str, CaseResult],
-    paths: report.OutputPaths,
-    stop_at: float,
-    deadline: Deadline,
-) -> None:
+def _time_ours(state: _Run, cases: Sequence[Case], timer: Timer) -> None:
+    """Ours and SDPA on `cases`, until this stage's share of the deadline runs out."""
+    device, sdpa = state.device, state.settings.sdpa
+    stop_at = time.perf_counter() + state.deadline.share(
+        state.expected.ours_s, sum(state.expected.peers_s.values())
+    )
     if device.type == "cuda":
         warm_up_gpu(device)
-        run_result.timer += f"; {WARM_UP_S:g} s of bf16 matmuls before the first case (clocks up)"
+        state.result.timer += f"; {WARM_UP_S:g} s of bf16 matmuls before the first case (clocks up)"
     progress = Progress(len(cases), "ours + SDPA")
     for case in cases:
+        into = state.case(case.name)
         if time.perf_counter() > stop_at:
             alone = (OURS_ATTENTION,) if case.suite is Suite.ROPE_APPEND else ()
-            stopped = Measurement.unavailable(deadline.reason())
-            results[case.name].results |= dict.fromkeys((OURS, *alone, *settings.sdpa), stopped)
+            into.results |= dict.fromkeys(
+                (OURS, *alone, *sdpa), Measurement.unavailable(state.deadline.reason())
+            )
             continue
-        result = run_case(case, device, timer, settings.sdpa)
-        results[case.name].results |= result.results
-        results[case.name].kernel = result.kernel
-        results[case.name].relative_error = result.relative_error
-        results[case.name].first_call_s = result.first_call_s
-        progress.step(_summary(results[case.name]))
-        report.write_json(run_result, paths.json)
-        report.write_markdown(run_result, paths.markdown)
+        result = run_case(case, device, timer, sdpa)
+        into.results |= result.results
+        into.kernel, into.relative_error, into.first_call_s = (
+            result.kernel,
+            result.relative_error,
+            result.first_call_s,
+        )
+        progress.step(_summary(into))
+        state.write()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress.close()
 
 
 def _time_peer(
+    state: _Run,
     spec: peer_process.PeerSpec,
     cases: Sequence[Case],
-    settings: BenchSettings,
-    run_result: RunResult,
-    results: dict[str, CaseResult],
-    paths: report.OutputPaths,
     budget_s: float,
     compiled: dict[str, float],
-    deadline: Deadline,
 ) -> None:
-    if deadline.passed():
-        info = PeerInfo(name=spec.name, reason=deadline.reason(), implementations=spec.implementations)
+    if state.deadline.passed():
+        info = PeerInfo(name=spec.name, reason=state.deadline.reason(), implementations=spec.implementations)
         measured: peer_process.PeerResults = {}
     else:
         info, measured = peer_process.run_peer(
             spec,
             cases,
-            paths.peer_files(spec.slug),
+            state.paths.peer_files(spec.slug),
             timeout_s=budget_s,
-            warmup_ms=settings.warmup_ms,
-            rep_ms=settings.rep_ms,
+            warmup_ms=state.settings.warmup_ms,
+            rep_ms=state.settings.rep_ms,
             compiled_s=compiled.get(spec.slug, 0.0),
+            device=state.device.type,
         )
-    _fold_peer(info, measured, cases, run_result, results)
-    report.write_json(run_result, paths.json)
-    report.write_markdown(run_result, paths.markdown)
-
-
-def _fold_absent(
-    absent: Sequence[PeerInfo],
-    settings: BenchSettings,
-    cases: Sequence[Case],
-    run_result: RunResult,
-    results: dict[str, CaseResult],
-) -> None:
-    """The peers this run did not start: their reason on every case of ours, or the peer JSON that
-    --peer-results folds in."""
-    for info in absent:
-        _fold_peer(info, {}, cases, run_result, results)
-    if settings.peer_results is not None:
-        info, measured = folded_peer(settings.peer_results)
-        run_result.peers = [p for p in run_result.peers if p.implementations != info.implementations]
-        _fold_peer(info, measured, cases, run_result, results)
-
-
-def _fold_peer(
-    info: PeerInfo,
-    measured: peer_process.PeerResults,
-    cases: Sequence[Case],
-    run_result: RunResult,
-    results: dict[str, CaseResult],
-) -> None:
-    """One peer's measurements of `cases` into the run; a case it has none of gets why."""
-    run_result.peers.append(info)
-    for implementation in info.implementations:
-        got = measured.get(implementation, {})
-        for case in cases:
-            measurement = got.get(case.name)
-            if measurement is None:
-                why = info.reason if not info.available else ""
-                measurement = Measurement.unavailable(why or "no result from the peer process")
-            results[case.name].results[implementation] = measurement
+    state.fold_peer(info, measured, cases)
+    state.write()
 
 
 def _settings_json(settings: BenchSettings) -> dict[str, object]:
