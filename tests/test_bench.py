@@ -548,6 +548,29 @@ def test_a_run_of_every_suite_on_cpu_writes_every_output(tmp_path: Path) -> None
     assert {p.name for p in tmp_path.glob("*.png")} == {f"t-{s.value}.png" for s in Suite}
 
 
+def test_a_run_past_its_deadline_starts_nothing_more_and_still_writes_its_outputs(tmp_path: Path) -> None:
+    """Past the deadline no case of ours and no peer starts; each says so, the outputs are written,
+    and --resume would time them all again."""
+    settings = BenchSettings(
+        dry_run=True,
+        suites=(Suite.PAGED,),
+        deadline_s=0.0,
+        flashinfer_path="",
+        out_dir=str(tmp_path),
+        name="late",
+    )
+    assert runner.run(settings, timer=FakeTimer()) == 0
+    data = json.loads((tmp_path / "late.json").read_text())
+    assert data["finished"] and data["cases"]
+    for entry in data["cases"].values():
+        for implementation in (OURS, SDPA_FLASH, FLASHINFER_FA3, FLASHINFER_FA2):
+            error = entry["results"][implementation]["error"]
+            assert error.startswith("unavailable: not reached: the run stopped timing at its deadline"), error
+    assert "- FlashInfer: no figures: not reached" in (tmp_path / "late.md").read_text()
+    settled = merging.settled_in([str(tmp_path / "late.json")])
+    assert not settled[OURS] and not settled[FLASHINFER_FA3]
+
+
 def test_a_resumed_run_times_only_what_the_earlier_runs_left(tmp_path: Path) -> None:
     """--resume after a cut-off run: a case with a figure or a failure (which a new attempt would
     repeat) is left out; one never reached, or missing from the earlier runs, is timed; the two runs
