@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_peer
 from bench_peer import Adapter, Unsupported
 
-#: FlashInfer's float workspace (split-KV partial results); 128 MB is its recommendation.
+#: FlashInfer's float workspace (split-KV partial results): twice the 128 MB its docs recommend, for
+#: the longest batches here.
 WORKSPACE_BYTES = 256 * 1024 * 1024
 #: Result key -> FlashInfer backend.
 BACKENDS = {"flashinfer_fa3": "fa3", "flashinfer_fa2": "fa2"}
