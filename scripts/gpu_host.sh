@@ -3,11 +3,17 @@
 # unpack the archives that ../shared/gpu/pack.sh wrote into .gpu/, then run what is asked.
 # A call that carries both archives (bench with the TileOPs peer) needs them slimmed first, once,
 # here: scripts/slim_gpu_archives.sh (as packed, they and the tracked files pass a call's 64 MiB).
+# The FlashInfer peer's archives (from ../shared/peers/flashinfer/: flashinfer_prefill_site.tar.xz and
+# flashinfer_prefill_aot_sm90a_bf16_d128.tar.xz, 7 MB) do not fit in the same call as those two:
+# carry them in a call of their own first (`unpack`); what it unpacks under /tmp stays while the
+# machine is held, and `bench` uses every peer it finds unpacked there.
+#   scripts/gpu_host.sh unpack                unpack the archives in .gpu/ and stop
 #   scripts/gpu_host.sh tests [pytest args]   GPU tests, logs to $OUT/gpu-tests.log
 #   scripts/gpu_host.sh demo                  python -m tileprefill demo on CUDA
-#   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, TileOPs in its own
-#                                             process) into $OUT (plots and peer logs packed into
-#                                             bench-extra.tar.xz); e.g. `bench --quick`
+#   scripts/gpu_host.sh bench [harness args]  python -m tileprefill bench (ours, SDPA, and TileOPs and
+#                                             FlashInfer each in its own process) into $OUT (plots,
+#                                             logs and side files packed into bench-extra.tar.xz);
+#                                             e.g. `bench --suite scoreboard` (LIMIT=530: one call)
 #   scripts/gpu_host.sh costs [--profile F]   first-call compile and per-call host time, to $OUT/costs.json
 #   scripts/gpu_host.sh sanitize [pytest args] every kernel key under compute-sanitizer (memcheck, racecheck,
 #                                             synccheck), logs to $OUT; LIMIT bounds the whole pytest run
@@ -24,8 +30,27 @@ if [ ! -d /tmp/tl/tilelang ]; then
 fi
 export PYTHONPATH="/tmp/tl:$PWD/src" PYTHONUNBUFFERED=1
 export TILELANG_CACHE_DIR="${TILELANG_CACHE_DIR:-/tmp/tlcache}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+# The peers' sites: TileOPs (its CUTLASS headers are a link to ours under /tmp/tl, which the lines
+# above unpacked: scripts/slim_gpu_archives.sh) and FlashInfer (prefill-only site, then its prebuilt
+# bf16 D128 sm_90a modules into the same folder).
+unpack_peers() {
+  if [ -f .gpu/peer-site.tar.xz ] && [ ! -d /tmp/peer/tileops ]; then
+    mkdir -p /tmp/peer && tar -xJf .gpu/peer-site.tar.xz -C /tmp/peer
+  fi
+  if [ -f .gpu/flashinfer_prefill_site.tar.xz ] && [ ! -d /tmp/fi/flashinfer ]; then
+    mkdir -p /tmp/fi && tar -xJf .gpu/flashinfer_prefill_site.tar.xz -C /tmp/fi
+  fi
+  if [ -f .gpu/flashinfer_prefill_aot_sm90a_bf16_d128.tar.xz ] && [ -d /tmp/fi/flashinfer ] \
+    && [ ! -d /tmp/fi/flashinfer/data/aot ]; then
+    tar -xJf .gpu/flashinfer_prefill_aot_sm90a_bf16_d128.tar.xz -C /tmp/fi
+  fi
+}
 what="${1:-tests}"; shift || true
 case "$what" in
+  unpack)
+    unpack_peers
+    ls -d /tmp/tl/tilelang /tmp/peer/tileops /tmp/fi/flashinfer /tmp/fi/flashinfer/data/aot/* 2>/dev/null || true
+    ;;
   tests)
     timeout -k 5 "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" 2>&1 | grep -v '\[TileLang:' | tee "$out/gpu-tests.log"
     ;;
@@ -33,18 +58,24 @@ case "$what" in
     timeout -k 5 "$limit" python3 -m tileprefill demo --device cuda 2>&1 | grep -v '\[TileLang:' | tee "$out/demo.log"
     ;;
   bench)
-    # The peer's CUTLASS headers are a link to ours under /tmp/tl (scripts/slim_gpu_archives.sh),
-    # which the top of this script has unpacked.
-    if [ -f .gpu/peer-site.tar.xz ] && [ ! -d /tmp/peer/tileops ]; then
-      mkdir -p /tmp/peer && tar -xJf .gpu/peer-site.tar.xz -C /tmp/peer
+    unpack_peers
+    peers=()
+    if [ -d /tmp/peer/tileops ]; then peers+=(--peer-path /tmp/peer:/tmp/tl); fi
+    if [ -d /tmp/fi/flashinfer ]; then
+      # FlashInfer's JIT cache and locks; nvcc is $CUDA_HOME/bin/nvcc; ninja (JIT only) may be the
+      # pip one beside python3.
+      export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-/tmp/fi-cache}"
+      command -v ninja > /dev/null || export PATH="$PATH:$(dirname "$(command -v python3)")"
+      peers+=(--flashinfer-path /tmp/fi)
     fi
-    timeout -k 5 "$limit" python3 -m tileprefill bench --peer-path /tmp/peer:/tmp/tl --out-dir "$out" "$@" 2>&1 \
+    timeout -k 5 "$limit" python3 -m tileprefill bench ${peers[@]+"${peers[@]}"} --out-dir "$out" "$@" 2>&1 \
       | tee "$out/bench.log"
     # A device call brings back at most 8 files from $OUT (seen: a run's .md and .json left behind
-    # by its 16 peer compile logs). Keep the tables, the JSON and the logs; pack the plots and the
-    # peer's side files into one archive.
-    (cd "$out" && shopt -s nullglob && extra=(*.png *-peer-compile-* *-peer-cases.json *-peer.log) \
-      && if [ ${#extra[@]} -gt 0 ]; then tar -cJf bench-extra.tar.xz --remove-files "${extra[@]}"; fi)
+    # by its 16 peer compile logs). Keep the tables, the JSON, the peers' JSON and the log; pack
+    # the plots, the peers' logs and side files into one archive.
+    (cd "$out" && shopt -s nullglob && side=(*.png *.log *-cases.json *-compile-*.json) \
+      && pack=() && for f in "${side[@]}"; do [ "$f" = bench.log ] || pack+=("$f"); done \
+      && if [ ${#pack[@]} -gt 0 ]; then tar -cJf bench-extra.tar.xz --remove-files "${pack[@]}"; fi)
     ;;
   costs)
     timeout -k 5 "$limit" python3 benchmarks/call_costs.py --out "$out/costs.json" "$@" 2>&1 | grep -v '\[TileLang:'
@@ -57,5 +88,5 @@ case "$what" in
   fuzz)
     timeout -k 5 "$limit" python3 tests/gpu/fuzz.py "$@" 2>&1 | grep -v '\[TileLang:' | tee "$out/fuzz.log"
     ;;
-  *) echo "usage: $0 tests|demo|bench|costs|sanitize|fuzz" >&2; exit 2 ;;
+  *) echo "usage: $0 unpack|tests|demo|bench|costs|sanitize|fuzz" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@
   paged cache with RoPE), checked against a dense recomputation; `--engine transformers`:
   a random-weight model's generate() on tileprefill, checked against SDPA.
 - compile: lower and compile every TileLang kernel for one arch (no GPU needed).
-- bench: time our Ops against torch SDPA and TileOPs (see tileprefill.bench).
+- bench: time our Ops against torch SDPA, TileOPs and FlashInfer (see tileprefill.bench).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ import torch
 
 from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
 from tileprefill.bench.cases import Suite
-from tileprefill.bench.settings import PEER_PATH_ENV, BenchSettings
+from tileprefill.bench.settings import (
+    FLASHINFER_PATH_ENV,
+    PEER_PATH_ENV,
+    SCOREBOARD,
+    BenchSettings,
+    defaults_for,
+)
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
 from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeAppendKey, RopeKey, SlotAppendKey
 from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill, PagedShape, VarlenShape
@@ -284,12 +290,17 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
 
     bench = commands.add_parser(
         "bench",
-        help="time our Ops against torch SDPA and TileOPs; JSON, markdown and plots",
-        description="Time our Ops (validate=False) against torch SDPA (flash, cuDNN) and TileOPs 0.1.0 "
-        "(its own process) on one machine. With no selection flag, the whole default set runs.",
+        help="time our Ops against torch SDPA, TileOPs and FlashInfer; JSON, markdown and plots",
+        description="Time our Ops (validate=False) against torch SDPA (flash, cuDNN), TileOPs 0.1.0 and "
+        "FlashInfer (fa3, fa2; each peer in its own process) on one machine. With no selection flag, "
+        "the whole default set runs; `--suite scoreboard`: the scoreboard (at most 40 cases, one GPU "
+        "call of at most 9 minutes, its own timing defaults).",
     )
     bench.add_argument(
-        "--suite", action="append", choices=[s.value for s in Suite], help="only this suite (repeatable)"
+        "--suite",
+        action="append",
+        choices=[s.value for s in Suite] + [SCOREBOARD],
+        help=f"only this suite (repeatable); {SCOREBOARD}: the scoreboard set (other suites then filter it)",
     )
     bench.add_argument(
         "--dtype", action="append", choices=sorted(BENCH_DTYPES), help="only this dtype (repeatable)"
@@ -304,32 +315,56 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         help=f"PYTHONPATH of the TileOPs process, e.g. /tmp/peer:/tmp/tl (default ${PEER_PATH_ENV}; "
         "none: no peer run)",
     )
-    bench.add_argument("--no-peer", action="store_true", help="do not run the peer")
-    bench.add_argument("--peer-timeout", type=float, default=300.0, help="seconds the peer process may take")
+    bench.add_argument(
+        "--flashinfer-path",
+        default=os.environ.get(FLASHINFER_PATH_ENV),
+        help=f"PYTHONPATH of the FlashInfer process, e.g. /tmp/fi (default ${FLASHINFER_PATH_ENV}; "
+        "none: FlashInfer is not run)",
+    )
+    bench.add_argument(
+        "--flashinfer-jit",
+        action="store_true",
+        help="let FlashInfer JIT-compile the modules it has no prebuilt one of (minutes each); "
+        "default: such cases are declined with a note",
+    )
+    bench.add_argument("--no-peer", action="store_true", help="run no peer (TileOPs, FlashInfer)")
+    bench.add_argument(
+        "--peer-timeout", type=float, default=300.0, help="seconds each peer's timing process may take"
+    )
     bench.add_argument(
         "--peer-compile-jobs",
         type=int,
-        default=0,
-        help="first compile TileOPs' kernels in N processes side by side (it compiles one at a time "
-        "on first use); default 0: no such step (16 ran on an H100 on 2026-12-05)",
+        default=None,
+        help="first compile TileOPs' kernels in N processes, beside our own compile (it compiles one "
+        "at a time on first use); default 0, the scoreboard 16",
     )
     bench.add_argument(
         "--peer-results",
         default=None,
         help="fold in this peer JSON instead of running the peer (with --merge: into the merged cases)",
     )
-    bench.add_argument("--peer-only", action="store_true", help="time only the peer")
-    bench.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up, ms")
-    bench.add_argument("--rep-ms", type=int, default=100, help="do_bench repetitions, ms")
+    bench.add_argument("--peer-only", action="store_true", help="time only the peers")
+    bench.add_argument("--warmup-ms", type=int, default=None, help="do_bench warm-up, ms (25; scoreboard 50)")
+    bench.add_argument(
+        "--rep-ms", type=int, default=None, help="do_bench repetitions, ms (100; scoreboard 200)"
+    )
+    bench.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="time no new case past this many seconds from the start (each stage gets its share); the "
+        "outputs are written as usual (default none; scoreboard 450)",
+    )
     bench.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     bench.add_argument("--jobs", type=int, default=None, help="prebuild worker processes")
     bench.add_argument(
         "--dry-run",
         action="store_true",
-        help="tiny cases on the CPU (reference kernels, wall clock), no peer",
+        help="tiny cases on the CPU (reference kernels, wall clock; with --suite scoreboard its cases "
+        "shrunk); peers only where their paths are given (there they end with their reason)",
     )
     bench.add_argument(
-        "--list", action="store_true", help="print the selected cases and counts; time nothing"
+        "--list", action="store_true", help="print the selected cases, counts and estimate; time nothing"
     )
     bench.add_argument(
         "--merge",
@@ -409,20 +444,30 @@ def _command(ns: argparse.Namespace, argv: Sequence[str] | None) -> Command:
     if command == "demo":
         return DemoArgs(device=torch.device(ns.device), dtype=ns.dtype, engine=ns.engine)
     if command == "bench":
+        scoreboard = SCOREBOARD in (ns.suite or ())
+        # A dry run of the scoreboard (its cases shrunk, on a CPU) times as a dry run does.
+        defaults = defaults_for(scoreboard=scoreboard and not ns.dry_run)
         return BenchSettings(
-            suites=tuple(Suite(s) for s in ns.suite or ()),
+            suites=tuple(Suite(s) for s in ns.suite or () if s != SCOREBOARD),
             dtypes=tuple(str(d) for d in ns.dtype or ()),
             quick=bool(ns.quick),
+            scoreboard=scoreboard,
             max_cases=None if ns.max_cases is None else int(ns.max_cases),
             out_dir=str(ns.out_dir),
             name=None if ns.name is None else str(ns.name),
             peer_path=None if ns.no_peer or not ns.peer_path else str(ns.peer_path),
             peer_timeout_s=float(ns.peer_timeout),
-            peer_compile_jobs=int(ns.peer_compile_jobs),
+            peer_compile_jobs=defaults.peer_compile_jobs
+            if ns.peer_compile_jobs is None
+            else int(ns.peer_compile_jobs),
+            flashinfer_path=None if ns.no_peer or not ns.flashinfer_path else str(ns.flashinfer_path),
+            flashinfer_jit=bool(ns.flashinfer_jit),
             peer_results=None if ns.peer_results is None else str(ns.peer_results),
             peer_only=bool(ns.peer_only),
-            warmup_ms=int(ns.warmup_ms),
-            rep_ms=int(ns.rep_ms),
+            warmup_ms=defaults.warmup_ms if ns.warmup_ms is None else int(ns.warmup_ms),
+            rep_ms=defaults.rep_ms if ns.rep_ms is None else int(ns.rep_ms),
+            sdpa=defaults.sdpa,
+            deadline_s=defaults.deadline_s if ns.deadline_s is None else float(ns.deadline_s),
             device=str(ns.device),
             dry_run=bool(ns.dry_run),
             list_only=bool(ns.list),

@@ -1,9 +1,11 @@
-"""The benchmark cases, their FLOP counts and their input tensors: one definition for every process.
+"""What a benchmark case is: its definition, FLOP count, input tensors and reference rows, one
+definition for every process.
 
 This module imports only the standard library and torch, never the rest of
-tileprefill: the TileOPs peer runs in its own process with an older TileLang
-and loads this file by path (see `benchmarks/bench_peer.py`), so both
-processes time exactly the same work.
+tileprefill: the peers (TileOPs, FlashInfer) run in their own processes with
+other packages on their path and load this file by path (see
+`benchmarks/bench_peer.py`), so every process times exactly the same work.
+Which cases a run times is `catalogue.py`'s and `scoreboard.py`'s business.
 
 FLOPs count 4 * D per (query, visible key) pair and query head (two matmuls,
 2 flops per multiply-add). Causal masks are bottom-right aligned per sequence
@@ -11,11 +13,6 @@ FLOPs count 4 * D per (query, visible key) pair and query head (two matmuls,
 sliding window W only the last W of those), and only visible keys count.
 RoPE and append work is not counted: a rope-append case reports the attention
 FLOPs over its total time.
-
-The default set (`default_cases()`): every suite, fp16 and bf16, plus the
-reference cases whose figures the README and issue 7 quote (`labels` names
-them; a reference case equal to a grid case is that case). `quick_cases()` is a
-small subset of it.
 """
 
 from __future__ import annotations
@@ -23,10 +20,9 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import torch
@@ -54,9 +50,6 @@ class Layout(enum.Enum):
 #: The dtypes a case may have, by the name the CLI and the JSON use.
 DTYPES: Final[Mapping[str, torch.dtype]] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-#: Heads of every case that does not say otherwise (Llama-3-8B-like: group 4).
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-
 
 @dataclass(frozen=True)
 class Case:
@@ -75,7 +68,7 @@ class Case:
     page_size: int = 0  # PAGED only
     capacity: int = 0  # CONTIGUOUS only: S_max of the cache
     series: str = ""
-    labels: tuple[str, ...] = ()  # the README / issue figures this case reproduces
+    labels: tuple[str, ...] = ()  # the quoted figures this case reproduces ("README: ...")
     quick: bool = False
     window: int = 0  # causal sliding window in keys (0: none)
     softcap: float = 0.0  # logit softcap (0: none)
@@ -280,417 +273,6 @@ def visible_pairs(q_len: int, kv_len: int, causal: bool, window: int = 0) -> int
     return kv_len * (kv_len + 1) // 2  # the first -offset queries see nothing
 
 
-# --- the default set ---------------------------------------------------------------------------------
-
-DENSE_SEQ_LENS: Final = (1024, 2048, 4096, 8192, 16384)
-DENSE_TOKENS: Final = 16384  # B * S of every dense grid case
-HEAD_DIMS: Final = (64, 128, 256)
-GROUP_SIZES: Final = (1, 4, 8, 16)  # Hq = 32, Hkv = 32 // group
-RAGGED_LONG_LENS: Final = (1024, 2048, 4096, 8192, 16384)
-CONTIGUOUS_CACHED: Final = (1024, 2048, 4096, 8192)
-PAGE_SIZES: Final = (1, 16, 32, 64, 128)
-#: (batch, cached, new) of the paged workloads: many small requests to a few long ones.
-PAGED_WORKLOADS: Final = ((32, 512, 128), (2, 2048, 256), (8, 3000, 700), (8, 4096, 512), (4, 8000, 2000))
-ROPE_PAGE_SIZES: Final = (1, 16, 64)
-ROPE_PAGED_WORKLOADS: Final = ((32, 512, 128), (8, 4096, 512), (4, 8000, 2000))
-ROPE_CONTIGUOUS_WORKLOADS: Final = ((32, 512, 128), (8, 4096, 512))
-#: The window suite: Gemma-2-like layers (Hq 16 / Hkv 8, D 256, window 4096, softcap 50), B = 1.
-WINDOW_HEADS, WINDOW_KV_HEADS, WINDOW_HEAD_DIM = 16, 8, 256
-WINDOW: Final = 4096
-WINDOW_SOFTCAP: Final = 50.0
-WINDOW_SEQ_LENS: Final = (4096, 8192, 16384, 32768)
-#: The head-dim sweep: every head dim the kernels serve (multiples of 16), dense B4 S4096 Hq32/Hkv8.
-SWEEP_HEAD_DIMS: Final = tuple(range(64, 257, 16))
-SWEEP_BATCH, SWEEP_SEQ = 4, 4096
-
-
-def _mask(causal: bool) -> str:
-    return "causal" if causal else "noncausal"
-
-
-def dense_case(
-    dtype: str,
-    batch: int,
-    seq: int,
-    causal: bool,
-    *,
-    heads: int = HEADS,
-    kv_heads: int = KV_HEADS,
-    head_dim: int = HEAD_DIM,
-    series: str = "",
-    suite: Suite = Suite.DENSE,
-    window: int = 0,
-    softcap: float = 0.0,
-) -> Case:
-    extras = (f"_w{window}" if window else "") + (f"_cap{softcap:g}" if softcap else "")
-    prefix = "sweep" if suite is Suite.HEAD_DIMS else "dense"  # sweep cases repeat some grid shapes
-    return Case(
-        name=f"{prefix}_{dtype}_d{head_dim}_h{heads}-{kv_heads}_b{batch}_s{seq}_{_mask(causal)}{extras}",
-        suite=suite,
-        layout=Layout.DENSE,
-        dtype=dtype,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        causal=causal,
-        q_lens=(seq,) * batch,
-        kv_lens=(seq,) * batch,
-        series=series,
-        window=window,
-        softcap=softcap,
-    )
-
-
-def window_case(dtype: str, seq: int, window: int, softcap: float, *, causal: bool = True) -> Case:
-    """One Gemma-like layer call of the window suite (window 0: plain)."""
-    case = dense_case(
-        dtype,
-        1,
-        seq,
-        causal,
-        heads=WINDOW_HEADS,
-        kv_heads=WINDOW_KV_HEADS,
-        head_dim=WINDOW_HEAD_DIM,
-        suite=Suite.WINDOW,
-        window=window,
-        softcap=softcap,
-    )
-    return replace(case, series=f"{dtype} D{WINDOW_HEAD_DIM} {_mask(causal)} {case.transforms or 'plain'}")
-
-
-def ragged_mix(long_len: int, *, seed: int = 0) -> tuple[int, ...]:
-    """A batch mixing 32 short sequences (1..127 tokens) with long ones of about `long_len` tokens.
-
-    About 12k tokens sit in the long sequences (at least one), unaligned to any tile;
-    the order is shuffled, as a scheduler hands them over.
-    """
-    rng = random.Random(f"ragged-{long_len}-{seed}")
-    count = max(1, 12288 // long_len)
-    longs = [long_len - 37 * j for j in range(count)]
-    shorts = [rng.randrange(1, 128) for _ in range(32)]
-    lens = longs + shorts
-    rng.shuffle(lens)
-    return tuple(lens)
-
-
-def ragged_case(
-    dtype: str, lens: tuple[int, ...], causal: bool, *, head_dim: int = HEAD_DIM, name: str, series: str = ""
-) -> Case:
-    return Case(
-        name=name,
-        suite=Suite.RAGGED,
-        layout=Layout.RAGGED,
-        dtype=dtype,
-        heads=HEADS,
-        kv_heads=KV_HEADS,
-        head_dim=head_dim,
-        causal=causal,
-        q_lens=lens,
-        kv_lens=lens,
-        series=series,
-    )
-
-
-def contiguous_case(
-    dtype: str, batch: int, cached: int, new: int, *, suite: Suite = Suite.CONTIGUOUS, series: str = ""
-) -> Case:
-    kv = cached + new
-    prefix = "contiguous" if suite is Suite.CONTIGUOUS else "rope_contiguous"
-    return Case(
-        name=f"{prefix}_{dtype}_{batch}x{cached}+{new}",
-        suite=suite,
-        layout=Layout.CONTIGUOUS,
-        dtype=dtype,
-        heads=HEADS,
-        kv_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        causal=True,
-        q_lens=(new,) * batch,
-        kv_lens=(kv,) * batch,
-        capacity=-(-kv // 1024) * 1024,  # the cache is allocated in whole 1k blocks, past the last key
-        series=series,
-    )
-
-
-def paged_case(
-    dtype: str,
-    batch: int,
-    cached: int,
-    new: int,
-    page_size: int,
-    *,
-    suite: Suite = Suite.PAGED,
-    series: str = "",
-) -> Case:
-    prefix = "paged" if suite is Suite.PAGED else "rope_paged"
-    return Case(
-        name=f"{prefix}_{dtype}_{batch}x{cached}+{new}_p{page_size}",
-        suite=suite,
-        layout=Layout.PAGED,
-        dtype=dtype,
-        heads=HEADS,
-        kv_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        causal=True,
-        q_lens=(new,) * batch,
-        kv_lens=(cached + new,) * batch,
-        page_size=page_size,
-        series=series,
-    )
-
-
-def grid_cases() -> list[Case]:
-    """Every suite's grid, fp16 and bf16 (the plots' series)."""
-    cases: list[Case] = []
-    for dtype, head_dim, group, causal in itertools.product(DTYPES, HEAD_DIMS, GROUP_SIZES, (False, True)):
-        kv_heads = HEADS // group
-        series = f"{dtype} D{head_dim} Hq{HEADS}/Hkv{kv_heads} {_mask(causal)}"
-        for seq in DENSE_SEQ_LENS:
-            cases.append(
-                dense_case(
-                    dtype,
-                    DENSE_TOKENS // seq,
-                    seq,
-                    causal,
-                    kv_heads=kv_heads,
-                    head_dim=head_dim,
-                    series=series,
-                )
-            )
-    for dtype, head_dim, causal in itertools.product(DTYPES, HEAD_DIMS, (False, True)):
-        series = f"{dtype} D{head_dim} {_mask(causal)}: 32 short + long"
-        for long_len in RAGGED_LONG_LENS:
-            lens = ragged_mix(long_len)
-            name = f"ragged_{dtype}_d{head_dim}_32short+{len(lens) - 32}x{long_len}_{_mask(causal)}"
-            cases.append(ragged_case(dtype, lens, causal, head_dim=head_dim, name=name, series=series))
-    for dtype in DTYPES:
-        for cached in CONTIGUOUS_CACHED:
-            cases.append(contiguous_case(dtype, 8, cached, 512, series=f"{dtype} 8 x (cached + 512)"))
-    for dtype, page_size in itertools.product(DTYPES, PAGE_SIZES):
-        for batch, cached, new in PAGED_WORKLOADS:
-            series = f"{dtype} page {page_size}"
-            cases.append(paged_case(dtype, batch, cached, new, page_size, series=series))
-    for dtype in DTYPES:
-        for page_size in ROPE_PAGE_SIZES:
-            for batch, cached, new in ROPE_PAGED_WORKLOADS:
-                series = f"{dtype} paged, page {page_size}"
-                cases.append(
-                    paged_case(dtype, batch, cached, new, page_size, suite=Suite.ROPE_APPEND, series=series)
-                )
-        for batch, cached, new in ROPE_CONTIGUOUS_WORKLOADS:
-            series = f"{dtype} contiguous"
-            cases.append(contiguous_case(dtype, batch, cached, new, suite=Suite.ROPE_APPEND, series=series))
-    for dtype, seq, window, softcap in itertools.product(
-        DTYPES, WINDOW_SEQ_LENS, (0, WINDOW), (0.0, WINDOW_SOFTCAP)
-    ):
-        cases.append(window_case(dtype, seq, window, softcap))
-    for dtype in DTYPES:  # every query sees `WINDOW` keys, as in a windowed call past its first window
-        cases.append(window_case(dtype, WINDOW, 0, 0.0, causal=False))
-    for dtype, causal, head_dim in itertools.product(DTYPES, (False, True), SWEEP_HEAD_DIMS):
-        series = f"{dtype} B{SWEEP_BATCH} S{SWEEP_SEQ} Hq{HEADS}/Hkv{KV_HEADS} {_mask(causal)}"
-        cases.append(
-            dense_case(
-                dtype, SWEEP_BATCH, SWEEP_SEQ, causal, head_dim=head_dim, series=series, suite=Suite.HEAD_DIMS
-            )
-        )
-    return cases
-
-
-#: The lengths of issue 7's "ragged, 8 mixed lengths 17..4096" case (the issue does not list them).
-ISSUE_RAGGED_LENS: Final = (1024, 17, 4096, 300, 2048, 96, 3000, 517)
-README_RAGGED_LENS: Final = (256, 512, 1024, 1536, 2048, 2560, 3072, 4096)
-
-
-def reference_cases() -> list[Case]:
-    """The cases whose figures the README (fp16) and issue 7 (bf16 unless said) quote.
-
-    The four README cases keep the names earlier result files use, so runs compare by name.
-    """
-    readme, issue = "README", "issue 7"
-
-    def label(case: Case, source: str, text: str, name: str | None = None) -> Case:
-        return replace(case, labels=(f"{source}: {text}",), name=name or case.name)
-
-    return [
-        label(
-            dense_case("fp16", 4, 4096, False),
-            readme,
-            "dense S=4096 non-causal (B=4)",
-            "dense_s4096_noncausal",
-        ),
-        label(dense_case("fp16", 2, 8192, True), readme, "dense S=8192 causal (B=2)", "dense_s8192_causal"),
-        label(
-            paged_case("fp16", 8, 4096, 512, 64),
-            readme,
-            "paged, 8 x (4096 cached + 512 new), page 64",
-            "paged_8x4096+512_p64",
-        ),
-        label(
-            ragged_case("fp16", README_RAGGED_LENS, True, name="ragged_8_256..4096_causal"),
-            readme,
-            "ragged, 8 seqs of 256..4096, causal",
-        ),
-        label(dense_case("bf16", 1, 8192, False), issue, "dense B1 S8192 Hq32/Hkv8 D128 non-causal"),
-        label(dense_case("bf16", 1, 8192, True), issue, "dense B1 S8192 D128 causal"),
-        label(dense_case("fp16", 4, 4096, False), issue, "dense B4 S4096 D128 non-causal fp16"),
-        label(
-            dense_case("fp16", 2, 4096, True, heads=64, kv_heads=4),
-            issue,
-            "dense B2 S4096 Hq64/Hkv4 (group 16) causal fp16",
-        ),
-        label(dense_case("bf16", 4, 2048, True, head_dim=64), issue, "dense B4 S2048 D64 causal"),
-        label(dense_case("bf16", 8, 1024, True, heads=40), issue, "dense B8 S1024 Hq40/Hkv8 causal"),
-        label(
-            ragged_case("bf16", ISSUE_RAGGED_LENS, True, name="ragged_bf16_8_17..4096_causal"),
-            issue,
-            "ragged, 8 mixed lengths 17..4096, causal",
-        ),
-        label(paged_case("bf16", 8, 3000, 700, 16), issue, "paged 8 x (3000 cached + 700 new), page 16"),
-        label(paged_case("bf16", 32, 512, 128, 32), issue, "paged 32 x (512 cached + 128 new), page 32"),
-        label(paged_case("bf16", 2, 2048, 256, 1), issue, "paged 2 x (2048 + 256), page 1"),
-    ]
-
-
-#: Grid cases in the quick subset besides every reference case (names as `grid_cases` makes them).
-QUICK_GRID: Final = (
-    "dense_bf16_d128_h32-8_b16_s1024_causal",
-    "dense_bf16_d128_h32-8_b1_s16384_causal",
-    "dense_bf16_d256_h32-8_b4_s4096_causal",
-    "dense_bf16_d64_h32-4_b2_s8192_noncausal",
-    "ragged_bf16_d128_32short+3x4096_causal",
-    "contiguous_bf16_8x4096+512",
-    "paged_bf16_8x3000+700_p64",
-    "paged_bf16_4x8000+2000_p16",
-    "rope_paged_bf16_8x4096+512_p16",
-    "rope_contiguous_bf16_8x4096+512",
-    # issue 10's targets: windowed S=32k against plain S=4096 per query token; softcap overhead
-    "dense_bf16_d256_h16-8_b1_s4096_causal",
-    "dense_bf16_d256_h16-8_b1_s32768_causal_w4096",
-    "dense_bf16_d256_h16-8_b1_s32768_causal_w4096_cap50",
-    "dense_bf16_d256_h16-8_b1_s8192_causal",
-    "dense_bf16_d256_h16-8_b1_s8192_causal_cap50",
-    "sweep_bf16_d96_h32-8_b4_s4096_causal",
-    "sweep_bf16_d192_h32-8_b4_s4096_noncausal",
-)
-
-
-def merge(cases: Iterable[Case]) -> list[Case]:
-    """Cases with equal work made one: the first name that came from a reference case, every label,
-    the first series, quick if any was. Order of first appearance."""
-    merged: dict[tuple[object, ...], Case] = {}
-    for case in cases:
-        seen = merged.get(case.key())
-        if seen is None:
-            merged[case.key()] = case
-            continue
-        labels = seen.labels + tuple(s for s in case.labels if s not in seen.labels)
-        name = seen.name if seen.labels or not case.labels else case.name
-        merged[case.key()] = replace(
-            seen, name=name, labels=labels, series=seen.series or case.series, quick=seen.quick or case.quick
-        )
-    return list(merged.values())
-
-
-SUITE_ORDER: Final = tuple(Suite)
-
-
-def default_cases() -> list[Case]:
-    """The whole default set: reference cases first within each suite, then the grids."""
-    references = [replace(c, quick=True) for c in reference_cases()]
-    grid = [replace(c, quick=c.name in QUICK_GRID) for c in grid_cases()]
-    cases = merge([*references, *grid])
-    names = [c.name for c in cases]
-    if len(set(names)) != len(names):
-        raise AssertionError("case names must be unique")
-    if missing := sorted(set(QUICK_GRID) - set(names)):
-        raise AssertionError(f"QUICK_GRID names no grid case: {missing}")
-    return sorted(cases, key=lambda c: (SUITE_ORDER.index(c.suite), not c.labels))
-
-
-def quick_cases() -> list[Case]:
-    return [c for c in default_cases() if c.quick]
-
-
-def tiny_cases() -> list[Case]:
-    """One or two small cases per suite, for a run of the whole pipeline on a CPU (`--dry-run`)."""
-    return [
-        dense_case("fp16", 2, 48, True, heads=4, kv_heads=2, head_dim=64, series="tiny dense"),
-        dense_case("fp16", 1, 96, False, heads=4, kv_heads=2, head_dim=64, series="tiny dense"),
-        *(
-            dense_case(
-                "bf16",
-                1,
-                96,
-                True,
-                heads=4,
-                kv_heads=2,
-                head_dim=64,
-                series="tiny window",
-                suite=Suite.WINDOW,
-                window=window,
-                softcap=softcap,
-            )
-            for window, softcap in ((0, 0.0), (40, 0.0), (40, 20.0))
-        ),
-        *(
-            dense_case(
-                "fp16",
-                1,
-                48,
-                True,
-                heads=4,
-                kv_heads=2,
-                head_dim=d,
-                series="tiny sweep",
-                suite=Suite.HEAD_DIMS,
-            )
-            for d in (64, 80)
-        ),
-        replace(
-            ragged_case("bf16", (5, 40, 17), True, head_dim=64, name="ragged_tiny", series="tiny ragged"),
-            heads=4,
-            kv_heads=2,
-        ),
-        replace(
-            contiguous_case("fp16", 2, 40, 9, series="tiny contiguous"), heads=4, kv_heads=2, head_dim=64
-        ),
-        replace(paged_case("fp16", 2, 30, 7, 16, series="tiny paged"), heads=4, kv_heads=2, head_dim=64),
-        replace(paged_case("bf16", 3, 20, 5, 1, series="tiny paged"), heads=4, kv_heads=2, head_dim=64),
-        replace(
-            paged_case("fp16", 2, 24, 6, 8, suite=Suite.ROPE_APPEND, series="tiny rope"),
-            heads=4,
-            kv_heads=2,
-            head_dim=64,
-        ),
-        replace(
-            contiguous_case("fp16", 2, 20, 6, suite=Suite.ROPE_APPEND, series="tiny rope"),
-            heads=4,
-            kv_heads=2,
-            head_dim=64,
-        ),
-    ]
-
-
-def select(
-    cases: Iterable[Case],
-    *,
-    suites: Sequence[Suite] = (),
-    dtypes: Sequence[str] = (),
-    max_cases: int | None = None,
-) -> list[Case]:
-    """`cases` of the given suites and dtypes (all when empty), at most `max_cases` of each suite."""
-    chosen = [c for c in cases if (not suites or c.suite in suites) and (not dtypes or c.dtype in dtypes)]
-    if max_cases is None:
-        return chosen
-    per_suite: dict[Suite, int] = {}
-    kept: list[Case] = []
-    for case in chosen:
-        per_suite[case.suite] = per_suite.get(case.suite, 0) + 1
-        if per_suite[case.suite] <= max_cases:
-            kept.append(case)
-    return kept
-
-
 # --- inputs ------------------------------------------------------------------------------------------
 
 
@@ -798,3 +380,53 @@ def make_inputs(case: Case, device: torch.device | str = "cuda", seed: int = 0) 
         cos, sin = rope_tables(case.seq_len, d)
         out |= {"cache_seqlens": ints(case.cached_lens), "cos": cos.to(device), "sin": sin.to(device)}
     return out
+
+
+#: How many query rows `reference_rows` recomputes: enough to catch a wrong mask, scale or head
+#: mapping, cheap at any sequence length.
+REFERENCE_ROWS: Final = 32
+
+
+def reference_rows(
+    case: Case, x: Mapping[str, torch.Tensor], rows: int = REFERENCE_ROWS
+) -> tuple[int, torch.Tensor] | None:
+    """The case's outputs for the last `rows` queries of its first sequence with queries, in float32:
+    (first row, (rows, Hq, D)), where the first row indexes the output flattened to (tokens, Hq, D).
+
+    Softmax scale 1/sqrt(D), the bottom-right causal mask, the window and the softcap as the Ops
+    define them; keys read from the case's own layout (pages through the block table). None for a
+    rope-append case, whose q and new keys are rotated by the call itself.
+    """
+    if case.suite is Suite.ROPE_APPEND:
+        return None
+    seq = next(i for i, n in enumerate(case.q_lens) if n > 0)
+    q_len, kv_len = case.q_lens[seq], case.kv_lens[seq]
+    start = sum(case.q_lens[:seq])
+    count = min(rows, q_len)
+    first = start + q_len - count
+    if case.layout is Layout.DENSE:
+        k, v = x["k"][seq], x["v"][seq]
+    elif case.layout is Layout.RAGGED:
+        offset = sum(case.kv_lens[:seq])
+        k, v = x["k"][offset : offset + kv_len], x["v"][offset : offset + kv_len]
+    elif case.layout is Layout.CONTIGUOUS:
+        k, v = x["k_cache"][seq, :kv_len], x["v_cache"][seq, :kv_len]
+    else:
+        pages = x["block_table"][seq, : math.ceil(kv_len / case.page_size)].long()
+        k, v = (x[name][pages].flatten(0, 1)[:kv_len] for name in ("k_pages", "v_pages"))
+    q = x["q"].flatten(0, -3)[first : first + count].float()  # (rows, Hq, D)
+    group = case.group_size
+    keys = k.float().repeat_interleave(group, dim=1)  # (kv_len, Hq, D)
+    values = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) / math.sqrt(case.head_dim)
+    if case.softcap:
+        scores = case.softcap * torch.tanh(scores / case.softcap)
+    if case.causal:
+        position = kv_len - q_len + torch.arange(q_len - count, q_len, device=q.device)[:, None]
+        key = torch.arange(kv_len, device=q.device)[None, :]
+        visible = key <= position
+        if case.window:
+            visible &= key > position - case.window
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no key outputs 0
+    return first, torch.einsum("hqk,khd->qhd", weights, values)

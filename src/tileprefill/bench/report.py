@@ -17,15 +17,19 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from tileprefill.bench import summary
 from tileprefill.bench.cases import Case, Suite
+from tileprefill.bench.peer import PeerFiles
 from tileprefill.bench.results import (
+    FLASHINFER,
+    FLASHINFER_BEST,
     LABELS,
     OURS,
     OURS_ATTENTION,
     PEERS,
-    TILEOPS,
     CaseResult,
     Measurement,
+    PeerInfo,
     RunResult,
 )
 
@@ -48,13 +52,14 @@ class OutputPaths:
     def markdown(self) -> Path:
         return self.out_dir / f"{self.stem}.md"
 
-    @property
-    def peer_json(self) -> Path:
-        return self.out_dir / f"{self.stem}-peer.json"
-
-    @property
-    def peer_log(self) -> Path:
-        return self.out_dir / f"{self.stem}-peer.log"
+    def peer_files(self, slug: str) -> PeerFiles:
+        """A peer's cases, JSON and log: `<stem>-<slug>-cases.json`, `.json`, `.log`."""
+        base = self.out_dir / f"{self.stem}-{slug}"
+        return PeerFiles(
+            cases=base.with_name(base.name + "-cases.json"),
+            results=base.with_name(base.name + ".json"),
+            log=base.with_name(base.name + ".log"),
+        )
 
     def plot(self, suite: Suite) -> Path:
         return self.out_dir / f"{self.stem}-{suite.value}.png"
@@ -113,28 +118,42 @@ class _Notes:
         return [f"[{i}] {text}" for i, text in enumerate(self.texts, 1)] + ([""] if self.texts else [])
 
 
-def _table(results: Sequence[CaseResult], *, rope: bool, references: bool) -> list[str]:
+def _shown(results: Sequence[CaseResult]) -> list[str]:
+    """The peers with a measurement (a figure or a reason) in any of `results`, in table order."""
+    return [p for p in PEERS if any(p in r.results for r in results)]
+
+
+def _table(results: Sequence[CaseResult], peers: Sequence[str], *, rope: bool, references: bool) -> list[str]:
     notes = _Notes()
-    head = ["case", "work"] if not references else ["figure quoted in", "case"]
-    head += ["ours, TFLOP/s", "kernel"]
+    best = [p for p in FLASHINFER if p in peers]
+    head = ["case", "work"] if not references else ["reference", "case"]
+    head += ["ours, TFLOP/s", "ours, ms", "kernel"]
     if rope:
         head += [f"{LABELS[OURS_ATTENTION]}, TFLOP/s", "full ÷ alone, time"]
-    head += [LABELS[p] for p in PEERS] + [f"vs {LABELS[p]}" for p in PEERS] + ["rel. err vs SDPA"]
+    head += [f"{LABELS[p]}, TFLOP/s" for p in peers] + [f"vs {LABELS[p]}" for p in peers]
+    head += ["vs FlashInfer, better backend"] if best else []
+    head += ["rel. err vs SDPA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         case = r.case
         row = (
             [", ".join(case.labels), f"`{case.name}`"] if references else [f"`{case.name}`", case.describe()]
         )
-        row += [_tflops(r.results.get(OURS), case, notes, LABELS[OURS]), f"`{r.kernel}`" if r.kernel else "–"]
+        ours = r.results.get(OURS)
+        row += [
+            _tflops(ours, case, notes, LABELS[OURS]),
+            "–" if ours is None or ours.ms is None else f"{ours.ms:.3f}",
+            f"`{r.kernel}`" if r.kernel else "–",
+        ]
         if rope:
             alone = r.speedup(OURS_ATTENTION)
             row += [
                 _tflops(r.results.get(OURS_ATTENTION), case, notes, LABELS[OURS_ATTENTION]),
                 "–" if alone is None else f"{1 / alone:.2f}",
             ]
-        row += [_tflops(r.results.get(p), case, notes, LABELS[p]) for p in PEERS]
-        row += [_ratio(r.speedup(p)) for p in PEERS]
+        row += [_tflops(r.results.get(p), case, notes, LABELS[p]) for p in peers]
+        row += [_ratio(r.speedup(p)) for p in peers]
+        row += [_ratio(r.best_speedup(best))] if best else []
         errors = r.relative_error.values()
         row.append(f"{max(errors):.1e}" if errors else "–")
         lines.append("| " + " | ".join(row) + " |")
@@ -145,6 +164,7 @@ def markdown(result: RunResult) -> str:
     device = result.device
     name = str(device.get("name", "?"))
     versions = ", ".join(f"{k} {v}" for k, v in result.versions.items())
+    peers = _shown(result.cases)
     lines = [
         f"# tileprefill benchmark: {name}, {result.started[:10]}",
         "",
@@ -157,7 +177,7 @@ def markdown(result: RunResult) -> str:
         f"- compile: {result.compile.programs} programs of ours prebuilt side by side in "
         f"{result.compile.seconds:.0f} s before any timing"
         + (f" (prebuild failed: {result.compile.error})" if result.compile.error else ""),
-        f"- {_peer_line(result)}",
+        *(f"- {_peer_line(peer, result)}" for peer in result.peers),
         "- SDPA: `enable_gqa`, `causal_lower_right` where q and kv lengths differ; ragged: one call per "
         "sequence; contiguous and paged: on the cache gathered to dense (gather not timed); "
         "rope-append: attention FLOPs over the time of the whole RoPE + append + attention Op",
@@ -168,23 +188,100 @@ def markdown(result: RunResult) -> str:
             else "**partial**: the run had not finished when this was written (under way, or stopped)"
         ),
         "",
+        *_summary(result.cases),
     ]
     references = [r for r in result.cases if r.case.labels]
     if references:
-        lines += ["## Cases quoted in the README and issue 7", ""]
-        lines += _table(references, rope=False, references=True)
+        lines += ["## Reference cases (figures quoted in the README and the performance targets)", ""]
+        lines += _table(references, peers, rope=False, references=True)
     for suite in Suite:
         rows = [r for r in result.cases if r.case.suite is suite]
         if rows:
             lines += [f"## {suite.value} ({len(rows)} cases)", ""]
-            lines += _table(rows, rope=suite is Suite.ROPE_APPEND, references=False)
+            lines += _table(rows, peers, rope=suite is Suite.ROPE_APPEND, references=False)
             if suite is Suite.WINDOW:
                 lines += _window_ratios(rows)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _ratios(stats: summary.Ratios | None) -> str:
+    if stats is None:
+        return "–"
+    below = f"{stats.below_one or 'none'} of {stats.count} below 1.00×"
+    return f"{stats.median:.2f}× (min {stats.low:.2f}× `{stats.low_case}`; {below})"
+
+
+def _figure(result: CaseResult, implementation: str) -> str:
+    """An implementation's TFLOP/s on a case, "–" without one (tables whose notes are elsewhere)."""
+    m = result.results.get(implementation)
+    tflops = None if m is None else m.tflops(result.case.flops)
+    return "–" if tflops is None else number(tflops)
+
+
+def _summary(results: Sequence[CaseResult]) -> list[str]:
+    """The figures a run is judged by (`summary.py`): per family, dense long non-causal TFLOP/s,
+    RoPE + append against attention alone."""
+    rows = summary.families(results)
+    if not rows:
+        return []
+    compared = {
+        p: "vs " + ("FlashInfer, better of fa3 and fa2" if p == FLASHINFER_BEST else LABELS[p])
+        for p in summary.COMPARED
+    }
+    head = ["family", "cases", *compared.values()]
+    lines = [
+        "## Summary",
+        "",
+        "Ours ÷ each peer in speed, over the cases both ran: the median, the lowest (and its case), and "
+        "how many are below 1.00×.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *(f"| {f.name} | {f.cases} | " + " | ".join(_ratios(f.vs[p]) for p in compared) + " |" for f in rows),
+        "",
+    ]
+    return lines + _long_dense(summary.long_dense(results)) + _rope(summary.rope_rows(results))
+
+
+def _long_dense(results: Sequence[CaseResult]) -> list[str]:
+    if not results:
+        return []
+    shown = [OURS, *_shown(results)]
+    return [
+        f"Dense D128 non-causal at S ≥ {summary.LONG_SEQ}, TFLOP/s:",
+        "",
+        "| case | work | " + " | ".join(LABELS[p] for p in shown) + " |",
+        "|" + "---|" * (len(shown) + 2),
+        *(
+            f"| `{r.case.name}` | {r.case.describe()} | " + " | ".join(_figure(r, p) for p in shown) + " |"
+            for r in results
+        ),
+        "",
+    ]
+
+
+def _rope(rows: Sequence[summary.RopeRow]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "RoPE + append Op against attention alone on the same batch, in speed (alone's time ÷ the "
+        "full Op's): on the same inputs in the same process, and against the batch's own paged case "
+        "(its twin):",
+        "",
+        "| case | full Op, TFLOP/s | full ÷ alone | twin | full ÷ twin |",
+        "|---|---|---|---|---|",
+        *(
+            f"| `{row.result.case.name}` | {_figure(row.result, OURS)} | {_ratio(row.vs_alone)} | "
+            + (f"`{row.twin.case.name}`" if row.twin is not None else "–")
+            + f" | {_ratio(row.vs_twin)} |"
+            for row in rows
+        ),
+        "",
+    ]
+
+
 def _window_ratios(rows: Sequence[CaseResult]) -> list[str]:
-    """Issue 10's two ratios from the window suite's own timings of our Op: a windowed call's time
+    """The window suite's two ratios from its own timings of our Op: a windowed call's time
     per query token over that of the call at S = window without one (causal: its queries see half
     as many keys on average; non-causal: each sees `window` keys, as past the first window), and a
     softcapped call's time over the same causal call without softcap."""
@@ -212,14 +309,16 @@ def _window_ratios(rows: Sequence[CaseResult]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def _peer_line(result: RunResult) -> str:
-    peer = result.peer
+def _peer_line(peer: PeerInfo, result: RunResult) -> str:
     if peer.available:
         ran = f"in its own process, {peer.seconds:.0f} s" if peer.ran else peer.command
         versions = ", ".join(f"{k} {v}" for k, v in peer.versions.items())
-        done = sum(r.results.get(TILEOPS, Measurement()).ok for r in result.cases)
+        timed = ", ".join(
+            f"{LABELS.get(i, i)} {sum(r.results.get(i, Measurement()).ok for r in result.cases)}"
+            for i in peer.implementations
+        )
         extra = f"; {peer.reason}" if peer.reason else ""
-        return f"{peer.name}: {ran} ({versions}); {done} of {len(result.cases)} cases timed{extra}"
+        return f"{peer.name}: {ran} ({versions}); cases timed of {len(result.cases)}: {timed}{extra}"
     return f"{peer.name}: no figures: {peer.reason or 'not run'}"
 
 

@@ -7,19 +7,21 @@ too, with `error` set ("unavailable: ...").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from tileprefill.bench.cases import Case
 
 #: Implementations, in table order, with the labels tables and plots use.
-OURS, OURS_ATTENTION, SDPA_FLASH, SDPA_CUDNN, TILEOPS = (
+OURS, OURS_ATTENTION, SDPA_FLASH, SDPA_CUDNN, TILEOPS, FLASHINFER_FA3, FLASHINFER_FA2 = (
     "ours",
     "ours_attention",
     "sdpa_flash",
     "sdpa_cudnn",
     "tileops",
+    "flashinfer_fa3",
+    "flashinfer_fa2",
 )
 LABELS: Final[Mapping[str, str]] = {
     OURS: "ours",
@@ -27,9 +29,15 @@ LABELS: Final[Mapping[str, str]] = {
     SDPA_FLASH: "SDPA FA2",
     SDPA_CUDNN: "SDPA cuDNN",
     TILEOPS: "TileOPs 0.1.0",
+    FLASHINFER_FA3: "FlashInfer fa3",
+    FLASHINFER_FA2: "FlashInfer fa2",
 }
+#: FlashInfer's two prefill backends, timed in one process: the targets take the better of them,
+#: which a result's speedups name FLASHINFER_BEST.
+FLASHINFER: Final = (FLASHINFER_FA3, FLASHINFER_FA2)
+FLASHINFER_BEST: Final = "flashinfer_best"
 #: The peers our figure is compared with, in table order (ratio = their time / our time).
-PEERS: Final = (SDPA_FLASH, SDPA_CUDNN, TILEOPS)
+PEERS: Final = (SDPA_FLASH, SDPA_CUDNN, TILEOPS, *FLASHINFER)
 #: How the reasons of a measurement that was never taken begin: a peer stopped at its budget ("not
 #: reached"), not run or not importable, one that exited or wrote nothing for the case. A failure
 #: names its exception type instead (`Measurement.failed`). See `Measurement.settled`.
@@ -99,14 +107,21 @@ class CaseResult:
 
     def speedup(self, peer: str) -> float | None:
         """Ours over `peer` in speed (their time / our time), if both ran."""
-        ours, theirs = self.results.get(OURS), self.results.get(peer)
-        if ours is None or theirs is None or ours.ms is None or theirs.ms is None or ours.ms <= 0:
+        return self.best_speedup((peer,))
+
+    def best_speedup(self, peers: Sequence[str]) -> float | None:
+        """Ours over the fastest of `peers` that ran, in speed; None if ours or none of them ran."""
+        ours = self.results.get(OURS)
+        times = [m.ms for p in peers if (m := self.results.get(p)) is not None and m.ms is not None]
+        if ours is None or ours.ms is None or ours.ms <= 0 or not times:
             return None
-        return theirs.ms / ours.ms
+        return min(times) / ours.ms
 
     def to_json(self) -> dict[str, object]:
         flops = self.case.flops
         speedups = {p: s for p in (*PEERS, OURS_ATTENTION) if (s := self.speedup(p)) is not None}
+        if (best := self.best_speedup(FLASHINFER)) is not None:
+            speedups[FLASHINFER_BEST] = best
         return {
             "case": self.case.to_json(),
             "describe": self.case.describe(),
@@ -134,7 +149,7 @@ class CaseResult:
 
 @dataclass
 class PeerInfo:
-    """How the peer process went: whether TileOPs imported there, and its versions."""
+    """How one peer process went: whether its package imported there, and its versions."""
 
     name: str = "TileOPs 0.1.0"
     ran: bool = False
@@ -143,6 +158,31 @@ class PeerInfo:
     seconds: float = 0.0
     command: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    #: The result keys its figures go under (FlashInfer: one per backend).
+    implementations: tuple[str, ...] = (TILEOPS,)
+
+    def to_json(self) -> dict[str, object]:
+        return vars(self) | {"implementations": list(self.implementations)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PeerInfo:
+        versions, implementations = data.get("versions", {}), data.get("implementations", [TILEOPS])
+        assert isinstance(versions, Mapping) and isinstance(implementations, list)
+        return cls(
+            name=str(data.get("name", "TileOPs 0.1.0")),
+            ran=bool(data.get("ran", False)),
+            available=bool(data.get("available", False)),
+            reason=str(data.get("reason", "")),
+            seconds=float(_number(data.get("seconds", 0.0))),
+            command=str(data.get("command", "")),
+            versions={str(k): str(v) for k, v in versions.items()},
+            implementations=tuple(str(i) for i in implementations),
+        )
+
+
+def _number(value: object) -> float:
+    assert isinstance(value, int | float)
+    return float(value)
 
 
 @dataclass
@@ -166,12 +206,12 @@ class RunResult:
     started: str = ""
     finished: str = ""  # empty while the run is under way (the JSON is rewritten after every case)
     compile: CompileInfo = field(default_factory=CompileInfo)
-    peer: PeerInfo = field(default_factory=PeerInfo)
+    peers: list[PeerInfo] = field(default_factory=list)
     cases: list[CaseResult] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
-            "schema": 1,
+            "schema": 2,
             "device": self.device,
             "versions": self.versions,
             "command": self.command,
@@ -180,7 +220,7 @@ class RunResult:
             "started": self.started,
             "finished": self.finished,
             "compile": vars(self.compile),
-            "peer": vars(self.peer),
+            "peers": [p.to_json() for p in self.peers],
             "cases": {c.case.name: c.to_json() for c in self.cases},
         }
 
@@ -191,8 +231,10 @@ class RunResult:
             assert isinstance(value, Mapping)
             return value
 
-        compile_, peer, cases = mapping("compile"), mapping("peer"), mapping("cases")
-        versions = mapping("versions")
+        compile_, cases, versions = mapping("compile"), mapping("cases"), mapping("versions")
+        # Schema 1 had one peer (TileOPs) under "peer".
+        peers = data.get("peers", [data["peer"]] if "peer" in data else [])
+        assert isinstance(peers, list)
         return cls(
             device=dict(mapping("device")),
             versions={str(k): str(v) for k, v in versions.items()},
@@ -202,6 +244,6 @@ class RunResult:
             started=str(data.get("started", "")),
             finished=str(data.get("finished", "")),
             compile=CompileInfo(**compile_),  # type: ignore[arg-type]
-            peer=PeerInfo(**peer),  # type: ignore[arg-type]
+            peers=[PeerInfo.from_json(p) for p in peers if isinstance(p, Mapping)],
             cases=[CaseResult.from_json(v) for v in cases.values() if isinstance(v, Mapping)],
         )
