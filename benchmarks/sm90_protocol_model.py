@@ -2,9 +2,9 @@
 
 The producer and the consumers of `kernels/tl/attention_sm90.py` are written here as generators
 over the barriers they share, and random interleavings of them are run over random persistent
-schedules. The model is of branch `consumer-skip` (benchmarks/kernel-notes.md, step 11): each
-consumer computes only the `seen` key tiles its rows see and passes the others (`pass_tile`).
-With `seen` equal to the tile count for every consumer it is main's protocol.
+schedules. Each consumer computes only the `seen` key tiles its rows see and passes the others
+(`pass_tile`); with `seen` equal to the tile count for every consumer, every consumer computes
+every tile (the protocol without skipping).
 
 What it reports (a hang on the GPU costs a whole device call; a miscounted phase, wrong results):
 - a deadlock: no process can move;
@@ -15,7 +15,7 @@ What it reports (a hang on the GPU costs a whole device call; a miscounted phase
 
     python benchmarks/sm90_protocol_model.py [SEED]
 
-Session 11 ran it: 6,000 random cases (two and three consumers, persistent and not), no error;
+A run of 6,000 random cases (two and three consumers, persistent and not), no error;
 mutants caught: a passed tile's K slot released before it has landed, and the Q tile released by
 a consumer that sees nothing before it has landed.
 """

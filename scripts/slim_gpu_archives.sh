@@ -2,7 +2,7 @@
 # Repacks the archives that ../shared/gpu/pack.sh wrote into .gpu/ without what no CUDA build
 # reads, so that both (ours and the TileOPs peer's) travel with the repository in one device
 # call: a call carries 64 MiB (67.1 MB) at most. As packed, the two archives (37 + 29 MB) with the
-# tracked files (2 MB in session 8, 6.2 MB in session 11) come to 68-72 MB.
+# tracked files (2-6 MB) come to 68-72 MB.
 #
 #   scripts/slim_gpu_archives.sh [DIR]      # rewrites DIR/*.tar.xz in place (default .gpu; idempotent)
 #

@@ -21,7 +21,7 @@ Cases, all small (a sanitizer makes every launch orders of magnitude slower):
   test disables torch's caching allocator, so every tensor is an allocation of its own). Groups:
   `entries` (entries -1 and past the pool, negative lengths, every length within capacity);
   `past-capacity` (lengths past max_pages * page_size or S_max) and `int32-slot` (entries whose slot
-  overflows int32) failed on 2026-12-01 before their fixes (issue 11 note); they stay out of `--run`
+  overflows int32) failed on 2026-12-01 before their fixes; they stay out of `--run`
   unless `--only` names them (`SEPARATE`), so that a regression there, which ends the process's CUDA
   context, cannot hide the other cases' results: each has a test of its own.
 
@@ -338,7 +338,7 @@ def validate_off_cases() -> list[tuple[str, rel.Check]]:
     return cases
 
 
-#: Case groups `--run` leaves out unless `--only` names them: known to fail today (issue 11 note),
+#: Case groups `--run` leaves out unless `--only` names them: each once failed and ended the CUDA context,
 #: each run by a test of its own so that it hides no other result.
 SEPARATE = ("validate-off/past-capacity/", "validate-off/int32-slot/")
 
