@@ -148,6 +148,28 @@ def test_compile_check_rejects_a_fence_of_more_registers_than_a_thread_has() -> 
     assert error is not None and "at most 255" in error and "got 8192" in error
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
+def test_sources_only_hashes_the_cuda_a_build_compiles(arch: Arch, tmp_path: pathlib.Path) -> None:
+    """`--sources-only` lowers without nvcc; its hash is that of the source nvcc compiles."""
+    (case,) = [c for c in compile_check.collect_cases(arch) if c.label == "batch_paged_tl_p16"]
+    (lowered,) = compile_check.lower_all([case], arch, jobs=1)
+    (compiled,) = compile_check.compile_all([case], arch, str(tmp_path), jobs=1)
+    assert lowered.error is None and compiled.error is None
+    assert lowered.sha256 == compiled.sha256 and len(lowered.sha256) == 64
+
+
+def test_hash_lines_name_the_case_and_its_error() -> None:
+    lowered = (
+        compile_check.Lowered(AttentionKey.DENSE_SM90, "d128 fp16 causal", "ab" * 32, None),
+        compile_check.Lowered(AttentionKey.DENSE_SM80, "d64", "", "lowering failed"),
+    )
+    first, second = compile_check.format_hashes(lowered).splitlines()
+    assert first.split() == ["attn_dense_sm90", "d128", "fp16", "causal", "ab" * 32]
+    assert second.split()[0] == "attn_dense_sm80" and second.endswith("error: lowering failed")
+    assert compile_check.source_hash("x") == compile_check.source_hash("x") != compile_check.source_hash("y")
+
+
 def test_compile_check_rejects_an_unknown_arch() -> None:
     with pytest.raises(ValueError, match="arch: expected one of"):
         compile_check.main(arch="sm_70", out_dir=None)
