@@ -26,8 +26,9 @@ from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
 from tileprefill.bench.cases import Suite
 from tileprefill.bench.settings import PEER_PATH_ENV, BenchSettings
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.keys import Code, code_of
 from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill, PagedShape, VarlenShape
-from tileprefill.selection import Code, PrefillPlan, code_of, explain
+from tileprefill.selection import PrefillPlan, explain
 
 _DTYPES = {"fp16": DType.FP16, "bf16": DType.BF16}
 #: (atol, rtol) the demo accepts between chunked and dense outputs: a couple of ulps of the dtype,

@@ -35,8 +35,7 @@ import attrs
 from tileprefill.context import Arch
 from tileprefill.kernels import append_tl, attention_tl, batch_tl, rope_append_tl, rope_tl, slot_append_tl
 from tileprefill.kernels.compile import CompileCase, build_to, lower_source
-from tileprefill.keys import ALL_KEYS, KernelKey
-from tileprefill.selection import Code, code_of
+from tileprefill.keys import ALL_KEYS, Code, KernelKey, code_of
 
 #: The modules whose `compile_cases(arch)` CI compiles.
 CASE_MODULES: tuple[ModuleType, ...] = (
