@@ -315,9 +315,9 @@ def test_persistent_programs_launch_one_cta_per_sm_of_the_device(monkeypatch: py
     facts = StaticFacts(Arch.SM90, DType.FP16, 8, 2, 128, True, 0.125, sm_count=78)
     dense = attention_tl.program(AttentionKey.DENSE_SM90, facts)
     assert dataclasses.replace(sm90_config(dense_source, 128), persistent_ctas=78) in dense.args
-    import tileprefill.ops.base as ops_base
+    import tileprefill.ops.op as ops_op
 
-    monkeypatch.setattr(ops_base, "sm_count_of", lambda device: 114)
+    monkeypatch.setattr(ops_op, "sm_count_of", lambda device: 114)
     op = tp.GQAPrefill()
     cpu = torch.device("cpu")
     assert op.attention_facts(facts._replace(sm_count=0), cpu).sm_count == 114

@@ -64,7 +64,7 @@ def source_errors(source: str) -> str | None:
     `T.warpgroup_fence_operand(fragment)` without `num_regs` counts the fragment's elements
     across the warpgroup, not a thread's registers: the fence then loops over thousands of
     registers of a small array (undefined behaviour, and a PTX ten times larger; seen in
-    the SM90 attention programs, benchmarks/kernel-notes.md step 6)."""
+    the SM90 attention programs; docs/design.md)."""
     counts = [int(count) for count in _FENCE.findall(source)]
     too_many = [count for count in counts if count > MAX_THREAD_REGISTERS]
     if too_many:

@@ -19,7 +19,7 @@ from typing import TypeVar, assert_never
 
 import attrs
 
-from tileprefill.context import KVLayout, KVOrder, PrefillContext, RopeMode
+from tileprefill.context import Arch, KVLayout, KVOrder, PrefillContext, RopeMode
 from tileprefill.keys import (
     AppendKey,
     AttentionKey,
@@ -32,6 +32,7 @@ from tileprefill.keys import (
     append_traits,
     attention_traits,
     batch_traits,
+    code_of,
     rope_append_traits,
     rope_traits,
     slot_append_traits,
@@ -149,6 +150,16 @@ ATTENTION_PREFERENCE: tuple[AttentionKey, ...] = (
 )
 
 
+#: The preference order of each step, by the name `Explanation.missing_steps` gives it.
+_PREFERENCES: dict[str, tuple[KernelKey, ...]] = {
+    "batch": BATCH_PREFERENCE,
+    "rope": ROPE_PREFERENCE,
+    "append": APPEND_PREFERENCE,
+    "slot_append": SLOT_APPEND_PREFERENCE,
+    "attention": ATTENTION_PREFERENCE,
+}
+
+
 def select_plan(ctx: PrefillContext) -> PrefillPlan:
     """The plan for `ctx`; raises `UnsupportedContextError` if a step has no kernel."""
     explanation = explain(ctx)
@@ -201,6 +212,31 @@ def explain(ctx: PrefillContext) -> Explanation:
         )
     plan = None if missing else PrefillPlan(rope, append, attention, fused, batch, slot_append)
     return Explanation(ctx, plan, rejected, tuple(missing))
+
+
+#: The arches with GPU kernels, newest first.
+GPU_ARCHS: tuple[Arch, ...] = (Arch.SM90, Arch.SM80)
+
+
+def gpu_gaps(ctx: PrefillContext) -> tuple[str, ...]:
+    """Why the GPU kernels would not serve a call like `ctx` (read on any arch, usually the CPU), one
+    line per GPU arch without a plan: for each step it has no kernel for, the reasons of that step's
+    nearest kernel for the arch (the one with the fewest). Empty when every GPU arch has a plan."""
+    gaps: list[str] = []
+    for arch in GPU_ARCHS:
+        on_gpu = attrs.evolve(ctx, arch=arch)
+        explanation = explain(on_gpu)
+        reasons: list[str] = []
+        for step in explanation.missing_steps:
+            candidates = [key for key in _PREFERENCES[step] if arch in code_of(key).serves]
+            nearest = min((rejections(key, on_gpu) for key in candidates), key=len, default=())
+            reasons.extend(reason for reason in nearest if reason not in reasons)
+        if explanation.plan is None:
+            gaps.append(
+                f"{arch.value}: "
+                + "; ".join(reasons or ["no kernel serves step " + ", ".join(explanation.missing_steps)])
+            )
+    return tuple(gaps)
 
 
 def needs_batch_step(ctx: PrefillContext) -> bool:

@@ -84,7 +84,7 @@ class StaticFacts(NamedTuple):
     softcap: float = 0.0  # attention: the logit softcap (0: none)
     lse: bool = False  # attention: also write the log-sum-exp of every (query token, query head)
     #: SM90 attention: the device's SM count, one CTA each for a persistent program (0: the
-    #: table's count, attention_configs.SM90_PERSISTENT_CTAS). Other families and arches: 0.
+    #: table's count, tiles.SM90_PERSISTENT_CTAS). Other families and arches: 0.
     sm_count: int = 0
     index_dtype: IndexDType = IndexDType.INT32
 
@@ -114,10 +114,15 @@ class AttentionScalars(NamedTuple):
 
 
 def attention_options(facts: StaticFacts) -> AttentionOptions:
-    """The scalars of `facts` as an allocating attention call takes them."""
-    return AttentionOptions(
-        causal=facts.causal, sm_scale=facts.sm_scale, window=facts.window, softcap=facts.softcap
-    )
+    """The scalars of `facts` as an allocating attention call takes them (a dict literal: torch.compile
+    traces it, not a TypedDict's constructor)."""
+    options: AttentionOptions = {
+        "causal": facts.causal,
+        "sm_scale": facts.sm_scale,
+        "window": facts.window,
+        "softcap": facts.softcap,
+    }
+    return options
 
 
 #: What a caller without the LSE (`facts.lse` false) passes an attention launch for `lse`: never
