@@ -802,9 +802,9 @@ def test_window_and_softcap_reach_the_kernels(gen: torch.Generator) -> None:
 def test_a_call_no_gpu_kernel_serves_warns_once_on_the_cpu(gen: torch.Generator) -> None:
     """Head dim 72: the reference kernels run it on the CPU, and the Op warns, once per configuration,
     with selection's reason for each GPU arch; a head dim the GPU kernels serve does not warn."""
-    from tileprefill.ops import op as op_module
+    from tileprefill.ops import decision
 
-    op_module.decided.cache_clear()
+    decision.decided.cache_clear()
 
     def call(head_dim: int) -> None:
         q = torch.randn(1, 5, 4, head_dim, generator=gen).half()

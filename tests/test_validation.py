@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill.ops import PUBLIC_OPS, OpClass
-from tileprefill.ops import op as op_module
+from tileprefill.ops import PUBLIC_OPS, OpClass, decision
 
 if TYPE_CHECKING:
     from conftest import Oracle
@@ -486,8 +485,8 @@ def test_unsupported_call_raises_with_reasons(
     oracle: Oracle, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No kernel for a step: the Op raises with every candidate's reasons, before any write."""
-    monkeypatch.setattr(op_module, "arch_of", lambda device: tp.Arch.SM90)  # as if on an H100
-    op_module.decided.cache_clear()
+    monkeypatch.setattr(decision, "arch_of", lambda device: tp.Arch.SM90)  # as if on an H100
+    decision.decided.cache_clear()
     try:
         inputs = oracle.named_inputs(tp.GQAPagedCacheAppendPrefill, gen)
         for name in ("q", "k_new", "v_new", "k_pages", "v_pages"):
@@ -502,7 +501,7 @@ def test_unsupported_call_raises_with_reasons(
             oracle.plan_of(op, tp.GQAPagedCacheAppendPrefill, tuple(inputs.values()))
         assert planned.value.explanation.missing_steps == ("attention",)
     finally:
-        op_module.decided.cache_clear()
+        decision.decided.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from tileprefill.ops.contiguous import (
     GQAContiguousCachePrefill,
     GQAContiguousCacheRopeAppendPrefill,
 )
+from tileprefill.ops.decision import NoGPUKernelWarning
 from tileprefill.ops.dense import (
     DenseShape,
     GQAPrefill,
@@ -21,7 +22,7 @@ from tileprefill.ops.dense import (
     NoCacheOp,
     VarlenShape,
 )
-from tileprefill.ops.op import NoGPUKernelWarning, OpOptions, OutputAndLSE, PrefillOp, RopeOpOptions
+from tileprefill.ops.op import OpOptions, OutputAndLSE, PrefillOp, RopeOpOptions
 from tileprefill.ops.paged import (
     GQAPagedCacheAppendPrefill,
     GQAPagedCachePrefill,

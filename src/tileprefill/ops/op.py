@@ -35,25 +35,18 @@ class: mypy does not carry a base class's self-type overloads to subclasses) bin
 inputs become a context, what its plan derives and which launches a plan
 means; a public Op names its inputs and writes each signature once.
 
-On the CPU every step runs its torch reference kernel. A call that no GPU kernel would serve
-(a head dim the TileLang programs are not compiled for, say) still runs there, and warns once
-per configuration with `NoGPUKernelWarning`, naming why (`selection.gpu_gaps`), so that a test
-on a laptop finds out before the GPU host does.
-
 The one-shot call must trace under `torch.compile(fullgraph=True)` and `run`
 must run under CUDA-graph capture when `validate=False`: neither reads device
 values on the host, and the decision from metadata to `(PrefillContext, PrefillPlan)`
-is one cached function that the compiler treats as a constant (`decide`).
+is one cached function that the compiler treats as a constant (`ops/decision.py`).
 """
 
 from __future__ import annotations
 
 import abc
-import functools
 import itertools
 import math
 import operator
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import (
@@ -72,7 +65,7 @@ from typing import (
 import torch
 from typing_extensions import TypeVar as DefaultTypeVar
 
-from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode, arch_of, sm_count_of
+from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode, sm_count_of
 from tileprefill.kernels.base import (
     ContiguousAttentionKernel,
     DenseAttentionKernel,
@@ -96,7 +89,8 @@ from tileprefill.keys import (
     RopeKey,
     SlotAppendKey,
 )
-from tileprefill.selection import TL_ATTENTION_HEAD_DIMS, PrefillPlan, gpu_gaps, rejections, select_plan
+from tileprefill.ops.decision import decide, mark_decision_constant
+from tileprefill.selection import TL_ATTENTION_HEAD_DIMS, PrefillPlan, rejections
 from tileprefill.validation import (
     Binding,
     DtypeRule,
@@ -144,90 +138,6 @@ class RopeOpOptions(OpOptions, total=False):
 #: The RoPE tables every RoPE Op takes last: float32 (max_position, rotary_dim // 2).
 COS = spec("cos", DtypeRule.FLOAT32, "P, R2")
 SIN = spec("sin", DtypeRule.FLOAT32, "P, R2")
-
-
-class NoGPUKernelWarning(UserWarning):
-    """A call on the CPU that no GPU kernel would serve: the reference kernels run it here, but the
-    same call on a GPU raises `UnsupportedContextError`."""
-
-
-# --- the decision of a call ------------------------------------------------------------------------
-
-
-@functools.cache
-def decided(
-    *,
-    kv_layout: KVLayout,
-    rope: RopeMode,
-    append: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-    head_dim: int,
-    group_size: int,
-    causal: bool,
-    page_size: int,
-    ragged: bool,
-    sliding_window: int,
-    softcap: bool,
-    kv_order: KVOrder,
-) -> tuple[PrefillContext, PrefillPlan]:
-    """The context of a call and its plan, once per configuration (and so the CPU warning). The
-    arguments are the context's fields as a traced call has them: the dtype and the device (the
-    arch is read from it) as torch gives them."""
-    context = PrefillContext(
-        kv_layout=kv_layout,
-        rope=rope,
-        append=append,
-        q_dtype=DType.of(dtype, argument="q"),
-        kv_dtype=DType.of(dtype, argument="kv"),
-        arch=arch_of(device),
-        head_dim=head_dim,
-        group_size=group_size,
-        causal=causal,
-        page_size=page_size,
-        ragged=ragged,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        kv_order=kv_order,
-    )
-    plan = select_plan(context)
-    if context.arch is Arch.CPU:
-        warn_without_gpu_kernel(context)
-    return context, plan
-
-
-def _uncached(cached: Callable[P, R]) -> Callable[P, R]:
-    """A plain function calling `cached`: torch.compile traces into a functools.cache wrapper instead
-    of keeping its result as a constant, so the constant is this function."""
-
-    def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        return cached(*args, **kwargs)
-
-    return call
-
-
-#: `decided` as the Ops call it. Under torch.compile a constant of the trace
-#: (`_mark_decision_constant`): it reads only metadata that torch.compile guards anyway (dtypes,
-#: shapes, device), and building a context is not traceable (attrs' frozen __init__).
-decide = _uncached(decided)
-
-
-def warn_without_gpu_kernel(context: PrefillContext) -> None:
-    """Warn (`NoGPUKernelWarning`) when the GPU kernels would not serve a call like `context`."""
-    gaps = gpu_gaps(context)
-    if gaps:
-        warnings.warn(
-            f"no GPU kernel serves this call ({'; '.join(gaps)}); on the CPU the reference kernels run it",
-            NoGPUKernelWarning,
-            stacklevel=2,
-        )
-
-
-@functools.cache
-def _mark_decision_constant() -> None:
-    """Let torch.compile run `decide` while tracing and keep its result as a constant. Done on the
-    first Op construction rather than at import: it imports torch._dynamo (about a second)."""
-    torch.compiler.assume_constant_result(decide)  # type: ignore[no-untyped-call]
 
 
 # --- the kernel map --------------------------------------------------------------------------------
@@ -448,7 +358,7 @@ class PrefillOp(abc.ABC, Generic[ResultT]):
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
         if not torch.compiler.is_compiling():
-            _mark_decision_constant()
+            mark_decision_constant()
         self.causal = causal
         self.sm_scale = None if sm_scale is None else float(sm_scale)
         #: 0 and 0.0 stand for "none" in the context and the kernels' static facts.

@@ -30,13 +30,8 @@ from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContex
 from tileprefill.kernels.base import Kernel, SlotAppendKernel, SlotAppendLaunch, StaticFacts
 from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import KernelKey
-from tileprefill.ops.op import (
-    candidate_keys,
-    checked_kernel_map,
-    concrete_device,
-    metadata_specs,
-    warn_without_gpu_kernel,
-)
+from tileprefill.ops.decision import warn_without_gpu_kernel
+from tileprefill.ops.op import candidate_keys, checked_kernel_map, concrete_device, metadata_specs
 from tileprefill.ops.plan import DecidedPlan, Expected, Requirement, expected_of, matches
 from tileprefill.selection import PrefillPlan, select_plan
 from tileprefill.validation import (
