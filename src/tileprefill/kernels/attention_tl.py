@@ -16,7 +16,7 @@ import tilelang: the program modules are imported on the first build.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import ClassVar, Final, assert_never, cast
+from typing import Any, ClassVar, Final, assert_never, cast
 
 import torch
 from typing_extensions import Unpack
@@ -327,26 +327,12 @@ def _representative(source: KVSource) -> tuple[tuple[str, StaticFacts], ...]:
     with a window; the paged ones at the page sizes engines use most, the tiled one at D 96
     (32-column panels of each page's copy)."""
 
-    def facts(
-        head_dim: int = 128,
-        dtype: DType = DType.FP16,
-        causal: bool = True,
-        page_size: int = 0,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> StaticFacts:
-        return StaticFacts(
-            arch=Arch.CPU,  # replaced by the key's arch in compile_cases
-            heads=32,
-            kv_heads=8,
-            head_dim=head_dim,
-            dtype=dtype,
-            causal=causal,
-            sm_scale=head_dim**-0.5,
-            page_size=page_size,
-            window=window,
-            softcap=softcap,
+    def facts(head_dim: int = 128, **changes: Any) -> StaticFacts:
+        # arch: replaced by the key's arch in compile_cases.
+        base = StaticFacts(
+            Arch.CPU, DType.FP16, heads=32, kv_heads=8, head_dim=head_dim, sm_scale=head_dim**-0.5
         )
+        return base._replace(**changes)
 
     match source:
         case KVSource.DENSE:
