@@ -6,7 +6,7 @@ their cu_seqlens (`plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, overload
 
 import torch
@@ -15,10 +15,7 @@ from typing_extensions import Unpack
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
     DenseAttentionKernel,
-    DenseAttentionLaunch,
     RaggedAttentionKernel,
-    RaggedAttentionLaunch,
-    RopeLaunch,
 )
 from tileprefill.ops.op import (
     COS,
@@ -30,8 +27,8 @@ from tileprefill.ops.op import (
     RopeOpOptions,
     RotatingOp,
 )
-from tileprefill.ops.plan import BatchPlan, Requirement
-from tileprefill.ops.steps import rotate
+from tileprefill.ops.plan import Requirement
+from tileprefill.ops.steps import NoCacheLaunches, NoCachePlan
 from tileprefill.positions import batch_positions, ragged_positions
 from tileprefill.validation import (
     Binding,
@@ -84,35 +81,6 @@ _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _CU_KV = spec("cu_seqlens_kv", DtypeRule.INT32, "B + 1")
 _OUT_RAGGED = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
 _LSE_RAGGED = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
-
-
-class NoCacheLaunches(NamedTuple):
-    """What the runs of a plan without a cache launch, with the plan's metadata bound."""
-
-    cu_seqlens_q: torch.Tensor | None  # varlen only
-    cu_seqlens_kv: torch.Tensor | None
-    q_positions: torch.Tensor  # RoPE positions (empty without RoPE)
-    k_positions: torch.Tensor
-    dense: DenseAttentionLaunch | None
-    ragged: RaggedAttentionLaunch | None
-    rope_q: RopeLaunch | None
-    rope_k: RopeLaunch | None
-
-
-class NoCachePlan(BatchPlan[NoCacheLaunches, ResultT]):
-    def _launch(self, tensors: Sequence[torch.Tensor], out: torch.Tensor, lse: torch.Tensor) -> None:
-        """`run`'s tensors: q, k, v[, cos, sin]."""
-        q, k, v, *tables = tensors
-        b = self._launches
-        if b.rope_q is not None and b.rope_k is not None:
-            cos, sin = tables
-            q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
-        if b.ragged is not None:
-            assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
-            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, lse)
-        else:
-            assert b.dense is not None
-            b.dense(q, k, v, out, lse)
 
 
 class NoCacheOp(PrefillOp[ResultT]):

@@ -1,5 +1,7 @@
-"""How the runs of a plan over a KV cache compose their steps: [RoPE, append | RoPE + append in one,]
-then attention, each a launch bound by `plan` (`CacheLaunches`), run in that order by `CachePlan`.
+"""How the runs of a plan compose their steps, each a launch `plan` bound with the batch's metadata:
+
+- without a cache (`NoCachePlan`): [RoPE of q and k,] attention;
+- over a KV cache (`CachePlan`): [RoPE, append | RoPE + append in one,] attention.
 
 RoPE writes new tensors (the caller's q and keys are inputs, never changed); the appends write the
 caches in place, so a run first checks that the caches share no memory with what it reads.
@@ -12,7 +14,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from tileprefill.kernels.base import RopeAppendLaunch, RopeLaunch
+from tileprefill.kernels.base import DenseAttentionLaunch, RaggedAttentionLaunch, RopeAppendLaunch, RopeLaunch
 from tileprefill.ops.op import ResultT
 from tileprefill.ops.plan import BatchPlan
 from tileprefill.validation import check_apart, check_kv_order, check_same_strides
@@ -70,6 +72,35 @@ def rotate_and_write(
         as_rows(rotated),
     )
     return rotated
+
+
+class NoCacheLaunches(NamedTuple):
+    """What the runs of a plan without a cache launch, with the plan's metadata bound."""
+
+    cu_seqlens_q: torch.Tensor | None  # varlen only
+    cu_seqlens_kv: torch.Tensor | None
+    q_positions: torch.Tensor  # RoPE positions (empty without RoPE)
+    k_positions: torch.Tensor
+    dense: DenseAttentionLaunch | None
+    ragged: RaggedAttentionLaunch | None
+    rope_q: RopeLaunch | None
+    rope_k: RopeLaunch | None
+
+
+class NoCachePlan(BatchPlan[NoCacheLaunches, ResultT]):
+    def _launch(self, tensors: Sequence[torch.Tensor], out: torch.Tensor, lse: torch.Tensor) -> None:
+        """`run`'s tensors: q, k, v[, cos, sin]."""
+        q, k, v, *tables = tensors
+        b = self._launches
+        if b.rope_q is not None and b.rope_k is not None:
+            cos, sin = tables
+            q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
+        if b.ragged is not None:
+            assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
+            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, lse)
+        else:
+            assert b.dense is not None
+            b.dense(q, k, v, out, lse)
 
 
 class CacheLaunches(NamedTuple):
