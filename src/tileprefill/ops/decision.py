@@ -11,6 +11,7 @@ serve warns there (`NoGPUKernelWarning`), once per configuration, with selection
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -91,14 +92,24 @@ decide = _uncached(decided)
 
 
 def warn_without_gpu_kernel(context: PrefillContext) -> None:
-    """Warn (`NoGPUKernelWarning`) when the GPU kernels would not serve a call like `context`."""
+    """Warn (`NoGPUKernelWarning`) when the GPU kernels would not serve a call like `context`, at the
+    caller's line (the first frame outside this package)."""
     gaps = gpu_gaps(context)
     if gaps:
         warnings.warn(
             f"no GPU kernel serves this call ({'; '.join(gaps)}); on the CPU the reference kernels run it",
             NoGPUKernelWarning,
-            stacklevel=2,
+            stacklevel=_callers_level(),
         )
+
+
+def _callers_level() -> int:
+    """The `stacklevel` of the first frame outside tileprefill, for a warning raised by the caller."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("tileprefill."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @functools.cache
