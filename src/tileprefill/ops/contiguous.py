@@ -72,7 +72,7 @@ _LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
 
 
 class ContiguousPlan(CachePlan[ResultT]):
-    """A contiguous-cache batch: the lengths, and (appending) each new token's position and slot."""
+    """A plan over a contiguous cache: the lengths, and (appending) each new token's position and slot."""
 
     cache_names = ("k_cache", "v_cache")
 

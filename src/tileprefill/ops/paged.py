@@ -80,7 +80,8 @@ _LSE = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 
 class PagedPlan(CachePlan[ResultT]):
-    """A paged batch: the block table, lengths, and (appending) each new token's position and slot."""
+    """A plan over a paged cache: the block table, lengths, and (appending) each new token's position
+    and slot."""
 
     cache_names = ("k_pages", "v_pages")
 
