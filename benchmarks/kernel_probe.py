@@ -47,8 +47,8 @@ for _name, _sub in (("tileprefill", "src/tileprefill"), ("tileprefill.kernels", 
         sys.modules[_name] = _stub
 
 from tileprefill.kernels.tl import attention_sm90  # noqa: E402
-from tileprefill.kernels.tl.attention_parts import KVSource  # noqa: E402
-from tileprefill.selection import Source, sm90_config  # noqa: E402
+from tileprefill.tiles import KVSource, sm90_config  # noqa: E402
+from tileprefill.tiles import KVSource as Source  # noqa: E402
 
 
 def _extra_pass_configs(factory: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import random
 import sys
 from collections.abc import Iterator
 
-#: K/V ring stages (attention_configs: 2 for every SM90 program).
+#: K/V ring stages (tiles.py: 2 for every SM90 program).
 STAGES = 2
 Process = Iterator[None]
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill import compile_check
+from tileprefill import compile_check, tiles
 from tileprefill.context import Arch, DType
 from tileprefill.kernels import attention_tl, launch, slot_append_tl
 from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.keys import ALL_KEYS, AttentionKey, SlotAppendKey
-from tileprefill.selection import Code, Source, attention_traits, code_of
+from tileprefill.keys import ALL_KEYS, AttentionKey, Code, SlotAppendKey, attention_traits, code_of
+from tileprefill.tiles import KVSource, TileConfig, sm90_config
 
 TL_ARCHS = [Arch.SM80, Arch.SM90]
 
@@ -131,21 +131,21 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     """Per key a causal fp16 case; dense spans head dims (a 16-column panel one among them), dtypes,
     causality, the window and the softcap; the contiguous cache a window at block_N 64; the paged
     ones page sizes 16 (tiled, at a 32-column panel head dim) and 1 (generic)."""
-    by_source: dict[Source, set[_CaseFacts]] = {}
+    by_source: dict[KVSource, set[_CaseFacts]] = {}
     for case in attention_tl.compile_cases(arch):
         assert isinstance(case.key, AttentionKey)
         by_source.setdefault(attention_traits(case.key)[0], set()).add(_facts_of(case))
     for facts in by_source.values():
         assert any(f.dtype == "float16" and f.causal for f in facts)
-    dense = by_source[Source.DENSE]
+    dense = by_source[KVSource.DENSE]
     assert {f.head_dim for f in dense} == {64, 80, 128, 256}  # 64: three consumers on SM90
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
     assert any(f.window > 0 and f.softcap > 0 for f in dense)
     assert [f.lse for f in dense].count(True) == 1
-    assert {(f.head_dim, f.window > 0) for f in by_source[Source.CONTIGUOUS]} == {(192, True)}
-    assert {(f.head_dim, f.page_size) for f in by_source[Source.PAGED_TILED]} == {(96, 16)}
-    assert {f.page_size for f in by_source[Source.PAGED]} == {1}
+    assert {(f.head_dim, f.window > 0) for f in by_source[KVSource.CONTIGUOUS]} == {(192, True)}
+    assert {(f.head_dim, f.page_size) for f in by_source[KVSource.PAGED_TILED]} == {(96, 16)}
+    assert {f.page_size for f in by_source[KVSource.PAGED]} == {1}
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
@@ -181,6 +181,28 @@ def test_compile_check_rejects_a_fence_of_more_registers_than_a_thread_has() -> 
     wrong = fine + "\n" + line.format(name="s", count=8192)
     error = compile_check.source_errors(wrong)
     assert error is not None and "at most 255" in error and "got 8192" in error
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
+def test_sources_only_hashes_the_cuda_a_build_compiles(arch: Arch, tmp_path: pathlib.Path) -> None:
+    """`--sources-only` lowers without nvcc; its hash is that of the source nvcc compiles."""
+    (case,) = [c for c in compile_check.collect_cases(arch) if c.label == "batch_paged_tl_p16"]
+    (lowered,) = compile_check.lower_all([case], arch, jobs=1)
+    (compiled,) = compile_check.compile_all([case], arch, str(tmp_path), jobs=1)
+    assert lowered.error is None and compiled.error is None
+    assert lowered.sha256 == compiled.sha256 and len(lowered.sha256) == 64
+
+
+def test_hash_lines_name_the_case_and_its_error() -> None:
+    lowered = (
+        compile_check.Lowered(AttentionKey.DENSE_SM90, "d128 fp16 causal", "ab" * 32, None),
+        compile_check.Lowered(AttentionKey.DENSE_SM80, "d64", "", "lowering failed"),
+    )
+    first, second = compile_check.format_hashes(lowered).splitlines()
+    assert first.split() == ["attn_dense_sm90", "d128", "fp16", "causal", "ab" * 32]
+    assert second.split()[0] == "attn_dense_sm80" and second.endswith("error: lowering failed")
+    assert compile_check.source_hash("x") == compile_check.source_hash("x") != compile_check.source_hash("y")
 
 
 def test_compile_check_rejects_an_unknown_arch() -> None:
@@ -318,20 +340,19 @@ def test_persistent_programs_launch_one_cta_per_sm_of_the_device(monkeypatch: py
     an H100 SXM, whose surplus would run as a second, partial wave. Other steps and arches do not
     take it, so that they are not compiled once per device kind."""
     pytest.importorskip("tilelang")
-    from tileprefill.kernels.tl import attention_configs
-
-    assert attention_configs.sm90_config(128, sm_count=114).persistent_ctas == 114
-    assert attention_configs.sm90_config(128).persistent_ctas == attention_configs.SM90_PERSISTENT_CTAS
-    assert attention_configs.sm90_config(256, sm_count=114).persistent_ctas == 0  # one CTA a query tile
-    assert attention_configs.sm90_config(128, contiguous_cache=True, sm_count=114).persistent_ctas == 0
+    dense_source = KVSource.DENSE
+    assert sm90_config(dense_source, 128, sm_count=114).persistent_ctas == 114
+    assert sm90_config(dense_source, 128).persistent_ctas == tiles.SM90_PERSISTENT_CTAS
+    assert sm90_config(dense_source, 256, sm_count=114).persistent_ctas == 0  # one CTA a query tile
+    assert sm90_config(KVSource.CONTIGUOUS, 128, sm_count=114).persistent_ctas == 0
     with pytest.raises(ValueError, match="sm_count: expected the device's SM count"):
-        attention_configs.sm90_config(128, sm_count=-1)
+        sm90_config(dense_source, 128, sm_count=-1)
     facts = StaticFacts(Arch.SM90, DType.FP16, 8, 2, 128, True, 0.125, sm_count=78)
     dense = attention_tl.program(AttentionKey.DENSE_SM90, facts)
-    assert dataclasses.replace(attention_configs.sm90_config(128), persistent_ctas=78) in dense.args
-    import tileprefill.ops.base as ops_base
+    assert dataclasses.replace(sm90_config(dense_source, 128), persistent_ctas=78) in dense.args
+    import tileprefill.ops.op as ops_op
 
-    monkeypatch.setattr(ops_base, "sm_count_of", lambda device: 114)
+    monkeypatch.setattr(ops_op, "sm_count_of", lambda device: 114)
     op = tp.GQAPrefill()
     cpu = torch.device("cpu")
     assert op.attention_facts(facts._replace(sm_count=0), cpu).sm_count == 114
@@ -339,20 +360,17 @@ def test_persistent_programs_launch_one_cta_per_sm_of_the_device(monkeypatch: py
 
 
 def test_d64_runs_three_consumer_warpgroups_where_the_program_reads_dense_q() -> None:
-    """One rule (selection.sm90_config) for the program factory and explain: D 64 dense and
+    """One rule (tiles.sm90_config) for the program factory and explain: D 64 dense and
     contiguous programs run 192-row tiles with three consumers; packed q keeps two."""
     pytest.importorskip("tilelang")
     from tileprefill.kernels.tl import attention_sm90
-    from tileprefill.kernels.tl.attention_configs import TileConfig
-    from tileprefill.kernels.tl.attention_parts import KVSource
-    from tileprefill.selection import sm90_config
 
     three = TileConfig(192, 128, 2, 512, persistent_ctas=132)
-    assert sm90_config(Source.DENSE, 64) == three
-    assert sm90_config(Source.CONTIGUOUS, 64) == TileConfig(192, 128, 2, 512)
-    for packed in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED):
+    assert sm90_config(KVSource.DENSE, 64) == three
+    assert sm90_config(KVSource.CONTIGUOUS, 64) == TileConfig(192, 128, 2, 512)
+    for packed in (KVSource.RAGGED, KVSource.PAGED, KVSource.PAGED_TILED):
         assert sm90_config(packed, 64).block_M == 128 and sm90_config(packed, 64).threads == 384
-    assert sm90_config(Source.DENSE, 80).block_M == 128
+    assert sm90_config(KVSource.DENSE, 80).block_M == 128
     facts = StaticFacts(Arch.SM90, DType.BF16, 16, 4, 64, True, 0.125)
     assert three in attention_tl.program(AttentionKey.DENSE_SM90, facts).args
     with pytest.raises(ValueError, match="expected two consumers for the gathering paged program"):
@@ -364,21 +382,20 @@ def test_d64_runs_three_consumer_warpgroups_where_the_program_reads_dense_q() ->
 
 
 def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
-    """One statement of the rule (attention_configs.sm90_config); the program refuses a persistent
+    """One statement of the rule (tiles.sm90_config); the program refuses a persistent
     contiguous configuration rather than building one."""
     pytest.importorskip("tilelang")
-    from tileprefill.kernels.tl import attention_configs, attention_sm90
-    from tileprefill.kernels.tl.attention_parts import KVSource
+    from tileprefill.kernels.tl import attention_sm90
 
-    assert attention_configs.sm90_config(128).persistent_ctas == attention_configs.SM90_PERSISTENT_CTAS
-    assert attention_configs.sm90_config(128, contiguous_cache=True).persistent_ctas == 0
+    assert sm90_config(KVSource.DENSE, 128).persistent_ctas == tiles.SM90_PERSISTENT_CTAS
+    assert sm90_config(KVSource.CONTIGUOUS, 128).persistent_ctas == 0
     contiguous = attention_tl.program(
         AttentionKey.CONTIGUOUS_SM90, StaticFacts(Arch.SM90, DType.FP16, 8, 2, 128, True, 0.125)
     )
-    assert attention_configs.TileConfig(128, 128, 2, 384) in contiguous.args
+    assert TileConfig(128, 128, 2, 384) in contiguous.args
     with pytest.raises(ValueError, match="expected persistent_ctas 0 for the contiguous cache"):
         attention_sm90.program(
-            KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, attention_configs.sm90_config(128)
+            KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, sm90_config(KVSource.DENSE, 128)
         )
 
 

@@ -26,7 +26,7 @@ import tileprefill as tp
 from tileprefill.kernels.base import DenseAttentionKernel
 from tileprefill.keys import AttentionKey
 from tileprefill.ops import PUBLIC_OPS, OpClass, OpOptions, PrefillOp, RopeOpOptions
-from tileprefill.ops.base import RotatingOp
+from tileprefill.ops.op import RotatingOp
 
 if TYPE_CHECKING:
     from conftest import Oracle

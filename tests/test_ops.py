@@ -9,6 +9,7 @@ the slots they write.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -796,3 +797,27 @@ def test_window_and_softcap_reach_the_kernels(gen: torch.Generator) -> None:
     plain = reference(q, k, v, cu_q, cu_kv, causal=True, sm_scale=0.125)
     assert torch.equal(out, expected)
     assert not torch.allclose(out.float(), plain.float(), atol=1e-2)
+
+
+def test_a_call_no_gpu_kernel_serves_warns_once_on_the_cpu(gen: torch.Generator) -> None:
+    """Head dim 72: the reference kernels run it on the CPU, and the Op warns, once per configuration,
+    with selection's reason for each GPU arch; a head dim the GPU kernels serve does not warn."""
+    from tileprefill.ops import decision
+
+    decision.decided.cache_clear()
+
+    def call(head_dim: int) -> None:
+        q = torch.randn(1, 5, 4, head_dim, generator=gen).half()
+        kv = torch.randn(1, 5, 2, head_dim, generator=gen).half()
+        tp.GQAPrefill()(q, kv, kv)
+
+    with pytest.warns(tp.NoGPUKernelWarning) as warned:
+        call(72)
+        call(72)
+    assert len(warned) == 1 and warned[0].filename == __file__  # the caller's line
+    message = str(warned[0].message)
+    assert "sm90: head_dim 72 is not compiled" in message and "sm80: head_dim 72" in message, message
+    assert "on the CPU the reference kernels run it" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.NoGPUKernelWarning)
+        call(64)

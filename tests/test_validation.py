@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill.ops import PUBLIC_OPS, OpClass, base
+from tileprefill.ops import PUBLIC_OPS, OpClass, decision
 
 if TYPE_CHECKING:
     from conftest import Oracle
@@ -485,8 +485,8 @@ def test_unsupported_call_raises_with_reasons(
     oracle: Oracle, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No kernel for a step: the Op raises with every candidate's reasons, before any write."""
-    monkeypatch.setattr(base, "arch_of", lambda device: tp.Arch.SM90)  # as if on an H100
-    base._plan_of.cache_clear()
+    monkeypatch.setattr(decision, "arch_of", lambda device: tp.Arch.SM90)  # as if on an H100
+    decision.decided.cache_clear()
     try:
         inputs = oracle.named_inputs(tp.GQAPagedCacheAppendPrefill, gen)
         for name in ("q", "k_new", "v_new", "k_pages", "v_pages"):
@@ -501,4 +501,23 @@ def test_unsupported_call_raises_with_reasons(
             oracle.plan_of(op, tp.GQAPagedCacheAppendPrefill, tuple(inputs.values()))
         assert planned.value.explanation.missing_steps == ("attention",)
     finally:
-        base._plan_of.cache_clear()
+        decision.decided.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "op_cls", [tp.GQAContiguousCacheAppendPrefill, tp.GQAPagedCacheAppendPrefill], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("wrong", ["k_new", "v_new"])
+def test_a_new_tensor_with_the_wrong_kv_heads_is_the_one_named(
+    op_cls: OpClass, wrong: str, oracle: Oracle, gen: torch.Generator
+) -> None:
+    """k_new binds Hkv first; when it alone is wrong, the error names k_new (the others agree on Hkv),
+    not v_new, which is checked against it. A wrong v_new is named as before."""
+    inputs = oracle.named_inputs(op_cls, gen)
+    hkv = inputs["k_new"].shape[-2]
+    inputs[wrong] = inputs[wrong][..., : hkv // 2, :].contiguous()
+    with pytest.raises(ValueError) as raised:
+        oracle.make_op(op_cls)(*inputs.values())
+    message = str(raised.value)
+    assert message.startswith(f"{wrong}: expected shape"), message
+    assert f"Hkv={hkv}" in message and str(tuple(inputs[wrong].shape)) in message, message

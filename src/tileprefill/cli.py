@@ -36,9 +36,18 @@ from tileprefill.bench.settings import (
     defaults_for,
 )
 from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
-from tileprefill.keys import AppendKey, AttentionKey, BatchKey, RopeAppendKey, RopeKey, SlotAppendKey
+from tileprefill.keys import (
+    AppendKey,
+    AttentionKey,
+    BatchKey,
+    Code,
+    RopeAppendKey,
+    RopeKey,
+    SlotAppendKey,
+    code_of,
+)
 from tileprefill.ops import GQAPagedCacheRopeAppendPrefill, GQAVarlenRopePrefill, PagedShape, VarlenShape
-from tileprefill.selection import Code, Explanation, PrefillPlan, code_of, explain
+from tileprefill.selection import Explanation, PrefillPlan, explain
 
 _DTYPES = {"fp16": DType.FP16, "bf16": DType.BF16}
 #: (atol, rtol) the demo accepts between chunked and dense outputs: a couple of ulps of the dtype,

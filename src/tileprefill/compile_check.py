@@ -6,13 +6,20 @@ RoPE, append, slot append), compiles each with `kernels.compile.build_to` (no GP
 checks that a non-empty .cubin (or .fatbin) was written and that the CUDA source fences no more
 registers than a thread has (`source_errors`), prints one row per case and fails
 unless every case compiled and every TileLang key serving the arch has a case.
-For sm_90a it also reports whether the CUDA source uses wgmma (informational).
+For sm_90a it also reports whether the CUDA source uses wgmma (informational). Each row
+carries the SHA-256 of the case's CUDA source.
+
+`--sources-only` lowers each case with TileLang and stops before nvcc (well under a
+second a case instead of seconds to minutes): it prints `key label sha256` a case, so
+that a change meant to leave every program as it was can be checked by comparing the
+lists before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import itertools
 import multiprocessing
 import os
@@ -28,9 +35,8 @@ import attrs
 
 from tileprefill.context import Arch
 from tileprefill.kernels import append_tl, attention_tl, batch_tl, rope_append_tl, rope_tl, slot_append_tl
-from tileprefill.kernels.compile import CompileCase, build_to
-from tileprefill.keys import ALL_KEYS, KernelKey
-from tileprefill.selection import Code, code_of
+from tileprefill.kernels.compile import CompileCase, build_to, lower_source
+from tileprefill.keys import ALL_KEYS, Code, KernelKey, code_of
 
 #: The modules whose `compile_cases(arch)` CI compiles.
 CASE_MODULES: tuple[ModuleType, ...] = (
@@ -59,7 +65,7 @@ def source_errors(source: str) -> str | None:
     `T.warpgroup_fence_operand(fragment)` without `num_regs` counts the fragment's elements
     across the warpgroup, not a thread's registers: the fence then loops over thousands of
     registers of a small array (undefined behaviour, and a PTX ten times larger; seen in
-    the SM90 attention programs, benchmarks/kernel-notes.md step 6)."""
+    the SM90 attention programs; docs/design.md)."""
     counts = [int(count) for count in _FENCE.findall(source)]
     too_many = [count for count in counts if count > MAX_THREAD_REGISTERS]
     if too_many:
@@ -78,6 +84,8 @@ class Outcome:
     cubin_bytes: int
     uses_wgmma: bool
     error: str | None
+    #: The SHA-256 of the program's CUDA source ("" where it did not lower).
+    sha256: str = ""
 
 
 def parse_arch(arch: str) -> Arch:
@@ -128,9 +136,51 @@ def compile_case(case: CompileCase, arch: Arch, case_dir: str) -> Outcome:
         error = error or source_errors(source)
         uses_wgmma = "wgmma" in source
     except Exception as exc:  # reported per case; the check fails below
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        return Outcome(case.key, case.label, time.perf_counter() - started, 0, False, first_line[:200])
-    return Outcome(case.key, case.label, time.perf_counter() - started, cubin_bytes, uses_wgmma, error)
+        return Outcome(case.key, case.label, time.perf_counter() - started, 0, False, _first_line(exc))
+    seconds = time.perf_counter() - started
+    return Outcome(case.key, case.label, seconds, cubin_bytes, uses_wgmma, error, source_hash(source))
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+
+
+@attrs.frozen
+class Lowered:
+    """One case lowered to CUDA without nvcc: its source's hash, or why it did not lower."""
+
+    key: KernelKey
+    label: str
+    sha256: str
+    error: str | None
+
+
+def lower_case(case: CompileCase, arch: Arch) -> Lowered:
+    try:
+        return Lowered(case.key, case.label, source_hash(lower_source(case, arch)), None)
+    except Exception as exc:  # reported per case; the check fails below
+        return Lowered(case.key, case.label, "", _first_line(exc))
+
+
+def lower_all(cases: Sequence[CompileCase], arch: Arch, *, jobs: int) -> tuple[Lowered, ...]:
+    """Lower `cases` with up to `jobs` worker processes; results stay in case order."""
+    if jobs <= 1 or len(cases) <= 1:
+        return tuple(lower_case(case, arch) for case in cases)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        return tuple(pool.map(lower_case, cases, [arch] * len(cases)))
+
+
+def format_hashes(lowered: Sequence[Lowered]) -> str:
+    """One line a case: key, label and the SHA-256 of its CUDA source (or the error)."""
+    return "\n".join(
+        f"{o.key.value:<28} {o.label:<48} {o.sha256 if o.error is None else 'error: ' + o.error}"
+        for o in lowered
+    )
 
 
 def _case_dir(root: str, index: int, case: CompileCase) -> str:
@@ -193,23 +243,29 @@ def default_jobs() -> int:
 
 def format_table(outcomes: Sequence[Outcome], arch: Arch) -> str:
     wgmma = arch is Arch.SM90
-    header = f"{'key':<24} {'label':<28} {'seconds':>8} {'cubin bytes':>12} {'wgmma':>6}  result"
+    header = (
+        f"{'key':<24} {'label':<28} {'seconds':>8} {'cubin bytes':>12} {'wgmma':>6}  {'sha256':<64}  result"
+    )
     lines = [header, "-" * len(header)]
     for o in outcomes:
         uses = ("yes" if o.uses_wgmma else "no") if wgmma and o.error is None else "-"
         result = "ok" if o.error is None else f"error: {o.error}"
         lines.append(
-            f"{o.key.value:<24} {o.label:<28} {o.seconds:>8.1f} {o.cubin_bytes:>12} {uses:>6}  {result}"
+            f"{o.key.value:<24} {o.label:<28} {o.seconds:>8.1f} {o.cubin_bytes:>12} {uses:>6}  "
+            f"{o.sha256 or '-':<64}  {result}"
         )
     return "\n".join(lines)
 
 
-def main(*, arch: str, out_dir: str | None, jobs: int | None = None) -> int:
-    """Compile every case of `arch` ("sm_80" or "sm_90a"); 0 iff all compiled and every key is covered."""
+def main(*, arch: str, out_dir: str | None, jobs: int | None = None, sources_only: bool = False) -> int:
+    """Compile every case of `arch` ("sm_80" or "sm_90a"); 0 iff all compiled and every key is covered.
+    With `sources_only`, lower each case and print its source's hash instead (no nvcc)."""
     target = parse_arch(arch)
     cases = collect_cases(target)
-    missing = uncovered_keys(target, cases)
     workers = default_jobs() if jobs is None else jobs
+    if sources_only:
+        return _print_hashes(cases, target, arch, workers)
+    missing = uncovered_keys(target, cases)
     started = time.perf_counter()
     print(
         f"compiling {len(cases)} cases for {target.value} (nvcc target {arch}) in {workers} jobs", flush=True
@@ -233,14 +289,28 @@ def main(*, arch: str, out_dir: str | None, jobs: int | None = None) -> int:
     return 0 if not failed and not missing else 1
 
 
+def _print_hashes(cases: Sequence[CompileCase], target: Arch, arch: str, workers: int) -> int:
+    lowered = lower_all(cases, target, jobs=workers)
+    print(format_hashes(lowered))
+    failed = [o for o in lowered if o.error is not None]
+    if failed:
+        print(f"FAILED: {len(failed)} of {len(lowered)} cases did not lower for {arch}")
+    return 0 if not failed else 1
+
+
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tileprefill.compile_check", description=__doc__)
     parser.add_argument("--arch", required=True, choices=sorted(_ARCHS))
     parser.add_argument("--out-dir", default=None, help="keep each case's .cu and .cubin here")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+    parser.add_argument(
+        "--sources-only",
+        action="store_true",
+        help="lower each case without nvcc and print `key label sha256` of its CUDA source",
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = _parse(sys.argv[1:])
-    sys.exit(main(arch=args.arch, out_dir=args.out_dir, jobs=args.jobs))
+    sys.exit(main(arch=args.arch, out_dir=args.out_dir, jobs=args.jobs, sources_only=args.sources_only))

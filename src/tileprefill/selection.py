@@ -20,46 +20,29 @@ from typing import TypeVar, assert_never
 import attrs
 
 from tileprefill.context import Arch, KVLayout, KVOrder, PrefillContext, RopeMode
-from tileprefill.kernels.tl import attention_configs
 from tileprefill.keys import (
     AppendKey,
     AttentionKey,
     BatchKey,
+    Code,
     KernelKey,
     RopeAppendKey,
     RopeKey,
     SlotAppendKey,
+    append_traits,
+    attention_traits,
+    batch_traits,
+    code_of,
+    rope_append_traits,
+    rope_traits,
+    slot_append_traits,
 )
+from tileprefill.tiles import HEAD_DIMS, KVSource, describe, pages_tile_evenly, sm80_config, sm90_config
 
 K = TypeVar("K", BatchKey, RopeKey, AppendKey, RopeAppendKey, SlotAppendKey, AttentionKey)
 
 #: Head dims the TileLang attention kernels are compiled for (each has a tile config per arch).
-TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = attention_configs.HEAD_DIMS
-
-
-class Code(enum.Enum):
-    """What a key's kernel is built as, and so which arches it serves (`serves`, the one statement
-    of that rule)."""
-
-    REF = "torch reference"
-    TL = "TileLang (sm80 and sm90)"
-    SM80 = "TileLang sm80"
-    SM90 = "TileLang sm90"
-
-    @property
-    def serves(self) -> tuple[Arch, ...]:
-        """The arches whose calls a kernel of this code serves."""
-        match self:
-            case Code.REF:
-                return (Arch.CPU,)
-            case Code.TL:
-                return (Arch.SM80, Arch.SM90)
-            case Code.SM80:
-                return (Arch.SM80,)
-            case Code.SM90:
-                return (Arch.SM90,)
-            case _:
-                assert_never(self)
+TL_ATTENTION_HEAD_DIMS: tuple[int, ...] = HEAD_DIMS
 
 
 @attrs.frozen
@@ -167,6 +150,16 @@ ATTENTION_PREFERENCE: tuple[AttentionKey, ...] = (
 )
 
 
+#: The preference order of each step, by the name `Explanation.missing_steps` gives it.
+_PREFERENCES: dict[str, tuple[KernelKey, ...]] = {
+    "batch": BATCH_PREFERENCE,
+    "rope": ROPE_PREFERENCE,
+    "append": APPEND_PREFERENCE,
+    "slot_append": SLOT_APPEND_PREFERENCE,
+    "attention": ATTENTION_PREFERENCE,
+}
+
+
 def select_plan(ctx: PrefillContext) -> PrefillPlan:
     """The plan for `ctx`; raises `UnsupportedContextError` if a step has no kernel."""
     explanation = explain(ctx)
@@ -219,6 +212,31 @@ def explain(ctx: PrefillContext) -> Explanation:
         )
     plan = None if missing else PrefillPlan(rope, append, attention, fused, batch, slot_append)
     return Explanation(ctx, plan, rejected, tuple(missing))
+
+
+#: The arches with GPU kernels, newest first.
+GPU_ARCHS: tuple[Arch, ...] = (Arch.SM90, Arch.SM80)
+
+
+def gpu_gaps(ctx: PrefillContext) -> tuple[str, ...]:
+    """Why the GPU kernels would not serve a call like `ctx` (read on any arch, usually the CPU), one
+    line per GPU arch without a plan: for each step it has no kernel for, the reasons of that step's
+    nearest kernel for the arch (the one with the fewest). Empty when every GPU arch has a plan."""
+    gaps: list[str] = []
+    for arch in GPU_ARCHS:
+        on_gpu = attrs.evolve(ctx, arch=arch)
+        explanation = explain(on_gpu)
+        reasons: list[str] = []
+        for step in explanation.missing_steps:
+            candidates = [key for key in _PREFERENCES[step] if arch in code_of(key).serves]
+            nearest = min((rejections(key, on_gpu) for key in candidates), key=len, default=())
+            reasons.extend(reason for reason in nearest if reason not in reasons)
+        if explanation.plan is None:
+            gaps.append(
+                f"{arch.value}: "
+                + "; ".join(reasons or ["no kernel serves step " + ", ".join(explanation.missing_steps)])
+            )
+    return tuple(gaps)
 
 
 def needs_batch_step(ctx: PrefillContext) -> bool:
@@ -292,166 +310,36 @@ def rejections(key: KernelKey, ctx: PrefillContext) -> tuple[str, ...]:
             assert_never(key)
 
 
-def code_of(key: KernelKey) -> Code:
-    """What the kernel of `key` is built as."""
-    match key:
-        case BatchKey():
-            return batch_traits(key)
-        case RopeKey():
-            return rope_traits(key)[1]
-        case AppendKey():
-            return append_traits(key)[1]
-        case RopeAppendKey():
-            return rope_append_traits(key)[1]
-        case SlotAppendKey():
-            return slot_append_traits(key)
-        case AttentionKey():
-            return attention_traits(key)[1]
-        case _:
-            assert_never(key)
-
-
-def batch_traits(key: BatchKey) -> Code:
-    match key:
-        case BatchKey.PAGED_REF:
-            return Code.REF
-        case BatchKey.PAGED_TL:
-            return Code.TL
-        case _:
-            assert_never(key)
-
-
 def _no_batch_step(ctx: PrefillContext) -> str:
     if ctx.slot_mapping:
         return "the call's slot mapping names every new token's row"
     return "the call appends nothing to a paged cache"
 
 
-def slot_append_traits(key: SlotAppendKey) -> Code:
-    match key:
-        case SlotAppendKey.REF:
-            return Code.REF
-        case SlotAppendKey.TL:
-            return Code.TL
-        case _:
-            assert_never(key)
-
-
-def rope_append_traits(key: RopeAppendKey) -> tuple[RopeMode, Code]:
-    match key:
-        case RopeAppendKey.NEOX_TL:
-            return RopeMode.NEOX, Code.TL
-        case RopeAppendKey.INTERLEAVED_TL:
-            return RopeMode.INTERLEAVED, Code.TL
-        case _:
-            assert_never(key)
-
-
-def rope_traits(key: RopeKey) -> tuple[RopeMode, Code]:
-    match key:
-        case RopeKey.NEOX_REF:
-            return RopeMode.NEOX, Code.REF
-        case RopeKey.INTERLEAVED_REF:
-            return RopeMode.INTERLEAVED, Code.REF
-        case RopeKey.NEOX_TL:
-            return RopeMode.NEOX, Code.TL
-        case RopeKey.INTERLEAVED_TL:
-            return RopeMode.INTERLEAVED, Code.TL
-        case _:
-            assert_never(key)
-
-
-def append_traits(key: AppendKey) -> tuple[KVLayout, Code]:
-    match key:
-        case AppendKey.CONTIGUOUS_REF:
-            return KVLayout.CONTIGUOUS, Code.REF
-        case AppendKey.PAGED_REF:
-            return KVLayout.PAGED, Code.REF
-        case AppendKey.CONTIGUOUS_TL:
-            return KVLayout.CONTIGUOUS, Code.TL
-        case AppendKey.PAGED_TL:
-            return KVLayout.PAGED, Code.TL
-        case _:
-            assert_never(key)
-
-
-class Source(enum.Enum):
-    """Where an attention kernel reads q, k and v from."""
-
-    DENSE = "dense (B, S, H, D) inputs"
-    RAGGED = "ragged (T, H, D) inputs with cu_seqlens"
-    CONTIGUOUS = "a contiguous cache"
-    PAGED = "a paged cache, any page size"
-    PAGED_TILED = "a paged cache whose page size divides the KV tile"
-
-
-def attention_traits(key: AttentionKey) -> tuple[Source, Code]:
-    match key:
-        case AttentionKey.DENSE_REF:
-            return Source.DENSE, Code.REF
-        case AttentionKey.RAGGED_REF:
-            return Source.RAGGED, Code.REF
-        case AttentionKey.CONTIGUOUS_REF:
-            return Source.CONTIGUOUS, Code.REF
-        case AttentionKey.PAGED_REF:
-            return Source.PAGED, Code.REF
-        case AttentionKey.DENSE_SM80:
-            return Source.DENSE, Code.SM80
-        case AttentionKey.DENSE_SM90:
-            return Source.DENSE, Code.SM90
-        case AttentionKey.RAGGED_SM80:
-            return Source.RAGGED, Code.SM80
-        case AttentionKey.RAGGED_SM90:
-            return Source.RAGGED, Code.SM90
-        case AttentionKey.CONTIGUOUS_SM80:
-            return Source.CONTIGUOUS, Code.SM80
-        case AttentionKey.CONTIGUOUS_SM90:
-            return Source.CONTIGUOUS, Code.SM90
-        case AttentionKey.PAGED_SM80:
-            return Source.PAGED, Code.SM80
-        case AttentionKey.PAGED_SM90:
-            return Source.PAGED, Code.SM90
-        case AttentionKey.PAGED_TILED_SM80:
-            return Source.PAGED_TILED, Code.SM80
-        case AttentionKey.PAGED_TILED_SM90:
-            return Source.PAGED_TILED, Code.SM90
-        case _:
-            assert_never(key)
-
-
-def source_of(ctx: PrefillContext) -> tuple[Source, ...]:
+def source_of(ctx: PrefillContext) -> tuple[KVSource, ...]:
     """The sources that can serve `ctx`'s layout, most specific first."""
     match ctx.kv_layout:
         case KVLayout.NONE:
-            return (Source.RAGGED,) if ctx.ragged else (Source.DENSE,)
+            return (KVSource.RAGGED,) if ctx.ragged else (KVSource.DENSE,)
         case KVLayout.CONTIGUOUS:
-            return (Source.CONTIGUOUS,)
+            return (KVSource.CONTIGUOUS,)
         case KVLayout.PAGED:
-            return (Source.PAGED_TILED, Source.PAGED)
+            return (KVSource.PAGED_TILED, KVSource.PAGED)
         case _:
             assert_never(ctx.kv_layout)
 
 
-def orders_read(source: Source) -> tuple[KVOrder, ...]:
+def orders_read(source: KVSource) -> tuple[KVOrder, ...]:
     """The cache orders a source's kernels read: a cache's K and V are strided views whatever their
     order (`kernels/tl/cache_view.py`), so every cache source reads both; inputs without a cache
     are token-major (NHD)."""
     match source:
-        case Source.DENSE | Source.RAGGED:
+        case KVSource.DENSE | KVSource.RAGGED:
             return (KVOrder.NHD,)
-        case Source.CONTIGUOUS | Source.PAGED | Source.PAGED_TILED:
+        case KVSource.CONTIGUOUS | KVSource.PAGED | KVSource.PAGED_TILED:
             return (KVOrder.NHD, KVOrder.HND)
         case _:
             assert_never(source)
-
-
-def pages_tile_evenly(page_size: int) -> bool:
-    """Whether a power-of-two KV tile is whole pages (or lies inside one page).
-
-    True for powers of two >= 16: then either the page size divides the tile or
-    the tile divides the page, and every page's part of a tile is one copy.
-    """
-    return page_size >= 16 and page_size & (page_size - 1) == 0
 
 
 def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, ...]:
@@ -462,12 +350,13 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
     if source not in source_of(ctx):
         shape = "ragged" if ctx.ragged else "dense"
         reasons.append(
-            f"the call reads {shape} q with kv_layout {ctx.kv_layout.value}; this kernel reads {source.value}"
+            f"the call reads {shape} q with kv_layout {ctx.kv_layout.value}; "
+            f"this kernel reads {source.description}"
         )
     if source in source_of(ctx) and ctx.kv_order not in orders_read(source):
         reasons.append(f"this kernel reads no {ctx.kv_order.value} cache")
     if (
-        source is Source.PAGED_TILED
+        source is KVSource.PAGED_TILED
         and ctx.kv_layout is KVLayout.PAGED
         and not pages_tile_evenly(ctx.page_size)
     ):
@@ -482,17 +371,6 @@ def _attention_rejections(key: AttentionKey, ctx: PrefillContext) -> tuple[str, 
     return (*reasons, *_code_rejections(code, ctx))
 
 
-def sm90_config(source: Source, head_dim: int, sm_count: int = 0) -> attention_configs.TileConfig:
-    """The SM90 tile configuration of `source`'s programs at `head_dim` on a device of `sm_count`
-    SMs (0: the table's count): what the program factory builds and `explain` names."""
-    return attention_configs.sm90_config(
-        head_dim,
-        contiguous_cache=source is Source.CONTIGUOUS,
-        packed_q=source in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED),
-        sm_count=sm_count,
-    )
-
-
 def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
     """The tile configuration the TileLang attention kernel of `key` runs `ctx` with, in words (None
     for a reference kernel)."""
@@ -501,9 +379,9 @@ def attention_config(key: AttentionKey, ctx: PrefillContext) -> str | None:
         case Code.REF:
             return None
         case Code.SM90:
-            return "sm90 " + attention_configs.describe(sm90_config(source, ctx.head_dim))
+            return "sm90 " + describe(sm90_config(source, ctx.head_dim))
         case Code.SM80 | Code.TL:
-            return "sm80 " + attention_configs.describe(attention_configs.sm80_config(ctx.head_dim))
+            return "sm80 " + describe(sm80_config(ctx.head_dim))
         case _:
             assert_never(code)
 

@@ -65,8 +65,9 @@ from tileprefill.kernels.reference import (
     AttentionRaggedRefKernel,
 )
 from tileprefill.kernels.registry import ALL_KERNELS
-from tileprefill.keys import AttentionKey
-from tileprefill.selection import Source, attention_traits, pages_tile_evenly
+from tileprefill.keys import AttentionKey, attention_traits
+from tileprefill.tiles import KVSource as Source
+from tileprefill.tiles import pages_tile_evenly
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 

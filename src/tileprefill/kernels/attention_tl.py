@@ -15,31 +15,29 @@ import tilelang: the program modules are imported on the first build.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from types import ModuleType
-from typing import ClassVar, Final, assert_never, cast
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Final, assert_never, cast
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels.base import (
     NO_LSE,
+    AttentionOptions,
+    AttentionScalars,
     ContiguousAttentionKernel,
-    ContiguousAttentionLaunch,
     DenseAttentionKernel,
-    DenseAttentionLaunch,
     Kernel,
     PagedAttentionKernel,
-    PagedAttentionLaunch,
     RaggedAttentionKernel,
-    RaggedAttentionLaunch,
     StaticFacts,
 )
 from tileprefill.kernels.compile import CompileCase, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
 from tileprefill.kernels.launch import KernelRecord, Launcher, Program, register
-from tileprefill.keys import AttentionKey
-from tileprefill.selection import Code, Source, attention_traits, sm90_config
+from tileprefill.keys import AttentionKey, Code, attention_traits
+from tileprefill.tiles import KVSource, sm80_config, sm90_config
 
 
 def program_arch(key: AttentionKey) -> Arch:
@@ -52,87 +50,59 @@ def program_arch(key: AttentionKey) -> Arch:
 
 def program(key: AttentionKey, facts: StaticFacts) -> Program:
     """The program factory of `key` and its static arguments for `facts` (what `build` compiles)."""
-    from tileprefill.kernels.tl import attention_configs
-    from tileprefill.kernels.tl.attention_parts import KVSource
-
     source, _ = attention_traits(key)
-    programs: ModuleType
     arch = program_arch(key)
     if arch is Arch.SM90:
-        from tileprefill.kernels.tl import attention_sm90
+        from tileprefill.kernels.tl.attention_sm90 import program as factory
 
-        programs = attention_sm90
         config = sm90_config(source, facts.head_dim, facts.sm_count)
     else:
-        from tileprefill.kernels.tl import attention_sm80
+        from tileprefill.kernels.tl.attention_sm80 import program as factory
 
-        programs, config = attention_sm80, attention_configs.sm80_config(facts.head_dim)
-    paged = source is Source.PAGED or source is Source.PAGED_TILED
+        config = sm80_config(facts.head_dim)
     args = (
-        KVSource(_PROGRAM_SOURCES[source]),
+        source,
         facts.heads,
         facts.kv_heads,
         facts.head_dim,
         facts.dtype.value,
         facts.causal,
         facts.sm_scale,
-        facts.page_size if paged else 0,
+        facts.page_size if source.paged else 0,
         config,
         facts.window,
         facts.softcap,
     )
     # The LSE output is an argument only where it is set: the programs without it keep the
     # arguments (and so the compile-cache entries) they always had.
-    return Program(programs.program, (*args, True) if facts.lse else args, arch)
+    return Program(factory, (*args, True) if facts.lse else args, arch)
 
 
-#: The program family (`attention_parts.KVSource` value) of each source.
-_PROGRAM_SOURCES: Final[dict[Source, str]] = {
-    Source.DENSE: "dense",
-    Source.RAGGED: "ragged",
-    Source.CONTIGUOUS: "contiguous",
-    Source.PAGED: "paged",
-    Source.PAGED_TILED: "paged_tiled",
-}
-
-#: The program's tensor parameters of each source, in order (the output last).
-_TENSORS: Final[dict[Source, tuple[str, ...]]] = {
-    Source.DENSE: ("q", "k", "v", "out"),
-    Source.RAGGED: ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_kv", "out"),
-    Source.CONTIGUOUS: ("q", "k_cache", "v_cache", "kv_seqlens", "out"),
-    Source.PAGED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
-    Source.PAGED_TILED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q", "out"),
-}
-#: The KV-cache parameters of each source's programs (strided views, `kernels/tl/cache_view.py`).
-_CACHES: Final[dict[Source, tuple[str, ...]]] = {
-    Source.DENSE: (),
-    Source.RAGGED: (),
-    Source.CONTIGUOUS: ("k_cache", "v_cache"),
-    Source.PAGED: ("k_pages", "v_pages"),
-    Source.PAGED_TILED: ("k_pages", "v_pages"),
+#: The program's tensor parameters of each source before its outputs, in order: q, its keys and values,
+#: then the index tensors (int32) that locate each sequence's rows.
+_INPUTS: Final[dict[KVSource, tuple[str, ...]]] = {
+    KVSource.DENSE: ("q", "k", "v"),
+    KVSource.RAGGED: ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_kv"),
+    KVSource.CONTIGUOUS: ("q", "k_cache", "v_cache", "kv_seqlens"),
+    KVSource.PAGED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q"),
+    KVSource.PAGED_TILED: ("q", "k_pages", "v_pages", "block_table", "kv_seqlens", "cu_seqlens_q"),
 }
 
 
 def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
+    """The launch record of `key`'s programs with the LSE output or without: the inputs, then out
+    (and lse). The caches of the cache sources are views (`kernels/tl/cache_view.py`)."""
     source, _ = attention_traits(key)
-    if lse:
-        return register(
-            KernelRecord(
-                key=key,
-                tensors=(*_TENSORS[source], "lse"),
-                mutates=("out", "lse"),
-                views=_CACHES[source],
-                program=lambda facts: program(key, facts),
-                variant="_lse",
-            )
-        )
+    inputs = _INPUTS[source]
+    outputs = ("out", "lse") if lse else ("out",)
     return register(
         KernelRecord(
             key=key,
-            tensors=_TENSORS[source],
-            mutates=("out",),
+            tensors=(*inputs, *outputs),
+            mutates=outputs,
             program=lambda facts: program(key, facts),
-            views=_CACHES[source],
+            variant="_lse" if lse else "",
+            views=() if source in (KVSource.DENSE, KVSource.RAGGED) else inputs[1:3],
         )
     )
 
@@ -164,11 +134,8 @@ def facts_of(
     q: torch.Tensor,
     kv: torch.Tensor,
     *,
-    causal: bool,
-    sm_scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
     lse: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> StaticFacts:
     """The static facts of an allocating call (`__call__`), checked: q (..., Hq, D) and k/v (..., Hkv, D)
     of one dtype; the page size of a paged cache (NP, PS, Hkv, D) is its second dim."""
@@ -182,27 +149,22 @@ def facts_of(
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"k/v: expected a number of heads dividing q's {heads}, got {kv_heads}")
     source, _ = attention_traits(key)
-    paged = source is Source.PAGED or source is Source.PAGED_TILED
     arch = program_arch(key)
+    scalars = AttentionScalars(**options)
     return StaticFacts(
         arch=arch,
         dtype=dtype,
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        causal=causal,
-        sm_scale=float(sm_scale),
-        page_size=kv.shape[1] if paged else 0,
-        window=window,
-        softcap=float(softcap),
+        causal=scalars.causal,
+        sm_scale=float(scalars.sm_scale),
+        page_size=kv.shape[1] if source.paged else 0,
+        window=scalars.window,
+        softcap=float(scalars.softcap),
         lse=lse,
         sm_count=sm_count_of(q.device) if arch is Arch.SM90 else 0,
     )
-
-
-def _check_index(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype != torch.int32:
-        raise TypeError(f"{name}: expected dtype int32, got {tensor.dtype}")
 
 
 def _allocate_output(q: torch.Tensor) -> torch.Tensor:
@@ -217,362 +179,118 @@ def _allocate_lse(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
 
 
-def _without_keys(kv: torch.Tensor) -> bool:
-    """No key can be visible: every row is 0 (and a TMA descriptor of an empty tensor is invalid)."""
-    return kv.shape[0] == 0 or (kv.dim() == 4 and kv.shape[1] == 0)
+def _without_keys(inputs: tuple[torch.Tensor, ...], source: KVSource) -> bool:
+    """No key can be visible: k has no rows (and a TMA descriptor of an empty tensor is invalid), or a
+    paged cache's block table no column."""
+    kv = inputs[1]
+    no_rows = kv.shape[0] == 0 or (kv.dim() == 4 and kv.shape[1] == 0)
+    return no_rows or (source.paged and inputs[3].shape[1] == 0)
 
 
-def _no_keys(out: torch.Tensor, lse: torch.Tensor, with_lse: bool) -> None:
-    """What a program would write when no row sees a key: 0 outputs, -inf LSE."""
-    out.zero_()
-    if with_lse:
-        lse.fill_(float("-inf"))
+class _AttentionTL:
+    """The TileLang attention kernel of every source: the tensors of `_INPUTS[source]`, then out and
+    lse (each family's signature is that of the attention family the concrete class extends)."""
 
+    key: ClassVar[AttentionKey]
 
-class _DenseTL(DenseAttentionKernel):
-    def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
+    def bind(self, facts: StaticFacts) -> Callable[..., None]:
         launcher = Launcher.of(record_of(self.key, facts), facts)
+        source, _ = attention_traits(self.key)
         with_lse = facts.lse
 
-        def launch(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-        ) -> None:
+        def launch(*tensors: torch.Tensor) -> None:
+            *inputs, out, lse = tensors
             if out.numel() == 0:
                 return
-            if _without_keys(k):
-                _no_keys(out, lse, with_lse)
+            if _without_keys(tuple(inputs), source):
+                # What a program would write when no row sees a key: 0 outputs, -inf LSE.
+                out.zero_()
+                if with_lse:
+                    lse.fill_(float("-inf"))
             elif with_lse:
-                launcher(q, k, v, out, lse)
+                launcher(*inputs, out, lse)
             else:
-                launcher(q, k, v, out)
+                launcher(*inputs, out)
 
         return launch
 
     def _allocating(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, facts: StaticFacts
+        self, tensors: tuple[torch.Tensor, ...], options: AttentionOptions, *, lse: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k, v, out, lse)
-        return out, lse
+        q, kv = tensors[0], tensors[1]
+        facts = facts_of(self.key, q, kv, lse=lse, **options)
+        names = _INPUTS[attention_traits(self.key)[0]]
+        for name, index in zip(names[3:], tensors[3:], strict=True):
+            if index.dtype != torch.int32:
+                raise TypeError(f"{name}: expected dtype int32, got {index.dtype}")
+        out, row_lse = _allocate_output(q), _allocate_lse(q) if lse else NO_LSE
+        self.bind(facts)(*tensors, out, row_lse)
+        return out, row_lse
 
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> torch.Tensor:
-        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
-        return self._allocating(q, k, v, facts)[0]
+    def __call__(self, *tensors: torch.Tensor, **options: Unpack[AttentionOptions]) -> torch.Tensor:
+        return self._allocating(tensors, options, lse=False)[0]
 
     def with_lse(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        self, *tensors: torch.Tensor, **options: Unpack[AttentionOptions]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k, v, facts)
+        return self._allocating(tensors, options, lse=True)
 
 
-class _RaggedTL(RaggedAttentionKernel):
-    def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
-
-        def launch(
-            q: torch.Tensor,
-            k: torch.Tensor,
-            v: torch.Tensor,
-            cu_seqlens_q: torch.Tensor,
-            cu_seqlens_kv: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            if out.numel() == 0:
-                return
-            if _without_keys(k):
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
-            else:
-                launcher(q, k, v, cu_seqlens_q, cu_seqlens_kv, out)
-
-        return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_index("cu_seqlens_q", cu_seqlens_q)
-        _check_index("cu_seqlens_kv", cu_seqlens_kv)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse)
-        return out, lse
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> torch.Tensor:
-        facts = facts_of(self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)
-        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k, v, cu_seqlens_q, cu_seqlens_kv, facts)
-
-
-class _ContiguousTL(ContiguousAttentionKernel):
-    def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
-
-        def launch(
-            q: torch.Tensor,
-            k_cache: torch.Tensor,
-            v_cache: torch.Tensor,
-            kv_seqlens: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            if out.numel() == 0:
-                return
-            if _without_keys(k_cache):
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k_cache, v_cache, kv_seqlens, out, lse)
-            else:
-                launcher(q, k_cache, v_cache, kv_seqlens, out)
-
-        return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_index("kv_seqlens", kv_seqlens)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k_cache, v_cache, kv_seqlens, out, lse)
-        return out, lse
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> torch.Tensor:
-        facts = facts_of(
-            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-        )
-        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k_cache, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k_cache, v_cache, kv_seqlens, facts)
-
-
-class _PagedTL(PagedAttentionKernel):
-    def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
-        launcher = Launcher.of(record_of(self.key, facts), facts)
-        with_lse = facts.lse
-
-        def launch(
-            q: torch.Tensor,
-            k_pages: torch.Tensor,
-            v_pages: torch.Tensor,
-            block_table: torch.Tensor,
-            kv_seqlens: torch.Tensor,
-            cu_seqlens_q: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            if out.numel() == 0:
-                return
-            if _without_keys(k_pages) or block_table.shape[1] == 0:
-                _no_keys(out, lse, with_lse)
-            elif with_lse:
-                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
-            else:
-                launcher(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out)
-
-        return launch
-
-    def _allocating(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        facts: StaticFacts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for name, index in (
-            ("block_table", block_table),
-            ("kv_seqlens", kv_seqlens),
-            ("cu_seqlens_q", cu_seqlens_q),
-        ):
-            _check_index(name, index)
-        out, lse = _allocate_output(q), _allocate_lse(q) if facts.lse else NO_LSE
-        self.bind(facts)(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
-        return out, lse
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> torch.Tensor:
-        facts = facts_of(
-            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-        )
-        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)[0]
-
-    def with_lse(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        block_table: torch.Tensor,
-        kv_seqlens: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        facts = facts_of(
-            self.key, q, k_pages, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, lse=True
-        )
-        return self._allocating(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, facts)
-
-
-class AttentionDenseSM80Kernel(_DenseTL):
+class AttentionDenseSM80Kernel(_AttentionTL, DenseAttentionKernel):
     """Dense (B, S, H, D) attention: SM80 program (cp.async, mma.sync)."""
 
     key: ClassVar[AttentionKey] = AttentionKey.DENSE_SM80
 
 
-class AttentionDenseSM90Kernel(_DenseTL):
+class AttentionDenseSM90Kernel(_AttentionTL, DenseAttentionKernel):
     """Dense (B, S, H, D) attention: SM90 program (TMA, wgmma, warp-specialized ping-pong)."""
 
     key: ClassVar[AttentionKey] = AttentionKey.DENSE_SM90
 
 
-class AttentionRaggedSM80Kernel(_RaggedTL):
+class AttentionRaggedSM80Kernel(_AttentionTL, RaggedAttentionKernel):
     """Ragged (T, H, D) attention by cu_seqlens: SM80 program."""
 
     key: ClassVar[AttentionKey] = AttentionKey.RAGGED_SM80
 
 
-class AttentionRaggedSM90Kernel(_RaggedTL):
+class AttentionRaggedSM90Kernel(_AttentionTL, RaggedAttentionKernel):
     """Ragged (T, H, D) attention by cu_seqlens: SM90 program."""
 
     key: ClassVar[AttentionKey] = AttentionKey.RAGGED_SM90
 
 
-class AttentionContiguousSM80Kernel(_ContiguousTL):
+class AttentionContiguousSM80Kernel(_AttentionTL, ContiguousAttentionKernel):
     """Attention over a contiguous (B, S_max, Hkv, D) cache: SM80 program."""
 
     key: ClassVar[AttentionKey] = AttentionKey.CONTIGUOUS_SM80
 
 
-class AttentionContiguousSM90Kernel(_ContiguousTL):
+class AttentionContiguousSM90Kernel(_AttentionTL, ContiguousAttentionKernel):
     """Attention over a contiguous (B, S_max, Hkv, D) cache: SM90 program (TMA tiles)."""
 
     key: ClassVar[AttentionKey] = AttentionKey.CONTIGUOUS_SM90
 
 
-class AttentionPagedSM80Kernel(_PagedTL):
+class AttentionPagedSM80Kernel(_AttentionTL, PagedAttentionKernel):
     """Attention over a paged cache of any page size (rows gathered): SM80 program."""
 
     key: ClassVar[AttentionKey] = AttentionKey.PAGED_SM80
 
 
-class AttentionPagedSM90Kernel(_PagedTL):
+class AttentionPagedSM90Kernel(_AttentionTL, PagedAttentionKernel):
     """Attention over a paged cache of any page size (rows gathered with cp.async): SM90 program."""
 
     key: ClassVar[AttentionKey] = AttentionKey.PAGED_SM90
 
 
-class AttentionPagedTiledSM80Kernel(_PagedTL):
+class AttentionPagedTiledSM80Kernel(_AttentionTL, PagedAttentionKernel):
     """Attention over a paged cache whose page size is a power of two >= 16 (page copies): SM80."""
 
     key: ClassVar[AttentionKey] = AttentionKey.PAGED_TILED_SM80
 
 
-class AttentionPagedTiledSM90Kernel(_PagedTL):
+class AttentionPagedTiledSM90Kernel(_AttentionTL, PagedAttentionKernel):
     """Attention over a paged cache whose page size is a power of two >= 16 (one TMA copy per
     page): SM90."""
 
@@ -593,45 +311,31 @@ KERNELS: tuple[type[Kernel], ...] = (
 )
 
 
-def _compile_weight(source: Source, arch: Arch) -> int:
+def _compile_weight(source: KVSource, arch: Arch) -> int:
     """nvcc time of one attention program in small-program units (~6 s on a CI core), as measured
     on that machine (README): SM90 persistent ragged and paged programs 101-246 s, other SM90
     ones 53-88 s, SM80 ones about 45 s."""
     if arch is not Arch.SM90:
         return 8
-    return 30 if source in (Source.RAGGED, Source.PAGED, Source.PAGED_TILED) else 12
+    return 30 if source.ragged_q else 12
 
 
-def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
+def _representative(source: KVSource) -> tuple[tuple[str, StaticFacts], ...]:
     """Static configurations compiled in CI (Hq 32, Hkv 8): every source causal fp16; dense also at
     D 80 (16-column swizzle panels) with bf16, a sliding window and a softcap, at D 256,
     non-causal, and at D 64 (three consumers on SM90); the contiguous cache at D 192 (block_N 64)
     with a window; the paged ones at the page sizes engines use most, the tiled one at D 96
     (32-column panels of each page's copy)."""
 
-    def facts(
-        head_dim: int = 128,
-        dtype: DType = DType.FP16,
-        causal: bool = True,
-        page_size: int = 0,
-        window: int = 0,
-        softcap: float = 0.0,
-    ) -> StaticFacts:
-        return StaticFacts(
-            arch=Arch.CPU,  # replaced by the key's arch in compile_cases
-            heads=32,
-            kv_heads=8,
-            head_dim=head_dim,
-            dtype=dtype,
-            causal=causal,
-            sm_scale=head_dim**-0.5,
-            page_size=page_size,
-            window=window,
-            softcap=softcap,
+    def facts(head_dim: int = 128, **changes: Any) -> StaticFacts:
+        # arch: replaced by the key's arch in compile_cases.
+        base = StaticFacts(
+            Arch.CPU, DType.FP16, heads=32, kv_heads=8, head_dim=head_dim, sm_scale=head_dim**-0.5
         )
+        return base._replace(**changes)
 
     match source:
-        case Source.DENSE:
+        case KVSource.DENSE:
             return (
                 ("d128 fp16 causal", facts()),
                 # bf16, the window and the softcap ride on the D80 case: one program fewer per arch
@@ -642,21 +346,21 @@ def _representative(source: Source) -> tuple[tuple[str, StaticFacts], ...]:
                 ),
                 ("d256 fp16 causal", facts(head_dim=256)),
                 ("d128 fp16 non-causal", facts(causal=False)),
-                # SM90: three consumer warpgroups (192-row tiles, 512 threads; attention_configs).
+                # SM90: three consumer warpgroups (192-row tiles, 512 threads; tiles.SM90_CONFIGS).
                 ("d64 bf16 causal", facts(head_dim=64, dtype=DType.BF16)),
                 # The program with the LSE output, once an arch (every source lowers it the same way).
                 ("d128 bf16 causal lse", facts(dtype=DType.BF16)._replace(lse=True)),
             )
-        case Source.RAGGED:
+        case KVSource.RAGGED:
             return (("d128 fp16 causal", facts()),)
-        case Source.CONTIGUOUS:
+        case KVSource.CONTIGUOUS:
             return (("d192 fp16 causal window", facts(head_dim=192, window=300)),)
         # One page size each: the page size is a constant of one program template (the GPU tests
         # run page sizes from 1 up), and each persistent SM90 paged program takes 2-4 minutes of
         # nvcc on a CI core. Page 1 (one key a page) and 16 are the sizes engines use most.
-        case Source.PAGED:
+        case KVSource.PAGED:
             return (("d128 fp16 causal page 1", facts(page_size=1)),)
-        case Source.PAGED_TILED:
+        case KVSource.PAGED_TILED:
             return (("d96 fp16 causal page 16", facts(head_dim=96, page_size=16)),)
         case _:
             assert_never(source)

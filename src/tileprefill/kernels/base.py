@@ -36,15 +36,18 @@ Shapes (B batch, S/T tokens, Hq/Hkv heads, D head dim, R rotary dim):
   `facts.lse` it receives the natural-log log-sum-exp of each row's scaled (and
   capped) visible scores (-inf for a row that sees no key); without, it is not
   touched (plans pass an empty tensor). `with_lse(...)` is the allocating call
-  that returns (out, lse).
+  that returns (out, lse). The scalars of the allocating attention calls are keywords
+  (`AttentionOptions`): causal and sm_scale always, window and softcap when set.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple, Protocol, Required, TypedDict, cast
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import Arch, DType, IndexDType
 from tileprefill.keys import (
@@ -81,13 +84,45 @@ class StaticFacts(NamedTuple):
     softcap: float = 0.0  # attention: the logit softcap (0: none)
     lse: bool = False  # attention: also write the log-sum-exp of every (query token, query head)
     #: SM90 attention: the device's SM count, one CTA each for a persistent program (0: the
-    #: table's count, attention_configs.SM90_PERSISTENT_CTAS). Other families and arches: 0.
+    #: table's count, tiles.SM90_PERSISTENT_CTAS). Other families and arches: 0.
     sm_count: int = 0
     index_dtype: IndexDType = IndexDType.INT32
 
 
 class Kernel(abc.ABC):
     key: ClassVar[KernelKey]
+
+
+class AttentionOptions(TypedDict, total=False):
+    """The keyword scalars of an allocating attention call (`__call__`, `with_lse`): `causal` and
+    `sm_scale` always; `window` and `softcap` where set (`AttentionScalars` has their defaults)."""
+
+    causal: Required[bool]
+    sm_scale: Required[float]
+    window: int
+    softcap: float
+
+
+class AttentionScalars(NamedTuple):
+    """The scalars of an attention call, with the defaults of those `AttentionOptions` may leave out:
+    `AttentionScalars(**options)`."""
+
+    causal: bool
+    sm_scale: float
+    window: int = 0  # a causal sliding window of this many keys (0: none)
+    softcap: float = 0.0  # the logit softcap (0: none)
+
+
+def attention_options(facts: StaticFacts) -> AttentionOptions:
+    """The scalars of `facts` as an allocating attention call takes them (a dict literal: torch.compile
+    traces it, not a TypedDict's constructor)."""
+    options: AttentionOptions = {
+        "causal": facts.causal,
+        "sm_scale": facts.sm_scale,
+        "window": facts.window,
+        "softcap": facts.softcap,
+    }
+    return options
 
 
 #: What a caller without the LSE (`facts.lse` false) passes an attention launch for `lse`: never
@@ -338,9 +373,25 @@ def _no_lse(kernel: Kernel) -> NotImplementedError:
     )
 
 
-def _write(out: torch.Tensor, lse: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
-    out.copy_(result[0])
-    lse.copy_(result[1])
+def _attention_launch(
+    output: Callable[..., torch.Tensor],
+    with_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    facts: StaticFacts,
+) -> Callable[..., None]:
+    """The launch `bind` makes of an attention kernel's allocating calls: its tensors, then `out` and
+    `lse`, which it copies the result into (`lse` only with `facts.lse`)."""
+    options = attention_options(facts)
+
+    def launch(*tensors: torch.Tensor) -> None:
+        *inputs, out, lse = tensors
+        if facts.lse:
+            result, row_lse = with_lse(*inputs, **options)
+            lse.copy_(row_lse)
+        else:
+            result = output(*inputs, **options)
+        out.copy_(result)
+
+    return launch
 
 
 class SlotAppendKernel(Kernel):
@@ -378,11 +429,7 @@ class DenseAttentionKernel(Kernel):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D) -> (B, Sq, Hq, D)."""
 
@@ -391,30 +438,13 @@ class DenseAttentionKernel(Kernel):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse): `__call__`'s output and the float32 log-sum-exp (B, Sq, Hq)."""
         raise _no_lse(self)
 
     def bind(self, facts: StaticFacts) -> DenseAttentionLaunch:
-        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
-
-        def launch(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-        ) -> None:
-            if facts.lse:
-                result = self.with_lse(
-                    q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-                )
-                _write(out, lse, result)
-            else:
-                out.copy_(self(q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
-
-        return launch
+        return cast(DenseAttentionLaunch, _attention_launch(self, self.with_lse, facts))
 
 
 class RaggedAttentionKernel(Kernel):
@@ -428,11 +458,7 @@ class RaggedAttentionKernel(Kernel):
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
         """q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens int32 (B+1,) -> (Tq, Hq, D)."""
 
@@ -443,37 +469,13 @@ class RaggedAttentionKernel(Kernel):
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse): `__call__`'s output and the float32 log-sum-exp (Tq, Hq)."""
         raise _no_lse(self)
 
     def bind(self, facts: StaticFacts) -> RaggedAttentionLaunch:
-        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
-
-        def launch(
-            q: torch.Tensor,
-            k: torch.Tensor,
-            v: torch.Tensor,
-            cu_seqlens_q: torch.Tensor,
-            cu_seqlens_kv: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            tensors = (q, k, v, cu_seqlens_q, cu_seqlens_kv)
-            if facts.lse:
-                result = self.with_lse(
-                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-                )
-                _write(out, lse, result)
-            else:
-                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
-
-        return launch
+        return cast(RaggedAttentionLaunch, _attention_launch(self, self.with_lse, facts))
 
 
 class ContiguousAttentionKernel(Kernel):
@@ -486,11 +488,7 @@ class ContiguousAttentionKernel(Kernel):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
         """q (B, Sq, Hq, D) over the first kv_seqlens[b] rows of k/v_cache (B, S_max, Hkv, D)."""
 
@@ -500,36 +498,13 @@ class ContiguousAttentionKernel(Kernel):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse): `__call__`'s output and the float32 log-sum-exp (B, Sq, Hq)."""
         raise _no_lse(self)
 
     def bind(self, facts: StaticFacts) -> ContiguousAttentionLaunch:
-        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
-
-        def launch(
-            q: torch.Tensor,
-            k_cache: torch.Tensor,
-            v_cache: torch.Tensor,
-            kv_seqlens: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            tensors = (q, k_cache, v_cache, kv_seqlens)
-            if facts.lse:
-                result = self.with_lse(
-                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-                )
-                _write(out, lse, result)
-            else:
-                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
-
-        return launch
+        return cast(ContiguousAttentionLaunch, _attention_launch(self, self.with_lse, facts))
 
 
 class PagedAttentionKernel(Kernel):
@@ -544,11 +519,7 @@ class PagedAttentionKernel(Kernel):
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
         """q (Tq, Hq, D) packed by cu_seqlens_q over the first kv_seqlens[b] keys of sequence b,
         key p at page block_table[b, p // page_size], row p % page_size -> (Tq, Hq, D)."""
@@ -561,35 +532,10 @@ class PagedAttentionKernel(Kernel):
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse): `__call__`'s output and the float32 log-sum-exp (Tq, Hq)."""
         raise _no_lse(self)
 
     def bind(self, facts: StaticFacts) -> PagedAttentionLaunch:
-        causal, sm_scale, window, softcap = facts.causal, facts.sm_scale, facts.window, facts.softcap
-
-        def launch(
-            q: torch.Tensor,
-            k_pages: torch.Tensor,
-            v_pages: torch.Tensor,
-            block_table: torch.Tensor,
-            kv_seqlens: torch.Tensor,
-            cu_seqlens_q: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            tensors = (q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q)
-            if facts.lse:
-                result = self.with_lse(
-                    *tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-                )
-                _write(out, lse, result)
-            else:
-                out.copy_(self(*tensors, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap))
-
-        return launch
+        return cast(PagedAttentionLaunch, _attention_launch(self, self.with_lse, facts))

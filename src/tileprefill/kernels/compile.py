@@ -149,6 +149,22 @@ def build_to(case: CompileCase, arch: Arch, output_dir: str) -> JITKernel:
     return _build(case.factory, case.args, target_arch(arch), output_dir)
 
 
+def lower_source(case: CompileCase, arch: Arch) -> str:
+    """The CUDA source TileLang generates for `case` on `arch`, lowered only (no nvcc, no cache):
+    the source `build_to` compiles, for checking that a change leaves every program as it was."""
+    import tilelang
+
+    _quiet(tilelang)
+    target = tilelang.tvm.target.Target(_target_spec(target_arch(arch)))
+    program = case.factory(*case.args)
+    with tilelang.tvm.transform.PassContext(opt_level=3, config=_pass_configs(tilelang)), target:
+        return str(tilelang.lower(program, target=target).kernel_source)
+
+
+def _pass_configs(tilelang: Any) -> dict[str, Any]:
+    return {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+
+
 @functools.cache
 def _build(
     factory: Callable[..., Any],
@@ -161,7 +177,7 @@ def _build(
     _quiet(tilelang)
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     target = tilelang.tvm.target.Target(_target_spec(nvcc_arch))
-    pass_configs: dict[str, Any] = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    pass_configs = _pass_configs(tilelang)
     if output_dir is not None:
         pass_configs["cuda.kernels_output_dir"] = output_dir
     program = factory(*args)

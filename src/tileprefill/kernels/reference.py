@@ -23,9 +23,12 @@ from __future__ import annotations
 from typing import ClassVar, assert_never
 
 import torch
+from typing_extensions import Unpack
 
 from tileprefill.context import RopeMode
 from tileprefill.kernels.base import (
+    AttentionOptions,
+    AttentionScalars,
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
     DenseAttentionKernel,
@@ -201,11 +204,7 @@ def _attend_sequence(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    *,
-    causal: bool,
-    sm_scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
+    scalars: AttentionScalars,
 ) -> None:
     """Attention of one sequence, written into `out`, and its log-sum-exp into `lse`.
 
@@ -218,6 +217,7 @@ def _attend_sequence(
     `lse` (q_len, Hq) float32 gets ln(sum over visible keys of exp(x)), x the scaled (capped)
     scores; -inf for a query that sees no key, NaN where its denominator is NaN.
     """
+    causal, sm_scale, window, softcap = scalars
     q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads, _ = k.shape
     group = q_heads // kv_heads
@@ -273,27 +273,20 @@ class AttentionDenseRefKernel(DenseAttentionKernel):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
-        return self.with_lse(q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap)[0]
+        return self.with_lse(q, k, v, **options)[0]
 
     def with_lse(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        scalars = AttentionScalars(**options)
         for b in range(q.shape[0]):
             _attend_sequence(
                 q[b],
@@ -301,10 +294,7 @@ class AttentionDenseRefKernel(DenseAttentionKernel):
                 v[b],
                 out[b],
                 lse[b],
-                causal=causal,
-                sm_scale=sm_scale,
-                window=window,
-                softcap=softcap,
+                scalars,
             )
         return out, lse
 
@@ -319,23 +309,9 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
-        return self.with_lse(
-            q,
-            k,
-            v,
-            cu_seqlens_q,
-            cu_seqlens_kv,
-            causal=causal,
-            sm_scale=sm_scale,
-            window=window,
-            softcap=softcap,
-        )[0]
+        return self.with_lse(q, k, v, cu_seqlens_q, cu_seqlens_kv, **options)[0]
 
     def with_lse(
         self,
@@ -344,14 +320,11 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_kv: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        scalars = AttentionScalars(**options)
         q_offsets = cu_seqlens_q.tolist()
         kv_offsets = cu_seqlens_kv.tolist()
         for b in range(len(q_offsets) - 1):
@@ -363,10 +336,7 @@ class AttentionRaggedRefKernel(RaggedAttentionKernel):
                 v[kv_rows],
                 out[q_rows],
                 lse[q_rows],
-                causal=causal,
-                sm_scale=sm_scale,
-                window=window,
-                softcap=softcap,
+                scalars,
             )
         return out, lse
 
@@ -380,15 +350,9 @@ class AttentionContiguousRefKernel(ContiguousAttentionKernel):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
-        return self.with_lse(
-            q, k_cache, v_cache, kv_seqlens, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap
-        )[0]
+        return self.with_lse(q, k_cache, v_cache, kv_seqlens, **options)[0]
 
     def with_lse(
         self,
@@ -396,14 +360,11 @@ class AttentionContiguousRefKernel(ContiguousAttentionKernel):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         kv_seqlens: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        scalars = AttentionScalars(**options)
         for b, kv_len in enumerate(kv_seqlens.tolist()):
             _attend_sequence(
                 q[b],
@@ -411,10 +372,7 @@ class AttentionContiguousRefKernel(ContiguousAttentionKernel):
                 v_cache[b, :kv_len],
                 out[b],
                 lse[b],
-                causal=causal,
-                sm_scale=sm_scale,
-                window=window,
-                softcap=softcap,
+                scalars,
             )
         return out, lse
 
@@ -430,24 +388,9 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> torch.Tensor:
-        return self.with_lse(
-            q,
-            k_pages,
-            v_pages,
-            block_table,
-            kv_seqlens,
-            cu_seqlens_q,
-            causal=causal,
-            sm_scale=sm_scale,
-            window=window,
-            softcap=softcap,
-        )[0]
+        return self.with_lse(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, **options)[0]
 
     def with_lse(
         self,
@@ -457,15 +400,12 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
         block_table: torch.Tensor,
         kv_seqlens: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
-        *,
-        causal: bool,
-        sm_scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
+        **options: Unpack[AttentionOptions],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, page_size, kv_heads, head_dim = k_pages.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        scalars = AttentionScalars(**options)
         q_offsets = cu_seqlens_q.tolist()
         for b, kv_len in enumerate(kv_seqlens.tolist()):
             # Whole pages in sequence order, then cut to the valid keys.
@@ -479,10 +419,7 @@ class AttentionPagedRefKernel(PagedAttentionKernel):
                 v,
                 out[q_rows],
                 lse[q_rows],
-                causal=causal,
-                sm_scale=sm_scale,
-                window=window,
-                softcap=softcap,
+                scalars,
             )
         return out, lse
 

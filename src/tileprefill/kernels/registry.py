@@ -38,8 +38,10 @@ from tileprefill.keys import (
     RopeAppendKey,
     RopeKey,
     SlotAppendKey,
+    append_traits,
+    attention_traits,
 )
-from tileprefill.selection import Source, append_traits, attention_traits
+from tileprefill.tiles import KVSource
 
 
 def kernel_family(key: KernelKey) -> type[Kernel]:
@@ -59,13 +61,13 @@ def kernel_family(key: KernelKey) -> type[Kernel]:
         case AttentionKey():
             source, _ = attention_traits(key)
             match source:
-                case Source.DENSE:
+                case KVSource.DENSE:
                     return DenseAttentionKernel
-                case Source.RAGGED:
+                case KVSource.RAGGED:
                     return RaggedAttentionKernel
-                case Source.CONTIGUOUS:
+                case KVSource.CONTIGUOUS:
                     return ContiguousAttentionKernel
-                case Source.PAGED | Source.PAGED_TILED:
+                case KVSource.PAGED | KVSource.PAGED_TILED:
                     return PagedAttentionKernel
                 case _:
                     assert_never(source)

@@ -5,7 +5,6 @@ The ten attention Ops (`PUBLIC_OPS`) and the cache write without attention (`CAC
 
 from typing import Any, TypeAlias
 
-from tileprefill.ops.base import BatchPlan, OpOptions, OutputAndLSE, PrefillOp, RopeOpOptions
 from tileprefill.ops.contiguous import (
     ContiguousCacheOp,
     ContiguousShape,
@@ -13,6 +12,7 @@ from tileprefill.ops.contiguous import (
     GQAContiguousCachePrefill,
     GQAContiguousCacheRopeAppendPrefill,
 )
+from tileprefill.ops.decision import NoGPUKernelWarning
 from tileprefill.ops.dense import (
     DenseShape,
     GQAPrefill,
@@ -22,6 +22,7 @@ from tileprefill.ops.dense import (
     NoCacheOp,
     VarlenShape,
 )
+from tileprefill.ops.op import OpOptions, OutputAndLSE, PrefillOp, RopeOpOptions
 from tileprefill.ops.paged import (
     GQAPagedCacheAppendPrefill,
     GQAPagedCachePrefill,
@@ -29,6 +30,7 @@ from tileprefill.ops.paged import (
     PagedCacheOp,
     PagedShape,
 )
+from tileprefill.ops.plan import BatchPlan
 from tileprefill.ops.slots import PagedCacheSlotAppend, PagedCacheSlotAppendPlan, SlotAppendShape
 
 #: The class of a public Op (each extends one layout base), with or without the LSE.
@@ -69,6 +71,7 @@ __all__ = [
     "GQAVarlenPrefill",
     "GQAVarlenRopePrefill",
     "NoCacheOp",
+    "NoGPUKernelWarning",
     "OpClass",
     "OpOptions",
     "OutputAndLSE",

@@ -16,23 +16,19 @@ from tileprefill.context import KVLayout, KVOrder
 from tileprefill.kernels.base import (
     ContiguousAppendKernel,
     ContiguousAttentionKernel,
-    RopeAppendKernel,
-    RopeKernel,
 )
-from tileprefill.ops.base import (
+from tileprefill.ops.op import (
     COS,
     SIN,
-    Append,
-    CachePlan,
-    CacheSteps,
     OpOptions,
     OutputAndLSE,
     PrefillOp,
-    Requirement,
     ResultT,
     RopeOpOptions,
     RotatingOp,
 )
+from tileprefill.ops.plan import Requirement
+from tileprefill.ops.steps import CacheLaunches, CachePlan
 from tileprefill.positions import batch_positions, contiguous_slots
 from tileprefill.validation import (
     Binding,
@@ -76,7 +72,7 @@ _LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
 
 
 class ContiguousPlan(CachePlan[ResultT]):
-    """A contiguous-cache batch: the lengths, and (appending) each new token's position and slot."""
+    """A plan over a contiguous cache: the lengths, and (appending) each new token's position and slot."""
 
     cache_names = ("k_cache", "v_cache")
 
@@ -105,13 +101,12 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
                 f"k_cache: expected S_max >= Sq = {shape.seq_q} (room for the new keys), "
                 f"got S_max = {shape.max_seq}"
             )
-        facts = self._facts(shape, 0, shape.kv_order)
-        steps = self._select(facts)
+        context, selected = self._decide(shape, 0, shape.kv_order)
         rotary_dim = self._rotary_dim(shape) if self.rotates else 0
         if self.rotates:
             dims["R2"] = Binding(rotary_dim // 2, "rotary_dim")
         requirements = self._check_values(lengths, dims) if self.validate else []
-        static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
+        static = self.static_facts(context, shape, rotary_dim=rotary_dim)
         empty = torch.empty(0, dtype=torch.int32, device=shape.device)
         positions = slots = empty
         if self.appends:
@@ -121,50 +116,26 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
                 positions = batch_positions(
                     lengths.shape[0], shape.seq_q, shape.device, offsets=cache_seqlens
                 )
-            if steps.rope_append is not None:
+            if selected.rope_append is not None:
                 slots = contiguous_slots(positions, lengths.shape[0], shape.seq_q, shape.max_seq)
         else:
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(steps.attention, ContiguousAttentionKernel).bind(
-            self.attention_facts(static, shape.device)
-        )
-
-        def attend(
-            q: torch.Tensor,
-            k_cache: torch.Tensor,
-            v_cache: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            attention(q, k_cache, v_cache, kv_seqlens, out, lse)
-
-        append: Append | None = None
-        if steps.append is not None:
-            append_rows = self._kernel_of(steps.append, ContiguousAppendKernel).bind(static)
-
-            def append(
-                k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-            ) -> None:
-                append_rows(k, v, k_cache, v_cache, cache_seqlens)
-
-        batch = CacheSteps(
+        attention_facts = self.attention_facts(static, shape.device)
+        rope_q, rope_k = self._bind_rope(selected, static)
+        launches = CacheLaunches(
             positions=positions,
             slots=slots,
-            attend=attend,
-            append=append,
-            rope_q=None if steps.rope is None else self._kernel_of(steps.rope, RopeKernel).bind(static),
-            rope_k=(
-                None
-                if steps.rope is None
-                else self._kernel_of(steps.rope, RopeKernel).bind(static._replace(heads=shape.kv_heads))
-            ),
-            rope_append=(
-                None
-                if steps.rope_append is None
-                else self._kernel_of(steps.rope_append, RopeAppendKernel).bind(static)
-            ),
+            attention=self._kernel_of(selected.attention, ContiguousAttentionKernel).bind(attention_facts),
+            attention_metadata=(kv_seqlens,),
+            append=None
+            if selected.append is None
+            else self._kernel_of(selected.append, ContiguousAppendKernel).bind(static),
+            append_metadata=(cache_seqlens,),
+            rope_q=rope_q,
+            rope_k=rope_k,
+            rope_append=self._bind_rope_append(selected, static),
         )
-        return plan_class(self, steps, facts, dims, requirements, batch)
+        return plan_class(self, (context, selected), shape, dims, requirements, launches)
 
     def _check_values(self, lengths: torch.Tensor, dims: Dims) -> list[Requirement]:
         """The value checks (one host copy of the lengths)."""
@@ -210,21 +181,8 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
 
     def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
-        plan = self._plan_call(tensors)
-        plan._check([tensors[s.name] for s in self.run_specs])
-        out, lse = plan._allocate(tensors["q"])
-        plan._run(
-            tensors["q"],
-            tensors.get("k_new"),
-            tensors.get("v_new"),
-            tensors["k_cache"],
-            tensors["v_cache"],
-            tensors.get("cos"),
-            tensors.get("sin"),
-            out,
-            lse,
-        )
-        return plan._result(out, lse)
+        plan: CachePlan[ResultT] = self._plan_call(tensors)
+        return plan._run_checked([tensors[s.name] for s in self.run_specs])
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
@@ -236,21 +194,14 @@ class ContiguousCacheOp(PrefillOp[ResultT]):
 class GQAContiguousCachePrefillPlan(ContiguousPlan[ResultT]):
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> ResultT:
         """Attention of this layer's q over the first kv_seqlens[b] rows of its caches."""
-        self._check((q, k_cache, v_cache))
-        out, lse = self._allocate(q)
-        self._run(q, None, None, k_cache, v_cache, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_cache, v_cache))
 
     def run_into(
         self, out: ResultT, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_cache, v_cache))
-        self._run(
-            q, None, None, k_cache, v_cache, None, None, *self._callers_outputs(out, (q, k_cache, v_cache))
-        )
-        return out
+        return self._run_checked((q, k_cache, v_cache), out)
 
 
 class GQAContiguousCachePrefill(ContiguousCacheOp[ResultT]):
@@ -317,10 +268,7 @@ class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan[ResultT]):
         v_cache: torch.Tensor,
     ) -> ResultT:
         """Append this layer's new keys and values to its caches, then attend."""
-        self._check((q, k_new, v_new, k_cache, v_cache))
-        out, lse = self._allocate(q)
-        self._run(q, k_new, v_new, k_cache, v_cache, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_new, v_new, k_cache, v_cache))
 
     def run_into(
         self,
@@ -333,18 +281,7 @@ class GQAContiguousCacheAppendPrefillPlan(ContiguousPlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_new, v_new, k_cache, v_cache))
-        self._run(
-            q,
-            k_new,
-            v_new,
-            k_cache,
-            v_cache,
-            None,
-            None,
-            *self._callers_outputs(out, (q, k_new, v_new, k_cache, v_cache)),
-        )
-        return out
+        return self._run_checked((q, k_new, v_new, k_cache, v_cache), out)
 
 
 class GQAContiguousCacheAppendPrefill(ContiguousCacheOp[ResultT]):
@@ -424,10 +361,7 @@ class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan[ResultT]):
         sin: torch.Tensor,
     ) -> ResultT:
         """Rotate this layer's q and new keys, append the keys and values to its caches, then attend."""
-        self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
-        out, lse = self._allocate(q)
-        self._run(q, k_new, v_new, k_cache, v_cache, cos, sin, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_new, v_new, k_cache, v_cache, cos, sin))
 
     def run_into(
         self,
@@ -442,18 +376,7 @@ class GQAContiguousCacheRopeAppendPrefillPlan(ContiguousPlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_new, v_new, k_cache, v_cache, cos, sin))
-        self._run(
-            q,
-            k_new,
-            v_new,
-            k_cache,
-            v_cache,
-            cos,
-            sin,
-            *self._callers_outputs(out, (q, k_new, v_new, k_cache, v_cache, cos, sin)),
-        )
-        return out
+        return self._run_checked((q, k_new, v_new, k_cache, v_cache, cos, sin), out)
 
 
 class GQAContiguousCacheRopeAppendPrefill(RotatingOp[ResultT], ContiguousCacheOp[ResultT]):

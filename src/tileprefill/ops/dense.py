@@ -15,25 +15,20 @@ from typing_extensions import Unpack
 from tileprefill.context import KVLayout
 from tileprefill.kernels.base import (
     DenseAttentionKernel,
-    DenseAttentionLaunch,
     RaggedAttentionKernel,
-    RaggedAttentionLaunch,
-    RopeKernel,
-    RopeLaunch,
 )
-from tileprefill.ops.base import (
+from tileprefill.ops.op import (
     COS,
     SIN,
-    BatchPlan,
     OpOptions,
     OutputAndLSE,
     PrefillOp,
-    Requirement,
     ResultT,
     RopeOpOptions,
     RotatingOp,
-    rotate,
 )
+from tileprefill.ops.plan import Requirement
+from tileprefill.ops.steps import NoCacheLaunches, NoCachePlan
 from tileprefill.positions import batch_positions, ragged_positions
 from tileprefill.validation import (
     Binding,
@@ -88,42 +83,6 @@ _OUT_RAGGED = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
 _LSE_RAGGED = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 
-class _Batch(NamedTuple):
-    """What a no-cache plan's runs share."""
-
-    cu_seqlens_q: torch.Tensor | None  # varlen only
-    cu_seqlens_kv: torch.Tensor | None
-    q_positions: torch.Tensor  # RoPE positions (empty without RoPE)
-    k_positions: torch.Tensor
-    dense: DenseAttentionLaunch | None
-    ragged: RaggedAttentionLaunch | None
-    rope_q: RopeLaunch | None
-    rope_k: RopeLaunch | None
-
-
-class NoCachePlan(BatchPlan["_Batch", ResultT]):
-    def _run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-    ) -> None:
-        b = self._batch
-        if b.rope_q is not None and b.rope_k is not None:
-            assert cos is not None and sin is not None
-            q, k = rotate(b.rope_q, b.rope_k, q, k, b.q_positions, b.k_positions, cos, sin)
-        if b.ragged is not None:
-            assert b.cu_seqlens_q is not None and b.cu_seqlens_kv is not None
-            b.ragged(q, k, v, b.cu_seqlens_q, b.cu_seqlens_kv, out, lse)
-        else:
-            assert b.dense is not None
-            b.dense(q, k, v, out, lse)
-
-
 class NoCacheOp(PrefillOp[ResultT]):
     """Layout NONE: optional RoPE of q and k (positions 0.. within each sequence), then attention."""
 
@@ -153,8 +112,7 @@ class NoCacheOp(PrefillOp[ResultT]):
             assert cu_seqlens_q is not None and cu_seqlens_kv is not None
             metadata = [cu_seqlens_q, cu_seqlens_kv]
         dims = self._metadata_dims(shape, metadata, extra)
-        facts = self._facts(shape, 0)
-        steps = self._select(facts)
+        context, selected = self._decide(shape, 0)
         rotary_dim = self._rotary_dim(shape) if self.rotates else 0
         requirements: list[Requirement] = []
         if self.rotates:
@@ -186,10 +144,10 @@ class NoCacheOp(PrefillOp[ResultT]):
                         ),
                     )
                 )
-        static = self.static_facts(facts, steps, shape, rotary_dim=rotary_dim)
+        static = self.static_facts(context, shape, rotary_dim=rotary_dim)
         attention_facts = self.attention_facts(static, shape.device)
         q_positions = k_positions = torch.empty(0, dtype=torch.int32, device=shape.device)
-        if steps.rope is not None:
+        if selected.rope is not None:
             # Self-attention prefill passes one length tensor (or one length) for q and k: one derivation.
             if isinstance(shape, DenseShape):
                 q_positions = batch_positions(shape.batch, shape.seq_q, shape.device)
@@ -203,25 +161,22 @@ class NoCacheOp(PrefillOp[ResultT]):
                 q_positions = ragged_positions(cu_seqlens_q, shape.tokens_q)
                 same = cu_seqlens_kv is cu_seqlens_q and shape.tokens_kv == shape.tokens_q
                 k_positions = q_positions if same else ragged_positions(cu_seqlens_kv, shape.tokens_kv)
-        batch = _Batch(
+        rope_q, rope_k = self._bind_rope(selected, static)
+        launches = NoCacheLaunches(
             cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_kv=cu_seqlens_kv,
             q_positions=q_positions,
             k_positions=k_positions,
             dense=None
             if self.ragged
-            else self._kernel_of(steps.attention, DenseAttentionKernel).bind(attention_facts),
-            ragged=self._kernel_of(steps.attention, RaggedAttentionKernel).bind(attention_facts)
+            else self._kernel_of(selected.attention, DenseAttentionKernel).bind(attention_facts),
+            ragged=self._kernel_of(selected.attention, RaggedAttentionKernel).bind(attention_facts)
             if self.ragged
             else None,
-            rope_q=None if steps.rope is None else self._kernel_of(steps.rope, RopeKernel).bind(static),
-            rope_k=(
-                None
-                if steps.rope is None
-                else self._kernel_of(steps.rope, RopeKernel).bind(static._replace(heads=shape.kv_heads))
-            ),
+            rope_q=rope_q,
+            rope_k=rope_k,
         )
-        return plan_class(self, steps, facts, dims, requirements, batch)
+        return plan_class(self, (context, selected), shape, dims, requirements, launches)
 
     def _plan_call(self, tensors: Mapping[str, torch.Tensor]) -> NoCachePlan[ResultT]:
         """The plan of one call's inputs (by name), checked as one call: errors name its inputs."""
@@ -241,16 +196,12 @@ class NoCacheOp(PrefillOp[ResultT]):
 
     def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
-        plan = self._plan_call(tensors)
-        plan._check([tensors[s.name] for s in self.run_specs])
-        out, lse = plan._allocate(tensors["q"])
-        plan._run(tensors["q"], tensors["k"], tensors["v"], tensors.get("cos"), tensors.get("sin"), out, lse)
-        return plan._result(out, lse)
+        return self._plan_call(tensors)._run_checked([tensors[s.name] for s in self.run_specs])
 
 
 # --- the public Ops ----------------------------------------------------------------------------------
 #
-# Each public Op is generic in what its calls return (ResultT, ops/base.py): the overloads of its
+# Each public Op is generic in what its calls return (ResultT, ops/op.py): the overloads of its
 # constructor, under TYPE_CHECKING only (at run time every Op has PrefillOp's or RotatingOp's
 # constructor), bind `return_lse=True` to (out, lse). `run_into` takes what `run` returns.
 
@@ -258,17 +209,12 @@ class NoCacheOp(PrefillOp[ResultT]):
 class GQAPrefillPlan(NoCachePlan[ResultT]):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """Attention of this layer's q over its k, v."""
-        self._check((q, k, v))
-        out, lse = self._allocate(q)
-        self._run(q, k, v, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k, v))
 
     def run_into(self, out: ResultT, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k, v))
-        self._run(q, k, v, None, None, *self._callers_outputs(out, (q, k, v)))
-        return out
+        return self._run_checked((q, k, v), out)
 
 
 class GQAPrefill(NoCacheOp[ResultT]):
@@ -277,7 +223,7 @@ class GQAPrefill(NoCacheOp[ResultT]):
     Causal masks are bottom-right aligned (query i sees keys j <= Skv - Sq + i);
     a query that sees no key outputs 0. `sm_scale` defaults to D ** -0.5.
     `plan(shape=DenseShape(...))` once, then `run(q, k, v)` per layer; `op(q, k, v)` does both.
-    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/base.py).
+    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/op.py).
     All checks are metadata checks; `validate=False` skips nothing.
     """
 
@@ -318,17 +264,12 @@ class GQAPrefill(NoCacheOp[ResultT]):
 class GQAVarlenPrefillPlan(NoCachePlan[ResultT]):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """Attention of this layer's packed q over its packed k, v (the plan's cu_seqlens)."""
-        self._check((q, k, v))
-        out, lse = self._allocate(q)
-        self._run(q, k, v, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k, v))
 
     def run_into(self, out: ResultT, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k, v))
-        self._run(q, k, v, None, None, *self._callers_outputs(out, (q, k, v)))
-        return out
+        return self._run_checked((q, k, v), out)
 
 
 class GQAVarlenPrefill(NoCacheOp[ResultT]):
@@ -338,7 +279,7 @@ class GQAVarlenPrefill(NoCacheOp[ResultT]):
     zero-length sequences are legal. Causal masks are bottom-right aligned per sequence.
     `plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))` once per batch, then
     `run(q, k, v)` per layer; `op(...)` does both. With `return_lse=True` every call returns
-    (out, lse), lse float32 (Tq, Hq) (ops/base.py).
+    (out, lse), lse float32 (Tq, Hq) (ops/op.py).
 
     `validate=False` skips (they read device values): cu_seqlens_q and cu_seqlens_kv start at 0,
     never decrease and end at Tq and Tkv. With bad values the output is unspecified, but no kernel
@@ -397,10 +338,7 @@ class GQARopePrefillPlan(NoCachePlan[ResultT]):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> ResultT:
         """Attention of this layer's q over its k, v, both rotated first."""
-        self._check((q, k, v, cos, sin))
-        out, lse = self._allocate(q)
-        self._run(q, k, v, cos, sin, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k, v, cos, sin))
 
     def run_into(
         self,
@@ -413,9 +351,7 @@ class GQARopePrefillPlan(NoCachePlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k, v, cos, sin))
-        self._run(q, k, v, cos, sin, *self._callers_outputs(out, (q, k, v, cos, sin)))
-        return out
+        return self._run_checked((q, k, v, cos, sin), out)
 
 
 class GQARopePrefill(RotatingOp[ResultT], NoCacheOp[ResultT]):
@@ -424,7 +360,7 @@ class GQARopePrefill(RotatingOp[ResultT], NoCacheOp[ResultT]):
     cos, sin float32 (P, rotary_dim // 2); the first rotary_dim dims of each head rotate,
     the rest pass through. q token i and k token j sit at positions i and j. The inputs
     are not modified. `plan(shape=DenseShape(...))`, then `run(q, k, v, cos, sin)`.
-    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/base.py).
+    With `return_lse=True` every call returns (out, lse), lse float32 (B, Sq, Hq) (ops/op.py).
     All checks (including P >= max(Sq, Skv)) are metadata checks; `validate=False` skips nothing.
     """
 
@@ -472,10 +408,7 @@ class GQAVarlenRopePrefillPlan(NoCachePlan[ResultT]):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> ResultT:
         """Attention of this layer's packed q over its packed k, v, both rotated first."""
-        self._check((q, k, v, cos, sin))
-        out, lse = self._allocate(q)
-        self._run(q, k, v, cos, sin, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k, v, cos, sin))
 
     def run_into(
         self,
@@ -488,16 +421,14 @@ class GQAVarlenRopePrefillPlan(NoCachePlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k, v, cos, sin))
-        self._run(q, k, v, cos, sin, *self._callers_outputs(out, (q, k, v, cos, sin)))
-        return out
+        return self._run_checked((q, k, v, cos, sin), out)
 
 
 class GQAVarlenRopePrefill(RotatingOp[ResultT], NoCacheOp[ResultT]):
     """`GQAVarlenPrefill` on copies of q and k rotated by RoPE at positions 0.. within each sequence.
 
     `plan(cu_seqlens_q, cu_seqlens_kv, shape=VarlenShape(...))`, then `run(q, k, v, cos, sin)`.
-    With `return_lse=True` every call returns (out, lse), lse float32 (Tq, Hq) (ops/base.py).
+    With `return_lse=True` every call returns (out, lse), lse float32 (Tq, Hq) (ops/op.py).
     `validate=False` skips (they read device values): the cu_seqlens checks of
     `GQAVarlenPrefill`, and that cos/sin have a row for every rotated position
     (max(q_len, kv_len) - 1 of each sequence). With bad values the output is unspecified, but no

@@ -21,23 +21,19 @@ from tileprefill.kernels.base import (
     PagedAppendKernel,
     PagedAttentionKernel,
     PagedBatchKernel,
-    RopeAppendKernel,
-    RopeKernel,
 )
-from tileprefill.ops.base import (
+from tileprefill.ops.op import (
     COS,
     SIN,
-    Append,
-    CachePlan,
-    CacheSteps,
     OpOptions,
     OutputAndLSE,
     PrefillOp,
-    Requirement,
     ResultT,
     RopeOpOptions,
     RotatingOp,
 )
+from tileprefill.ops.plan import Requirement
+from tileprefill.ops.steps import CacheLaunches, CachePlan
 from tileprefill.validation import (
     Binding,
     Dims,
@@ -84,7 +80,8 @@ _LSE = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 
 class PagedPlan(CachePlan[ResultT]):
-    """A paged batch: the block table, lengths, and (appending) each new token's position and slot."""
+    """A plan over a paged cache: the block table, lengths, and (appending) each new token's position
+    and slot."""
 
     cache_names = ("k_pages", "v_pages")
 
@@ -118,64 +115,39 @@ class PagedCacheOp(PrefillOp[ResultT]):
         dims = self._metadata_dims(shape, [metadata[s.name] for s in self.plan_specs], extra)
         if shape.page_size < 1:
             raise ValueError(f"shape.page_size: expected an integer >= 1, got {shape.page_size}")
-        facts = self._facts(shape, shape.page_size, shape.kv_order)
-        plan = self._select(facts)
+        context, selected = self._decide(shape, shape.page_size, shape.kv_order)
         rotary_dim = self._rotary_dim(shape) if self.rotates else 0
         if self.rotates:
             dims["R2"] = Binding(rotary_dim // 2, "rotary_dim")
         requirements = self._check_values(block_table, lengths, cu_seqlens_q, dims) if self.validate else []
-        static = self.static_facts(facts, plan, shape, rotary_dim=rotary_dim)
-        if plan.batch is not None:
+        static = self.static_facts(context, shape, rotary_dim=rotary_dim)
+        if selected.batch is not None:
             # The batch step: one int32 buffer holds positions and slots (T each) and kv lengths (B).
             tokens, sequences = shape.tokens_q, dims["B"].value
             derived = torch.empty(2 * tokens + sequences, dtype=torch.int32, device=shape.device)
             positions, slots = derived[:tokens], derived[tokens : 2 * tokens]
             cache_seqlens, kv_seqlens = lengths, derived[2 * tokens :]
-            derive = self._kernel_of(plan.batch, PagedBatchKernel).bind(static)
+            derive = self._kernel_of(selected.batch, PagedBatchKernel).bind(static)
             derive(block_table, cache_seqlens, cu_seqlens_q, positions, slots, kv_seqlens)
         else:
             positions = slots = torch.empty(0, dtype=torch.int32, device=shape.device)
             cache_seqlens = kv_seqlens = lengths
-        attention = self._kernel_of(plan.attention, PagedAttentionKernel).bind(
-            self.attention_facts(static, shape.device)
-        )
-
-        def attend(
-            q: torch.Tensor,
-            k_pages: torch.Tensor,
-            v_pages: torch.Tensor,
-            out: torch.Tensor,
-            lse: torch.Tensor,
-        ) -> None:
-            attention(q, k_pages, v_pages, block_table, kv_seqlens, cu_seqlens_q, out, lse)
-
-        append: Append | None = None
-        if plan.append is not None:
-            append_pages = self._kernel_of(plan.append, PagedAppendKernel).bind(static)
-
-            def append(
-                k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
-            ) -> None:
-                append_pages(k, v, k_pages, v_pages, block_table, cache_seqlens, cu_seqlens_q)
-
-        batch = CacheSteps(
+        attention_facts = self.attention_facts(static, shape.device)
+        rope_q, rope_k = self._bind_rope(selected, static)
+        launches = CacheLaunches(
             positions=positions,
             slots=slots,
-            attend=attend,
-            append=append,
-            rope_q=None if plan.rope is None else self._kernel_of(plan.rope, RopeKernel).bind(static),
-            rope_k=(
-                None
-                if plan.rope is None
-                else self._kernel_of(plan.rope, RopeKernel).bind(static._replace(heads=shape.kv_heads))
-            ),
-            rope_append=(
-                None
-                if plan.rope_append is None
-                else self._kernel_of(plan.rope_append, RopeAppendKernel).bind(static)
-            ),
+            attention=self._kernel_of(selected.attention, PagedAttentionKernel).bind(attention_facts),
+            attention_metadata=(block_table, kv_seqlens, cu_seqlens_q),
+            append=None
+            if selected.append is None
+            else self._kernel_of(selected.append, PagedAppendKernel).bind(static),
+            append_metadata=(block_table, cache_seqlens, cu_seqlens_q),
+            rope_q=rope_q,
+            rope_k=rope_k,
+            rope_append=self._bind_rope_append(selected, static),
         )
-        return plan_class(self, plan, facts, dims, requirements, batch)
+        return plan_class(self, (context, selected), shape, dims, requirements, launches)
 
     def _check_values(
         self, block_table: torch.Tensor, lengths: torch.Tensor, cu_seqlens_q: torch.Tensor, dims: Dims
@@ -242,21 +214,8 @@ class PagedCacheOp(PrefillOp[ResultT]):
 
     def _call(self, tensors: Mapping[str, torch.Tensor]) -> ResultT:
         """`plan(...).run(...)` of one call's inputs."""
-        plan = self._plan_call(tensors)
-        plan._check([tensors[s.name] for s in self.run_specs])
-        out, lse = plan._allocate(tensors["q"])
-        plan._run(
-            tensors["q"],
-            tensors.get("k_new"),
-            tensors.get("v_new"),
-            tensors["k_pages"],
-            tensors["v_pages"],
-            tensors.get("cos"),
-            tensors.get("sin"),
-            out,
-            lse,
-        )
-        return plan._result(out, lse)
+        plan: CachePlan[ResultT] = self._plan_call(tensors)
+        return plan._run_checked([tensors[s.name] for s in self.run_specs])
 
 
 def _rope_rows(last: list[int]) -> Requirement:
@@ -278,21 +237,14 @@ def _rope_rows(last: list[int]) -> Requirement:
 class GQAPagedCachePrefillPlan(PagedPlan[ResultT]):
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> ResultT:
         """Attention of this layer's q over its pages (the plan's block table and kv_seqlens)."""
-        self._check((q, k_pages, v_pages))
-        out, lse = self._allocate(q)
-        self._run(q, None, None, k_pages, v_pages, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_pages, v_pages))
 
     def run_into(
         self, out: ResultT, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_pages, v_pages))
-        self._run(
-            q, None, None, k_pages, v_pages, None, None, *self._callers_outputs(out, (q, k_pages, v_pages))
-        )
-        return out
+        return self._run_checked((q, k_pages, v_pages), out)
 
 
 class GQAPagedCachePrefill(PagedCacheOp[ResultT]):
@@ -306,8 +258,8 @@ class GQAPagedCachePrefill(PagedCacheOp[ResultT]):
     `validate=False` skips (they read device values): cu_seqlens_q starts at 0, never
     decreases and ends at Tq; kv_seqlens[b] in [0, max_pages * page_size]; the block_table
     entries of the pages each sequence reads are in [0, num_pages). With bad values the output is
-    unspecified and nothing is written outside it; kv_seqlens[b] past max_pages * page_size makes the
-    attention programs read block_table past its end today (README, "Reliability").
+    unspecified and nothing is written outside it; the attention programs cut kv_seqlens[b] to the
+    block table's capacity, max_pages * page_size (README, "Reliability").
     """
 
     input_specs = (_Q, _K_PAGES, _V_PAGES, _BLOCK_TABLE, _KV_SEQLENS, _CU_Q)
@@ -384,10 +336,7 @@ class GQAPagedCacheAppendPrefillPlan(PagedPlan[ResultT]):
         v_pages: torch.Tensor,
     ) -> ResultT:
         """Append this layer's new keys and values to its pages, then attend."""
-        self._check((q, k_new, v_new, k_pages, v_pages))
-        out, lse = self._allocate(q)
-        self._run(q, k_new, v_new, k_pages, v_pages, None, None, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_new, v_new, k_pages, v_pages))
 
     def run_into(
         self,
@@ -400,18 +349,7 @@ class GQAPagedCacheAppendPrefillPlan(PagedPlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_new, v_new, k_pages, v_pages))
-        self._run(
-            q,
-            k_new,
-            v_new,
-            k_pages,
-            v_pages,
-            None,
-            None,
-            *self._callers_outputs(out, (q, k_new, v_new, k_pages, v_pages)),
-        )
-        return out
+        return self._run_checked((q, k_new, v_new, k_pages, v_pages), out)
 
 
 class GQAPagedCacheAppendPrefill(PagedCacheOp[ResultT]):
@@ -513,10 +451,7 @@ class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan[ResultT]):
         sin: torch.Tensor,
     ) -> ResultT:
         """Rotate this layer's q and new keys, append the keys and values to its pages, then attend."""
-        self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
-        out, lse = self._allocate(q)
-        self._run(q, k_new, v_new, k_pages, v_pages, cos, sin, out, lse)
-        return self._result(out, lse)
+        return self._run_checked((q, k_new, v_new, k_pages, v_pages, cos, sin))
 
     def run_into(
         self,
@@ -531,18 +466,7 @@ class GQAPagedCacheRopeAppendPrefillPlan(PagedPlan[ResultT]):
     ) -> ResultT:
         """`run` into the caller's `out` (returned): a tensor, or with return_lse the pair (out, lse);
         each contiguous and sharing no memory with an input or the other."""
-        self._check((q, k_new, v_new, k_pages, v_pages, cos, sin))
-        self._run(
-            q,
-            k_new,
-            v_new,
-            k_pages,
-            v_pages,
-            cos,
-            sin,
-            *self._callers_outputs(out, (q, k_new, v_new, k_pages, v_pages, cos, sin)),
-        )
-        return out
+        return self._run_checked((q, k_new, v_new, k_pages, v_pages, cos, sin), out)
 
 
 class GQAPagedCacheRopeAppendPrefill(RotatingOp[ResultT], PagedCacheOp[ResultT]):
@@ -553,8 +477,9 @@ class GQAPagedCacheRopeAppendPrefill(RotatingOp[ResultT], PagedCacheOp[ResultT])
     shape=PagedShape(...))` once per batch (it computes every new token's position and cache
     slot), then `run(q, k_new, v_new, k_pages, v_pages, cos, sin)` per layer; `op(...)` does both.
     `validate=False` skips (they read device values): the checks of the append Op, and
-    cache_seqlens[b] + q_len_b - 1 < P. With bad values as for the append Op; today an entry whose
-    slot (entry * page_size + row) overflows int32 writes into a wrong page (README, "Reliability").
+    cache_seqlens[b] + q_len_b - 1 < P. With bad values as for the append Op; an entry whose slot
+    (entry * page_size + row) would overflow int32 names no slot, so nothing is written for it
+    (README, "Reliability").
     """
 
     appends: ClassVar[bool] = True

@@ -26,32 +26,25 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from tileprefill.context import DType, IndexDType, KVLayout, PrefillContext, RopeMode, arch_of
+from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContext, RopeMode, arch_of
 from tileprefill.kernels.base import Kernel, SlotAppendKernel, SlotAppendLaunch, StaticFacts
 from tileprefill.kernels.registry import ALL_KERNELS
 from tileprefill.keys import KernelKey
-from tileprefill.ops.base import (
-    Expected,
-    Requirement,
-    candidate_keys,
-    check_apart,
-    checked_kernel_map,
-    concrete_device,
-    expected_of,
-    metadata_specs,
-)
-from tileprefill.selection import Explanation, PrefillPlan, explain, select_plan
+from tileprefill.ops.decision import warn_without_gpu_kernel
+from tileprefill.ops.op import candidate_keys, checked_kernel_map, concrete_device, metadata_specs
+from tileprefill.ops.plan import DecidedPlan, Expected, Requirement, expected_of, matches
+from tileprefill.selection import PrefillPlan, select_plan
 from tileprefill.validation import (
     Binding,
     DtypeRule,
     StrideRule,
     TensorSpec,
+    check_apart,
     check_metadata,
     check_positive,
     check_same_strides,
     check_slot_mapping,
     check_slots_fit,
-    follows,
     spec,
 )
 
@@ -75,8 +68,11 @@ _SLOT_MAPPING = spec("slot_mapping", DtypeRule.INDEX, "T")
 
 
 @functools.cache
-def _context(dtype: DType, device: torch.device, head_dim: int, page_size: int) -> PrefillContext:
-    return PrefillContext(
+def _decided(
+    dtype: DType, device: torch.device, head_dim: int, page_size: int
+) -> tuple[PrefillContext, PrefillPlan]:
+    """The context of a slot-mapped write and its plan (one slot-append step), once per configuration."""
+    context = PrefillContext(
         kv_layout=KVLayout.PAGED,
         rope=RopeMode.NONE,
         append=True,
@@ -90,29 +86,29 @@ def _context(dtype: DType, device: torch.device, head_dim: int, page_size: int) 
         ragged=True,
         slot_mapping=True,
     )
+    plan = select_plan(context)
+    assert plan.slot_append is not None and plan.steps == (plan.slot_append,), plan
+    if context.arch is Arch.CPU:
+        warn_without_gpu_kernel(context)
+    return context, plan
 
 
-@functools.cache
-def _plan_of(ctx: PrefillContext) -> PrefillPlan:
-    return select_plan(ctx)
-
-
-class PagedCacheSlotAppendPlan:
+class PagedCacheSlotAppendPlan(DecidedPlan):
     """What `PagedCacheSlotAppend.plan(...)` returns: the slot mapping, its checks and the bound
     launch. Immutable; `run` writes one layer's k_new/v_new into its pages."""
 
-    __slots__ = ("_context", "_dims", "_dtype", "_expected", "_launch", "_requirements", "_slot_mapping")
+    __slots__ = ("_dims", "_dtype", "_expected", "_launch", "_requirements", "_slot_mapping")
 
     def __init__(
         self,
-        context: PrefillContext,
+        decision: tuple[PrefillContext, PrefillPlan],
         dims: Mapping[str, Binding],
         requirements: Sequence[Requirement],
         launch: SlotAppendLaunch,
         slot_mapping: torch.Tensor,
         dtype: torch.dtype,
     ) -> None:
-        self._context = context
+        super().__init__(decision)
         self._dims = dict(dims)
         self._requirements = tuple(requirements)
         self._launch = launch
@@ -124,27 +120,11 @@ class PagedCacheSlotAppendPlan:
         )
 
     @property
-    def plan(self) -> PrefillPlan:
-        """The selected kernel key (one slot-append step)."""
-        return _plan_of(self._context)
-
-    @property
-    def steps(self) -> tuple[KernelKey, ...]:
-        return self.plan.steps
-
-    @property
     def slot_mapping(self) -> torch.Tensor:
         """The tensor every `run` reads the slots from: the caller's own (not a copy). Writing new
         values into it between CUDA-graph replays of `run` changes where they write; the plan's
         checks (validate=True) covered the values it had when planned."""
         return self._slot_mapping
-
-    def explain(self) -> Explanation:
-        """The chosen plan and why every other kernel was not chosen."""
-        return explain(self._context)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.plan})"
 
     def run(
         self, k_new: torch.Tensor, v_new: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
@@ -161,33 +141,15 @@ class PagedCacheSlotAppendPlan:
         full `check_metadata` runs and raises the error that names the argument.
         """
         device = self._slot_mapping.device
-        free: dict[str, int] = {}
-        for t, expected in zip(tensors, self._expected, strict=True):
-            if not (
-                isinstance(t, torch.Tensor)
-                and t.dtype == expected.dtype
-                and t.device == device
-                and follows(t, expected.strides)
-            ):
-                break
-            shape = t.shape
-            if expected.lead is None:
-                if shape != expected.shape:
-                    break
-                continue
-            if len(shape) != len(expected.shape) + 1 or shape[1:] != expected.shape:
-                break
-            if free.setdefault(expected.lead, shape[0]) != shape[0]:
-                break
-        else:
-            for requirement in self._requirements:
-                if not requirement.holds(free[requirement.symbol]):
-                    requirement.fail(free[requirement.symbol])
-            _check_apart(tensors)
-            return
-        specs = PagedCacheSlotAppend.run_specs
-        check_metadata(specs, tensors, bound=self._dims, device=device, dtype=self._dtype)
-        raise AssertionError(f"plan check: {[tuple(t.shape) for t in tensors]} differ from the plan")
+        free = matches(tensors, self._expected, device)
+        if free is None:
+            specs = PagedCacheSlotAppend.run_specs
+            check_metadata(specs, tensors, bound=self._dims, device=device, dtype=self._dtype)
+            raise AssertionError(f"plan check: {[tuple(t.shape) for t in tensors]} differ from the plan")
+        for requirement in self._requirements:
+            if not requirement.holds(free[requirement.symbol]):
+                requirement.fail(free[requirement.symbol])
+        _check_apart(tensors)
 
 
 def _check_apart(tensors: Sequence[torch.Tensor]) -> None:
@@ -287,9 +249,7 @@ class PagedCacheSlotAppend:
         if shape.tokens < 0:
             raise ValueError(f"shape.tokens: expected an int >= 0, got {shape.tokens}")
         dims = check_metadata(self.plan_specs, [slot_mapping], bound=dims, device=device)
-        ctx = _context(dtype, device, shape.head_dim, shape.page_size)
-        plan = _plan_of(ctx)
-        assert plan.slot_append is not None and plan.steps == (plan.slot_append,), plan
+        context, selected = _decided(dtype, device, shape.head_dim, shape.page_size)
         requirements: list[Requirement] = []
         if self.validate:
             values = slot_mapping.tolist()  # the one device-to-host copy
@@ -304,7 +264,7 @@ class PagedCacheSlotAppend:
                 )
             )
         facts = StaticFacts(
-            arch=ctx.arch,
+            arch=context.arch,
             dtype=dtype,
             heads=shape.kv_heads,
             kv_heads=shape.kv_heads,
@@ -312,10 +272,13 @@ class PagedCacheSlotAppend:
             page_size=shape.page_size,
             index_dtype=IndexDType.of(slot_mapping.dtype, argument="slot_mapping"),
         )
-        launch = self._kernel_of(plan.slot_append).bind(facts)
-        return PagedCacheSlotAppendPlan(ctx, dims, requirements, launch, slot_mapping, shape.dtype)
+        launch = self._kernel_of(selected.slot_append).bind(facts)
+        return PagedCacheSlotAppendPlan(
+            (context, selected), dims, requirements, launch, slot_mapping, shape.dtype
+        )
 
-    def _kernel_of(self, key: KernelKey) -> SlotAppendKernel:
+    def _kernel_of(self, key: KernelKey | None) -> SlotAppendKernel:
+        assert key is not None, "the plan of every slot-mapped write has a slot-append step"
         kernel = self._kernels.get(key)
         if kernel is None:
             raise LookupError(

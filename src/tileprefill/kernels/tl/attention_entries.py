@@ -23,9 +23,7 @@ from typing import Any
 
 import tilelang.language as T
 
-from tileprefill.kernels.tl.attention_configs import TileConfig
 from tileprefill.kernels.tl.attention_parts import (
-    KVSource,
     Work,
     kv_tile_count,
     kv_tile_first,
@@ -33,7 +31,7 @@ from tileprefill.kernels.tl.attention_parts import (
     work,
 )
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.selection import pages_tile_evenly
+from tileprefill.tiles import KVSource, TileConfig, pages_tile_evenly
 
 #: The dtype of the log-sum-exp output.
 LSE_DTYPE = "float32"

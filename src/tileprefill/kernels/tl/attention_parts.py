@@ -36,7 +36,6 @@ that saw no key. Without it the program is the one it always was.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from typing import Any
 
@@ -54,21 +53,6 @@ def score_scale(sm_scale: float, softcap: float) -> float:
 
 #: The accumulation type of scores, softmax statistics and outputs.
 ACCUM = "float32"
-
-
-class KVSource(enum.Enum):
-    """Where a program reads q, k and v from (one program family per member)."""
-
-    DENSE = "dense"  # q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D)
-    RAGGED = "ragged"  # q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv
-    CONTIGUOUS = "contiguous"  # q (B, Sq, Hq, D), caches (B, S_max, Hkv, D), kv_seqlens
-    PAGED = "paged"  # q (Tq, Hq, D) by cu_seqlens_q, pages (P, page_size, Hkv, D), block_table
-    PAGED_TILED = "paged_tiled"  # as PAGED, page_size a power of two >= 16
-
-    @property
-    def ragged_q(self) -> bool:
-        """Whether q and the output are packed token-major by cu_seqlens_q."""
-        return self in (KVSource.RAGGED, KVSource.PAGED, KVSource.PAGED_TILED)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,11 +20,9 @@ from typing import Any
 
 import tilelang.language as T
 
-from tileprefill.kernels.tl.attention_configs import TileConfig
 from tileprefill.kernels.tl.attention_entries import entry_program
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
-    KVSource,
     Work,
     online_softmax,
     score_scale,
@@ -33,6 +31,7 @@ from tileprefill.kernels.tl.attention_parts import (
     visibility_mask,
     write_lse,
 )
+from tileprefill.tiles import KVSource, TileConfig
 
 
 def program(

@@ -44,7 +44,6 @@ from typing import Any
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
-from tileprefill.kernels.tl.attention_configs import TileConfig
 from tileprefill.kernels.tl.attention_entries import (
     Schedule,
     entry_program,
@@ -53,7 +52,6 @@ from tileprefill.kernels.tl.attention_entries import (
 )
 from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
-    KVSource,
     Work,
     online_softmax,
     score_scale,
@@ -62,6 +60,7 @@ from tileprefill.kernels.tl.attention_parts import (
     visibility_mask,
     write_lse,
 )
+from tileprefill.tiles import KVSource, TileConfig
 
 #: Query rows of one consumer warpgroup (the M of one wgmma).
 ROWS_PER_CONSUMER = 64

@@ -1,13 +1,63 @@
-"""Tile configurations of the attention programs: one small table per architecture.
+"""What the attention programs are built for: where they read q, k and v from (`KVSource`) and
+their tile configurations, one small table per architecture.
 
-Pure Python (no tilelang import), so kernel classes can choose a configuration
-without loading the compiler. A configuration is part of a program's static
-arguments, hence of its compile-cache key.
+Pure Python (no torch, no tilelang): selection explains with it, the kernel classes choose
+a program's static arguments with it, and the TileLang programs are built from it, so none
+of them imports another for it. A configuration is part of a program's static arguments,
+hence of its compile-cache key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import assert_never
+
+
+class KVSource(enum.Enum):
+    """Where an attention program reads q, k and v from (one program family per member)."""
+
+    DENSE = "dense"  # q (B, Sq, Hq, D), k/v (B, Skv, Hkv, D)
+    RAGGED = "ragged"  # q (Tq, Hq, D), k/v (Tkv, Hkv, D), cu_seqlens_q/kv
+    CONTIGUOUS = "contiguous"  # q (B, Sq, Hq, D), caches (B, S_max, Hkv, D), kv_seqlens
+    PAGED = "paged"  # q (Tq, Hq, D) by cu_seqlens_q, pages (P, page_size, Hkv, D), block_table
+    PAGED_TILED = "paged_tiled"  # as PAGED, page_size a power of two >= 16
+
+    @property
+    def description(self) -> str:
+        """The source in words (what `explain` says a kernel reads)."""
+        match self:
+            case KVSource.DENSE:
+                return "dense (B, S, H, D) inputs"
+            case KVSource.RAGGED:
+                return "ragged (T, H, D) inputs with cu_seqlens"
+            case KVSource.CONTIGUOUS:
+                return "a contiguous cache"
+            case KVSource.PAGED:
+                return "a paged cache, any page size"
+            case KVSource.PAGED_TILED:
+                return "a paged cache whose page size divides the KV tile"
+            case _:
+                assert_never(self)
+
+    @property
+    def ragged_q(self) -> bool:
+        """Whether q and the output are packed token-major by cu_seqlens_q."""
+        return self in (KVSource.RAGGED, KVSource.PAGED, KVSource.PAGED_TILED)
+
+    @property
+    def paged(self) -> bool:
+        """Whether k and v are pages read through a block table."""
+        return self in (KVSource.PAGED, KVSource.PAGED_TILED)
+
+
+def pages_tile_evenly(page_size: int) -> bool:
+    """Whether a power-of-two KV tile is whole pages (or lies inside one page).
+
+    True for powers of two >= 16: then either the page size divides the tile or
+    the tile divides the page, and every page's part of a tile is one copy.
+    """
+    return page_size >= 16 and page_size & (page_size - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +82,8 @@ class TileConfig:
 # - D 64: three consumers (192 x 128 tiles, 512 threads, 160 registers a consumer, as
 #   TileOPs 0.1.0 and FlashAttention-3 at D 64). A score costs 4 x 64 FLOPs and one exp2:
 #   at tensor peak that is the whole MUFU pipe of an SM (16 a clock), so the softmax of
-#   one tile must run under the products of two others, not one (benchmarks/kernel-notes.md,
-#   session 9). Dense and contiguous programs only: the packed ones (ragged, paged) carry their
+#   one tile must run under the products of two others, not one (docs/design.md). Dense and
+#   contiguous programs only: the packed ones (ragged, paged) carry their
 #   schedule's walk through the loop and spill 44-148 bytes at 160 registers (ptxas), and the
 #   gathering paged producer needs 88 registers; they keep two consumers until measured.
 # - D 64 to 128: 128 x 128 tiles, two K/V stages: Q 16-32 KiB + K/V 64-128 KiB of
@@ -113,21 +163,20 @@ def describe(config: TileConfig) -> str:
     )
 
 
-def sm90_config(
-    head_dim: int, *, contiguous_cache: bool = False, packed_q: bool = False, sm_count: int = 0
-) -> TileConfig:
-    """The SM90 configuration of `head_dim` on a device of `sm_count` SMs (0: the table's
-    SM90_PERSISTENT_CTAS): a persistent program launches one CTA per SM. Programs of packed q
-    (ragged, paged) keep two consumers (see the table's comment). The contiguous cache
-    keeps one CTA per query tile: persistent, its longest-first order over the batch made the
-    resident CTAs read every sequence's cache at once (4 x 4608 keys: 75 MB of K/V, over the L2)
-    and measured 9% slower (benchmarks/kernel-notes.md, step 3)."""
+def sm90_config(source: KVSource, head_dim: int, sm_count: int = 0) -> TileConfig:
+    """The SM90 configuration of `source`'s programs at `head_dim` on a device of `sm_count` SMs (0:
+    the table's SM90_PERSISTENT_CTAS): what the program factory builds and `explain` names. A
+    persistent program launches one CTA per SM. Programs of packed q (ragged, paged) keep two
+    consumers (see the table's comment). The contiguous cache keeps one CTA per query tile:
+    persistent, its longest-first order over the batch made the resident CTAs read every
+    sequence's cache at once (4 x 4608 keys: 75 MB of K/V, over the L2) and measured 9% slower
+    (docs/design.md)."""
     if sm_count < 0:
         raise ValueError(f"sm_count: expected the device's SM count (>= 1) or 0, got {sm_count}")
     config = _lookup(SM90_CONFIGS, head_dim, "sm90")
-    if packed_q and config.block_M > 128:
+    if source.ragged_q and config.block_M > 128:
         config = dataclasses.replace(config, block_M=128, threads=384)
-    if contiguous_cache:
+    if source is KVSource.CONTIGUOUS:
         return dataclasses.replace(config, persistent_ctas=0)
     if config.persistent_ctas and sm_count:
         return dataclasses.replace(config, persistent_ctas=sm_count)
