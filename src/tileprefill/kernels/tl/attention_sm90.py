@@ -11,10 +11,13 @@ threads), or 192 rows with three (512 threads; D 64, see attention_configs):
   (consumers -> producer).
 - warpgroups 0 .. consumers - 1, the consumers, own 64 query rows each. Per key tile k
   a consumer issues S = Q K_k^T and O += P_{k-1} V_{k-1} as asynchronous wgmma,
-  waits only for S, and runs the softmax of tile k while the P V product runs
-  (intra-warpgroup overlap). One named barrier per consumer passes the turn to issue
-  GEMMs round the consumers (ping-pong with two), so one warpgroup's softmax runs
-  under the others' tensor-core work.
+  waits for S and masks it while the P V product runs, then waits for that product,
+  releases V_{k-1}'s slot and runs the softmax (ptxas may start the row maxima before
+  that wait). ptxas put the wait ahead of the exponentials even when the source ran them
+  under the product, and then released the slot only after the whole softmax; now the
+  exponentials depend on the release (`release_before`). One named barrier per consumer
+  passes the turn to issue GEMMs round the consumers (ping-pong with two), so one
+  warpgroup's softmax runs under the others' tensor-core work.
 
 Per key tile the output is rescaled (`o *= alpha`) after the P V product has been
 waited for, outside the window in which the consumers take turns (as FlashAttention-3
@@ -81,6 +84,33 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = TURN_BARRIER + MAX_CONSUMERS
 #: All 65,536 registers of an SM go to the one CTA; setmaxnreg moves them between warpgroups.
 REGISTER_FILE = 65536
+
+#: CUDA every SM90 program carries (`T.import_source`) for `release_before`: an mbarrier arrive that
+#: returns the barrier's state (TileLang's discards it), and a value passed through a byte permute
+#: of that state which takes every byte from the value (the value is unchanged; what reads it now
+#: depends on the arrive). ptxas schedules an arrive whose result nothing reads after everything
+#: else of its block.
+TIED_RELEASE_SOURCE = r"""
+#ifndef TILEPREFILL_TIED_RELEASE
+#define TILEPREFILL_TIED_RELEASE
+template <typename Barrier>
+__device__ __forceinline__ unsigned long long tileprefill_arrive(Barrier &barrier) {
+  unsigned long long state;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];"
+               : "=l"(state)
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(&barrier)))
+               : "memory");
+  return state;
+}
+__device__ __forceinline__ float tileprefill_tie(float value, unsigned long long state) {
+  unsigned bits;
+  asm("prmt.b32 %0, %1, %2, 0x7654;"
+      : "=r"(bits)
+      : "r"(static_cast<unsigned>(state)), "r"(__float_as_uint(value)));
+  return __uint_as_float(bits);
+}
+#endif
+"""
 
 
 #: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
@@ -196,6 +226,16 @@ def program(
     stages_output = persistent
 
     @T.macro
+    def release_before(barriers: Any, index: Any, maxima: Any) -> None:
+        """Arrive on barriers[index] ahead of everything that reads the row maxima fragment `maxima`
+        (its values unchanged, tied to the arrive; see TIED_RELEASE_SOURCE): once per thread, since
+        the free barriers count every consumer thread. (The barrier goes in as its array and index:
+        a macro argument that is an element is copied into a local.)"""
+        state = T.alloc_var("uint64", init=T.call_extern("uint64", "tileprefill_arrive", barriers[index]))
+        for i in T.Parallel(half):
+            maxima[i] = T.call_extern(ACCUM, "tileprefill_tie", maxima[i], state)
+
+    @T.macro
     def copy_rows(
         src: Any, dst: Any, slot: Any, barriers: Any, barrier_index: Any, k: Any, w: Work, bt: Any
     ) -> None:
@@ -307,9 +347,10 @@ def program(
         l: Any,
         masked: Any,
     ) -> None:
-        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
-        of S_k under the P V product and, once that is done, O *= alpha_k (outside the turn window
-        in which the consumers take turns issuing GEMMs, each handing the turn to the next)."""
+        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1} (in the turn window
+        in which the consumers take turns issuing GEMMs, each handing the turn to the next), then,
+        once S_k is done, its mask under the P V product; once that is done, the V slot's release,
+        the softmax of S_k (its row maxima may start earlier) and O *= alpha_k."""
         n = kbase + k
         slot = n % stages
         prev = (n - 1) % stages
@@ -328,12 +369,15 @@ def program(
             cap(s)
         if masked:
             mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
+        T.wait_wgmma(0)
+        T.warpgroup_fence_operand(o, num_regs=half * D // 128)
+        # V_{k-1} is free as soon as its product is: the exponentials read the row maxima through
+        # the release, so ptxas keeps it ahead of them.
+        release_before(b.v_free, prev, m)
+        if masked:
             softmax(s, m, m_prev, alpha, row_sum, l, False)
         else:
             softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
-        T.wait_wgmma(0)
-        T.warpgroup_fence_operand(o, num_regs=half * D // 128)
-        T.mbarrier_arrive(b.v_free[prev])
         for i, j in T.Parallel(half, D):
             o[i, j] *= alpha[i]
         T.copy(s, p)
@@ -442,6 +486,7 @@ def program(
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
+        T.import_source(TIED_RELEASE_SOURCE)
         Qs = tuple(T.alloc_shared([half, D], dtype) for _ in consumer_ids)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
         Vs = T.alloc_shared([stages, block_N, D], dtype)
