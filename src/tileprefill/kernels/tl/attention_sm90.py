@@ -59,6 +59,7 @@ from tileprefill.kernels.tl.attention_parts import (
     KVSource,
     Work,
     online_softmax,
+    scaled_exponentials,
     score_scale,
     soft_cap,
     unmasked_tiles,
@@ -117,6 +118,32 @@ __device__ __forceinline__ float tileprefill_tie(float value, unsigned long long
 #: divide the row, else 64- or 32-byte ones (TMA copies a sub-tile panel by panel).
 def panel_columns(head_dim: int) -> int:
     return next(cols for cols in (64, 32, 16) if head_dim % cols == 0)
+
+
+def quad_partial_sums(rows: int, cols: int) -> Any:
+    """The macro that adds the probabilities `s` (rows, cols) of a key tile to each thread's partial
+    row sums `lp`, rescaled by `alpha` like the output.
+
+    In the wgmma accumulator layout a thread holds, of each of its rows, the columns
+    8 c + 2 (t % 4) + {0, 1}: the four threads of a quad share a row. A thread keeps the running
+    sum of its own columns in the first 8 columns of `lp`, a fragment shaped like the scores (so
+    that TileLang gives it their layout; its other columns stay 0). The quad's partial sums are
+    added up once a query tile (`T.reduce_sum(lp, l, dim=1)` after the last key tile), instead of
+    two shuffle rounds a row every key tile (as TileOPs' D 128 kernel keeps its row sums).
+    """
+
+    @T.macro
+    def accumulate(s: Any, lp: Any, alpha: Any, first: Any) -> None:
+        for i, j in T.Parallel(rows, 8):
+            if first:
+                lp[i, j] = s[i, j]
+            else:
+                lp[i, j] = lp[i, j] * alpha[i] + s[i, j]
+        for c in T.unroll(1, cols // 8):
+            for i, j in T.Parallel(rows, 8):
+                lp[i, j] += s[i, 8 * c + j]
+
+    return accumulate
 
 
 @dataclasses.dataclass
@@ -206,9 +233,17 @@ def program(
     consumer_regs = min(consumer_regs, 240)
     policy = T.GemmWarpPolicy.FullRow
 
+    # Row sums as per-thread partial sums, added up once a query tile (`quad_partial_sums`), where
+    # the consumers have the registers: with three consumers (160 registers) they doubled the D 64
+    # program's spills (outside the loop), so there the row sums are shuffled every key tile.
+    partial_sums = consumers == 2
+    sums_shape = [half, block_N] if partial_sums else [half]
     softmax = online_softmax(half, block_N, scale)
+    exponentiate = scaled_exponentials(half, block_N, scale)
     # Tiles every row of the consumer sees whole: the row maxima are finite.
     softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
+    exponentiate_seen = scaled_exponentials(half, block_N, scale, guard_empty=False)
+    add_row_sums = quad_partial_sums(half, block_N)
     mask = visibility_mask(half, block_N, causal, window)
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
@@ -224,6 +259,24 @@ def program(
     # A ragged or paged tile that ends past its sequence's q_len is stored from registers, row by
     # row, instead (a TMA store would write the next sequence's rows).
     stages_output = persistent
+
+    @T.macro
+    def softmax_step(
+        s: Any, m: Any, m_prev: Any, alpha: Any, sums: Any, l: Any, first: Any, masked: Any
+    ) -> None:
+        """The softmax of key tile `s` (`masked`: some row may see none of its keys): probabilities in
+        `s`, the statistics, and the row sums: added to the partial sums `sums` (`partial_sums`;
+        `l` is their total once the query tile is done), or (`sums` scratch) into `l`."""
+        if partial_sums:
+            if masked:
+                exponentiate(s, m, m_prev, alpha, first)
+            else:
+                exponentiate_seen(s, m, m_prev, alpha, first)
+            add_row_sums(s, sums, alpha, first)
+        elif masked:
+            softmax(s, m, m_prev, alpha, sums, l, first)
+        else:
+            softmax_seen(s, m, m_prev, alpha, sums, l, first)
 
     @T.macro
     def release_before(barriers: Any, index: Any, maxima: Any) -> None:
@@ -343,7 +396,7 @@ def program(
         m: Any,
         m_prev: Any,
         alpha: Any,
-        row_sum: Any,
+        sums: Any,
         l: Any,
         masked: Any,
     ) -> None:
@@ -374,10 +427,7 @@ def program(
         # V_{k-1} is free as soon as its product is: the exponentials read the row maxima through
         # the release, so ptxas keeps it ahead of them.
         release_before(b.v_free, prev, m)
-        if masked:
-            softmax(s, m, m_prev, alpha, row_sum, l, False)
-        else:
-            softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
+        softmax_step(s, m, m_prev, alpha, sums, l, False, masked)
         for i, j in T.Parallel(half, D):
             o[i, j] *= alpha[i]
         T.copy(s, p)
@@ -407,10 +457,13 @@ def program(
     @T.macro
     def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
         """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
-        s, p, o, m, m_prev, alpha, row_sum, l = f
+        s, p, o, m, m_prev, alpha, sums, l = f
         row0 = w.q0 + c * half
         T.fill(o, 0)
-        T.fill(l, 0)
+        if partial_sums:
+            T.fill(sums, 0)
+        else:
+            T.fill(l, 0)
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
             if c == consumers - 1 and not persistent:
@@ -426,7 +479,7 @@ def program(
             if capped:
                 cap(s)
             mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, True)
+            softmax_step(s, m, m_prev, alpha, sums, l, True, True)
             T.copy(s, p)
             # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
             # the others after the first run masked: before lo (a window's lower edge) and from hi
@@ -436,11 +489,11 @@ def program(
             split = T.max(start, T.min(w.tiles, hi - w.k_first))
             if window:
                 for k in T.serial(1, start):
-                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, True)
             for k in T.serial(start, split):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, False)
             for k in T.serial(split, w.tiles):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, True)
             if persistent:
                 # Every Q K^T of the tile is done: the next tile's Q may land.
                 T.mbarrier_arrive(b.q_free)
@@ -449,15 +502,18 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
+        if partial_sums:
+            # The quads' partial sums, added up: the row sums (0 for a tile without keys).
+            T.reduce_sum(sums, l, dim=1)
         if lse:
             store_lse(b.LSE, m, l, w, row0)
-        # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
+        # One reciprocal a row, not a division an element (alpha is free now). A row that saw
         # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
         # this row's inputs) stays NaN: the README's NaN policy.
         for i in T.Parallel(half):
-            row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
+            alpha[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * alpha[i], 0)
         if source.ragged_q and persistent:
             if row0 + half <= w.q_len:
                 store_staged(c, o, b, b.O[w.q_first + row0 : w.q_first + row0 + half, w.head, :])
@@ -480,9 +536,10 @@ def program(
         m = T.alloc_fragment([half], ACCUM)
         m_prev = T.alloc_fragment([half], ACCUM)
         alpha = T.alloc_fragment([half], ACCUM)
-        row_sum = T.alloc_fragment([half], ACCUM)
+        # The running partial sums (see quad_partial_sums), or the row sums' scratch.
+        sums = T.alloc_fragment(sums_shape, ACCUM)
         l = T.alloc_fragment([half], ACCUM)
-        return s, p, o, m, m_prev, alpha, row_sum, l
+        return s, p, o, m, m_prev, alpha, sums, l
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
