@@ -578,16 +578,21 @@ def persistent_packed_program(
             lambda i, walk: unit_work(i, walk, lengths, batch, bx, width[0]),
         )
 
+    # Every length the schedule reads is clamped at 0: with validate=False a decreasing
+    # cu_seqlens would give a sequence a negative count of query tiles, and the walk, which
+    # moves forward by each sequence's count, could then never reach a CTA's tile.
     @T.macro
     def ragged_lengths(b: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any) -> Any:
         q_first = cu_seqlens_q[b]
         kv_first = cu_seqlens_kv[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, kv_first, cu_seqlens_kv[b + 1] - kv_first
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, kv_first, sequence_length(kv_first, cu_seqlens_kv[b + 1])
 
     @T.macro
     def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any, capacity: Any) -> Any:
         q_first = cu_seqlens_q[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, 0, _clamped_kv_len(kv_seqlens[b], capacity)
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, 0, _clamped_kv_len(kv_seqlens[b], capacity)
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
@@ -689,6 +694,12 @@ def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
         return first, T.max(0, end - first)
 
     return key_range
+
+
+def sequence_length(first: Any, end: Any) -> Any:
+    """The tokens of a packed sequence that starts at `first` and ends before `end`: none where `end`
+    is below `first` (a decreasing cu_seqlens, which validate=False lets through)."""
+    return T.max(0, end - first)
 
 
 def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
