@@ -81,6 +81,11 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = TURN_BARRIER + MAX_CONSUMERS
 #: All 65,536 registers of an SM go to the one CTA; setmaxnreg moves them between warpgroups.
 REGISTER_FILE = 65536
+#: L2 priorities of the producer's TMA loads. A K/V tile is read again, by the CTAs running the
+#: other query heads of its KV head and the other query tiles of its sequence (the persistent
+#: orders keep them resident together: `attention_entries`); a Q tile is read once.
+KV_EVICTION = "evict_last"
+Q_EVICTION = "evict_first"
 
 
 #: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
@@ -206,11 +211,15 @@ def program(
                 src[w.seq, k * block_N : (k + 1) * block_N, w.kv_head, :],
                 dst[slot, :, :],
                 barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.RAGGED:
             start = w.kv_first + k * block_N
             T.tma_copy(
-                src[start : start + block_N, w.kv_head, :], dst[slot, :, :], barrier=barriers[barrier_index]
+                src[start : start + block_N, w.kv_head, :],
+                dst[slot, :, :],
+                barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.PAGED_TILED:
             if page_size >= block_N:
@@ -221,6 +230,7 @@ def program(
                     src[page, row : row + block_N, w.kv_head, :],
                     dst[slot, :, :],
                     barrier=barriers[barrier_index],
+                    eviction_policy=KV_EVICTION,
                 )
             else:
                 # The tile is whole pages; pages past the sequence re-read its last page
@@ -236,6 +246,7 @@ def program(
                             src[page, 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
                             dst[slot, i * page_size : (i + 1) * page_size, c * panel : (c + 1) * panel],
                             barrier=barriers[barrier_index],
+                            eviction_policy=KV_EVICTION,
                         )
         else:
             # Any page size: gather row by row with cp.async. Positions past the
@@ -258,10 +269,18 @@ def program(
                 rows = w.q0 + c * half
                 if source.ragged_q:
                     T.tma_copy(
-                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :], b.Qs[c], barrier=b.q_full
+                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
                     )
                 else:
-                    T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
+                    T.tma_copy(
+                        b.Q[w.seq, rows : rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
+                    )
             T.mbarrier_arrive(b.q_full)
         for k in T.serial(w.tiles + 1):
             if k < w.tiles:
