@@ -1,14 +1,18 @@
 """GPU probe of the SM90 attention programs: correctness against a float32 reference and
-old-vs-new timing, side by side in one process (see benchmarks/kernel-notes.md).
+old-vs-new timing, side by side in one process.
 
 Run on a Hopper GPU from the repository root:
 
-    python benchmarks/kernel_probe.py [--quick] [--out DIR] [--ncu [--ncu-case dense|paged32]]
+    python benchmarks/kernel_probe.py [--quick] [--only TEXT[,TEXT...]] [--out DIR]
+        [--ncu [--ncu-case dense|paged32]] [--dry-run]
 
 `--ncu` also profiles one launch of every version's program of `--ncu-case` (dense: D128
 non-causal at S 8192, long tiles; paged32: the tiled paged program on 32 x (512 + 128) at page
 32, short tiles) with Nsight Compute (`--clock-control none`, full set, source counters) and
-writes each report's details and per-instruction SASS table as CSV under DIR.
+writes each report's details and per-instruction SASS table as CSV under DIR. `--dry-run` runs
+on a CPU: it loads every version, builds (does not compile) each program the run would compile,
+and prints the dense timing cases' first-wave K/V and CTA balance from each version's order model
+(`kernels/tl/dense_order.py`, where the version has one).
 
 The program modules are loaded without importing `tileprefill` itself (stub parent
 packages), so the probe depends only on `kernels/tl/` and keeps working while the rest
@@ -16,11 +20,24 @@ of the package is being edited. The new program is checked on every source (the 
 also with `persistent_ctas = 0`, the one-CTA-per-tile grid). `--wait-for FILE` holds the
 timing back until FILE exists, so the GPU test suite can share the call (and the CPUs for
 compiling) without disturbing the timings.
-`_old_attention_sm90.py` beside this file, if present, is loadable as module "old", and each
-`_variant_<name>.py` beside it as module "<name>": every version is timed on every case ("new" is
-checked against the reference on every source, each variant on the shapes it is timed on, "old"
-not at all). A variant is a branch's program module: `git show BRANCH:src/tileprefill/kernels/tl/
-attention_sm90.py > benchmarks/_variant_NAME.py` (it imports the tree's other `kernels/tl/` modules).
+
+Versions. "new" is the tree's `kernels/tl/`. Beside this file, "old" and each variant NAME are
+either a whole `kernels/tl/` of their own (a folder: `_old/`, `_variant_NAME/`, loaded as the
+package `_probe_old` / `_probe_NAME`, its imports of `tileprefill.kernels.tl` pointed at itself,
+so every version's programs, orders and helpers coexist in one process) or, the older form, one
+program module (`_old_attention_sm90.py`, `_variant_NAME.py`, which imports the tree's other
+`kernels/tl/` modules). Every version is timed on every case ("new" is checked against the
+reference on every source, each variant on the shapes it is timed on, "old" not at all). From the
+repository root, with BRANCH a branch or commit:
+
+    mkdir -p benchmarks/_old
+    git archive main src/tileprefill/kernels/tl | tar -x -C benchmarks/_old --strip-components=4
+    mkdir -p benchmarks/_variant_NAME
+    git archive BRANCH src/tileprefill/kernels/tl | tar -x -C benchmarks/_variant_NAME --strip-components=4
+    git show BRANCH:src/tileprefill/kernels/tl/attention_sm90.py > benchmarks/_variant_NAME.py  # one module
+
+(They are untracked files of the tree: a device call carries them unless git ignores them, in
+which case name them in its `carry`.) `rm -r benchmarks/_old benchmarks/_variant_*` clears them.
 """
 
 from __future__ import annotations
@@ -28,6 +45,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -37,6 +56,7 @@ import pathlib
 import sys
 import time
 import types
+from collections.abc import Sequence
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,6 +69,9 @@ for _name, _sub in (("tileprefill", "src/tileprefill"), ("tileprefill.kernels", 
 from tileprefill.kernels.tl import attention_sm90  # noqa: E402
 from tileprefill.tiles import KVSource, sm90_config  # noqa: E402
 from tileprefill.tiles import KVSource as Source  # noqa: E402
+
+#: The package every module of `kernels/tl/` imports its siblings from.
+TREE_PACKAGE = "tileprefill.kernels.tl"
 
 
 def _extra_pass_configs(factory: Any) -> dict[str, Any]:
@@ -70,15 +93,80 @@ def _load(path: pathlib.Path) -> Any:
     return module
 
 
+class _SnapshotLoader(importlib.abc.Loader):
+    """Runs a module of a `kernels/tl/` snapshot with its imports of TREE_PACKAGE pointed at the
+    snapshot's own package. (Only import lines change, so line numbers stay those of the file,
+    which TileLang reads its programs' source from.)"""
+
+    def __init__(self, path: pathlib.Path, package: str) -> None:
+        self.path = path
+        self.package = package
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        source = self.path.read_text(encoding="utf-8").replace(TREE_PACKAGE, self.package)
+        exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
+
+
+class _SnapshotFinder(importlib.abc.MetaPathFinder):
+    """Finds the package `package` and its modules in `folder` (a copy of `kernels/tl/`)."""
+
+    def __init__(self, package: str, folder: pathlib.Path) -> None:
+        self.package = package
+        self.folder = folder
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == self.package:
+            init = self.folder / "__init__.py"
+            return importlib.util.spec_from_file_location(
+                fullname,
+                init,
+                loader=_SnapshotLoader(init, self.package),
+                submodule_search_locations=[str(self.folder)],
+            )
+        prefix, _, name = fullname.rpartition(".")
+        if prefix != self.package or not (self.folder / f"{name}.py").is_file():
+            return None
+        file = self.folder / f"{name}.py"
+        loader = _SnapshotLoader(file, self.package)
+        return importlib.util.spec_from_file_location(fullname, file, loader=loader)
+
+
+def load_snapshot(folder: pathlib.Path, package: str) -> Any:
+    """The program module (`attention_sm90`) of the `kernels/tl/` copy in `folder`, imported as the
+    package `package`."""
+    if not (folder / "attention_sm90.py").is_file():
+        raise FileNotFoundError(f"{folder}: expected a copy of kernels/tl/, found no attention_sm90.py")
+    if not any(isinstance(f, _SnapshotFinder) and f.package == package for f in sys.meta_path):
+        sys.meta_path.insert(0, _SnapshotFinder(package, folder))
+    return importlib.import_module(f"{package}.attention_sm90")
+
+
+def _version(here: pathlib.Path, stem: str, name: str) -> Any | None:
+    """Version `name` from the folder `stem` or the module file `stem`_attention_sm90.py / `stem`.py."""
+    if (here / stem).is_dir():
+        return load_snapshot(here / stem, f"_probe_{name}")
+    for file in (here / f"{stem}_attention_sm90.py", here / f"{stem}.py"):
+        if file.is_file():
+            return _load(file)
+    return None
+
+
 def _modules() -> dict[str, Any]:
-    """The versions timed side by side: "new" (the tree's program module), "old"
-    (`_old_attention_sm90.py` beside this file, if there) and one per `_variant_<name>.py`."""
+    """The versions timed side by side, by name: "new" (the tree's program module), "old" and one per
+    variant (see the module docstring)."""
     here = pathlib.Path(__file__).parent
     modules: dict[str, Any] = {"new": attention_sm90}
-    if (here / "_old_attention_sm90.py").exists():
-        modules["old"] = _load(here / "_old_attention_sm90.py")
-    for path in sorted(here.glob("_variant_*.py")):
-        modules[path.stem.removeprefix("_variant_")] = _load(path)
+    old = _version(here, "_old", "old")
+    if old is not None:
+        modules["old"] = old
+    names = {p.name.removesuffix(".py").removeprefix("_variant_") for p in here.glob("_variant_*")}
+    for name in sorted(names):
+        modules[name] = _version(here, f"_variant_{name}", name)
     return modules
 
 
@@ -101,13 +189,15 @@ class Prog:
 
     def factory_args(self) -> tuple[Any, ...]:
         config = sm90_config(_SOURCES[self.source], self.head_dim)
-        if config.block_M > 128 and getattr(MODULES[self.module], "MAX_CONSUMERS", 2) < 3:
-            # A program from before three consumers (main before kernel-notes step 10): two.
+        module = MODULES[self.module]
+        if config.block_M > 128 and getattr(module, "MAX_CONSUMERS", 2) < 3:
+            # A program from before D 64 ran three consumer warpgroups: two.
             config = dataclasses.replace(config, block_M=128, threads=384)
         if not self.persistent:
             config = dataclasses.replace(config, persistent_ctas=0)
         return (
-            KVSource(self.source),
+            # The version's own enum: a snapshot's program compares with its own members.
+            getattr(module, "KVSource", KVSource)(self.source),
             self.heads,
             self.kv_heads,
             self.head_dim,
@@ -451,8 +541,9 @@ def time_contiguous(prog: Prog, seq_q: int, kv_lens: list[int]) -> float:
     return float(flops / (ms * 1e-3) / 1e12)
 
 
-# (label, batch, seq, heads, kv_heads, D, dtype, causal): the issue's dense cases, and D 64 both ways
-# (three consumers since step 10).
+# (label, batch, seq, heads, kv_heads, D, dtype, causal): the reference dense cases, D 64 both ways,
+# and the group-1 causal shapes whose K/V exceeds the L2 (the dense order's bands; the group-4
+# S 8192 pair above them is their control).
 DENSE_TIMING = [
     ("B1 S8192 32/8 D128 nc bf16", 1, 8192, 32, 8, 128, "bfloat16", False),
     ("B4 S4096 32/8 D128 nc fp16", 4, 4096, 32, 8, 128, "float16", False),
@@ -465,13 +556,17 @@ DENSE_TIMING = [
     ("B8 S1024 40/8 D128 causal bf16", 8, 1024, 40, 8, 128, "bfloat16", True),
     ("B4 S4096 32/8 D256 causal bf16", 4, 4096, 32, 8, 256, "bfloat16", True),
     ("B2 S8192 32/8 D256 nc fp16", 2, 8192, 32, 8, 256, "float16", False),
+    ("B8 S2048 32/32 D128 causal bf16", 8, 2048, 32, 32, 128, "bfloat16", True),
+    ("B4 S4096 32/32 D128 causal bf16", 4, 4096, 32, 32, 128, "bfloat16", True),
+    ("B2 S8192 32/32 D128 causal bf16", 2, 8192, 32, 32, 128, "bfloat16", True),
+    ("B16 S1024 32/32 D128 causal bf16", 16, 1024, 32, 32, 128, "bfloat16", True),
 ]
 RAGGED_LENS = [17, 4096, 300, 2048, 1000, 129, 3000, 777]
-#: (label, source, page size, q_lens, kv_lens): the issue's packed cases, 32/8 D128 bf16 causal.
+#: (label, source, page size, q_lens, kv_lens): the reference packed cases, 32/8 D128 bf16 causal.
 PACKED_TIMING = [
     ("ragged 8 mixed 17..4096", "ragged", 0, RAGGED_LENS, RAGGED_LENS),
     ("paged 8x(3000+700) p16", "paged_tiled", 16, [700] * 8, [3700] * 8),
-    ("paged 8x(3000+700) p64", "paged_tiled", 64, [700] * 8, [3700] * 8),  # issue 7: p16 within 10%
+    ("paged 8x(3000+700) p64", "paged_tiled", 64, [700] * 8, [3700] * 8),  # page 16 against page 64
     ("paged 32x(512+128) p32", "paged_tiled", 32, [128] * 32, [640] * 32),
     ("paged 2x(2048+256) p1", "paged", 1, [256] * 2, [2304] * 2),
     ("contiguous 4x(4096+512)", "contiguous", 0, [512] * 4, [4608] * 4),
@@ -537,6 +632,44 @@ def profile(module: str, case: str, out_dir: pathlib.Path, log: Any) -> None:
         (out_dir / f"ncu-{case}-{module}-{page}.csv").write_text(dump.stdout + dump.stderr[-2000:])
 
 
+def order_model(module: str) -> Any | None:
+    """The dense order's model (`kernels/tl/dense_order.py`) of version `module`, if it has one."""
+    package = MODULES[module].__name__.rpartition(".")[0]
+    try:
+        return importlib.import_module(f"{package}.dense_order") if package else None
+    except ImportError:
+        return None
+
+
+def dry_run(progs: list[Prog], timing: list[tuple[str, Prog, Any]], log: Any) -> None:
+    """Build every program of `progs` once (no compile: on a CPU this checks that every version loads
+    and builds), then print each dense timing case's first-wave K/V and CTA balance per version."""
+    start = time.time()
+    built = list(dict.fromkeys(progs))
+    for prog in built:
+        MODULES[prog.module].program(*prog.factory_args())
+    versions = sorted({p.module for p in built})
+    log(f"built {len(built)} programs of versions {versions} in {time.time() - start:.0f}s")
+    for label, prog, (source, batch, seq) in timing:
+        model = order_model(prog.module) if source == "dense" else None
+        if model is None:
+            continue
+        config = prog.factory_args()[-1]
+        if not config.persistent_ctas:
+            continue
+        order = model.DenseOrder(
+            ctas=config.persistent_ctas,
+            heads=prog.heads,
+            kv_heads=prog.kv_heads,
+            causal=prog.causal,
+            kv_key_bytes=4 * prog.head_dim,
+        )
+        shape = model.Shape(batch, seq, seq, config.block_M, config.block_N)
+        wave = model.first_wave_kv_bytes(order, shape) / (1 << 20)
+        busiest = model.balance(order, shape)
+        log(f"order {label}: first wave {wave:.1f} MiB of K/V, busiest CTA {busiest:.3f}x the mean")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe"))
@@ -553,7 +686,14 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="time only the cases whose label contains this text, and skip the correctness checks",
+        help="time only the cases whose label contains one of these comma-separated texts, and skip "
+        "the correctness checks",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="on a CPU: build (not compile) every program the run would compile, print the dense "
+        "timing cases' order figures, and stop",
     )
     args = parser.parse_args()
     if args.ncu_child:
@@ -568,10 +708,6 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    import torch
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    log(f"device {torch.cuda.get_device_name()} sms {sms}")
     B16 = "bfloat16"
     versions = [name for name in MODULES if name != "new"] + ["new"]
     timing: list[tuple[str, Prog, Any]] = []
@@ -620,6 +756,11 @@ def main() -> None:
         (Prog("new", "dense", 16, 1, 96, "float16", False), (2, 333, 129)),
         (Prog("new", "dense", 16, 16, 176, B16, True), (1, 500, 900)),
         (Prog("new", "dense", 16, 4, 192, B16, True), (2, 700, 900)),
+        # Group 1, K/V over the L2: bands of 22 tiles (one band here), two-tile units, an odd tile
+        # count (the last unit one tile), q_len < kv_len.
+        (Prog("new", "dense", 15, 15, 128, B16, True), (3, 1100, 5000)),
+        # D 64 (192-row tiles): two bands of 8.
+        (Prog("new", "dense", 8, 8, 64, B16, True), (8, 3000, 3000)),
     ]
     variants = [name for name in args.check_variants.split(",") if name]
     unknown = [name for name in variants if name not in MODULES or name in ("new", "old")]
@@ -639,9 +780,18 @@ def main() -> None:
     }
     checks = {kind: with_variants(listed) for kind, listed in listed_checks.items()}
     if args.only is not None:
-        timing = [entry for entry in timing if args.only in entry[0]]
+        wanted = [text for text in args.only.split(",") if text]
+        timing = [entry for entry in timing if any(text in entry[0] for text in wanted)]
         checks = {kind: [] for kind in checks}
     progs = [p for _, p, _ in timing] + [p for listed in checks.values() for p, _ in listed]
+    if args.dry_run:
+        dry_run(progs, timing, log)
+        return
+
+    import torch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    log(f"device {torch.cuda.get_device_name()} sms {sms}")
     failed = prebuild(progs, log)
     same = {p for p in progs if same_as_new(p)}
     # A variant's check of a program that is new's would repeat new's.
@@ -685,7 +835,7 @@ def main() -> None:
         _wait_for(args.wait_for, log)
         # Two passes, the second in reverse order, and their mean: one pass timed every case's
         # "old" before its "new", and on an H100 two byte-identical dense programs then differed
-        # by 7% (627 against 582 TFLOP/s, session 8): the later one ran on a warmer, slower GPU.
+        # by 7% (627 against 582 TFLOP/s): the later one ran on a warmer, slower GPU.
         passes: dict[str, list[float]] = {}
         for order in (timing, timing[::-1]):
             for label, prog, (source, a, b) in order:

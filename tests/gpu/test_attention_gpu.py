@@ -511,6 +511,15 @@ def test_dense_long_sequences(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_dense_causal_group_one_beyond_the_l2_bound(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group 1 whose batch's K/V exceeds what the persistent order keeps resident: SM90 runs the
+    query tiles in bands of 6 lengths, two tiles of a band per unit (`kernels/tl/dense_order.py`);
+    q_len < kv_len, a partial last query tile."""
+    f = DENSE_CONFIGS[2]
+    check(Source.DENSE, arch, f, dense_case(f, 9, 2113, 2200), monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
 @pytest.mark.parametrize("f", [f for f in DENSE_CONFIGS if f.window], ids=config_id)
 def test_dense_windowed_long_sequences(arch: Arch, f: StaticFacts, monkeypatch: pytest.MonkeyPatch) -> None:
     """A window far shorter than the context: each query tile reads only the few key tiles its

@@ -1,7 +1,7 @@
 """SM90 (Hopper) attention programs: warp-specialized, TMA-fed, wgmma, ping-pong consumers.
 
 One CTA computes 128 query rows of one query head with two consumer warpgroups (384
-threads), or 192 rows with three (512 threads; D 64, see attention_configs):
+threads), or 192 rows with three (512 threads; D 64, see tiles.py):
 
 - the last warpgroup, the producer, loads the Q tile once and then K and V tiles into a
   ring of `num_stages` shared-memory slots: rectangular tiles with TMA
@@ -84,6 +84,11 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = TURN_BARRIER + MAX_CONSUMERS
 #: All 65,536 registers of an SM go to the one CTA; setmaxnreg moves them between warpgroups.
 REGISTER_FILE = 65536
+#: L2 priorities of the producer's TMA loads. A K/V tile is read again, by the CTAs running the
+#: other query heads of its KV head and the other query tiles of its sequence (the persistent
+#: orders keep them resident together: `attention_entries`); a Q tile is read once.
+KV_EVICTION = "evict_last"
+Q_EVICTION = "evict_first"
 
 #: CUDA every SM90 program carries (`T.import_source`) for `release_before`: an mbarrier arrive that
 #: returns the barrier's state (TileLang's discards it), and a value passed through a byte permute
@@ -250,7 +255,7 @@ def program(
     persistent = config.persistent_ctas > 0
     if persistent and source is KVSource.CONTIGUOUS:
         raise ValueError(
-            "config: expected persistent_ctas 0 for the contiguous cache (attention_configs.sm90_config "
+            "config: expected persistent_ctas 0 for the contiguous cache (tiles.sm90_config "
             f"says why), got {config.persistent_ctas}"
         )
     store_lse = write_lse(half, scale, source.ragged_q) if lse else None
@@ -298,11 +303,15 @@ def program(
                 src[w.seq, k * block_N : (k + 1) * block_N, w.kv_head, :],
                 dst[slot, :, :],
                 barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.RAGGED:
             start = w.kv_first + k * block_N
             T.tma_copy(
-                src[start : start + block_N, w.kv_head, :], dst[slot, :, :], barrier=barriers[barrier_index]
+                src[start : start + block_N, w.kv_head, :],
+                dst[slot, :, :],
+                barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.PAGED_TILED:
             if page_size >= block_N:
@@ -313,6 +322,7 @@ def program(
                     src[page, row : row + block_N, w.kv_head, :],
                     dst[slot, :, :],
                     barrier=barriers[barrier_index],
+                    eviction_policy=KV_EVICTION,
                 )
             else:
                 # The tile is whole pages; pages past the sequence re-read its last page
@@ -328,6 +338,7 @@ def program(
                             src[page, 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
                             dst[slot, i * page_size : (i + 1) * page_size, c * panel : (c + 1) * panel],
                             barrier=barriers[barrier_index],
+                            eviction_policy=KV_EVICTION,
                         )
         else:
             # Any page size: gather row by row with cp.async. Positions past the
@@ -350,10 +361,18 @@ def program(
                 rows = w.q0 + c * half
                 if source.ragged_q:
                     T.tma_copy(
-                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :], b.Qs[c], barrier=b.q_full
+                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
                     )
                 else:
-                    T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
+                    T.tma_copy(
+                        b.Q[w.seq, rows : rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
+                    )
             T.mbarrier_arrive(b.q_full)
         for k in T.serial(w.tiles + 1):
             if k < w.tiles:
