@@ -2,8 +2,9 @@
 install once with the README's command, then `nox -s lint typecheck tests compile`.
 
 `tests` is the CPU suite CI runs; `compile` lowers every TileLang program and
-compiles cubins for sm_80 and sm_90a (nvcc, no GPU); `gpu` and `bench` need a
-CUDA device and tilelang.
+compiles cubins for sm_80 and sm_90a (nvcc, no GPU); `compat` does both, a representative set
+of programs only, in a fresh environment with the TileLang vLLM and SGLang pin; `gpu` and
+`bench` need a CUDA device and tilelang.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def compile(session: nox.Session) -> None:
     # Minutes of nvcc: -v names each test as it starts, and the whole-set test prints a line per
     # program as it completes (past pytest's capture), so the log shows where the run is.
     session.run("pytest", "-v", "-m", "compile", *session.posargs, env=_CACHE)
+
+
+#: What vLLM 0.34 and SGLang 0.5.23 pin: tileprefill installs and works beside them.
+_ENGINE_TILELANG = ("tilelang==0.1.12", "apache-tvm-ffi==0.1.11")
+
+
+@nox.session(venv_backend="venv")
+def compat(session: nox.Session) -> None:
+    # A fresh environment of its own: pip must resolve tileprefill beside the engines' pins, then
+    # the CPU suite and a representative set of programs (tests/test_compat.py) run on them.
+    # torch first, as the README installs it: tilelang asked for without one brings a CUDA build.
+    session.install("torch==2.13.0")
+    session.install(*_ENGINE_TILELANG, "-e", ".[dev]")
+    session.run("pip", "check")
+    session.run("pytest", "-q", "-m", "not gpu and not compile and not sanitize", *session.posargs)
+    session.run("pytest", "-v", "-m", "compile", "tests/test_compat.py", env=_CACHE)
 
 
 @nox.session

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 import attrs
 
 from tileprefill.context import Arch
+from tileprefill.kernels.tilelang_compat import backport
 from tileprefill.keys import KernelKey
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ def _build(
     import tilelang
 
     _quiet(tilelang)
+    backport()  # before `factory(*args)` traces the program
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     target = tilelang.tvm.target.Target(_target_spec(nvcc_arch))
     pass_configs = _pass_configs(tilelang)
