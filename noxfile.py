@@ -1,5 +1,5 @@
 """Developer sessions. They run in the current environment (`venv_backend="none"`):
-install once with the README's command, then `nox -s lint typecheck tests compile`.
+install once with the README's command, then `nox -s lint typecheck tests compile compat`.
 
 `tests` is the CPU suite CI runs; `compile` lowers every TileLang program and
 compiles cubins for sm_80 and sm_90a (nvcc, no GPU); `compat` does both, a representative set
