@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill import cli
+from tileprefill import cli, demo
 from tileprefill.cli import main
 from tileprefill.context import Arch
 
@@ -291,7 +291,7 @@ def test_demo_on_cpu(dtype: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_fails_when_chunked_and_dense_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(cli.DEMO_TOLERANCE, tp.DType.BF16, (-1.0, 0.0))  # nothing can be within
+    monkeypatch.setitem(demo.DEMO_TOLERANCE, tp.DType.BF16, (-1.0, 0.0))  # nothing can be within
     assert main(["demo", "--device", "cpu"]) == 1
 
 

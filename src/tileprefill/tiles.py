@@ -60,6 +60,12 @@ def pages_tile_evenly(page_size: int) -> bool:
     return page_size >= 16 and page_size & (page_size - 1) == 0
 
 
+def pages_tile_whole(page_size: int, block_N: int) -> bool:
+    """A key tile of `block_N` (a power of two) keys is whole pages or lies inside one page: each
+    page's part of it is one rectangular copy (the tiled paged programs' condition)."""
+    return pages_tile_evenly(page_size) and (page_size >= block_N or not block_N % page_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """block_M query rows x block_N keys per step; num_stages K/V buffers; threads per CTA.

@@ -31,7 +31,7 @@ from tileprefill.kernels.tl.attention_parts import (
     work,
 )
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.tiles import KVSource, TileConfig, pages_tile_evenly
+from tileprefill.tiles import KVSource, TileConfig, pages_tile_whole
 
 #: The dtype of the log-sum-exp output.
 LSE_DTYPE = "float32"
@@ -58,7 +58,7 @@ def entry_program(
     no early exit, since SM90's warp-specialized body must be entered by every
     thread of the CTA.
     """
-    if source is KVSource.PAGED_TILED and not _pages_tile(page_size, config.block_N):
+    if source is KVSource.PAGED_TILED and not pages_tile_whole(page_size, config.block_N):
         raise ValueError(
             f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
         )
@@ -473,7 +473,7 @@ def persistent_packed_program(
     """
     if not source.ragged_q:
         raise ValueError(f"persistent packed grid: expected a ragged or paged source, got {source}")
-    if source is KVSource.PAGED_TILED and not _pages_tile(page_size, config.block_N):
+    if source is KVSource.PAGED_TILED and not pages_tile_whole(page_size, config.block_N):
         raise ValueError(
             f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
         )
@@ -695,9 +695,3 @@ def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
     """A paged sequence's key count, cut to what its block table row holds: with validate=False a
     kv_seqlens value past max_pages * page_size must not make a program read past the table."""
     return T.max(0, T.min(kv_len, capacity))
-
-
-def _pages_tile(page_size: int, block_N: int) -> bool:
-    """A key tile is whole pages or lies inside one page: each page's part is one rectangular copy.
-    The rule the selection states (`pages_tile_evenly`), for this program's power-of-two block_N."""
-    return pages_tile_evenly(page_size) and (page_size >= block_N or not block_N % page_size)
