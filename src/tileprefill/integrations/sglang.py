@@ -28,17 +28,17 @@ What the backend serves, on SGLang's own KV pool (read and written in place, nev
   `--prefill-attention-backend tileprefill` (SGLang picks the decode backend, or name it with
   `--decode-attention-backend`). With `--attention-backend tileprefill` decode runs here too,
   and SGLang must run without decode CUDA graphs (`--disable-cuda-graph`).
-- per layer: `layer.scaling`; sliding windows (`sliding_window_size + 1` keys, SGLang's window
-  excludes the query's own key); logit softcapping `logit_cap * tanh(s / logit_cap)`; GQA and MQA.
+- per layer: `layer.scaling`; sliding windows (`sliding_window_size + 1` keys: SGLang's window
+  counts the keys before the query); logit softcapping `logit_cap * tanh(s / logit_cap)`; GQA and MQA.
 
 Anything else is refused with `UnsupportedAttentionCall`, naming what and why, instead of being
 computed some other way: at start-up MLA models, encoder-decoder models, chunked local attention,
-KV pools other than a plain `MHATokenToKVPool` (hybrid sliding-window pools: start SGLang with
-`--disable-hybrid-swa-memory`), quantised (fp8, fp4) KV caches, pools whose KV ids are translated
-(unified pools, decode context parallelism); per batch speculative decoding's verify and
-draft-extend batches, diffusion-LM and split-prefill batches, CUDA-graph capture; per layer
-cross or bidirectional attention, a value head dim other than the query's, other capping
-methods, and keyword inputs such as attention sinks or `return_lse`.
+KV pools other than a plain `MHATokenToKVPool` (the hybrid sliding-window pool of Gemma 4, Llama 4
+and others: start SGLang with `--disable-hybrid-swa-memory`), quantised (fp8, fp4) KV caches,
+pools whose KV ids are translated (unified pools, decode context parallelism); per batch
+speculative decoding's verify and draft-extend batches, diffusion-LM and split-prefill batches,
+CUDA-graph capture; per layer cross or bidirectional attention, a value head dim other than the
+query's, other capping methods, and keyword inputs such as attention sinks or `return_lse`.
 
 `validate=False` by default (no host synchronisation in a plan, as a server wants): the Ops then
 trust SGLang's lengths and tables. `TileprefillAttnBackend(runner, validate=True)` checks them on
@@ -175,8 +175,9 @@ class TileprefillAttnBackend(AttentionBackend):
         each kind of layer's first call)."""
         if in_capture:
             raise UnsupportedAttentionCall(
-                "CUDA graph capture: the tileprefill backend captures no graphs; serve decode with "
-                "another backend (--prefill-attention-backend tileprefill) or run with --disable-cuda-graph"
+                "CUDA graph capture: the tileprefill backend captures no graphs; start SGLang without the "
+                "graph that captures it: --disable-prefill-cuda-graph (a full prefill graph), "
+                "--disable-decode-cuda-graph, or --disable-cuda-graph for both"
             )
         mode = forward_batch.forward_mode
         if mode.is_idle():
@@ -200,7 +201,7 @@ class TileprefillAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         raise UnsupportedAttentionCall(
             "decode CUDA graphs: the tileprefill backend captures no graphs; use it for prefill only "
-            "(--prefill-attention-backend tileprefill) or run with --disable-cuda-graph"
+            "(--prefill-attention-backend tileprefill) or start SGLang with --disable-decode-cuda-graph"
         )
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
@@ -478,7 +479,7 @@ def _refuse_configuration(runner: ModelRunner) -> None:
     if type(pool) is not MHATokenToKVPool:
         raise UnsupportedAttentionCall(
             f"token_to_kv_pool: expected SGLang's MHATokenToKVPool, got {type(pool).__name__}; for a "
-            "sliding-window model start SGLang with --disable-hybrid-swa-memory"
+            "hybrid sliding-window pool start SGLang with --disable-hybrid-swa-memory"
         )
     if pool.is_quantized_kv_cache or pool.dtype not in _DTYPES or pool.store_dtype != pool.dtype:
         raise UnsupportedAttentionCall(
