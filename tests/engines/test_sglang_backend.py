@@ -249,7 +249,7 @@ def test_window_and_softcap(page_size: int, window: int | None, softcap: float |
         torch.testing.assert_close(actual, kit.expected_dense_fixture_output(fixture), atol=ATOL, rtol=RTOL)
 
 
-# --- chunked prefill, then decode, on what the backend itself wrote --------------------------------
+# --- chunked prefill, a mixed batch and decode, on what the backend itself wrote ---------------------
 
 
 def _batch(
@@ -283,8 +283,8 @@ def _batch(
 
 
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
-def test_chunked_prefill_then_decode(window: int | None) -> None:
-    """Two extend chunks and a decode step, each reading the keys the steps before it wrote."""
+def test_chunked_prefill_mixed_and_decode(window: int | None) -> None:
+    """Three forward passes, each reading the keys and values the passes before it wrote."""
     torch.manual_seed(0)
     heads, kv_heads, hidden, context = 8, 2, 64, 64
     case = _case(
@@ -306,7 +306,8 @@ def test_chunked_prefill_then_decode(window: int | None) -> None:
         device="cpu",
         sliding_window_size=window,
     )
-    steps = [(ForwardMode.EXTEND, (5, 4)), (ForwardMode.EXTEND, (7, 4)), (ForwardMode.DECODE, (1, 1))]
+    # A prefill, a chunk of request 0 mixed with a decode step of request 1 (SGLang's MIXED), a decode.
+    steps = [(ForwardMode.EXTEND, (5, 4)), (ForwardMode.MIXED, (7, 1)), (ForwardMode.DECODE, (1, 1))]
     lengths = [sum(n[b] for _, n in steps) for b in range(2)]
     hidden_states = [torch.randn(n, hidden, dtype=DTYPE) for n in lengths]
     free = torch.randperm(runner.token_to_kv_pool.size)[: sum(lengths)] + 1  # slot 0 is the padding slot
