@@ -638,3 +638,9 @@ def test_precompile_builds_one_program_and_a_process_loads_it_back(
 
     assert cli.main(argv) == 0
     assert "slot_append_tl hkv8 d128 bf16 int32 slots: kept" in capsys.readouterr().out
+
+    # What TileLang's disk cache keeps for a program (its `executable.so`): a host library with the
+    # CUDA module inside and the entry function the launch path calls.
+    module = precompiled.load_module(str(library))
+    assert module.kind == "library" and [m.kind for m in module.imports_] == ["cuda"]
+    assert module.implements_function("main")

@@ -4,7 +4,7 @@
 
     DIR/tileprefill-programs.json   the index below (JSON)
     DIR/programs/<id>.so            one program: TileLang's exported TVM-FFI library (host code and
-                                    the cubin or fatbin inside), what TileLang's own disk cache loads
+                                    the cubin or fatbin inside), what TileLang's disk cache keeps
     DIR/programs/<id>.cu            its CUDA source, for reading only
 
 The index records what the programs were built with (`Toolchain`: tileprefill, TileLang and
