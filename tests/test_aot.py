@@ -187,6 +187,17 @@ def test_the_preset_table_is_the_one_the_command_prints() -> None:
     assert "window 4096" in gemma and "softcap 50" in gemma and "scale 0.0625" in gemma
 
 
+def test_a_sharded_model_has_one_gpus_heads() -> None:
+    llama = PRESETS["llama-3-8b"]
+    assert (llama.sharded(2).heads, llama.sharded(2).kv_heads) == (16, 4)
+    assert (llama.sharded(16).heads, llama.sharded(16).kv_heads) == (2, 1)  # KV heads replicated
+    with pytest.raises(ValueError, match=r"tensor_parallel: expected a divisor of heads \(32\), got 3"):
+        llama.sharded(3)
+    qwen = PRESETS["qwen2.5-7b"]  # 28 heads over 4 KV heads
+    with pytest.raises(ValueError, match=r"expected a divisor or a multiple of kv_heads \(4\), got 14"):
+        qwen.sharded(14)
+
+
 def test_a_model_without_rope_leaves_the_rope_families_out() -> None:
     plain = attrs.evolve(PRESETS["llama-3-8b"], rope=RopeMode.NONE)
     names = {name for spec in programs_for(plain, SM90) for name in spec.ops}
@@ -538,6 +549,21 @@ def test_precompile_builds_what_the_flags_say(
         index_dtypes=(IndexDType.INT64,),
     )
     assert (seen["directory"], seen["jobs"], seen["rebuild"]) == (str(tmp_path), 3, False)
+
+
+def test_precompile_for_tensor_parallel_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    seen: list[Any] = []
+
+    def fake(model: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(model)
+        return _report()
+
+    monkeypatch.setattr(command, "precompile", fake)
+    assert (
+        cli.main(["precompile", "--preset", "gemma-2-9b", "--tensor-parallel", "2", "--out", str(tmp_path)])
+        == 0
+    )
+    assert seen == [PRESETS["gemma-2-9b"].sharded(2)]
 
 
 def _report() -> Any:

@@ -27,7 +27,7 @@ import attrs
 import torch
 
 from tileprefill.aot.command import PrecompileArgs, run_precompile
-from tileprefill.aot.models import OP_CLASSES, PRESETS, BuildOptions, ModelConfig
+from tileprefill.aot.models import OP_CLASSES, PRESETS, BuildOptions, ModelConfig, model_config
 from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
 from tileprefill.bench.cases import Suite
 from tileprefill.bench.settings import (
@@ -430,6 +430,9 @@ def _add_precompile(
     _add_choice(pre, "--rope", {m.value: m for m in RopeMode}, RopeMode.NEOX, "default: neox")
     _add_integer(pre, "--rotary-dim", 2, None, "dims RoPE rotates (default: the head dim)")
     pre.add_argument("--non-causal", action="store_true")
+    _add_integer(
+        pre, "--tensor-parallel", 1, 1, "GPUs the heads are split among: programs for one GPU's (default: 1)"
+    )
     pre.add_argument(
         "--dtype",
         action="append",
@@ -523,10 +526,16 @@ def precompile_args(ns: argparse.Namespace) -> PrecompileArgs:
         problems.append(str(error))
     if ns.out is None and not (ns.list or ns.presets):
         problems.append("--out: expected the directory to build into (or --list), got none")
+    if model is not None and ns.tensor_parallel != 1:
+        try:
+            model = model_config(model).sharded(ns.tensor_parallel)
+        except ValueError as error:
+            problems.append(str(error))
     if problems or model is None or options is None:
         raise FlagProblems(problems)
+    keep_name = ns.preset is not None and not ns.dtype and ns.tensor_parallel == 1
     return PrecompileArgs(
-        model=ns.preset if ns.preset is not None and not ns.dtype else model,
+        model=ns.preset if keep_name else model,
         options=options,
         out=ns.out,
         jobs=ns.jobs,

@@ -111,6 +111,24 @@ class ModelConfig:
         """The dims RoPE rotates."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
+    def sharded(self, tensor_parallel: int) -> ModelConfig:
+        """The attention one GPU of `tensor_parallel` runs: the query heads split among them, the KV
+        heads too, or each replicated where there are fewer than GPUs (as vLLM and SGLang shard).
+        Programs are built for a GPU's heads, so a sharded model needs these."""
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel: expected an int >= 1, got {tensor_parallel!r}")
+        if self.heads % tensor_parallel:
+            raise ValueError(
+                f"tensor_parallel: expected a divisor of heads ({self.heads}), got {tensor_parallel}"
+            )
+        if self.kv_heads % tensor_parallel and tensor_parallel % self.kv_heads:
+            raise ValueError(
+                f"tensor_parallel: expected a divisor or a multiple of kv_heads ({self.kv_heads}), "
+                f"got {tensor_parallel}"
+            )
+        kv_heads = max(1, self.kv_heads // tensor_parallel)
+        return attrs.evolve(self, heads=self.heads // tensor_parallel, kv_heads=kv_heads)
+
 
 #: Well-known models, by name: the attention facts of their public `config.json` (source).
 #: Qwen2.5-7B's config names a sliding window but leaves it off (use_sliding_window false).

@@ -157,7 +157,8 @@ def _refusal(directory: Directory, verdict: str) -> str:
     return (
         f"precompiled programs in {directory.path} {verdict}: "
         + "; ".join(directory.refused)
-        + ". Rebuild them with `tileprefill precompile` in this environment"
+        + ". Rebuild them with `tileprefill precompile` (with this process's TileLang, apache-tvm-ffi "
+        "and CUDA major release, from the installed tileprefill)"
     )
 
 
