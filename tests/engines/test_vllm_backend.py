@@ -200,7 +200,8 @@ class VllmHarness:
         metadata = build_attn_metadata(
             attn_groups=self.attn_groups,
             num_reqs=requests,
-            num_tokens=tokens,  # the real token count: eager and piecewise steps are not padded here
+            # In eager and piecewise steps vLLM counts the real tokens; q, k, v and the slots have `rows`.
+            num_tokens=tokens,
             query_start_loc_gpu=query_start_loc,
             query_start_loc_cpu=query_start_loc.clone(),
             max_query_len=max(news),

@@ -207,7 +207,7 @@ class TilePrefillBackend(AttentionBackend):  # type: ignore[misc]
         use_dcp: bool = False,
         use_rswa: bool = False,
     ) -> list[str]:
-        """Why tileprefill cannot serve this configuration, one reason per line of the list (empty:
+        """Why tileprefill cannot serve this configuration, one reason per item, each naming its value (empty:
         it can). A KV connector and adaptive verification need nothing of the backend: the plans
         take the batch's query offsets from the device and its token count from the host copy,
         whose total vLLM keeps exact."""
