@@ -20,15 +20,14 @@ import importlib.metadata
 import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn, Protocol, TypeVar, assert_never
+from collections.abc import Sequence
+from typing import NoReturn, Protocol, assert_never
 
 import attrs
 import torch
 
-from tileprefill.aot.command import PrecompileArgs, run_precompile
-from tileprefill.aot.models import OP_CLASSES, PRESETS, BuildOptions, ModelConfig, model_config
-from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
+from tileprefill.aot.command import PrecompileArgs, add_precompile_parser, precompile_args, run_precompile
+from tileprefill.bench.cases import DTYPES as BENCHDTYPE_SPELLINGS
 from tileprefill.bench.cases import Suite
 from tileprefill.bench.settings import (
     FLASHINFER_PATH_ENV,
@@ -37,8 +36,19 @@ from tileprefill.bench.settings import (
     BenchSettings,
     defaults_for,
 )
-from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
 from tileprefill.demo import DemoArgs, run_demo
+from tileprefill.flags import (
+    COMPILED_ARCHS,
+    DTYPE_SPELLINGS,
+    BadValue,
+    FlagProblems,
+    add_choice,
+    add_integer,
+    arch_choice,
+    arch_choices,
+    number,
+)
 from tileprefill.keys import (
     AppendKey,
     AttentionKey,
@@ -49,8 +59,6 @@ from tileprefill.keys import (
     code_of,
 )
 from tileprefill.selection import Explanation, explain
-
-_DTYPES = {"fp16": DType.FP16, "bf16": DType.BF16}
 
 
 @attrs.frozen
@@ -85,18 +93,6 @@ Command = ExplainArgs | DemoArgs | CompileArgs | PrecompileArgs | BenchArgs
 
 #: The name the help and the errors give the tool when it runs as the console script.
 PROG = "tileprefill"
-
-#: Every spelling of an arch the flags accept: ours (Arch's value, the one printed) and nvcc's.
-ARCH_SPELLINGS: dict[str, Arch] = {
-    "cpu": Arch.CPU,
-    "sm80": Arch.SM80,
-    "sm_80": Arch.SM80,
-    "sm90": Arch.SM90,
-    "sm_90": Arch.SM90,
-    "sm_90a": Arch.SM90,
-}
-#: The arches TileLang programs are compiled for.
-COMPILED_ARCHS: tuple[Arch, ...] = (Arch.SM80, Arch.SM90)
 
 #: The page size `explain --layout paged` assumes when none is given (vLLM's default block size).
 DEFAULT_PAGE_SIZE = 16
@@ -141,84 +137,6 @@ def default_arch() -> Arch:
         return FALLBACK_ARCH
 
 
-@attrs.frozen
-class BadValue:
-    """A flag's value that does not parse, kept (not raised) so that every bad flag of a command line
-    is reported at once."""
-
-    message: str
-
-
-T = TypeVar("T")
-
-
-def _one_of(flag: str, values: Mapping[str, T], expected: str) -> Callable[[str], T | BadValue]:
-    def parse(text: str) -> T | BadValue:
-        return values[text] if text in values else BadValue(f"{flag}: expected {expected}, got {text!r}")
-
-    return parse
-
-
-def _add_choice(
-    parser: argparse.ArgumentParser, flag: str, values: Mapping[str, object], default: object, help: str
-) -> None:
-    parser.add_argument(
-        flag,
-        type=_one_of(flag, values, "one of " + ", ".join(values)),
-        metavar="{" + ",".join(values) + "}",
-        default=default,
-        help=help,
-    )
-
-
-def _arch_choice(flag: str, arches: Sequence[Arch]) -> Callable[[str], Arch | BadValue]:
-    spellings = {text: arch for text, arch in ARCH_SPELLINGS.items() if arch in arches}
-    return _one_of(flag, spellings, arch_choices(arches))
-
-
-def arch_choices(arches: Sequence[Arch]) -> str:
-    """`arches` in words, each with its other spellings: "sm80 (or sm_80) or sm90 (or sm_90, sm_90a)"."""
-
-    def spelled(arch: Arch) -> str:
-        others = [text for text, a in ARCH_SPELLINGS.items() if a is arch and text != arch.value]
-        return arch.value + (f" (or {', '.join(others)})" if others else "")
-
-    words = [spelled(arch) for arch in arches]
-    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
-
-
-def _integer(flag: str, minimum: int) -> Callable[[str], int | BadValue]:
-    def parse(text: str) -> int | BadValue:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            return BadValue(f"{flag}: expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _add_integer(
-    parser: argparse.ArgumentParser, flag: str, minimum: int, default: int | None, help: str
-) -> None:
-    parser.add_argument(flag, type=_integer(flag, minimum), default=default, help=help)
-
-
-def _number(flag: str, *, minimum: float) -> Callable[[str], float | BadValue]:
-    def parse(text: str) -> float | BadValue:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not value >= minimum:  # `not >=`: NaN is refused too
-            return BadValue(f"{flag}: expected a number >= {minimum:g}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
@@ -236,31 +154,29 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         epilog="exit status: 0 a plan, 1 no kernel serves some step, 2 bad flags (all of them reported)",
     )
     layouts = {m.value: m for m in KVLayout}
-    _add_choice(
+    add_choice(
         ex, "--layout", layouts, KVLayout.NONE, "the KV cache layout (default: none, k and v as inputs)"
     )
-    _add_choice(
-        ex, "--rope", {m.value: m for m in RopeMode}, RopeMode.NONE, "the call's RoPE (default: none)"
-    )
+    add_choice(ex, "--rope", {m.value: m for m in RopeMode}, RopeMode.NONE, "the call's RoPE (default: none)")
     ex.add_argument("--append", action="store_true", help="the call appends new keys to the cache")
     ex.add_argument("--ragged", action="store_true", help="q packed with cu_seqlens (implied by paged)")
-    _add_choice(ex, "--dtype", _DTYPES, DType.BF16, "q, k and v's dtype (default: bf16)")
+    add_choice(ex, "--dtype", DTYPE_SPELLINGS, DType.BF16, "q, k and v's dtype (default: bf16)")
     ex.add_argument(
         "--arch",
-        type=_arch_choice("--arch", tuple(Arch)),
+        type=arch_choice("--arch", tuple(Arch)),
         metavar="{" + ",".join(m.value for m in Arch) + "}",
         default=None,
         help=f"the arch the call runs on; nvcc's spellings (sm_80, sm_90, sm_90a) are accepted too "
         f"(default: the local GPU's, {FALLBACK_ARCH.value} when torch sees none)",
     )
-    _add_integer(ex, "--head-dim", 1, 128, "default: 128")
-    _add_integer(ex, "--group-size", 1, 4, "query heads per KV head (default: 4)")
+    add_integer(ex, "--head-dim", 1, 128, "default: 128")
+    add_integer(ex, "--group-size", 1, 4, "query heads per KV head (default: 4)")
     page_help = f"tokens per page (paged layout only; default: {DEFAULT_PAGE_SIZE})"
-    _add_integer(ex, "--page-size", 1, None, page_help)
+    add_integer(ex, "--page-size", 1, None, page_help)
     ex.add_argument("--non-causal", action="store_true")
-    _add_integer(ex, "--sliding-window", 0, 0, "keys a query sees, its own last (0: all)")
+    add_integer(ex, "--sliding-window", 0, 0, "keys a query sees, its own last (0: all)")
     ex.add_argument(
-        "--softcap", type=_number("--softcap", minimum=0.0), default=0.0, help="logit softcap (0: none)"
+        "--softcap", type=number("--softcap", minimum=0.0), default=0.0, help="logit softcap (0: none)"
     )
     ex.add_argument(
         "--slot-mapping",
@@ -272,9 +188,9 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
     demo = commands.add_parser("demo", help="chunked prefill of a few requests into a paged cache, checked")
     devices = {"cpu": "cpu", "cuda": "cuda"}
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    _add_choice(demo, "--device", devices, default_device, "default: cuda when torch sees a GPU, else cpu")
-    _add_choice(demo, "--dtype", _DTYPES, DType.BF16, "default: bf16")
-    _add_choice(
+    add_choice(demo, "--device", devices, default_device, "default: cuda when torch sees a GPU, else cpu")
+    add_choice(demo, "--dtype", DTYPE_SPELLINGS, DType.BF16, "default: bf16")
+    add_choice(
         demo,
         "--engine",
         {"paged": "paged", "transformers": "transformers"},
@@ -285,16 +201,14 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
     comp = commands.add_parser("compile", help="compile every TileLang kernel for one arch (no GPU needed)")
     comp.add_argument(
         "--arch",
-        type=_arch_choice("--arch", COMPILED_ARCHS),
+        type=arch_choice("--arch", COMPILED_ARCHS),
         metavar="{" + ",".join(m.value for m in COMPILED_ARCHS) + "}",
         help="required; sm_80, sm_90 and sm_90a are accepted too",
     )
     comp.add_argument("--out", default=None, help="keep the .cu and .cubin files under this folder")
-    _add_integer(
-        comp, "--jobs", 1, None, "compile in N processes side by side (default: the CPUs, at most 8)"
-    )
+    add_integer(comp, "--jobs", 1, None, "compile in N processes side by side (default: the CPUs, at most 8)")
 
-    pre = _add_precompile(commands)
+    pre = add_precompile_parser(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -311,7 +225,7 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         help=f"only this suite (repeatable); {SCOREBOARD}: the scoreboard set (other suites then filter it)",
     )
     bench.add_argument(
-        "--dtype", action="append", choices=sorted(BENCH_DTYPES), help="only this dtype (repeatable)"
+        "--dtype", action="append", choices=sorted(BENCHDTYPE_SPELLINGS), help="only this dtype (repeatable)"
     )
     bench.add_argument("--quick", action="store_true", help="a small representative subset of every suite")
     bench.add_argument("--max-cases", type=int, default=None, help="at most N cases of each suite")
@@ -391,166 +305,6 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         "cut off at a time limit; then --merge the runs",
     )
     return parser, {"explain": ex, "demo": demo, "compile": comp, "precompile": pre, "bench": bench}
-
-
-#: `precompile --lse`'s choices: which attention programs to build.
-_LSE_CHOICES: dict[str, tuple[bool, ...]] = {"without": (False,), "with": (True,), "both": (False, True)}
-_INDEX_DTYPES = {m.value: m for m in IndexDType}
-#: The flags of `precompile` that describe a model's shapes (refused beside --preset).
-_SHAPE_FLAGS = ("heads", "kv_heads", "head_dim", "window", "softcap", "sm_scale", "rotary_dim")
-
-
-def _add_precompile(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
-    pre = commands.add_parser(
-        "precompile",
-        help="build every program a model needs into a directory Ops load from (no GPU needed)",
-        description="Build every TileLang program a model's Ops can need (all Op families unless --op "
-        "says which) for sm_80 and sm_90a into a directory, side by side, one line per program as it "
-        "completes. Load it with TILEPREFILL_PRECOMPILED=DIR or tileprefill.use_precompiled(DIR). The "
-        "model is a preset (--presets lists them) or its shapes (--heads, --kv-heads, --head-dim ...).",
-        epilog="exit status: 0 all built (or listed), 1 some program failed, 2 bad flags or a model "
-        "without kernels",
-    )
-    _add_choice(pre, "--preset", {name: name for name in PRESETS}, None, "a preset model")
-    _add_integer(pre, "--heads", 1, None, "query heads (without --preset)")
-    _add_integer(pre, "--kv-heads", 1, None, "key/value heads (without --preset)")
-    _add_integer(pre, "--head-dim", 1, None, "head dim (without --preset)")
-    pre.add_argument(
-        "--window",
-        action="append",
-        type=_integer("--window", 0),
-        help="a kind of attention layer: 0 full, N a sliding window of N keys (repeatable; default 0)",
-    )
-    pre.add_argument("--softcap", type=_number("--softcap", minimum=0.0), default=None, help="logit softcap")
-    pre.add_argument(
-        "--sm-scale", type=_number("--sm-scale", minimum=0.0), default=None, help="default: head_dim ** -0.5"
-    )
-    _add_choice(pre, "--rope", {m.value: m for m in RopeMode}, RopeMode.NEOX, "default: neox")
-    _add_integer(pre, "--rotary-dim", 2, None, "dims RoPE rotates (default: the head dim)")
-    pre.add_argument("--non-causal", action="store_true")
-    _add_integer(
-        pre, "--tensor-parallel", 1, 1, "GPUs the heads are split among: programs for one GPU's (default: 1)"
-    )
-    pre.add_argument(
-        "--dtype",
-        action="append",
-        type=_one_of("--dtype", _DTYPES, "one of " + ", ".join(_DTYPES)),
-        help="repeatable (default: the preset's, else bf16)",
-    )
-    pre.add_argument(
-        "--op",
-        action="append",
-        type=_one_of("--op", {name: name for name in OP_CLASSES}, "one of " + ", ".join(OP_CLASSES)),
-        help="an Op family, by its class name (repeatable; default: every one the model can use)",
-    )
-    pre.add_argument(
-        "--arch",
-        action="append",
-        type=_arch_choice("--arch", COMPILED_ARCHS),
-        help="sm80 (or sm_80) and/or sm90 (or sm_90, sm_90a) (repeatable; default: both)",
-    )
-    pre.add_argument(
-        "--page-size", action="append", type=_integer("--page-size", 1), help="repeatable (default: 16)"
-    )
-    _add_choice(pre, "--lse", _LSE_CHOICES, _LSE_CHOICES["without"], "attention with the LSE output")
-    pre.add_argument(
-        "--sm-count",
-        action="append",
-        type=_integer("--sm-count", 1),
-        help="SMs of the SM90 GPU (132 H100 SXM / H200, 114 H100 PCIe; repeatable; default: 132)",
-    )
-    pre.add_argument(
-        "--index-dtype",
-        action="append",
-        type=_one_of("--index-dtype", _INDEX_DTYPES, "int32 or int64"),
-        help="slot mappings of PagedCacheSlotAppend (repeatable; default: both)",
-    )
-    pre.add_argument("--out", default=None, help="the directory to build into (required unless --list)")
-    _add_integer(pre, "--jobs", 1, None, "worker processes (default: the CPUs, at most 16)")
-    pre.add_argument("--rebuild", action="store_true", help="build again what the directory holds")
-    pre.add_argument("--list", action="store_true", help="print the programs, build nothing")
-    pre.add_argument("--presets", action="store_true", help="print the preset models, build nothing")
-    return pre
-
-
-def precompile_args(ns: argparse.Namespace) -> PrecompileArgs:
-    """The `precompile` command of parsed flags; raises FlagProblems naming every bad combination."""
-    problems: list[str] = []
-    given = [name for name in _SHAPE_FLAGS if getattr(ns, name) is not None]
-    model: str | ModelConfig | None = None
-    if ns.presets:
-        model = "llama-3-8b"  # unused: the table is printed
-    elif ns.preset is not None:
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            problems.append(f"{flags}: expected none with --preset (a preset has its shapes), got them")
-        model = PRESETS[ns.preset]
-        if ns.dtype:
-            model = attrs.evolve(model, dtypes=tuple(dict.fromkeys(ns.dtype)))
-    elif ns.heads is None or ns.kv_heads is None or ns.head_dim is None:
-        missing = [
-            f
-            for f, v in (("--heads", ns.heads), ("--kv-heads", ns.kv_heads), ("--head-dim", ns.head_dim))
-            if v is None
-        ]
-        problems.append(f"{', '.join(missing)}: expected a value (or --preset NAME), got none")
-    else:
-        try:
-            model = ModelConfig(
-                heads=ns.heads,
-                kv_heads=ns.kv_heads,
-                head_dim=ns.head_dim,
-                dtypes=tuple(dict.fromkeys(ns.dtype or [DType.BF16])),
-                windows=tuple(dict.fromkeys(ns.window or [0])),
-                softcap=0.0 if ns.softcap is None else ns.softcap,
-                sm_scale=ns.sm_scale,
-                rope=ns.rope,
-                rotary_dim=ns.rotary_dim,
-                causal=not ns.non_causal,
-            )
-        except ValueError as error:
-            problems.append(str(error))
-    options: BuildOptions | None = None
-    try:
-        options = BuildOptions(
-            ops=None if not ns.op else tuple(dict.fromkeys(ns.op)),
-            archs=tuple(dict.fromkeys(ns.arch or COMPILED_ARCHS)),
-            page_sizes=tuple(dict.fromkeys(ns.page_size or [16])),
-            lse=ns.lse,
-            sm_counts=tuple(dict.fromkeys(ns.sm_count or [132])),
-            index_dtypes=tuple(dict.fromkeys(ns.index_dtype or list(IndexDType))),
-        )
-    except ValueError as error:
-        problems.append(str(error))
-    if ns.out is None and not (ns.list or ns.presets):
-        problems.append("--out: expected the directory to build into (or --list), got none")
-    if model is not None and ns.tensor_parallel != 1:
-        try:
-            model = model_config(model).sharded(ns.tensor_parallel)
-        except ValueError as error:
-            problems.append(str(error))
-    if problems or model is None or options is None:
-        raise FlagProblems(problems)
-    keep_name = ns.preset is not None and not ns.dtype and ns.tensor_parallel == 1
-    return PrecompileArgs(
-        model=ns.preset if keep_name else model,
-        options=options,
-        out=ns.out,
-        jobs=ns.jobs,
-        rebuild=bool(ns.rebuild),
-        list_only=bool(ns.list),
-        presets=bool(ns.presets),
-    )
-
-
-class FlagProblems(ValueError):
-    """Every problem of a command line's flags, each naming its flag."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("; ".join(self.problems))
 
 
 def parse_args(argv: Sequence[str] | None, *, prog: str = PROG) -> Command:
