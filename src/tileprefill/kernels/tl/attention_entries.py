@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 import tilelang.language as T
+from tilelang import tvm
 
 from tileprefill.kernels.tl.attention_parts import (
     Work,
@@ -31,10 +32,27 @@ from tileprefill.kernels.tl.attention_parts import (
     work,
 )
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
+from tileprefill.kernels.tl.dense_order import (
+    Arith,
+    BandLayout,
+    DenseOrder,
+    band_layout,
+    tile_at,
+    tile_count,
+)
 from tileprefill.tiles import KVSource, TileConfig, pages_tile_whole
 
 #: The dtype of the log-sum-exp output.
 LSE_DTYPE = "float32"
+
+
+def _held(value: Any) -> Any:
+    """`value` in an int32 register (call inside a kernel); a Python int stays a constant."""
+    return value if isinstance(value, int) else T.alloc_var("int32", init=value)[0]
+
+
+#: The operations of `dense_order`'s rule on TIR expressions (its Python model runs on ints).
+TIR_ARITH = Arith(T.min, T.max, T.if_then_else, _held)
 
 
 def entry_program(
@@ -308,20 +326,12 @@ def persistent_program(
 ) -> Any:
     """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
     macro `attend_tiles(schedule, Q, K, V, O, LSE, block_table)` over its `Schedule`: a static
-    schedule (no device-side counter, CUDA-graph safe). The order is the one measured
-    fastest of two on an H200 (benchmarks/kernel-notes.md), per mask:
-
-    - non-causal: sections of one (sequence, KV head); inside one, the query heads of
-      the KV group fastest, then the query tiles. The CTAs resident at one time then
-      share one or two KV heads' K/V, which stays in L2 (a D 128 tile does ~128 FLOP a
-      byte of K/V, under the H200's ~206, so it needs that reuse); heads fastest
-      streamed every KV head at once and ran 3-5% slower at S 4096-16384. Round r
-      takes tiles [r ctas, (r + 1) ctas), dealt snake-wise (equal tiles: no effect on
-      balance).
-    - causal: query heads fastest, then sequences, then query tiles longest first
-      (tile index descending) over the whole launch, dealt round-robin: CTA c takes
-      tiles c, c + ctas, ... The section order (longest first inside each section
-      only) left CTAs unbalanced: 22% slower at S 8192.
+    schedule (no device-side counter, CUDA-graph safe) in the order of `dense_order`, whose Python
+    model the CPU tests check. Causal: bands of query-tile lengths, longest first; inside a band
+    the (sequence, KV head) sections one after another, so that the CTAs resident together read
+    the K/V of a few sections (under `dense_order.RESIDENT_KV_BYTES`), not of every query head at
+    once; units of two tiles whose costs add up to the same, dealt snake-wise, keep the CTAs
+    evenly loaded. Non-causal: sections of one (sequence, KV head), its query heads fastest.
     """
     if source is not KVSource.DENSE or config.persistent_ctas <= 0:
         raise ValueError(f"persistent grid: expected the dense source and persistent_ctas > 0, got {source}")
@@ -330,25 +340,21 @@ def persistent_program(
     ctas = config.persistent_ctas
     D = head_dim
     key_range = kv_tile_range(causal, window, block_M, config.block_N)
+    order = DenseOrder(
+        ctas=ctas,
+        heads=heads,
+        kv_heads=kv_heads,
+        causal=causal,
+        kv_key_bytes=2 * head_dim * tvm.DataType(dtype).bits // 8,
+    )
     batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
 
     @T.macro
-    def tile_work(cta: Any, i: Any, m_tiles: Any, batch: Any, seq_q: Any, seq_kv: Any) -> Work:
+    def tile_work(
+        cta: Any, i: Any, m_tiles: Any, batch: Any, seq_q: Any, seq_kv: Any, layout: BandLayout
+    ) -> Work:
         """The `Work` of CTA `cta`'s i-th tile."""
-        if causal:
-            t = cta + i * ctas
-            head = t % heads
-            rest = t // heads
-            seq = rest % batch
-            tile = m_tiles - 1 - rest // batch
-        else:
-            t = i * ctas + T.if_then_else(i % 2 == 0, cta, ctas - 1 - cta)
-            g = t % group
-            rest = t // group
-            tile = rest % m_tiles
-            section = rest // m_tiles  # sequence * kv_heads + KV head
-            head = (section % kv_heads) * group + g
-            seq = section // kv_heads
+        seq, head, tile = tile_at(order, cta, i, batch, m_tiles, layout, TIR_ARITH)
         offset = seq_kv - seq_q
         k_first, tiles = key_range(tile * block_M, seq_kv, offset)
         return work(
@@ -370,15 +376,11 @@ def persistent_program(
     def grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
         with T.Kernel(ctas, threads=config.threads) as bx:
             m_tiles = T.ceildiv(seq_q, block_M)
-            total = m_tiles * heads * batch
-            if causal:
-                count = T.ceildiv(T.max(total - bx, 0), ctas)
-            else:
-                rounds = total // ctas
-                last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)
-                count = rounds + T.if_then_else(last < total % ctas, 1, 0)
+            bands = band_layout(order, batch, seq_kv, m_tiles, TIR_ARITH)
+            layout = BandLayout(TIR_ARITH.hold(bands.width), TIR_ARITH.hold(bands.per_unit))
+            count = tile_count(order, bx, batch, m_tiles, layout, TIR_ARITH)
             schedule = Schedule(
-                count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv)
+                count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv, layout)
             )
             attend_tiles(schedule, Q, K, V, O, LSE, None)
 
@@ -578,16 +580,21 @@ def persistent_packed_program(
             lambda i, walk: unit_work(i, walk, lengths, batch, bx, width[0]),
         )
 
+    # Every length the schedule reads is clamped at 0: with validate=False a decreasing
+    # cu_seqlens would give a sequence a negative count of query tiles, and the walk, which
+    # moves forward by each sequence's count, could then never reach a CTA's tile.
     @T.macro
     def ragged_lengths(b: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any) -> Any:
         q_first = cu_seqlens_q[b]
         kv_first = cu_seqlens_kv[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, kv_first, cu_seqlens_kv[b + 1] - kv_first
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, kv_first, sequence_length(kv_first, cu_seqlens_kv[b + 1])
 
     @T.macro
     def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any, capacity: Any) -> Any:
         q_first = cu_seqlens_q[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, 0, _clamped_kv_len(kv_seqlens[b], capacity)
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, 0, _clamped_kv_len(kv_seqlens[b], capacity)
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
@@ -689,6 +696,12 @@ def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
         return first, T.max(0, end - first)
 
     return key_range
+
+
+def sequence_length(first: Any, end: Any) -> Any:
+    """The tokens of a packed sequence that starts at `first` and ends before `end`: none where `end`
+    is below `first` (a decreasing cu_seqlens, which validate=False lets through)."""
+    return T.max(0, end - first)
 
 
 def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
