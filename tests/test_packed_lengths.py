@@ -13,7 +13,7 @@ pytest.importorskip("tilelang", reason="the program pieces are TileLang expressi
 
 from tilelang import tvm
 
-from tileprefill.kernels.tl.attention_entries import sequence_length
+from tileprefill.kernels.tl.attention_parts import sequence_length
 
 
 def test_a_sequence_length_is_never_negative() -> None:

@@ -1,7 +1,7 @@
 """validate=False with a decreasing cu_seqlens_q: the packed attention Ops still return.
 
 The persistent SM90 ragged and paged programs build each CTA's schedule on the device from the
-sequence lengths; they read every length clamped at 0 (`attention_entries.sequence_length`), since
+sequence lengths; they read every length clamped at 0 (`attention_parts.sequence_length`), since
 a negative one could keep a CTA's walk over the schedule from ending and the launch from
 returning. A kernel that never ends cannot be stopped from the host, so each call runs in a child
 process (this file run as a script) under a time limit: first a valid call of the same program (it

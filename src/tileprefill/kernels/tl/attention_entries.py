@@ -26,9 +26,10 @@ from tilelang import tvm
 
 from tileprefill.kernels.tl.attention_parts import (
     Work,
-    kv_tile_count,
-    kv_tile_first,
+    clamped_kv_len,
+    kv_tile_range,
     locate_ragged_tile,
+    sequence_length,
     work,
 )
 from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
@@ -126,7 +127,7 @@ def entry_program(
             kv_len = keys[seq + 1] - kv_first
         else:
             kv_first = 0
-            kv_len = _clamped_kv_len(keys[seq], capacity)
+            kv_len = clamped_kv_len(keys[seq], capacity)
         offset = kv_len - q_len
         # A CTA without a tile runs with no keys and no rows to store.
         has_tile = (tile >= 0) & (tile * block_M < q_len)
@@ -594,7 +595,7 @@ def persistent_packed_program(
     def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any, capacity: Any) -> Any:
         q_first = cu_seqlens_q[b]
         q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
-        return q_first, q_len, 0, _clamped_kv_len(kv_seqlens[b], capacity)
+        return q_first, q_len, 0, clamped_kv_len(kv_seqlens[b], capacity)
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
@@ -680,31 +681,3 @@ def persistent_packed_program(
         paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
 
     return main_paged
-
-
-def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
-    """The macro returning (first key tile, key tiles) of the query rows [q0, q0 + block_M) of a
-    sequence: from the first row's window start (0 without a window) to the end of the last
-    row's keys; no tiles when that range is empty."""
-    tile_end = kv_tile_count(causal, block_M, block_N)
-    tile_first = kv_tile_first(window, block_N)
-
-    @T.macro
-    def key_range(q0: Any, kv_len: Any, offset: Any) -> Any:
-        end = tile_end(q0, kv_len, offset)
-        first = tile_first(q0, offset)
-        return first, T.max(0, end - first)
-
-    return key_range
-
-
-def sequence_length(first: Any, end: Any) -> Any:
-    """The tokens of a packed sequence that starts at `first` and ends before `end`: none where `end`
-    is below `first` (a decreasing cu_seqlens, which validate=False lets through)."""
-    return T.max(0, end - first)
-
-
-def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
-    """A paged sequence's key count, cut to what its block table row holds: with validate=False a
-    kv_seqlens value past max_pages * page_size must not make a program read past the table."""
-    return T.max(0, T.min(kv_len, capacity))

@@ -199,7 +199,7 @@ class Shape:
 
     def key_tiles(self, causal: bool, tile: int) -> tuple[int, int]:
         """The key tiles [first, end) query tile `tile` reads: the rule of
-        `attention_entries.kv_tile_range`, on ints."""
+        `attention_parts.kv_tile_range`, on ints."""
         q0 = tile * self.block_M
         offset = self.seq_kv - self.seq_q
         if causal:
