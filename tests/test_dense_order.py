@@ -17,6 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tileprefill.bench.first_wave import first_waves
+from tileprefill.bench.first_wave import main as first_wave_main
+from tileprefill.bench.scoreboard import scoreboard_cases
 from tileprefill.kernels.tl.dense_order import (
     PYTHON_ARITH,
     RESIDENT_KV_BYTES,
@@ -272,3 +275,16 @@ def test_the_tir_expressions_compute_the_model() -> None:
                 for e in exprs
             )
             assert got == want, values
+
+
+def test_every_persistent_dense_scoreboard_case_keeps_its_first_wave_under_the_resident_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = first_waves()
+    assert {row.case for row in rows} >= {c.name for c in scoreboard_cases() if "h32-32" in c.name}
+    for row in rows:
+        assert row.first_wave_bytes <= RESIDENT_KV_BYTES, row
+        assert row.busiest_over_mean <= 1.04, row
+    assert first_wave_main([]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + len(rows) and all(row.case in "".join(printed) for row in rows)
