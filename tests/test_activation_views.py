@@ -304,3 +304,30 @@ def test_every_launch_passes_its_rows_as_they_are(record: KernelRecord) -> None:
     assert copied <= COPYABLE, f"{record.op_name} would copy {sorted(copied - COPYABLE)}"
     rows = {name for name in record.tensors if name not in COPYABLE and name != "lse"}
     assert rows == set(record.views), f"{record.op_name}: views {record.views}, rows {sorted(rows)}"
+
+
+@pytest.mark.parametrize("layout", ["fused", "heads_first"])
+def test_a_call_on_views_traces_as_one_graph(oracle: Oracle, gen: torch.Generator, layout: str) -> None:
+    """The view checks trace under torch.compile (symbolic sizes, no address read): a paged RoPE +
+    append call on views compiles to one graph and gives the eager call's output and caches."""
+    from test_ops import TracedPagedAppend, TracedPagedAttention, TracedRope
+    from tileprefill.keys import AppendKey, AttentionKey, RopeKey
+
+    traced = tp.GQAPagedCacheRopeAppendPrefill(
+        rope=tp.RopeMode.NEOX,
+        validate=False,
+        kernel_map={
+            RopeKey.NEOX_REF: TracedRope,
+            AppendKey.PAGED_REF: TracedPagedAppend,
+            AttentionKey.PAGED_REF: TracedPagedAttention,
+        },
+    )
+    named = oracle.named_inputs(tp.GQAPagedCacheRopeAppendPrefill, gen)
+    reference = _cloned(named)
+    _, views = activation_views(named, layout)
+    inputs = {**_cloned(named), **views}
+    out = torch.compile(traced, fullgraph=True, backend="eager", dynamic=True)(*inputs.values())
+    expected = tp.GQAPagedCacheRopeAppendPrefill(rope=tp.RopeMode.NEOX)(*reference.values())
+    assert float((out.float() - expected.float()).abs().max()) < 1e-2
+    assert torch.equal(inputs["k_pages"], reference["k_pages"])
+    assert torch.equal(inputs["v_pages"], reference["v_pages"])
