@@ -9,8 +9,10 @@ prim_func has one more output after O, the float32 log-sum-exp `LSE` (tokens, he
 always was and the body gets LSE None. (A prim_func's parameters are read from its
 source, so each source has one prim_func of each kind.) Only the body
 differs between architectures, so the grids, the tile order and the ragged tile
-search are written once, here. A cache source's K and V (contiguous, paged) are strided views
-(`cache_view.kv_cache_strides`); dense and ragged K and V are contiguous.
+search are written once, here. Every tensor of rows is a strided view (`views`): a cache source's
+K and V (contiguous, paged) with one set of strides (`views.kv_cache_strides`), and Q, dense and
+ragged K and V, and O each with strides of its own (`views.row_strides`), so that slices of a fused
+QKV projection and an output inside a larger buffer are read and written in place.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
 causal, sm_scale, page_size, config, window, softcap, lse)`, which builds its body and returns
@@ -32,7 +34,6 @@ from tileprefill.kernels.tl.attention_parts import (
     sequence_length,
     work,
 )
-from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
 from tileprefill.kernels.tl.dense_order import (
     Arith,
     BandLayout,
@@ -41,6 +42,7 @@ from tileprefill.kernels.tl.dense_order import (
     tile_at,
     tile_count,
 )
+from tileprefill.kernels.tl.views import kv_cache_strides, row_strides, vector_view, vector_views
 from tileprefill.tiles import KVSource, TileConfig, pages_tile_whole
 
 #: The dtype of the log-sum-exp output.
@@ -150,6 +152,7 @@ def entry_program(
 
     if source is KVSource.DENSE:
         batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 4) for name in "qkvo")
 
         @T.macro
         def dense_grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
@@ -161,29 +164,30 @@ def entry_program(
 
             @T.prim_func
             def main_dense_lse(
-                Q: T.Tensor([batch, seq_q, heads, D], dtype),
-                K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-                V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+                O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
             ) -> None:
-                dense_grid(Q, K, V, O, LSE)
+                dense_grid(*vector_views(Q, K, V, O), LSE)
 
             return main_dense_lse
 
         @T.prim_func
         def main_dense(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
         ) -> None:
-            dense_grid(Q, K, V, O, None)
+            dense_grid(*vector_views(Q, K, V, O), None)
 
         return main_dense
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 3) for name in "qkvo")
 
         @T.macro
         def ragged_grid(
@@ -197,34 +201,35 @@ def entry_program(
 
             @T.prim_func
             def main_ragged_lse(
-                Q: T.Tensor([tokens_q, heads, D], dtype),
-                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
                 cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-                O: T.Tensor([tokens_q, heads, D], dtype),
+                O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
             ) -> None:
-                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+                ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
             return main_ragged_lse
 
         @T.prim_func
         def main_ragged(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
         ) -> None:
-            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
+            ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
         return main_ragged
 
     if source is KVSource.CONTIGUOUS:
         batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
         cache_strides = kv_cache_strides()
+        q_strides, o_strides = row_strides("q", 4), row_strides("o", 4)
 
         @T.macro
         def contiguous_grid(Q: Any, K: Any, V: Any, kv_seqlens: Any, O: Any, LSE: Any) -> None:
@@ -236,31 +241,32 @@ def entry_program(
 
             @T.prim_func
             def main_contiguous_lse(
-                Q: T.Tensor([batch, seq_q, heads, D], dtype),
+                Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
                 K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
                 V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
                 kv_seqlens: T.Tensor([batch], "int32"),
-                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
             ) -> None:
-                contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, LSE)
+                contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), LSE)
 
             return main_contiguous_lse
 
         @T.prim_func
         def main_contiguous(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             kv_seqlens: T.Tensor([batch], "int32"),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
         ) -> None:
-            contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, None)
+            contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), None)
 
         return main_contiguous
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
     cache_strides = kv_cache_strides()
+    q_strides, o_strides = row_strides("q", 3), row_strides("o", 3)
 
     @T.macro
     def paged_grid(
@@ -274,30 +280,30 @@ def entry_program(
 
         @T.prim_func
         def main_paged_lse(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
-        Q: T.Tensor([tokens_q, heads, D], dtype),
+        Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
         K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-        O: T.Tensor([tokens_q, heads, D], dtype),
+        O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
     ) -> None:
-        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 
     return main_paged
 
@@ -349,6 +355,7 @@ def persistent_program(
         kv_key_bytes=2 * head_dim * tvm.DataType(dtype).bits // 8,
     )
     batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+    q_strides, k_strides, v_strides, o_strides = (row_strides(name, 4) for name in "qkvo")
 
     @T.macro
     def tile_work(
@@ -389,24 +396,24 @@ def persistent_program(
 
         @T.prim_func
         def main_dense_lse(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
         ) -> None:
-            grid(Q, K, V, O, LSE)
+            grid(*vector_views(Q, K, V, O), LSE)
 
         return main_dense_lse
 
     @T.prim_func
     def main_dense(
-        Q: T.Tensor([batch, seq_q, heads, D], dtype),
-        K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        O: T.Tensor([batch, seq_q, heads, D], dtype),
+        Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+        K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+        V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+        O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
     ) -> None:
-        grid(Q, K, V, O, None)
+        grid(*vector_views(Q, K, V, O), None)
 
     return main_dense
 
@@ -599,6 +606,7 @@ def persistent_packed_program(
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 3) for name in "qkvo")
 
         @T.macro
         def ragged_grid(
@@ -614,33 +622,34 @@ def persistent_packed_program(
 
             @T.prim_func
             def main_ragged_lse(
-                Q: T.Tensor([tokens_q, heads, D], dtype),
-                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
                 cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-                O: T.Tensor([tokens_q, heads, D], dtype),
+                O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
             ) -> None:
-                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+                ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
             return main_ragged_lse
 
         @T.prim_func
         def main_ragged(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
         ) -> None:
-            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
+            ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
         return main_ragged
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
     cache_strides = kv_cache_strides()
+    q_strides, o_strides = row_strides("q", 3), row_strides("o", 3)
 
     @T.macro
     def paged_grid(
@@ -655,29 +664,29 @@ def persistent_packed_program(
 
         @T.prim_func
         def main_paged_lse(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
-        Q: T.Tensor([tokens_q, heads, D], dtype),
+        Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
         K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-        O: T.Tensor([tokens_q, heads, D], dtype),
+        O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
     ) -> None:
-        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 
     return main_paged
