@@ -1,12 +1,13 @@
 """tileprefill's command line: explain a call's plan, run the demo, compile the kernels, time them.
 
-`tileprefill {explain,demo,compile,bench}`, or `python -m tileprefill ...`.
+`tileprefill {explain,demo,compile,precompile,bench}`, or `python -m tileprefill ...`.
 
 - explain: the plan a context gets; with --verbose, why every other kernel was not chosen.
 - demo: a small engine loop (chunked prefill of several requests into one shared
   paged cache with RoPE), checked against a dense recomputation; `--engine transformers`:
   a random-weight model's generate() on tileprefill, checked against SDPA.
 - compile: lower and compile every TileLang kernel for one arch (no GPU needed).
+- precompile: build every program a model needs into a directory Ops load from (no GPU needed).
 - bench: time our Ops against torch SDPA, TileOPs and FlashInfer (see tileprefill.bench).
 """
 
@@ -25,6 +26,8 @@ from typing import NoReturn, Protocol, TypeVar, assert_never
 import attrs
 import torch
 
+from tileprefill.aot.command import PrecompileArgs, run_precompile
+from tileprefill.aot.models import OP_CLASSES, PRESETS, BuildOptions, ModelConfig, model_config
 from tileprefill.bench.cases import DTYPES as BENCH_DTYPES
 from tileprefill.bench.cases import Suite
 from tileprefill.bench.settings import (
@@ -34,7 +37,7 @@ from tileprefill.bench.settings import (
     BenchSettings,
     defaults_for,
 )
-from tileprefill.context import Arch, DType, KVLayout, PrefillContext, RopeMode
+from tileprefill.context import Arch, DType, IndexDType, KVLayout, PrefillContext, RopeMode
 from tileprefill.demo import DemoArgs, run_demo
 from tileprefill.keys import (
     AppendKey,
@@ -78,7 +81,7 @@ class CompileArgs:
 #: `bench`'s arguments are the run's settings record (tileprefill.bench.settings).
 BenchArgs = BenchSettings
 
-Command = ExplainArgs | DemoArgs | CompileArgs | BenchArgs
+Command = ExplainArgs | DemoArgs | CompileArgs | PrecompileArgs | BenchArgs
 
 #: The name the help and the errors give the tool when it runs as the console script.
 PROG = "tileprefill"
@@ -111,6 +114,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
             return run_demo(command)
         case CompileArgs():
             return run_compile(command)
+        case PrecompileArgs():
+            return run_precompile(command)
         case BenchSettings():
             return run_bench(command)
         case _:
@@ -182,9 +187,7 @@ def arch_choices(arches: Sequence[Arch]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
-def _add_integer(
-    parser: argparse.ArgumentParser, flag: str, minimum: int, default: int | None, help: str
-) -> None:
+def _integer(flag: str, minimum: int) -> Callable[[str], int | BadValue]:
     def parse(text: str) -> int | BadValue:
         try:
             value = int(text)
@@ -194,7 +197,13 @@ def _add_integer(
             return BadValue(f"{flag}: expected an integer >= {minimum}, got {text!r}")
         return value
 
-    parser.add_argument(flag, type=parse, default=default, help=help)
+    return parse
+
+
+def _add_integer(
+    parser: argparse.ArgumentParser, flag: str, minimum: int, default: int | None, help: str
+) -> None:
+    parser.add_argument(flag, type=_integer(flag, minimum), default=default, help=help)
 
 
 def _number(flag: str, *, minimum: float) -> Callable[[str], float | BadValue]:
@@ -284,6 +293,8 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
     _add_integer(
         comp, "--jobs", 1, None, "compile in N processes side by side (default: the CPUs, at most 8)"
     )
+
+    pre = _add_precompile(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -379,7 +390,159 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         help="leave out what these earlier runs measured (per stage: ours, the peer), e.g. after a run "
         "cut off at a time limit; then --merge the runs",
     )
-    return parser, {"explain": ex, "demo": demo, "compile": comp, "bench": bench}
+    return parser, {"explain": ex, "demo": demo, "compile": comp, "precompile": pre, "bench": bench}
+
+
+#: `precompile --lse`'s choices: which attention programs to build.
+_LSE_CHOICES: dict[str, tuple[bool, ...]] = {"without": (False,), "with": (True,), "both": (False, True)}
+_INDEX_DTYPES = {m.value: m for m in IndexDType}
+#: The flags of `precompile` that describe a model's shapes (refused beside --preset).
+_SHAPE_FLAGS = ("heads", "kv_heads", "head_dim", "window", "softcap", "sm_scale", "rotary_dim")
+
+
+def _add_precompile(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    pre = commands.add_parser(
+        "precompile",
+        help="build every program a model needs into a directory Ops load from (no GPU needed)",
+        description="Build every TileLang program a model's Ops can need (all Op families unless --op "
+        "says which) for sm_80 and sm_90a into a directory, side by side, one line per program as it "
+        "completes. Load it with TILEPREFILL_PRECOMPILED=DIR or tileprefill.use_precompiled(DIR). The "
+        "model is a preset (--presets lists them) or its shapes (--heads, --kv-heads, --head-dim ...).",
+        epilog="exit status: 0 all built (or listed), 1 some program failed, 2 bad flags or a model "
+        "without kernels",
+    )
+    _add_choice(pre, "--preset", {name: name for name in PRESETS}, None, "a preset model")
+    _add_integer(pre, "--heads", 1, None, "query heads (without --preset)")
+    _add_integer(pre, "--kv-heads", 1, None, "key/value heads (without --preset)")
+    _add_integer(pre, "--head-dim", 1, None, "head dim (without --preset)")
+    pre.add_argument(
+        "--window",
+        action="append",
+        type=_integer("--window", 0),
+        help="a kind of attention layer: 0 full, N a sliding window of N keys (repeatable; default 0)",
+    )
+    pre.add_argument("--softcap", type=_number("--softcap", minimum=0.0), default=None, help="logit softcap")
+    pre.add_argument(
+        "--sm-scale", type=_number("--sm-scale", minimum=0.0), default=None, help="default: head_dim ** -0.5"
+    )
+    _add_choice(pre, "--rope", {m.value: m for m in RopeMode}, RopeMode.NEOX, "default: neox")
+    _add_integer(pre, "--rotary-dim", 2, None, "dims RoPE rotates (default: the head dim)")
+    pre.add_argument("--non-causal", action="store_true")
+    _add_integer(
+        pre, "--tensor-parallel", 1, 1, "GPUs the heads are split among: programs for one GPU's (default: 1)"
+    )
+    pre.add_argument(
+        "--dtype",
+        action="append",
+        type=_one_of("--dtype", _DTYPES, "one of " + ", ".join(_DTYPES)),
+        help="repeatable (default: the preset's, else bf16)",
+    )
+    pre.add_argument(
+        "--op",
+        action="append",
+        type=_one_of("--op", {name: name for name in OP_CLASSES}, "one of " + ", ".join(OP_CLASSES)),
+        help="an Op family, by its class name (repeatable; default: every one the model can use)",
+    )
+    pre.add_argument(
+        "--arch",
+        action="append",
+        type=_arch_choice("--arch", COMPILED_ARCHS),
+        help="sm80 (or sm_80) and/or sm90 (or sm_90, sm_90a) (repeatable; default: both)",
+    )
+    pre.add_argument(
+        "--page-size", action="append", type=_integer("--page-size", 1), help="repeatable (default: 16)"
+    )
+    _add_choice(pre, "--lse", _LSE_CHOICES, _LSE_CHOICES["without"], "attention with the LSE output")
+    pre.add_argument(
+        "--sm-count",
+        action="append",
+        type=_integer("--sm-count", 1),
+        help="SMs of the SM90 GPU (132 H100 SXM / H200, 114 H100 PCIe; repeatable; default: 132)",
+    )
+    pre.add_argument(
+        "--index-dtype",
+        action="append",
+        type=_one_of("--index-dtype", _INDEX_DTYPES, "int32 or int64"),
+        help="slot mappings of PagedCacheSlotAppend (repeatable; default: both)",
+    )
+    pre.add_argument("--out", default=None, help="the directory to build into (required unless --list)")
+    _add_integer(pre, "--jobs", 1, None, "worker processes (default: the CPUs, at most 16)")
+    pre.add_argument("--rebuild", action="store_true", help="build again what the directory holds")
+    pre.add_argument("--list", action="store_true", help="print the programs, build nothing")
+    pre.add_argument("--presets", action="store_true", help="print the preset models, build nothing")
+    return pre
+
+
+def precompile_args(ns: argparse.Namespace) -> PrecompileArgs:
+    """The `precompile` command of parsed flags; raises FlagProblems naming every bad combination."""
+    problems: list[str] = []
+    given = [name for name in _SHAPE_FLAGS if getattr(ns, name) is not None]
+    model: str | ModelConfig | None = None
+    if ns.presets:
+        model = "llama-3-8b"  # unused: the table is printed
+    elif ns.preset is not None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            problems.append(f"{flags}: expected none with --preset (a preset has its shapes), got them")
+        model = PRESETS[ns.preset]
+        if ns.dtype:
+            model = attrs.evolve(model, dtypes=tuple(dict.fromkeys(ns.dtype)))
+    elif ns.heads is None or ns.kv_heads is None or ns.head_dim is None:
+        missing = [
+            f
+            for f, v in (("--heads", ns.heads), ("--kv-heads", ns.kv_heads), ("--head-dim", ns.head_dim))
+            if v is None
+        ]
+        problems.append(f"{', '.join(missing)}: expected a value (or --preset NAME), got none")
+    else:
+        try:
+            model = ModelConfig(
+                heads=ns.heads,
+                kv_heads=ns.kv_heads,
+                head_dim=ns.head_dim,
+                dtypes=tuple(dict.fromkeys(ns.dtype or [DType.BF16])),
+                windows=tuple(dict.fromkeys(ns.window or [0])),
+                softcap=0.0 if ns.softcap is None else ns.softcap,
+                sm_scale=ns.sm_scale,
+                rope=ns.rope,
+                rotary_dim=ns.rotary_dim,
+                causal=not ns.non_causal,
+            )
+        except ValueError as error:
+            problems.append(str(error))
+    options: BuildOptions | None = None
+    try:
+        options = BuildOptions(
+            ops=None if not ns.op else tuple(dict.fromkeys(ns.op)),
+            archs=tuple(dict.fromkeys(ns.arch or COMPILED_ARCHS)),
+            page_sizes=tuple(dict.fromkeys(ns.page_size or [16])),
+            lse=ns.lse,
+            sm_counts=tuple(dict.fromkeys(ns.sm_count or [132])),
+            index_dtypes=tuple(dict.fromkeys(ns.index_dtype or list(IndexDType))),
+        )
+    except ValueError as error:
+        problems.append(str(error))
+    if ns.out is None and not (ns.list or ns.presets):
+        problems.append("--out: expected the directory to build into (or --list), got none")
+    if model is not None and ns.tensor_parallel != 1:
+        try:
+            model = model_config(model).sharded(ns.tensor_parallel)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems or model is None or options is None:
+        raise FlagProblems(problems)
+    keep_name = ns.preset is not None and not ns.dtype and ns.tensor_parallel == 1
+    return PrecompileArgs(
+        model=ns.preset if keep_name else model,
+        options=options,
+        out=ns.out,
+        jobs=ns.jobs,
+        rebuild=bool(ns.rebuild),
+        list_only=bool(ns.list),
+        presets=bool(ns.presets),
+    )
 
 
 class FlagProblems(ValueError):
@@ -396,13 +559,23 @@ def parse_args(argv: Sequence[str] | None, *, prog: str = PROG) -> Command:
     parser, subparsers = _parser(prog)
     ns, unrecognized = parser.parse_known_args(argv)
     command: str = ns.command
-    problems = [value.message for value in vars(ns).values() if isinstance(value, BadValue)]
+    problems = [
+        value.message
+        for values in vars(ns).values()
+        for value in (values if isinstance(values, list) else [values])  # repeatable flags
+        if isinstance(value, BadValue)
+    ]
     if unrecognized:
         problems.append("unrecognized arguments: " + " ".join(unrecognized))
     if command == "compile" and ns.arch is None:
         problems.append(f"--arch: expected {arch_choices(COMPILED_ARCHS)}, got none")
     if problems:
         _refuse(subparsers[command], problems)
+    if command == "precompile":
+        try:
+            return precompile_args(ns)
+        except FlagProblems as bad:
+            _refuse(subparsers[command], bad.problems)
     parsed = _command(ns, argv)
     if isinstance(parsed, ExplainArgs):
         try:

@@ -31,6 +31,11 @@ from tileprefill.kernels.compile import build
 if TYPE_CHECKING:
     from tilelang import JITKernel
 
+    from tileprefill.kernels.precompiled import PrecompiledKernel
+
+    #: A program as `build` returns it: compiled here, or loaded from a precompiled directory.
+    Program = JITKernel | PrecompiledKernel
+
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_programs")]
 
 if not torch.cuda.is_available():
@@ -66,7 +71,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def rope_append_kernel(
     heads: int, kv_heads: int, head_dim: int, rotary_dim: int, dtype: torch.dtype, mode: str, arch: Arch
-) -> JITKernel:
+) -> Program:
     from tileprefill.kernels.tl.rope_append import rope_append_program
 
     args = (heads, kv_heads, head_dim, rotary_dim, dtype_name(dtype), mode == "interleaved")
@@ -75,7 +80,7 @@ def rope_append_kernel(
 
 def rope_kernel(
     heads: int, head_dim: int, rotary_dim: int, dtype: torch.dtype, mode: str, arch: Arch
-) -> JITKernel:
+) -> Program:
     """The existing RoPE program (x, positions, cos, sin, out) built for the same arch: the bits
     q_out and the keys must have."""
     from tileprefill.kernels.tl.rope import rope_program

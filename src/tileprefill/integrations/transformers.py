@@ -32,6 +32,13 @@ bidirectional windows, image-token overlays), a sliding window in continuous bat
 sinks, a position bias, dropout (training), a backward pass, attention weights, value head dim !=
 query head dim.
 
+Set-up: `warm_up(model)` loads or compiles, when the model is set up, every program its calls can
+need on its device (from the precompiled directories in use, `TILEPREFILL_PRECOMPILED`, else
+compiled side by side), so that the first request compiles nothing. The model's kinds of
+attention layer (`model_configs`) are read from its attention modules as they hand them to the
+attention function: heads, head dim, `scaling`, `is_causal`, the sliding window and the logit
+softcap.
+
 `register()` also registers a mask function under the same name. transformers builds no mask at
 all for an implementation without one (so padding would be dropped unseen); ours returns None for
 a plain causal (or bidirectional) batch, a marker for a sliding-window causal one, and raises for
@@ -42,11 +49,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import torch
 
 import tileprefill as tp
+from tileprefill.aot import BuildOptions, ModelConfig, WarmUp
+from tileprefill.aot import warm_up as warm_up_models
+from tileprefill.context import DType, RopeMode
 
 try:
     from transformers import AttentionInterface
@@ -108,6 +118,62 @@ BEYOND_LOCAL: Final = SizedMarkers()
 
 class UnsupportedAttentionCall(ValueError):
     """A call the "tileprefill" attention implementation cannot serve exactly (the message says why)."""
+
+
+def model_configs(model: torch.nn.Module) -> tuple[ModelConfig, ...]:
+    """The kinds of attention layer of `model` (a transformers model), one `ModelConfig` per
+    distinct (heads, KV heads, head dim, scale, causality, softcap) with the windows of its layers:
+    what its attention calls hand the Ops. Empty for a model without such modules."""
+    dtype = DType.of(_parameter_dtype(model), argument="model dtype")
+    kinds: dict[tuple[int, int, int, float, bool, float], list[int]] = {}
+    for module in model.modules():
+        layer: Any = module  # an attention module of any model: read by attribute
+        config = getattr(layer, "config", None)
+        if config is None or not all(hasattr(layer, name) for name in ("scaling", "head_dim", "is_causal")):
+            continue
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        # What the model passes as `sliding_window`: the layer's own (Qwen2, Gemma 2, gpt-oss), else
+        # the config's (Mistral passes `config.sliding_window` from every layer).
+        owner = layer if hasattr(layer, "sliding_window") else config
+        window = int(getattr(owner, "sliding_window", None) or 0)
+        softcap = float(getattr(layer, "attn_logit_softcapping", None) or 0)
+        kind = (heads, kv_heads, int(layer.head_dim), float(layer.scaling), bool(layer.is_causal), softcap)
+        windows = kinds.setdefault(kind, [])
+        if window not in windows:
+            windows.append(window)
+    return tuple(
+        ModelConfig(
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtypes=(dtype,),
+            windows=tuple(sorted(windows)),
+            softcap=softcap,
+            sm_scale=scale,
+            rope=RopeMode.NONE,  # the integration's Ops take q and k rotated
+            causal=causal,
+        )
+        for (heads, kv_heads, head_dim, scale, causal, softcap), windows in kinds.items()
+    )
+
+
+#: The Op families the integration calls: plain batches and packed calls.
+OPS: Final = (tp.GQAPrefill.__name__, tp.GQAVarlenPrefill.__name__)
+
+
+def warm_up(model: torch.nn.Module, *, jobs: int | None = None) -> WarmUp:
+    """Make every program `model`'s attention calls can need on its device ready now, at set-up: loaded
+    from the precompiled directories in use (`tileprefill.use_precompiled`, `TILEPREFILL_PRECOMPILED`),
+    the others compiled in up to `jobs` processes side by side. Nothing to do on a CPU. Raises
+    ValueError when a layer has no kernel on the device (a head dim the programs are not built for),
+    as its first call would."""
+    device = next(iter(model.parameters())).device
+    return warm_up_models(model_configs(model), device, BuildOptions(ops=OPS), jobs=jobs)
+
+
+def _parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(iter(model.parameters())).dtype
 
 
 def register() -> None:

@@ -51,6 +51,12 @@ def run(device: torch.device, dtype: torch.dtype) -> int:
     model.to(device=device, dtype=dtype)
     torch.nn.Module.eval(model)
     tp_transformers.register()
+    ready = tp_transformers.warm_up(model)  # at set-up, so that no request compiles (nothing on a CPU)
+    if ready.programs:
+        print(
+            f"warm-up: {ready.programs} programs ready on {ready.device} ({ready.loaded} precompiled, "
+            f"{ready.compiled} compiled) in {ready.seconds:.1f}s"
+        )
     ids = torch.randint(0, config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     print(

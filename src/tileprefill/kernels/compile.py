@@ -11,6 +11,10 @@ that needs many programs compiles them faster side by side. Run it once under
 `recording_builds()` (nothing is compiled or launched: every build is written
 down and answered with a kernel that does nothing), then `prebuild()` what was
 recorded in worker processes.
+
+Ahead of time: `build()` first looks for the program in the precompiled directories
+(`tileprefill.aot.store`, `TILEPREFILL_PRECOMPILED`) and loads it from there when it is
+fresh; it compiles only what they do not hold (and in strict mode refuses to).
 """
 
 from __future__ import annotations
@@ -27,11 +31,18 @@ from typing import TYPE_CHECKING, Any, assert_never
 import attrs
 
 from tileprefill.context import Arch
+from tileprefill.kernels import precompiled
 from tileprefill.kernels.tilelang_compat import backport
 from tileprefill.keys import KernelKey
 
 if TYPE_CHECKING:
     from tilelang import JITKernel
+
+#: TileLang's pass configurations of every program, by their names (`tilelang.PassConfigKey`
+#: values): what `_build` compiles with and what a precompiled program's identity records.
+PASS_CONFIGS: dict[str, object] = {"tl.enable_fast_math": True}
+#: TileLang's execution backend of every program (the one that compiles without a GPU).
+EXECUTION_BACKEND = "tvm_ffi"
 
 
 def target_arch(arch: Arch) -> str:
@@ -45,6 +56,12 @@ def target_arch(arch: Arch) -> str:
             raise ValueError("arch: expected sm80 or sm90 for a TileLang kernel, got cpu")
         case _:
             assert_never(arch)
+
+
+def compile_identity(nvcc_arch: str) -> dict[str, object]:
+    """How every program is compiled for `nvcc_arch`, beyond its factory and arguments, as JSON
+    values: part of a precompiled program's identity, so that a change here is a different program."""
+    return {"target": _target_spec(nvcc_arch), "pass_configs": PASS_CONFIGS, "backend": EXECUTION_BACKEND}
 
 
 def _target_spec(nvcc_arch: str) -> dict[str, Any]:
@@ -99,12 +116,26 @@ def is_recorded(kernel: object) -> bool:
     return isinstance(kernel, _RecordedKernel)
 
 
-def build(factory: Callable[..., Any], args: tuple[Hashable, ...], arch: Arch) -> JITKernel:
-    """The compiled kernel of `factory(*args)` for `arch`, compiled on first use and then cached."""
+def build(
+    factory: Callable[..., Any], args: tuple[Hashable, ...], arch: Arch
+) -> JITKernel | precompiled.PrecompiledKernel:
+    """The kernel of `factory(*args)` for `arch`: loaded from a precompiled directory that holds it,
+    else compiled on first use; then cached."""
     if _recorded is not None:
         _recorded.append(BuildRequest(factory, args, arch))
         return _RecordedKernel()  # type: ignore[return-value]
-    return _build(factory, args, target_arch(arch), None)
+    return _load_or_build(factory, args, target_arch(arch))
+
+
+@functools.cache
+def _load_or_build(
+    factory: Callable[..., Any], args: tuple[Hashable, ...], nvcc_arch: str
+) -> JITKernel | precompiled.PrecompiledKernel:
+    loaded = precompiled.load(factory, args, compile_identity(nvcc_arch))
+    if loaded is not None:
+        return loaded
+    precompiled.check_may_compile(factory, args, nvcc_arch)  # strict mode refuses to compile
+    return _build(factory, args, nvcc_arch, None)
 
 
 @contextlib.contextmanager
@@ -122,23 +153,35 @@ def recording_builds() -> Iterator[list[BuildRequest]]:
         _recorded = outer
 
 
-def prebuild(requests: Iterable[BuildRequest], *, jobs: int | None = None) -> None:
+@attrs.frozen
+class Prebuilt:
+    """What `prebuild` did: the programs it loaded from precompiled directories and those it compiled."""
+
+    loaded: int
+    compiled: int
+
+
+def prebuild(requests: Iterable[BuildRequest], *, jobs: int | None = None) -> Prebuilt:
     """Compile `requests` ahead of the calls that need them, side by side.
 
-    Up to `jobs` worker processes (default: one per CPU, at most 16) compile
+    Programs a precompiled directory holds are loaded from it. Up to `jobs`
+    worker processes (default: one per CPU, at most 16) compile the others
     into TileLang's on-disk kernel cache; this process then loads each program
-    from that cache into `build()`'s cache. Calls work without it, compiling on
-    first use, one at a time.
+    into `build()`'s cache. Calls work without it, compiling on first use, one
+    at a time.
     """
     todo = list(dict.fromkeys(requests))
-    workers = min(len(todo), jobs if jobs is not None else min(16, len(os.sched_getaffinity(0))))
-    if workers > 1:
+    held = [precompiled.holds(r.factory, r.args, compile_identity(target_arch(r.arch))) for r in todo]
+    missing = [request for request, found in zip(todo, held, strict=True) if not found]
+    workers = min(len(missing), jobs if jobs is not None else min(16, len(os.sched_getaffinity(0))))
+    if workers > 1 and not precompiled.strict():
         context = multiprocessing.get_context("spawn")  # no inherited CUDA or compiler state
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for done in [pool.submit(_compile_only, request) for request in todo]:
+            for done in [pool.submit(_compile_only, request) for request in missing]:
                 done.result()
     for request in todo:
-        _compile_only(request)
+        _load_or_build(request.factory, request.args, target_arch(request.arch))
+    return Prebuilt(loaded=sum(held), compiled=len(missing))
 
 
 def _compile_only(request: BuildRequest) -> None:
@@ -163,7 +206,7 @@ def lower_source(case: CompileCase, arch: Arch) -> str:
 
 
 def _pass_configs(tilelang: Any) -> dict[str, Any]:
-    return {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    return {tilelang.PassConfigKey(name): value for name, value in PASS_CONFIGS.items()}
 
 
 @functools.cache
@@ -195,7 +238,7 @@ def _build(
                 program,
                 out_idx=None,  # every output is a parameter the caller allocates
                 target=target,
-                execution_backend="tvm_ffi",
+                execution_backend=EXECUTION_BACKEND,
                 pass_configs=pass_configs,
             )
     finally:

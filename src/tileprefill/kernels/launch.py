@@ -29,6 +29,7 @@ import torch
 from tileprefill.context import Arch, DType, IndexDType
 from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import build, is_recorded, is_recording
+from tileprefill.kernels.precompiled import PrecompiledKernel
 from tileprefill.keys import KernelKey
 from tileprefill.validation import view_problem
 
@@ -134,6 +135,8 @@ def _entry_function(kernel: Any) -> Callable[..., object]:
     """The TVM-FFI function a compiled TileLang kernel runs, called with every parameter (outputs
     included): TileLang's own `__call__` wraps it in per-call Python (argument stitching, output
     allocation) that costs about 10 us. Falls back to the kernel itself for other backends."""
+    if isinstance(kernel, PrecompiledKernel):  # loaded from a precompiled directory
+        return kernel.entry
     adapter = getattr(kernel, "adapter", None)
     exportable = getattr(adapter, "get_exportable_executable", None)
     if exportable is None:
