@@ -3,13 +3,15 @@ install once with the README's command, then `nox -s lint typecheck tests compil
 
 `tests` is the CPU suite CI runs; `compile` lowers every TileLang program and
 compiles cubins for sm_80 and sm_90a (nvcc, no GPU); `compat` does both, a representative set
-of programs only, in a fresh environment with the TileLang vLLM and SGLang pin; `gpu` and
-`bench` need a CUDA device and tilelang.
+of programs only, in a fresh environment with the TileLang vLLM and SGLang pin; `engines` runs
+the engine integrations inside the engines' own classes (tests/engines) in a fresh environment
+with the engines installed; `gpu` and `bench` need a CUDA device and tilelang.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
 
@@ -57,6 +59,22 @@ def compat(session: nox.Session) -> None:
     session.run("pip", "check")
     session.run("pytest", "-q", "-m", "not gpu and not compile and not sanitize", *session.posargs)
     session.run("pytest", "-v", "-m", "compile", "tests/test_compat.py", env=_CACHE)
+
+
+@nox.session(venv_backend="venv")
+def engines(session: nox.Session) -> None:
+    # A fresh environment of its own: torch first (a CPU build here), then tileprefill, then each
+    # engine's packages from tests/engines/requirements-*.txt. Those are installed without their
+    # dependencies (an engine pins a CUDA torch and its serving stack), so each file lists every
+    # package the engine's tested modules import. pytest collecting nothing (exit 5) fails the session.
+    session.install("torch==2.13.0")
+    session.install("-e", ".[dev]")
+    requirements = sorted(Path("tests/engines").glob("requirements-*.txt"))
+    if not requirements:
+        session.error("no tests/engines/requirements-*.txt: nothing to install the engines from")
+    for path in requirements:
+        session.install("--no-deps", "-r", str(path))
+    session.run("pytest", "-q", "-m", "engines", "tests/engines", *session.posargs)
 
 
 @nox.session

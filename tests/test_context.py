@@ -108,3 +108,16 @@ def test_dtype_of_names_the_argument(torch_dtype: torch.dtype) -> None:
 
 def test_cpu_device_is_arch_cpu() -> None:
     assert Arch.of_device(torch.device("cpu")) is Arch.CPU
+
+
+@pytest.mark.parametrize(
+    ("major", "minor", "arch"), [(8, 0, Arch.SM80), (8, 6, Arch.SM80), (8, 9, Arch.SM80), (9, 0, Arch.SM90)]
+)
+def test_arch_of_capability(major: int, minor: int, arch: Arch) -> None:
+    assert Arch.of_capability(major, minor) is arch
+
+
+@pytest.mark.parametrize(("major", "minor"), [(7, 5), (9, 1), (10, 0), (12, 0)])
+def test_arch_of_capability_names_the_unserved(major: int, minor: int) -> None:
+    with pytest.raises(ValueError, match=rf"8\.x or 9\.0, got {major}\.{minor}$"):
+        Arch.of_capability(major, minor)

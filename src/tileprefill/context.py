@@ -55,13 +55,20 @@ class Arch(enum.Enum):
         if device.type != "cuda":
             return cls.CPU
         major, minor = torch.cuda.get_device_capability(device)
+        try:
+            return cls.of_capability(major, minor)
+        except ValueError as error:
+            raise ValueError(f"device {device}: {error}") from None
+
+    @classmethod
+    def of_capability(cls, major: int, minor: int) -> Arch:
+        """The code a CUDA device of compute capability major.minor runs (an engine that names a
+        capability before any tensor exists asks this); raises for one we have no code for."""
         if major == 9 and minor == 0:
             return cls.SM90
         if major == 8:
             return cls.SM80
-        raise ValueError(
-            f"device {device}: expected a CUDA device of compute capability 8.x or 9.0, got {major}.{minor}"
-        )
+        raise ValueError(f"expected a CUDA device of compute capability 8.x or 9.0, got {major}.{minor}")
 
 
 @functools.cache
