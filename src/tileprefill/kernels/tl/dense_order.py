@@ -81,23 +81,31 @@ PYTHON_ARITH = Arith(min, max, _select, _same)
 
 @dataclasses.dataclass(frozen=True)
 class DenseOrder:
-    """The static facts the order of one program depends on."""
+    """What the order of one program depends on: its static facts (`ctas`, `causal`,
+    `kv_key_bytes`) and its launch's head counts, ints in the model and TIR expressions in a
+    program (which reads them from its tensors' shapes)."""
 
     ctas: int
-    heads: int
-    kv_heads: int
+    heads: Any
+    kv_heads: Any
     causal: bool
     kv_key_bytes: int  # bytes of one key's K and V rows (2 x head_dim x element size)
 
     def __post_init__(self) -> None:
-        if self.ctas <= 0 or self.kv_heads <= 0 or self.heads % self.kv_heads:
+        counts = (self.heads, self.kv_heads)
+        # A program's counts are checked where its launch is: the Op's inputs.
+        bad_heads = all(isinstance(n, int) for n in counts) and (
+            self.kv_heads <= 0 or self.heads % self.kv_heads
+        )
+        if self.ctas <= 0 or bad_heads:
             raise ValueError(
                 "DenseOrder: expected ctas > 0 and heads a multiple of kv_heads > 0, "
                 f"got ctas={self.ctas}, heads={self.heads}, kv_heads={self.kv_heads}"
             )
 
     @property
-    def group(self) -> int:
+    def group(self) -> Any:
+        """Query heads a KV head (an int, or a TIR expression)."""
         return self.heads // self.kv_heads
 
 
@@ -150,12 +158,13 @@ def tile_at(
     band_width = ar.hold(ar.minimum(width, m_tiles - band * width))
     # The unit's first tile is the band's u-th, its second (per_unit 2) the band's (n - 1 - u)-th.
     q = ar.hold(ar.select(i % layout.per_unit == 0, u, batch * order.heads * band_width - 1 - u))
-    run = order.group * band_width  # tiles of one section in the band
+    group = ar.hold(order.group)
+    run = group * band_width  # tiles of one section in the band
     section = ar.hold(q // run)
     r = ar.hold(q - section * run)
     seq = section // order.kv_heads
-    head = (section % order.kv_heads) * order.group + r % order.group
-    return seq, head, m_tiles - 1 - band * width - r // order.group
+    head = (section % order.kv_heads) * group + r % group
+    return seq, head, m_tiles - 1 - band * width - r // group
 
 
 def _dealt(order: DenseOrder, cta: Any, k: Any, ar: Arith) -> Any:
