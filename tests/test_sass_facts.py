@@ -147,8 +147,11 @@ D64 = "attn_dense_sm90 d64 bf16 causal"
 
 #: The most instructions one unmasked key step may take, per consumer (D 128: 535 / 488 with its
 #: row sums shuffled every step; 523 / 477 with partial sums under the previous dense order, 537 /
-#: 478 with the band order's schedule state live across the loop).
-STEP_INSTRUCTIONS = {D128: (540, 482), D64: (457, 444, 440)}
+#: 478 with the band order's schedule state live across the loop, 524 / 477 with the scale a launch
+#: value. D 64: 451 / 443 / 440 with the scale an immediate; 451 / 443 / 441 with it a launch value,
+#: whose exp2 factor ptxas keeps in a uniform register across the loop: the third consumer then
+#: takes its K slot's barrier address from a uniform register too, one move more a step).
+STEP_INSTRUCTIONS = {D128: (540, 482), D64: (457, 444, 441)}
 
 #: The most SHFL an unmasked key step may run, per consumer: the row maxima's; D 128 adds its row
 #: sums up once a query tile (three consumers, D 64, still shuffle them every step).
