@@ -18,7 +18,7 @@ import torch
 
 import tileprefill as tp
 from tileprefill import cli
-from tileprefill.aot import command
+from tileprefill.aot import build, command
 from tileprefill.aot.models import OP_CLASSES, PRESETS, BuildOptions, ModelConfig
 from tileprefill.aot.programs import ProgramSpec, programs_for
 from tileprefill.context import Arch, DType, IndexDType, RopeMode
@@ -260,25 +260,10 @@ def _identity(request: BuildRequest) -> dict[str, object]:
 def _fake_directory(root: pathlib.Path, spec: ProgramSpec, **built_with: str) -> artifact.ProgramEntry:
     """A directory holding `spec` with a stand-in library (its real bytes need nvcc), as the build
     writes it, built with this process's toolchain but for `built_with`."""
-    request = spec.request
-    program = artifact.program_id(request.factory, request.args, _identity(request))
-    library = root / artifact.library_name(program)
+    library = root / artifact.library_name(build.program_id(spec))
     library.parent.mkdir(parents=True)
     library.write_bytes(b"a stand-in library")
-    entry = artifact.ProgramEntry(
-        id=program,
-        key=spec.key.value,
-        arch=request.arch.value,
-        target=target_arch(request.arch),
-        factory=artifact.factory_name(request.factory),
-        args=repr(request.args),
-        description=spec.description,
-        sources=artifact.source_files(request.factory.__module__),
-        library=artifact.library_name(program),
-        library_sha256=artifact.sha256_of(library),
-        cuda_sha256="",
-        compile_s=0.0,
-    )
+    entry = build.program_entry(spec, root, cuda_sha256="", compile_s=0.0)
     here = artifact.current_toolchain(cuda="13.0", cuda_from="nvcc")
     sources = {name: artifact.file_sha256(name) for name in entry.sources}
     artifact.write_index(root, artifact.Index(attrs.evolve(here, **built_with), sources, (entry,)))

@@ -86,7 +86,7 @@ def precompile(
     toolchain = build_toolchain()
     previous = _previous(root, toolchain)
     kept: dict[str, artifact.ProgramEntry] = {} if rebuild else dict(previous)
-    ids = {spec: _program_id(spec) for spec in specs}
+    ids = {spec: program_id(spec) for spec in specs}
     todo = [spec for spec in specs if ids[spec] not in kept]
     # Attention programs first: they take minutes where the others take seconds, so that no
     # worker is left with a long one at the end.
@@ -143,9 +143,33 @@ def _silent(line: str) -> None:
     return None
 
 
-def _program_id(spec: ProgramSpec) -> str:
+def program_id(spec: ProgramSpec) -> str:
+    """The id of `spec`'s program compiled for its arch with this process's toolchain."""
     request = spec.request
     return artifact.program_id(request.factory, request.args, compile_identity(target_arch(request.arch)))
+
+
+def program_entry(
+    spec: ProgramSpec, directory: str | os.PathLike[str], *, cuda_sha256: str, compile_s: float
+) -> artifact.ProgramEntry:
+    """The index entry of `spec`'s program, whose library `directory` holds already (it is hashed)."""
+    request = spec.request
+    program = program_id(spec)
+    library = artifact.library_name(program)
+    return artifact.ProgramEntry(
+        id=program,
+        key=spec.key.value,
+        arch=request.arch.value,
+        target=target_arch(request.arch),
+        factory=artifact.factory_name(request.factory),
+        args=repr(request.args),
+        description=spec.description,
+        sources=artifact.source_files(request.factory.__module__),
+        library=library,
+        library_sha256=artifact.sha256_of(pathlib.Path(directory) / library),
+        cuda_sha256=cuda_sha256,
+        compile_s=compile_s,
+    )
 
 
 def build_toolchain() -> artifact.Toolchain:
@@ -209,7 +233,7 @@ def build_program(spec: ProgramSpec, directory: str) -> artifact.ProgramEntry:
     """Compile one program and put its library and CUDA source into `directory` (a worker's task)."""
     started = time.perf_counter()
     request = spec.request
-    program = _program_id(spec)
+    program = program_id(spec)
     programs = pathlib.Path(directory) / artifact.PROGRAMS_DIR
     library = pathlib.Path(directory) / artifact.library_name(program)
     with tempfile.TemporaryDirectory(prefix="tileprefill-precompile-") as scratch:
@@ -220,17 +244,5 @@ def build_program(spec: ProgramSpec, directory: str) -> artifact.ProgramEntry:
         os.replace(partial, library)
         source = kernel.get_kernel_source()
     (programs / f"{program}.cu").write_text(source, encoding="utf-8")
-    return artifact.ProgramEntry(
-        id=program,
-        key=spec.key.value,
-        arch=request.arch.value,
-        target=target_arch(request.arch),
-        factory=artifact.factory_name(request.factory),
-        args=repr(request.args),
-        description=spec.description,
-        sources=artifact.source_files(request.factory.__module__),
-        library=artifact.library_name(program),
-        library_sha256=artifact.sha256_of(library),
-        cuda_sha256=artifact.text_sha256(source),
-        compile_s=round(time.perf_counter() - started, 1),
-    )
+    compile_s = round(time.perf_counter() - started, 1)
+    return program_entry(spec, directory, cuda_sha256=artifact.text_sha256(source), compile_s=compile_s)
