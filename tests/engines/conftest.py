@@ -1,4 +1,8 @@
-"""The engine tests' environment: SGLang's own classes, imported on the CPU build of torch.
+"""The engine tests' environment: the engines' own classes, on the CPU or on a CUDA device.
+
+The device: TILEPREFILL_ENGINE_DEVICE names where the tests put their tensors, caches and the
+engines' configs, `cpu` (the default: `nox -s engines`) or `cuda` (a GPU host:
+`scripts/gpu_host.sh engines`). DEVICE is its value, as the engines' configs take it.
 
 SGLang 0.5.23 imports torchvision on the way to its `ForwardBatch` (`sglang.srt.configs` imports
 multimodal processors at module level), although nothing these tests run calls it. PyPI's
@@ -19,9 +23,19 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Sequence
+
+import torch
+
+#: Where the engine tests run: "cpu" (the default) or "cuda" (TILEPREFILL_ENGINE_DEVICE).
+DEVICE = os.environ.get("TILEPREFILL_ENGINE_DEVICE", "cpu")
+if torch.device(DEVICE).type not in ("cpu", "cuda"):
+    raise ValueError(f"TILEPREFILL_ENGINE_DEVICE={DEVICE!r}: expected cpu or cuda")
+if torch.device(DEVICE).type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError(f"TILEPREFILL_ENGINE_DEVICE={DEVICE!r}, but torch sees no CUDA device")
 
 
 class _Absent:
