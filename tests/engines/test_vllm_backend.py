@@ -50,7 +50,7 @@ import tileprefill as tp
 import tileprefill.integrations.vllm as tpv
 from tileprefill.validation import kv_order_of
 
-from .conftest import DEVICE
+from .conftest import DEVICE, SUBPROCESS_PRELUDE
 
 if TYPE_CHECKING:
     from conftest import Oracle
@@ -553,7 +553,11 @@ def python(code: str) -> str:
     """Run `code` in a fresh interpreter of this environment (so nothing this process registered or
     imported counts) and return its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", SUBPROCESS_PRELUDE + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
