@@ -451,7 +451,7 @@ def test_source_files_follow_the_imports_of_the_program_module() -> None:
         "tileprefill/kernels/tl/attention_sm90.py",
         "tileprefill/kernels/tl/attention_entries.py",
         "tileprefill/kernels/tl/attention_parts.py",
-        "tileprefill/kernels/tl/cache_view.py",
+        "tileprefill/kernels/tl/views.py",
         "tileprefill/tiles.py",
         "tileprefill/kernels/tilelang_compat.py",
     ):

@@ -298,11 +298,11 @@ def test_cache_strides_follow_the_widest_vector_of_a_row(
 ) -> None:
     """A contiguous cache of any head dim passes; a row padded off the row's widest vector (16 bytes,
     or less where D is not a multiple of 8 elements: the programs then move narrower vectors) does not."""
-    from tileprefill.validation import cache_view_problem
+    from tileprefill.validation import view_problem
 
-    assert cache_view_problem(torch.zeros(3, 5, 2, head_dim, dtype=torch.float16)) is None
+    assert view_problem(torch.zeros(3, 5, 2, head_dim, dtype=torch.float16)) is None
     padded = torch.zeros(3, 5, 2, padded_to, dtype=torch.float16)[..., :head_dim]
-    problem = cache_view_problem(padded)
+    problem = view_problem(padded)
     assert problem is not None and f"a multiple of {vector_bytes} bytes" in problem, problem
 
 

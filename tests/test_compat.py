@@ -124,7 +124,7 @@ def test_a_loop_over_a_python_tuple_unrolls_while_tracing() -> None:
 
 
 def test_a_view_with_strides_reads_the_same_data_with_those_strides() -> None:
-    """`kernels/tl/cache_view.vector_view`: strides written as multiples of a row's widest vector."""
+    """`kernels/tl/views.vector_view`: strides written as multiples of a row's widest vector."""
     backported()
     import tilelang.language as T
 

@@ -61,11 +61,12 @@ def test_inputs_match_call_signature_and_specs(manifest: Manifest, op: AnyOpClas
     assert [(i.name, i.dtype, i.shape, i.strides) for i in entry.inputs] == [
         (s.name, s.dtype.value, s.shape, s.strides.value) for s in op.input_specs
     ]
-    assert [(o.name, o.dtype, o.shape) for o in entry.outputs] == [
-        (s.name, s.dtype.value, s.shape) for s in _outputs(op)
+    # An output's strides are what `run_into` takes as the caller's buffer.
+    assert [(o.name, o.dtype, o.shape, o.strides) for o in entry.outputs] == [
+        (s.name, s.dtype.value, s.shape, s.strides.value) for s in _outputs(op)
     ]
-    assert [(o.name, o.dtype, o.shape) for o in entry.outputs_with_lse] == [
-        (s.name, s.dtype.value, s.shape) for s in _outputs_with_lse(op)
+    assert [(o.name, o.dtype, o.shape, o.strides) for o in entry.outputs_with_lse] == [
+        (s.name, s.dtype.value, s.shape, s.strides.value) for s in _outputs_with_lse(op)
     ]
     # What a cache write writes in place (its only effect); the attention Ops return their output.
     assert list(entry.mutates) == list(getattr(op, "mutates", ()))

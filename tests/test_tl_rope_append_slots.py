@@ -74,7 +74,8 @@ def test_programs_compile(
     binaries = [p for suffix in (".cubin", ".fatbin") for p in tmp_path.rglob(f"*{suffix}")]
     assert binaries and all(p.stat().st_size > 0 for p in binaries), f"no device binary for {label}"
     source = kernel.get_kernel_source()
-    # The caches are written through their 16-byte-stride views (`cache_view.vector_view`).
+    # Every tensor of rows is read and written through its 16-byte-stride view (`views.vector_view`).
     assert "uint4*)(k_dst" in source and "uint4*)(v_dst" in source
     if factory == "rope_append_program":
         assert "uint4*)(q_out" in source and "uint4*)(q +" in source
+        assert "uint4*)(k_new" in source and "uint4*)(v_new" in source

@@ -331,7 +331,7 @@ def source_of(ctx: PrefillContext) -> tuple[KVSource, ...]:
 
 def orders_read(source: KVSource) -> tuple[KVOrder, ...]:
     """The cache orders a source's kernels read: a cache's K and V are strided views whatever their
-    order (`kernels/tl/cache_view.py`), so every cache source reads both; inputs without a cache
+    order (`kernels/tl/views.py`), so every cache source reads both; inputs without a cache
     are token-major (NHD)."""
     match source:
         case KVSource.DENSE | KVSource.RAGGED:

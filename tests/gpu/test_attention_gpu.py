@@ -512,8 +512,9 @@ def test_dense_long_sequences(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
 def test_dense_causal_group_one_beyond_the_l2_bound(arch: Arch, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Group 1 whose batch's K/V (9 sequences of 2200 keys, 8 KV heads) exceeds the L2, the case an
-    L2-aware persistent order must still cover tile by tile; q_len < kv_len, a partial last query tile."""
+    """Group 1 whose batch's K/V exceeds what the persistent order keeps resident: SM90 runs the
+    query tiles in bands of 6 lengths, two tiles of a band per unit (`kernels/tl/dense_order.py`);
+    q_len < kv_len, a partial last query tile."""
     f = DENSE_CONFIGS[2]
     check(Source.DENSE, arch, f, dense_case(f, 9, 2113, 2200), monkeypatch)
 

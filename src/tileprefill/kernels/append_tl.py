@@ -29,10 +29,11 @@ from tileprefill.kernels.launch import (
     Launcher,
     Program,
     check_cuda,
+    readable,
     register,
 )
 from tileprefill.keys import AppendKey
-from tileprefill.validation import check_cache_view, check_same_strides
+from tileprefill.validation import check_same_strides, check_view
 
 
 def program(key: AppendKey, facts: StaticFacts) -> Program:
@@ -50,7 +51,7 @@ RECORDS: Final[dict[AppendKey, KernelRecord]] = {
             key=AppendKey.CONTIGUOUS_TL,
             tensors=("k_new", "v_new", "k_cache", "v_cache", "cache_seqlens"),
             mutates=("k_cache", "v_cache"),
-            views=("k_cache", "v_cache"),
+            views=("k_new", "v_new", "k_cache", "v_cache"),
             program=lambda facts: program(AppendKey.CONTIGUOUS_TL, facts),
         )
     ),
@@ -59,7 +60,7 @@ RECORDS: Final[dict[AppendKey, KernelRecord]] = {
             key=AppendKey.PAGED_TL,
             tensors=("k_new", "v_new", "k_pages", "v_pages", "block_table", "cache_seqlens", "cu_seqlens_q"),
             mutates=("k_pages", "v_pages"),
-            views=("k_pages", "v_pages"),
+            views=("k_new", "v_new", "k_pages", "v_pages"),
             program=lambda facts: program(AppendKey.PAGED_TL, facts),
         )
     ),
@@ -81,7 +82,7 @@ def _check_new(k_new: torch.Tensor, v_new: torch.Tensor, dims: int) -> DType:
 def _check_caches(new: torch.Tensor, caches: dict[str, torch.Tensor], batch: int | None) -> None:
     """Metadata only (no host sync). The caches are written in place, so unlike the inputs
     they cannot be copied into a layout the program reads: they must be views it writes through
-    (`validation.check_cache_view`), with the same strides."""
+    (`validation.check_view`), with the same strides."""
     first = next(iter(caches.values()))
     for name, cache in caches.items():
         if cache.dim() != 4 or cache.dtype != new.dtype or cache.device != new.device:
@@ -98,7 +99,7 @@ def _check_caches(new: torch.Tensor, caches: dict[str, torch.Tensor], batch: int
             raise ValueError(
                 f"{name}: expected batch {batch} (that of k_new), got shape {tuple(cache.shape)}"
             )
-        check_cache_view(name, cache)
+        check_view(name, cache)
     check_same_strides(caches)
 
 
@@ -154,7 +155,8 @@ class AppendContiguousTLKernel(ContiguousAppendKernel):
         _check_caches(k_new, {"k_cache": k_cache, "v_cache": v_cache}, k_new.shape[0])
         _check_int32("cache_seqlens", cache_seqlens, (k_new.shape[0],), k_new.device)
         check_cuda("k_new", k_new)
-        self.bind(_facts(k_new, dtype, 0))(k_new, v_new, k_cache, v_cache, cache_seqlens)
+        launch = self.bind(_facts(k_new, dtype, 0))
+        launch(readable(k_new), readable(v_new), k_cache, v_cache, cache_seqlens)
 
 
 class AppendPagedTLKernel(PagedAppendKernel):
@@ -207,7 +209,7 @@ class AppendPagedTLKernel(PagedAppendKernel):
         _check_int32("cu_seqlens_q", cu_seqlens_q, (batch + 1,), k_new.device)
         check_cuda("k_new", k_new)
         launch = self.bind(_facts(k_new, dtype, k_pages.shape[1]))
-        launch(k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, cu_seqlens_q)
+        launch(readable(k_new), readable(v_new), k_pages, v_pages, block_table, cache_seqlens, cu_seqlens_q)
 
 
 KERNELS: tuple[type[Kernel], ...] = (AppendContiguousTLKernel, AppendPagedTLKernel)

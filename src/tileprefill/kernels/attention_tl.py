@@ -35,9 +35,10 @@ from tileprefill.kernels.base import (
 )
 from tileprefill.kernels.compile import CompileCase, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
-from tileprefill.kernels.launch import KernelRecord, Launcher, Program, register
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, readable, register
 from tileprefill.keys import AttentionKey, Code, attention_traits
 from tileprefill.tiles import KVSource, sm80_config, sm90_config
+from tileprefill.validation import check_same_strides, check_view
 
 
 def program_arch(key: AttentionKey) -> Arch:
@@ -91,7 +92,7 @@ _INPUTS: Final[dict[KVSource, tuple[str, ...]]] = {
 
 def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
     """The launch record of `key`'s programs with the LSE output or without: the inputs, then out
-    (and lse). The caches of the cache sources are views (`kernels/tl/cache_view.py`)."""
+    (and lse). q, its keys and values (or caches) and out are views (`kernels/tl/views.py`)."""
     source, _ = attention_traits(key)
     inputs = _INPUTS[source]
     outputs = ("out", "lse") if lse else ("out",)
@@ -102,7 +103,7 @@ def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
             mutates=outputs,
             program=lambda facts: program(key, facts),
             variant="_lse" if lse else "",
-            views=() if source in (KVSource.DENSE, KVSource.RAGGED) else inputs[1:3],
+            views=(*inputs[:3], "out"),
         )
     )
 
@@ -219,12 +220,22 @@ class _AttentionTL:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, kv = tensors[0], tensors[1]
         facts = facts_of(self.key, q, kv, lse=lse, **options)
-        names = _INPUTS[attention_traits(self.key)[0]]
+        source, _ = attention_traits(self.key)
+        names = _INPUTS[source]
         for name, index in zip(names[3:], tensors[3:], strict=True):
             if index.dtype != torch.int32:
                 raise TypeError(f"{name}: expected dtype int32, got {index.dtype}")
+        if source not in (KVSource.DENSE, KVSource.RAGGED):
+            # Caches are read in place (a copy would be a whole cache): views the programs take.
+            caches = dict(zip(names[1:3], tensors[1:3], strict=True))
+            for name, cache in caches.items():
+                check_view(name, cache)
+            check_same_strides(caches)
+            rows = (readable(q), *tensors[1:])
+        else:
+            rows = (*(readable(t) for t in tensors[:3]), *tensors[3:])
         out, row_lse = _allocate_output(q), _allocate_lse(q) if lse else NO_LSE
-        self.bind(facts)(*tensors, out, row_lse)
+        self.bind(facts)(*rows, out, row_lse)
         return out, row_lse
 
     def __call__(self, *tensors: torch.Tensor, **options: Unpack[AttentionOptions]) -> torch.Tensor:

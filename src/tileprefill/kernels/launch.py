@@ -31,6 +31,7 @@ from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import build, is_recorded, is_recording
 from tileprefill.kernels.precompiled import PrecompiledKernel
 from tileprefill.keys import KernelKey
+from tileprefill.validation import view_problem
 
 if TYPE_CHECKING:
     from torch._library.custom_ops import CustomOpDef
@@ -58,9 +59,11 @@ class KernelRecord:
     #: A second record of the same key for programs with another parameter list (attention with
     #: `facts.lse` writes one more output) names itself by this suffix: one custom op each.
     variant: str = ""
-    #: The KV-cache parameters: views of the caller's storage with any strides the Op accepted
-    #: (`validation.check_cache_view`), passed as they are, never copied (a copy is a whole cache
-    #: per layer, and an append into a copy is lost).
+    #: The parameters of rows (..., H, D) the program reads and writes through their strides
+    #: (`kernels/tl/views.py`): q, k and v, the KV caches, the new keys and values, the outputs of
+    #: rows. Views of the caller's storage with any strides the caller checked
+    #: (`validation.check_view`), passed as they are, never copied: a copy of a fused projection's
+    #: slice is a copy per layer, one of a cache a whole cache, and an append into a copy is lost.
     views: tuple[str, ...] = ()
 
     @property
@@ -159,7 +162,7 @@ class Launcher:
         self._op = _OPS_BY_NAME[record.op_name]
         self._scalars = scalars(facts)
         #: Which parameters may be copied into the layout the program reads: the read-only ones but
-        #: the cache views.
+        #: the views (the index tensors and RoPE tables).
         self._inputs = tuple(
             name not in record.mutates and name not in record.views for name in record.tensors
         )
@@ -192,8 +195,8 @@ class Launcher:
 
     def direct(self, *tensors: torch.Tensor) -> None:
         """Launch on the current stream of the tensors' device. Read-only inputs that are not
-        contiguous and 16-byte aligned are copied first (but cache views); written ones and cache
-        views were checked by the caller."""
+        contiguous and 16-byte aligned are copied first (but views); written ones and views were
+        checked by the caller."""
         entry = self._entry
         assert entry is not None, "a launcher built while tracing launches through its custom op"
         tensors = tuple(aligned(t) if read else t for t, read in zip(tensors, self._inputs, strict=True))
@@ -213,6 +216,15 @@ def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` if it is contiguous and 16-byte aligned, else such a copy of it (for inputs only:
     a written tensor cannot be copied, see `check_writable`)."""
     if tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT_BYTES == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def readable(tensor: torch.Tensor) -> torch.Tensor:
+    """A read-only view parameter of an allocating kernel call: `tensor` if the program can read it
+    in place (`validation.view_problem`), else a contiguous, aligned copy of it. (An Op checks its
+    views and never needs the copy.)"""
+    if view_problem(tensor) is None:
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
 
@@ -246,5 +258,6 @@ __all__ = [
     "aligned",
     "check_cuda",
     "check_writable",
+    "readable",
     "register",
 ]

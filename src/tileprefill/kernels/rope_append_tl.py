@@ -54,7 +54,7 @@ def _record(key: RopeAppendKey) -> KernelRecord:
                 "q_out",
             ),
             mutates=("k_cache", "v_cache", "q_out"),
-            views=("k_cache", "v_cache"),
+            views=("q", "k_new", "v_new", "k_cache", "v_cache", "q_out"),
             program=lambda facts: program(key, facts),
         )
     )

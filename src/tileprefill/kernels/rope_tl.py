@@ -16,7 +16,7 @@ import torch
 from tileprefill.context import Arch, DType, arch_of
 from tileprefill.kernels.base import Kernel, RopeKernel, RopeLaunch, StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, register
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, readable, register
 from tileprefill.keys import RopeKey
 
 
@@ -33,6 +33,7 @@ def _record(key: RopeKey) -> KernelRecord:
             key=key,
             tensors=("x", "positions", "cos", "sin", "out"),
             mutates=("out",),
+            views=("x", "out"),
             program=lambda facts: program(key, facts),
         )
     )
@@ -87,7 +88,8 @@ class _RopeTLKernel(RopeKernel):
     def __call__(
         self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        """x (T, H, D) rotated at `positions` by cos/sin (P, R/2) into a new contiguous tensor."""
+        """x (T, H, D) rotated at `positions` by cos/sin (P, R/2) into a new contiguous tensor; x is
+        read in place where it is a view the program takes (`validation.check_view`), else copied."""
         dtype = check_rope(x, positions, cos, sin)
         _, heads, head_dim = x.shape
         facts = StaticFacts(
@@ -99,7 +101,7 @@ class _RopeTLKernel(RopeKernel):
             rotary_dim=2 * cos.shape[1],
         )
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        self.bind(facts)(x, positions, cos, sin, out)
+        self.bind(facts)(readable(x), positions, cos, sin, out)
         return out
 
 

@@ -17,9 +17,9 @@ import torch
 from tileprefill.context import Arch, DType, IndexDType, arch_of
 from tileprefill.kernels.base import Kernel, SlotAppendKernel, SlotAppendLaunch, StaticFacts
 from tileprefill.kernels.compile import CompileCase
-from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, register
+from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, readable, register
 from tileprefill.keys import SlotAppendKey
-from tileprefill.validation import check_cache_view, check_same_strides
+from tileprefill.validation import check_same_strides, check_view
 
 
 def program(key: SlotAppendKey, facts: StaticFacts) -> Program:
@@ -35,7 +35,7 @@ RECORDS: Final[dict[SlotAppendKey, KernelRecord]] = {
             key=SlotAppendKey.TL,
             tensors=("k_new", "v_new", "k_pages", "v_pages", "slot_mapping"),
             mutates=("k_pages", "v_pages"),
-            views=("k_pages", "v_pages"),
+            views=("k_new", "v_new", "k_pages", "v_pages"),
             program=lambda facts: program(SlotAppendKey.TL, facts),
         )
     )
@@ -101,7 +101,7 @@ class SlotAppendTLKernel(SlotAppendKernel):
             )
         caches = {"k_pages": k_pages, "v_pages": v_pages}
         for name, pages in caches.items():
-            check_cache_view(name, pages)
+            check_view(name, pages)
         check_same_strides(caches)
         check_cuda("k_new", k_new)
         facts = StaticFacts(
@@ -113,7 +113,7 @@ class SlotAppendTLKernel(SlotAppendKernel):
             page_size=k_pages.shape[1],
             index_dtype=index_dtype,
         )
-        self.bind(facts)(k_new, v_new, k_pages, v_pages, slot_mapping)
+        self.bind(facts)(readable(k_new), readable(v_new), k_pages, v_pages, slot_mapping)
 
 
 KERNELS: tuple[type[Kernel], ...] = (SlotAppendTLKernel,)

@@ -4,8 +4,8 @@ The programs are written for TileLang 0.1.15. vLLM 0.34 and SGLang 0.5.23 pin 0.
 tileprefill installed beside either gets that release. Its frontend lacks two ways of writing a
 program down that the programs use, both of which 0.1.15 turns into plain TIR while tracing:
 
-- `T.view(buffer, strides=...)`: a KV cache seen with strides that TileLang can prove aligned
-  (`kernels/tl/cache_view.py`); every program that reads or writes a cache takes it.
+- `T.view(buffer, strides=...)`: a tensor of rows (a KV cache, q, k, v, an output) seen with
+  strides that TileLang can prove aligned (`kernels/tl/views.py`); every program takes its rows so.
 - `for c in consumer_ids:` over a Python tuple in a program's body, unrolled while the program
   is traced: the SM90 attention programs emit one block per consumer warpgroup that way.
 

@@ -30,8 +30,9 @@ class ManifestError(ValueError):
 @attrs.frozen
 class TensorEntry:
     """One tensor input or output: dtype rule (e.g. "q.dtype"), symbolic shape (e.g. "(B, Sq, Hq, D)")
-    and stride rule ("contiguous" unless the YAML says otherwise: a KV cache is any view of the
-    engine's storage, "D contiguous, strides a multiple of a row's widest vector")."""
+    and stride rule ("contiguous" unless the YAML says otherwise: q, k, v, a KV cache and the output
+    a `run_into` writes are any view of the caller's storage, "D contiguous, strides a multiple of
+    a row's widest vector")."""
 
     name: str
     dtype: str

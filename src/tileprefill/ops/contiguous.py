@@ -57,17 +57,17 @@ class ContiguousShape(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
-    kv_order: KVOrder = KVOrder.NHD  # the caches' row/head order (any strides: `check_cache_view`)
+    kv_order: KVOrder = KVOrder.NHD  # the caches' row/head order (any strides: `check_view`)
 
 
-_Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D")
-_K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D")
-_V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D")
-_K_CACHE = spec("k_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.CACHE_VIEW)
-_V_CACHE = spec("v_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.CACHE_VIEW)
+_Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D", StrideRule.VIEW)
+_K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D", StrideRule.VIEW)
+_V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "B, Sq, Hkv, D", StrideRule.VIEW)
+_K_CACHE = spec("k_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.VIEW)
+_V_CACHE = spec("v_cache", DtypeRule.SAME_AS_Q, "B, Smax, Hkv, D", StrideRule.VIEW)
 _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
-_OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
+_OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D", StrideRule.VIEW)
 _LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
 
 

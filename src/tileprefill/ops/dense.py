@@ -33,6 +33,7 @@ from tileprefill.positions import batch_positions, ragged_positions
 from tileprefill.validation import (
     Binding,
     DtypeRule,
+    StrideRule,
     check_cu_seqlens,
     check_rope_positions,
     check_rope_table_length,
@@ -69,17 +70,17 @@ class VarlenShape(NamedTuple):
     rotary_dim: int = 0
 
 
-_Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D")
-_K = spec("k", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D")
-_V = spec("v", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D")
-_OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D")
+_Q = spec("q", DtypeRule.ACTIVATION, "B, Sq, Hq, D", StrideRule.VIEW)
+_K = spec("k", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D", StrideRule.VIEW)
+_V = spec("v", DtypeRule.SAME_AS_Q, "B, Skv, Hkv, D", StrideRule.VIEW)
+_OUT = spec("out", DtypeRule.SAME_AS_Q, "B, Sq, Hq, D", StrideRule.VIEW)
 _LSE = spec("lse", DtypeRule.FLOAT32, "B, Sq, Hq")
-_Q_RAGGED = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D")
-_K_RAGGED = spec("k", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D")
-_V_RAGGED = spec("v", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D")
+_Q_RAGGED = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D", StrideRule.VIEW)
+_K_RAGGED = spec("k", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D", StrideRule.VIEW)
+_V_RAGGED = spec("v", DtypeRule.SAME_AS_Q, "Tkv, Hkv, D", StrideRule.VIEW)
 _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
 _CU_KV = spec("cu_seqlens_kv", DtypeRule.INT32, "B + 1")
-_OUT_RAGGED = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
+_OUT_RAGGED = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D", StrideRule.VIEW)
 _LSE_RAGGED = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 

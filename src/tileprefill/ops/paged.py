@@ -63,19 +63,19 @@ class PagedShape(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     rotary_dim: int = 0  # RoPE Ops built without rotary_dim: 2 * cos.shape[1]
-    kv_order: KVOrder = KVOrder.NHD  # the pages' row/head order (any strides: `check_cache_view`)
+    kv_order: KVOrder = KVOrder.NHD  # the pages' row/head order (any strides: `check_view`)
 
 
-_Q = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D")
-_K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D")
-_V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D")
-_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
-_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
+_Q = spec("q", DtypeRule.ACTIVATION, "Tq, Hq, D", StrideRule.VIEW)
+_K_NEW = spec("k_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D", StrideRule.VIEW)
+_V_NEW = spec("v_new", DtypeRule.SAME_AS_Q, "Tq, Hkv, D", StrideRule.VIEW)
+_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.VIEW)
+_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_Q, "NP, PS, Hkv, D", StrideRule.VIEW)
 _BLOCK_TABLE = spec("block_table", DtypeRule.INT32, "B, MP")
 _KV_SEQLENS = spec("kv_seqlens", DtypeRule.INT32, "B")
 _CACHE_SEQLENS = spec("cache_seqlens", DtypeRule.INT32, "B")
 _CU_Q = spec("cu_seqlens_q", DtypeRule.INT32, "B + 1")
-_OUT = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D")
+_OUT = spec("out", DtypeRule.SAME_AS_Q, "Tq, Hq, D", StrideRule.VIEW)
 _LSE = spec("lse", DtypeRule.FLOAT32, "Tq, Hq")
 
 

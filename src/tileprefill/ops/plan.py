@@ -22,6 +22,7 @@ from tileprefill.validation import (
     StrideRule,
     TensorSpec,
     check_metadata,
+    check_view,
     follows,
     overlaps,
 )
@@ -207,11 +208,11 @@ class BatchPlan(DecidedPlan, Generic[LaunchesT, ResultT]):
                 requirement.fail(size)
 
     def _allocate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output of `run` (like q) and, with `return_lse`, its LSE (float32, q's shape less the
-        head dim); `NO_LSE` otherwise (the launches neither read nor write it). Both follow q's sizes,
-        as torch.compile traces them."""
+        """The output of `run` (q's shape, contiguous whatever q's strides) and, with `return_lse`, its
+        LSE (float32, q's shape less the head dim); `NO_LSE` otherwise (the launches neither read nor
+        write it). Both follow q's sizes, as torch.compile traces them."""
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if self._lse else NO_LSE
-        return torch.empty_like(q), lse
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse
 
     def _result(self, out: torch.Tensor, lse: torch.Tensor) -> ResultT:
         """What the runs of this plan return: `out`, or (out, lse) with `return_lse` (the Op's type
@@ -241,8 +242,9 @@ class BatchPlan(DecidedPlan, Generic[LaunchesT, ResultT]):
         return out, self._check_lse(outputs[1], out, inputs)
 
     def _check_out(self, out: object, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`out` of `run_into`: the output's dtype, shape and device, contiguous and 16-byte aligned
-        (the programs write it directly), sharing no memory with an input (metadata only)."""
+        """`out` of `run_into`: the output's dtype, shape and device, a view the programs write in place
+        (`check_view`: D contiguous, strides and address multiples of a row's vector), sharing no
+        memory with an input (metadata only)."""
         return self._check_written(self._out_spec, self._expected_out, out, inputs)
 
     def _check_lse(self, lse: object, out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -259,8 +261,9 @@ class BatchPlan(DecidedPlan, Generic[LaunchesT, ResultT]):
     def _check_written(
         self, spec_: TensorSpec, expected: Expected, t: object, inputs: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """A caller's tensor a run writes (returned, checked): the plan's dtype, shape and device,
-        contiguous and 16-byte aligned, sharing no memory with an input (metadata only)."""
+        """A caller's tensor a run writes (returned, checked): the plan's dtype, shape and device, the
+        layout of its spec (a view for out, contiguous and 16-byte aligned for the LSE), sharing no
+        memory with an input (metadata only)."""
         name = spec_.name
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -272,7 +275,10 @@ class BatchPlan(DecidedPlan, Generic[LaunchesT, ResultT]):
             )
         if t.device != self._device:
             raise ValueError(f"{name}: expected a tensor on {self._device} (the plan's), got {t.device}")
-        check_writable(name, t)
+        if spec_.strides is StrideRule.VIEW:
+            check_view(name, t)
+        else:
+            check_writable(name, t)
         for input_spec, x in zip(self._data_specs, inputs, strict=True):
             if overlaps(t, x):
                 raise ValueError(

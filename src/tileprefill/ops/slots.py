@@ -60,10 +60,10 @@ class SlotAppendShape(NamedTuple):
     device: torch.device
 
 
-_K_NEW = spec("k_new", DtypeRule.ACTIVATION, "T, Hkv, D")
-_V_NEW = spec("v_new", DtypeRule.SAME_AS_K_NEW, "T, Hkv, D")
-_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
-_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.CACHE_VIEW)
+_K_NEW = spec("k_new", DtypeRule.ACTIVATION, "T, Hkv, D", StrideRule.VIEW)
+_V_NEW = spec("v_new", DtypeRule.SAME_AS_K_NEW, "T, Hkv, D", StrideRule.VIEW)
+_K_PAGES = spec("k_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.VIEW)
+_V_PAGES = spec("v_pages", DtypeRule.SAME_AS_K_NEW, "NP, PS, Hkv, D", StrideRule.VIEW)
 _SLOT_MAPPING = spec("slot_mapping", DtypeRule.INDEX, "T")
 
 

@@ -21,9 +21,17 @@ from tileprefill.validation import check_apart, check_kv_order, check_same_strid
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` (..., heads, D) as rows (N, heads, D): the launches of RoPE and appends see any layout's
-    tokens or cache slots so."""
-    return t if t.dim() == 3 else t.view(-1, *t.shape[-2:])
+    """`t` (T, heads, D) or (B, S, heads, D) as rows (N, heads, D): the launches of RoPE and appends
+    see any layout's tokens so. A view of t's memory (the programs read and write it in place) where
+    a sequence's rows follow the previous sequence's at t's row stride: any view of a (B, S, ...)
+    allocation, a fused projection's slices included. A batch of sequences apart (a padded batch's
+    slice) has no such view and is copied."""
+    if t.dim() == 3:
+        return t
+    batch, seq = t.shape[0], t.shape[1]
+    if batch == 1 or seq == 1 or t.stride(0) == seq * t.stride(1):
+        return t.view(-1, *t.shape[-2:])
+    return t.reshape(-1, *t.shape[-2:])
 
 
 def rotate(
@@ -36,8 +44,10 @@ def rotate(
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE of q and k into new tensors (the inputs are the caller's), one launch each."""
-    rotated_q, rotated_k = torch.empty_like(q), torch.empty_like(k)
+    """RoPE of q and k into new contiguous tensors (the inputs are the caller's, any views), one
+    launch each."""
+    rotated_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    rotated_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     rope_q(as_rows(q), q_positions, cos, sin, as_rows(rotated_q))
     rope_k(as_rows(k), k_positions, cos, sin, as_rows(rotated_k))
     return rotated_q, rotated_k
@@ -58,7 +68,7 @@ def rotate_and_write(
     """RoPE of q (into a new tensor, returned) and of k_new, and the write of the rotated keys and
     v_new into the caches (blocks, rows, Hkv, D) at `slots` (one per new token: row slot % rows of
     block slot // rows), in one launch."""
-    rotated = torch.empty_like(q)
+    rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     rope_append(
         as_rows(q),
         as_rows(k_new),

@@ -5,8 +5,8 @@ Three kinds, kept apart because they cost differently:
 - metadata checks (`specs`: `check_metadata` and the checks of the bound shape symbols)
   read only ranks, shapes, dtypes, devices and strides. They always run: they are free,
   they never synchronise with the device, and they trace under `torch.compile`.
-- memory checks (`memory`): whether a cache view can be read and written in place, and
-  whether tensors a call writes share memory with others. Metadata only, like the above.
+- memory checks (`memory`): whether a view (a cache, an activation, an output) can be read and
+  written in place, and whether tensors a call writes share memory with others. Metadata only, like the above.
 - value checks (`values`: `check_cu_seqlens`, `check_lengths`, ...) read the index tensors'
   values, copying them to the host. Ops run them only when constructed with `validate=True`.
 
@@ -15,15 +15,15 @@ Every error names the argument, what was expected and what was found.
 
 from tileprefill.validation.memory import (
     VECTOR_BYTES,
-    cache_vector_bytes,
-    cache_view_problem,
     check_apart,
-    check_cache_view,
     check_kv_order,
     check_same_strides,
+    check_view,
     distinct_elements,
     kv_order_of,
     overlaps,
+    row_vector_bytes,
+    view_problem,
     widest_vector,
 )
 from tileprefill.validation.specs import (
@@ -61,12 +61,9 @@ __all__ = [
     "DtypeRule",
     "StrideRule",
     "TensorSpec",
-    "cache_vector_bytes",
-    "cache_view_problem",
     "check_apart",
     "check_append_capacity",
     "check_block_table",
-    "check_cache_view",
     "check_cu_seqlens",
     "check_heads",
     "check_kv_order",
@@ -78,13 +75,16 @@ __all__ = [
     "check_same_strides",
     "check_slot_mapping",
     "check_slots_fit",
+    "check_view",
     "distinct_elements",
     "follows",
     "host_values",
     "kv_order_of",
     "overlaps",
     "rotary_dim_of",
+    "row_vector_bytes",
     "rows",
     "spec",
+    "view_problem",
     "widest_vector",
 ]

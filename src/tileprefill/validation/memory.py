@@ -1,6 +1,7 @@
-"""The memory geometry of the tensors the kernels read and write in place: which views of an engine's
-cache storage the programs take as they are (`cache_view_problem`), and whether two tensors share
-memory (`overlaps`, `check_apart`). Metadata only: shapes, strides and addresses, never values.
+"""The memory geometry of the tensors the kernels read and write in place: which views of a
+caller's storage the programs take as they are (`view_problem`: KV caches, and the activations and
+outputs, e.g. slices of a fused QKV projection), and whether two tensors share memory (`overlaps`,
+`check_apart`). Metadata only: shapes, strides and addresses, never values.
 """
 
 from __future__ import annotations
@@ -25,36 +26,39 @@ def widest_vector(extent: int, element_bytes: int) -> int:
     return width
 
 
-def cache_vector_bytes(head_dim: int, element_bytes: int) -> int:
-    """The bytes every cache stride and the cache's address are multiples of: the widest vector of a
-    row of `head_dim` (16 bytes, the programs' vector, for a head dim that is a multiple of 8 fp16
+def row_vector_bytes(head_dim: int, element_bytes: int) -> int:
+    """The bytes every stride of a view and its address are multiples of: the widest vector of a row
+    of `head_dim` (16 bytes, the programs' vector, for a head dim that is a multiple of 8 fp16
     elements; less for one that is not, whose rows the programs move in narrower vectors)."""
     return widest_vector(head_dim, element_bytes) * element_bytes
 
 
-def cache_view_problem(t: torch.Tensor) -> str | None:
-    """What keeps the 4-D cache `t` (blocks, rows, Hkv, D) from being read and written in place by
-    the kernels, in words, or None. Metadata only: under torch.compile the address is not read.
+def view_problem(t: torch.Tensor) -> str | None:
+    """What keeps `t` (a KV cache (blocks, rows, Hkv, D), or rows (..., H, D) of an activation or an
+    output) from being read and written in place by the kernels, in words, or None. Metadata only:
+    under torch.compile the address is not read.
 
-    A cache may be any view of the engine's storage whose head dim is contiguous, whose address and
-    strides are multiples of the row's vector (`cache_vector_bytes`: 16 bytes for every head dim the
-    attention kernels take), and whose elements are distinct (no two indices of the view share an
-    address: an append would race). Size-1 dims take any stride."""
-    problem = _cache_layout_problem(tuple(t.shape), t.stride(), t.element_size())
-    alignment = cache_vector_bytes(t.shape[-1], t.element_size())
+    Any view of the caller's storage is taken whose head dim is contiguous, whose address and strides
+    are multiples of the row's vector (`row_vector_bytes`: 16 bytes for every head dim the attention
+    kernels take; a contiguous tensor's are, at an aligned address), and whose elements are distinct
+    (no two indices of the view share an address: a write would race). Size-1 dims take any stride."""
+    # A contiguous tensor's strides are multiples of D, and so of the row's vector (the common case,
+    # checked every run: no shape and stride tuples to build).
+    problem = None if t.is_contiguous() else _layout_problem(tuple(t.shape), t.stride(), t.element_size())
+    alignment = row_vector_bytes(t.shape[-1], t.element_size())
     if problem is None and not torch.compiler.is_compiling() and t.data_ptr() % alignment:
         return f"expected data {alignment}-byte aligned, got address {t.data_ptr():#x}"
     return problem
 
 
 @functools.lru_cache(maxsize=256)
-def _cache_layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> str | None:
-    """`cache_view_problem` of the shape and strides (cached: a run checks each cache every layer,
-    and an engine's caches keep one layout)."""
+def _layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> str | None:
+    """`view_problem` of the shape and strides (cached: a run checks each view every layer, and an
+    engine's tensors keep one layout)."""
     if shape[-1] > 1 and strides[-1] != 1:
         return f"expected the last dim (D) contiguous (stride 1), got strides {strides}"
     outer = [(stride, size) for stride, size in zip(strides[:-1], shape[:-1], strict=True) if size > 1]
-    alignment = cache_vector_bytes(shape[-1], itemsize)
+    alignment = row_vector_bytes(shape[-1], itemsize)
     if any(stride * itemsize % alignment for stride, _ in outer):
         return (
             f"expected every stride a multiple of {alignment} bytes ({alignment // itemsize} elements, "
@@ -85,9 +89,9 @@ def distinct_elements(shape: Sequence[int], strides: Sequence[int]) -> bool:
     return True
 
 
-def check_cache_view(name: str, t: torch.Tensor) -> None:
-    """`cache_view_problem` as an error naming the argument."""
-    problem = cache_view_problem(t)
+def check_view(name: str, t: torch.Tensor) -> None:
+    """`view_problem` as an error naming the argument."""
+    problem = view_problem(t)
     if problem is not None:
         raise ValueError(f"{name}: {problem}")
 
@@ -168,7 +172,7 @@ def check_apart(written: Mapping[str, torch.Tensor], read: Mapping[str, torch.Te
     """The tensors a call writes in place share no memory with each other or with what it reads
     (metadata only): a shared element would race, or change an input in the middle of the call.
     Each written tensor is checked against the written ones before it, then against the read.
-    Under torch.compile nothing is checked: addresses are not traced (as `cache_view_problem`)."""
+    Under torch.compile nothing is checked: addresses are not traced (as `view_problem`)."""
     if torch.compiler.is_compiling():
         return
     # Tensors of separate allocations never meet: `overlaps` (byte ranges, exact for interleaved

@@ -15,7 +15,7 @@ from typing import NamedTuple, assert_never
 import attrs
 import torch
 
-from tileprefill.validation.memory import cache_view_problem, check_cache_view
+from tileprefill.validation.memory import check_view, view_problem
 
 
 class DtypeRule(enum.Enum):
@@ -37,9 +37,10 @@ class StrideRule(enum.Enum):
     """The memory layout an input must have; the value is how the manifest writes it."""
 
     CONTIGUOUS = "contiguous"
-    # A KV cache (blocks, rows, Hkv, D): any view of the engine's storage (`check_cache_view`); the
-    # widest vector is 16 bytes wherever D is a multiple of 8 (`cache_vector_bytes`).
-    CACHE_VIEW = "D contiguous, strides a multiple of a row's widest vector"
+    # Rows of D read and written in place: a KV cache (blocks, rows, Hkv, D) as the engine stores it,
+    # or an activation or output (..., H, D), e.g. a slice of a fused QKV projection (`check_view`);
+    # the widest vector is 16 bytes wherever D is a multiple of 8 (`row_vector_bytes`).
+    VIEW = "D contiguous, strides a multiple of a row's widest vector"
 
 
 class Dim(NamedTuple):
@@ -142,8 +143,8 @@ def check_metadata(
                         f"{s.name}: expected a contiguous tensor (kernels index it densely), "
                         f"got shape {tuple(t.shape)} with strides {t.stride()}"
                     )
-            case StrideRule.CACHE_VIEW:
-                check_cache_view(s.name, t)
+            case StrideRule.VIEW:
+                check_view(s.name, t)
             case _:
                 assert_never(s.strides)
     return dims
@@ -192,8 +193,8 @@ def follows(t: torch.Tensor, rule: StrideRule) -> bool:
     match rule:
         case StrideRule.CONTIGUOUS:
             return t.is_contiguous()
-        case StrideRule.CACHE_VIEW:
-            return cache_view_problem(t) is None
+        case StrideRule.VIEW:
+            return view_problem(t) is None
         case _:
             assert_never(rule)
 

@@ -1,11 +1,11 @@
 """TileLang programs: write new key/value rows into a contiguous or a paged KV cache.
 
-A token's keys (or values) are one row of Hkv * D contiguous elements in the
-new tensor, and Hkv runs of D contiguous elements in the cache (a strided view,
-`cache_view`), so both programs are row copies: find each token's destination
-row on the device, then copy the row of k and of v in 16-byte vectors.
-Consecutive threads take consecutive vectors of a row, so warps read contiguous
-memory and write contiguous runs of D.
+A token's keys (or values) are Hkv runs of D contiguous elements in the new
+tensor and in the cache, both strided views (`views`: the new rows may be slices
+of a fused QKV projection), so both programs are row copies: find each token's
+destination row on the device, then copy the rows of k and of v in 16-byte
+vectors. Consecutive threads take consecutive vectors of a row, so warps read
+and write contiguous runs of D.
 
 Nothing outside the destination rows is written: a destination outside the
 cache (a position past S_max, a block-table entry past the table or naming
@@ -16,15 +16,19 @@ program memory-safe.
 
 import tilelang.language as T
 
-from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
+from tileprefill.kernels.tl.views import (
+    ELEMENT_BYTES,
+    kv_cache_strides,
+    row_strides,
+    vector_view,
+    vector_views,
+)
 from tileprefill.validation import widest_vector
 
 #: Threads per CTA and elements of one tensor (k or v) each CTA aims to copy:
 #: 8 KiB of fp16 for each of k and v, several 16-byte vectors per thread.
 THREADS = 128
 ELEMENTS_PER_CTA = 4096
-
-ELEMENT_BYTES = 2  # fp16 / bf16
 
 
 def rows_per_cta(row_elements: int) -> int:
@@ -46,15 +50,17 @@ def append_contiguous_program(num_kv_heads: int, head_dim: int, dtype: str) -> T
     new_len = T.dynamic("new_len")
     max_len = T.dynamic("max_len")
     cache_strides = kv_cache_strides()
+    k_strides, v_strides = row_strides("k_new", 4), row_strides("v_new", 4)
 
     @T.prim_func
     def append_contiguous(
-        k_new: T.Tensor((batch, new_len, Hkv, D), dtype),
-        v_new: T.Tensor((batch, new_len, Hkv, D), dtype),
+        k_rows: T.StridedTensor((batch, new_len, Hkv, D), k_strides, dtype),
+        v_rows: T.StridedTensor((batch, new_len, Hkv, D), v_strides, dtype),
         k_cache: T.StridedTensor((batch, max_len, Hkv, D), cache_strides, dtype),
         v_cache: T.StridedTensor((batch, max_len, Hkv, D), cache_strides, dtype),
         cache_seqlens: T.Tensor((batch,), "int32"),
     ) -> None:
+        k_new, v_new = vector_views(k_rows, v_rows)
         k_dst, v_dst = vector_view(k_cache), vector_view(v_cache)
         with T.Kernel(T.ceildiv(new_len, block_s), batch, threads=THREADS) as (bx, b):
             tx = T.get_thread_binding()
@@ -104,17 +110,19 @@ def append_paged_program(num_kv_heads: int, head_dim: int, page_size: int, dtype
     num_pages = T.dynamic("num_pages")
     max_pages = T.dynamic("max_pages")
     cache_strides = kv_cache_strides()
+    k_strides, v_strides = row_strides("k_new", 3), row_strides("v_new", 3)
 
     @T.prim_func
     def append_paged(
-        k_new: T.Tensor((num_tokens, Hkv, D), dtype),
-        v_new: T.Tensor((num_tokens, Hkv, D), dtype),
+        k_rows: T.StridedTensor((num_tokens, Hkv, D), k_strides, dtype),
+        v_rows: T.StridedTensor((num_tokens, Hkv, D), v_strides, dtype),
         k_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
         v_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
         block_table: T.Tensor((batch, max_pages), "int32"),
         cache_seqlens: T.Tensor((batch,), "int32"),
         cu_seqlens_q: T.Tensor((batch + 1,), "int32"),
     ) -> None:
+        k_new, v_new = vector_views(k_rows, v_rows)
         k_dst, v_dst = vector_view(k_pages), vector_view(v_pages)
         with T.Kernel(T.ceildiv(num_tokens, block_t), threads=THREADS) as bx:
             tx = T.get_thread_binding()

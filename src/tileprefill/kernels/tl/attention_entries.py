@@ -9,8 +9,10 @@ prim_func has one more output after O, the float32 log-sum-exp `LSE` (tokens, he
 always was and the body gets LSE None. (A prim_func's parameters are read from its
 source, so each source has one prim_func of each kind.) Only the body
 differs between architectures, so the grids, the tile order and the ragged tile
-search are written once, here. A cache source's K and V (contiguous, paged) are strided views
-(`cache_view.kv_cache_strides`); dense and ragged K and V are contiguous.
+search are written once, here. Every tensor of rows is a strided view (`views`): a cache source's
+K and V (contiguous, paged) with one set of strides (`views.kv_cache_strides`), and Q, dense and
+ragged K and V, and O each with strides of its own (`views.row_strides`), so that slices of a fused
+QKV projection and an output inside a larger buffer are read and written in place.
 
 Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
 causal, sm_scale, page_size, config, window, softcap, lse)`, which builds its body and returns
@@ -22,19 +24,38 @@ import dataclasses
 from typing import Any
 
 import tilelang.language as T
+from tilelang import tvm
 
 from tileprefill.kernels.tl.attention_parts import (
     Work,
-    kv_tile_count,
-    kv_tile_first,
+    clamped_kv_len,
+    kv_tile_range,
     locate_ragged_tile,
+    sequence_length,
     work,
 )
-from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
+from tileprefill.kernels.tl.dense_order import (
+    Arith,
+    BandLayout,
+    DenseOrder,
+    band_layout,
+    tile_at,
+    tile_count,
+)
+from tileprefill.kernels.tl.views import kv_cache_strides, row_strides, vector_view, vector_views
 from tileprefill.tiles import KVSource, TileConfig, pages_tile_whole
 
 #: The dtype of the log-sum-exp output.
 LSE_DTYPE = "float32"
+
+
+def _held(value: Any) -> Any:
+    """`value` in an int32 register (call inside a kernel); a Python int stays a constant."""
+    return value if isinstance(value, int) else T.alloc_var("int32", init=value)[0]
+
+
+#: The operations of `dense_order`'s rule on TIR expressions (its Python model runs on ints).
+TIR_ARITH = Arith(T.min, T.max, T.if_then_else, _held)
 
 
 def entry_program(
@@ -108,7 +129,7 @@ def entry_program(
             kv_len = keys[seq + 1] - kv_first
         else:
             kv_first = 0
-            kv_len = _clamped_kv_len(keys[seq], capacity)
+            kv_len = clamped_kv_len(keys[seq], capacity)
         offset = kv_len - q_len
         # A CTA without a tile runs with no keys and no rows to store.
         has_tile = (tile >= 0) & (tile * block_M < q_len)
@@ -131,6 +152,7 @@ def entry_program(
 
     if source is KVSource.DENSE:
         batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 4) for name in "qkvo")
 
         @T.macro
         def dense_grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
@@ -142,29 +164,30 @@ def entry_program(
 
             @T.prim_func
             def main_dense_lse(
-                Q: T.Tensor([batch, seq_q, heads, D], dtype),
-                K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-                V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+                O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
             ) -> None:
-                dense_grid(Q, K, V, O, LSE)
+                dense_grid(*vector_views(Q, K, V, O), LSE)
 
             return main_dense_lse
 
         @T.prim_func
         def main_dense(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
         ) -> None:
-            dense_grid(Q, K, V, O, None)
+            dense_grid(*vector_views(Q, K, V, O), None)
 
         return main_dense
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 3) for name in "qkvo")
 
         @T.macro
         def ragged_grid(
@@ -178,34 +201,35 @@ def entry_program(
 
             @T.prim_func
             def main_ragged_lse(
-                Q: T.Tensor([tokens_q, heads, D], dtype),
-                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
                 cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-                O: T.Tensor([tokens_q, heads, D], dtype),
+                O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
             ) -> None:
-                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+                ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
             return main_ragged_lse
 
         @T.prim_func
         def main_ragged(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
         ) -> None:
-            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
+            ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
         return main_ragged
 
     if source is KVSource.CONTIGUOUS:
         batch, seq_q, max_seq = T.dynamic("batch, seq_q, max_seq")
         cache_strides = kv_cache_strides()
+        q_strides, o_strides = row_strides("q", 4), row_strides("o", 4)
 
         @T.macro
         def contiguous_grid(Q: Any, K: Any, V: Any, kv_seqlens: Any, O: Any, LSE: Any) -> None:
@@ -217,31 +241,32 @@ def entry_program(
 
             @T.prim_func
             def main_contiguous_lse(
-                Q: T.Tensor([batch, seq_q, heads, D], dtype),
+                Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
                 K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
                 V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
                 kv_seqlens: T.Tensor([batch], "int32"),
-                O: T.Tensor([batch, seq_q, heads, D], dtype),
+                O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
             ) -> None:
-                contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, LSE)
+                contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), LSE)
 
             return main_contiguous_lse
 
         @T.prim_func
         def main_contiguous(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             kv_seqlens: T.Tensor([batch], "int32"),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
         ) -> None:
-            contiguous_grid(Q, vector_view(K), vector_view(V), kv_seqlens, O, None)
+            contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), None)
 
         return main_contiguous
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
     cache_strides = kv_cache_strides()
+    q_strides, o_strides = row_strides("q", 3), row_strides("o", 3)
 
     @T.macro
     def paged_grid(
@@ -255,30 +280,30 @@ def entry_program(
 
         @T.prim_func
         def main_paged_lse(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
-        Q: T.Tensor([tokens_q, heads, D], dtype),
+        Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
         K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-        O: T.Tensor([tokens_q, heads, D], dtype),
+        O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
     ) -> None:
-        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 
     return main_paged
 
@@ -308,20 +333,12 @@ def persistent_program(
 ) -> Any:
     """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
     macro `attend_tiles(schedule, Q, K, V, O, LSE, block_table)` over its `Schedule`: a static
-    schedule (no device-side counter, CUDA-graph safe). The order is the one measured
-    fastest of two on an H200 (benchmarks/kernel-notes.md), per mask:
-
-    - non-causal: sections of one (sequence, KV head); inside one, the query heads of
-      the KV group fastest, then the query tiles. The CTAs resident at one time then
-      share one or two KV heads' K/V, which stays in L2 (a D 128 tile does ~128 FLOP a
-      byte of K/V, under the H200's ~206, so it needs that reuse); heads fastest
-      streamed every KV head at once and ran 3-5% slower at S 4096-16384. Round r
-      takes tiles [r ctas, (r + 1) ctas), dealt snake-wise (equal tiles: no effect on
-      balance).
-    - causal: query heads fastest, then sequences, then query tiles longest first
-      (tile index descending) over the whole launch, dealt round-robin: CTA c takes
-      tiles c, c + ctas, ... The section order (longest first inside each section
-      only) left CTAs unbalanced: 22% slower at S 8192.
+    schedule (no device-side counter, CUDA-graph safe) in the order of `dense_order`, whose Python
+    model the CPU tests check. Causal: bands of query-tile lengths, longest first; inside a band
+    the (sequence, KV head) sections one after another, so that the CTAs resident together read
+    the K/V of a few sections (under `dense_order.RESIDENT_KV_BYTES`), not of every query head at
+    once; units of two tiles whose costs add up to the same, dealt snake-wise, keep the CTAs
+    evenly loaded. Non-causal: sections of one (sequence, KV head), its query heads fastest.
     """
     if source is not KVSource.DENSE or config.persistent_ctas <= 0:
         raise ValueError(f"persistent grid: expected the dense source and persistent_ctas > 0, got {source}")
@@ -330,25 +347,22 @@ def persistent_program(
     ctas = config.persistent_ctas
     D = head_dim
     key_range = kv_tile_range(causal, window, block_M, config.block_N)
+    order = DenseOrder(
+        ctas=ctas,
+        heads=heads,
+        kv_heads=kv_heads,
+        causal=causal,
+        kv_key_bytes=2 * head_dim * tvm.DataType(dtype).bits // 8,
+    )
     batch, seq_q, seq_kv = T.dynamic("batch, seq_q, seq_kv")
+    q_strides, k_strides, v_strides, o_strides = (row_strides(name, 4) for name in "qkvo")
 
     @T.macro
-    def tile_work(cta: Any, i: Any, m_tiles: Any, batch: Any, seq_q: Any, seq_kv: Any) -> Work:
+    def tile_work(
+        cta: Any, i: Any, m_tiles: Any, batch: Any, seq_q: Any, seq_kv: Any, layout: BandLayout
+    ) -> Work:
         """The `Work` of CTA `cta`'s i-th tile."""
-        if causal:
-            t = cta + i * ctas
-            head = t % heads
-            rest = t // heads
-            seq = rest % batch
-            tile = m_tiles - 1 - rest // batch
-        else:
-            t = i * ctas + T.if_then_else(i % 2 == 0, cta, ctas - 1 - cta)
-            g = t % group
-            rest = t // group
-            tile = rest % m_tiles
-            section = rest // m_tiles  # sequence * kv_heads + KV head
-            head = (section % kv_heads) * group + g
-            seq = section // kv_heads
+        seq, head, tile = tile_at(order, cta, i, batch, m_tiles, layout, TIR_ARITH)
         offset = seq_kv - seq_q
         k_first, tiles = key_range(tile * block_M, seq_kv, offset)
         return work(
@@ -370,15 +384,11 @@ def persistent_program(
     def grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
         with T.Kernel(ctas, threads=config.threads) as bx:
             m_tiles = T.ceildiv(seq_q, block_M)
-            total = m_tiles * heads * batch
-            if causal:
-                count = T.ceildiv(T.max(total - bx, 0), ctas)
-            else:
-                rounds = total // ctas
-                last = T.if_then_else(rounds % 2 == 0, bx, ctas - 1 - bx)
-                count = rounds + T.if_then_else(last < total % ctas, 1, 0)
+            bands = band_layout(order, batch, seq_kv, m_tiles, TIR_ARITH)
+            layout = BandLayout(TIR_ARITH.hold(bands.width), TIR_ARITH.hold(bands.per_unit))
+            count = tile_count(order, bx, batch, m_tiles, layout, TIR_ARITH)
             schedule = Schedule(
-                count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv)
+                count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv, layout)
             )
             attend_tiles(schedule, Q, K, V, O, LSE, None)
 
@@ -386,24 +396,24 @@ def persistent_program(
 
         @T.prim_func
         def main_dense_lse(
-            Q: T.Tensor([batch, seq_q, heads, D], dtype),
-            K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-            O: T.Tensor([batch, seq_q, heads, D], dtype),
+            Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+            O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
         ) -> None:
-            grid(Q, K, V, O, LSE)
+            grid(*vector_views(Q, K, V, O), LSE)
 
         return main_dense_lse
 
     @T.prim_func
     def main_dense(
-        Q: T.Tensor([batch, seq_q, heads, D], dtype),
-        K: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        V: T.Tensor([batch, seq_kv, kv_heads, D], dtype),
-        O: T.Tensor([batch, seq_q, heads, D], dtype),
+        Q: T.StridedTensor([batch, seq_q, heads, D], q_strides, dtype),
+        K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
+        V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
+        O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
     ) -> None:
-        grid(Q, K, V, O, None)
+        grid(*vector_views(Q, K, V, O), None)
 
     return main_dense
 
@@ -578,19 +588,25 @@ def persistent_packed_program(
             lambda i, walk: unit_work(i, walk, lengths, batch, bx, width[0]),
         )
 
+    # Every length the schedule reads is clamped at 0: with validate=False a decreasing
+    # cu_seqlens would give a sequence a negative count of query tiles, and the walk, which
+    # moves forward by each sequence's count, could then never reach a CTA's tile.
     @T.macro
     def ragged_lengths(b: Any, cu_seqlens_q: Any, cu_seqlens_kv: Any) -> Any:
         q_first = cu_seqlens_q[b]
         kv_first = cu_seqlens_kv[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, kv_first, cu_seqlens_kv[b + 1] - kv_first
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, kv_first, sequence_length(kv_first, cu_seqlens_kv[b + 1])
 
     @T.macro
     def paged_lengths(b: Any, cu_seqlens_q: Any, kv_seqlens: Any, capacity: Any) -> Any:
         q_first = cu_seqlens_q[b]
-        return q_first, cu_seqlens_q[b + 1] - q_first, 0, _clamped_kv_len(kv_seqlens[b], capacity)
+        q_len = sequence_length(q_first, cu_seqlens_q[b + 1])
+        return q_first, q_len, 0, clamped_kv_len(kv_seqlens[b], capacity)
 
     if source is KVSource.RAGGED:
         tokens_q, tokens_kv, seqs_plus_one = T.dynamic("tokens_q, tokens_kv, seqs_plus_one")
+        q_strides, k_strides, v_strides, o_strides = (row_strides(name, 3) for name in "qkvo")
 
         @T.macro
         def ragged_grid(
@@ -606,33 +622,34 @@ def persistent_packed_program(
 
             @T.prim_func
             def main_ragged_lse(
-                Q: T.Tensor([tokens_q, heads, D], dtype),
-                K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-                V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+                Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+                K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+                V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
                 cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-                O: T.Tensor([tokens_q, heads, D], dtype),
+                O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
             ) -> None:
-                ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, LSE)
+                ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
             return main_ragged_lse
 
         @T.prim_func
         def main_ragged(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
-            K: T.Tensor([tokens_kv, kv_heads, D], dtype),
-            V: T.Tensor([tokens_kv, kv_heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
+            K: T.StridedTensor([tokens_kv, kv_heads, D], k_strides, dtype),
+            V: T.StridedTensor([tokens_kv, kv_heads, D], v_strides, dtype),
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
         ) -> None:
-            ragged_grid(Q, K, V, cu_seqlens_q, cu_seqlens_kv, O, None)
+            ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
         return main_ragged
 
     batch, tokens_q, num_pages, max_pages = T.dynamic("batch, tokens_q, num_pages, max_pages")
     cache_strides = kv_cache_strides()
+    q_strides, o_strides = row_strides("q", 3), row_strides("o", 3)
 
     @T.macro
     def paged_grid(
@@ -647,51 +664,29 @@ def persistent_packed_program(
 
         @T.prim_func
         def main_paged_lse(
-            Q: T.Tensor([tokens_q, heads, D], dtype),
+            Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
             K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
             block_table: T.Tensor([batch, max_pages], "int32"),
             kv_seqlens: T.Tensor([batch], "int32"),
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-            O: T.Tensor([tokens_q, heads, D], dtype),
+            O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
         ) -> None:
-            paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, LSE)
+            paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
         return main_paged_lse
 
     @T.prim_func
     def main_paged(
-        Q: T.Tensor([tokens_q, heads, D], dtype),
+        Q: T.StridedTensor([tokens_q, heads, D], q_strides, dtype),
         K: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         V: T.StridedTensor([num_pages, page_size, kv_heads, D], cache_strides, dtype),
         block_table: T.Tensor([batch, max_pages], "int32"),
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
-        O: T.Tensor([tokens_q, heads, D], dtype),
+        O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
     ) -> None:
-        paged_grid(Q, vector_view(K), vector_view(V), block_table, kv_seqlens, cu_seqlens_q, O, None)
+        paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 
     return main_paged
-
-
-def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
-    """The macro returning (first key tile, key tiles) of the query rows [q0, q0 + block_M) of a
-    sequence: from the first row's window start (0 without a window) to the end of the last
-    row's keys; no tiles when that range is empty."""
-    tile_end = kv_tile_count(causal, block_M, block_N)
-    tile_first = kv_tile_first(window, block_N)
-
-    @T.macro
-    def key_range(q0: Any, kv_len: Any, offset: Any) -> Any:
-        end = tile_end(q0, kv_len, offset)
-        first = tile_first(q0, offset)
-        return first, T.max(0, end - first)
-
-    return key_range
-
-
-def _clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
-    """A paged sequence's key count, cut to what its block table row holds: with validate=False a
-    kv_seqlens value past max_pages * page_size must not make a program read past the table."""
-    return T.max(0, T.min(kv_len, capacity))

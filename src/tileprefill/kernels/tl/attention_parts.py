@@ -275,6 +275,34 @@ def kv_tile_first(window: int, block_N: int) -> Any:
     return first
 
 
+def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
+    """The macro returning (first key tile, key tiles) of the query rows [q0, q0 + block_M) of a
+    sequence: from the first row's window start (0 without a window) to the end of the last
+    row's keys; no tiles when that range is empty."""
+    tile_end = kv_tile_count(causal, block_M, block_N)
+    tile_first = kv_tile_first(window, block_N)
+
+    @T.macro
+    def key_range(q0: Any, kv_len: Any, offset: Any) -> Any:
+        end = tile_end(q0, kv_len, offset)
+        first = tile_first(q0, offset)
+        return first, T.max(0, end - first)
+
+    return key_range
+
+
+def sequence_length(first: Any, end: Any) -> Any:
+    """The tokens of a packed sequence that starts at `first` and ends before `end`: none where `end`
+    is below `first` (a decreasing cu_seqlens, which validate=False lets through)."""
+    return T.max(0, end - first)
+
+
+def clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
+    """A paged sequence's key count, cut to what its block table row holds: with validate=False a
+    kv_seqlens value past max_pages * page_size must not make a program read past the table."""
+    return T.max(0, T.min(kv_len, capacity))
+
+
 def unmasked_tiles(causal: bool, window: int, rows: int, block_N: int) -> Any:
     """The macro returning the absolute key tiles [lo, hi) that every query row in [row0, row0 + rows)
     sees whole (so they need no mask); lo >= hi when there are none."""

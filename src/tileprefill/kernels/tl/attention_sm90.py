@@ -11,10 +11,13 @@ threads), or 192 rows with three (512 threads; D 64, see tiles.py):
   (consumers -> producer).
 - warpgroups 0 .. consumers - 1, the consumers, own 64 query rows each. Per key tile k
   a consumer issues S = Q K_k^T and O += P_{k-1} V_{k-1} as asynchronous wgmma,
-  waits only for S, and runs the softmax of tile k while the P V product runs
-  (intra-warpgroup overlap). One named barrier per consumer passes the turn to issue
-  GEMMs round the consumers (ping-pong with two), so one warpgroup's softmax runs
-  under the others' tensor-core work.
+  waits for S and masks it while the P V product runs, then waits for that product,
+  releases V_{k-1}'s slot and runs the softmax (ptxas may start the row maxima before
+  that wait). ptxas put the wait ahead of the exponentials even when the source ran them
+  under the product, and then released the slot only after the whole softmax; now the
+  exponentials depend on the release (`release_before`). One named barrier per consumer
+  passes the turn to issue GEMMs round the consumers (ping-pong with two), so one
+  warpgroup's softmax runs under the others' tensor-core work.
 
 Per key tile the output is rescaled (`o *= alpha`) after the P V product has been
 waited for, outside the window in which the consumers take turns (as FlashAttention-3
@@ -54,6 +57,7 @@ from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     Work,
     online_softmax,
+    scaled_exponentials,
     score_scale,
     soft_cap,
     unmasked_tiles,
@@ -80,12 +84,70 @@ TURN_BARRIER = 8
 EPILOGUE_BARRIER = TURN_BARRIER + MAX_CONSUMERS
 #: All 65,536 registers of an SM go to the one CTA; setmaxnreg moves them between warpgroups.
 REGISTER_FILE = 65536
+#: L2 priorities of the producer's TMA loads. A K/V tile is read again, by the CTAs running the
+#: other query heads of its KV head and the other query tiles of its sequence (the persistent
+#: orders keep them resident together: `attention_entries`); a Q tile is read once.
+KV_EVICTION = "evict_last"
+Q_EVICTION = "evict_first"
+
+#: CUDA every SM90 program carries (`T.import_source`) for `release_before`: an mbarrier arrive that
+#: returns the barrier's state (TileLang's discards it), and a value passed through a byte permute
+#: of that state which takes every byte from the value (the value is unchanged; what reads it now
+#: depends on the arrive). ptxas schedules an arrive whose result nothing reads after everything
+#: else of its block.
+TIED_RELEASE_SOURCE = r"""
+#ifndef TILEPREFILL_TIED_RELEASE
+#define TILEPREFILL_TIED_RELEASE
+template <typename Barrier>
+__device__ __forceinline__ unsigned long long tileprefill_arrive(Barrier &barrier) {
+  unsigned long long state;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];"
+               : "=l"(state)
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(&barrier)))
+               : "memory");
+  return state;
+}
+__device__ __forceinline__ float tileprefill_tie(float value, unsigned long long state) {
+  unsigned bits;
+  asm("prmt.b32 %0, %1, %2, 0x7654;"
+      : "=r"(bits)
+      : "r"(static_cast<unsigned>(state)), "r"(__float_as_uint(value)));
+  return __uint_as_float(bits);
+}
+#endif
+"""
 
 
 #: Columns of one swizzle panel of a 16-bit tile of each head dim: 128-byte panels where 64 columns
 #: divide the row, else 64- or 32-byte ones (TMA copies a sub-tile panel by panel).
 def panel_columns(head_dim: int) -> int:
     return next(cols for cols in (64, 32, 16) if head_dim % cols == 0)
+
+
+def quad_partial_sums(rows: int, cols: int) -> Any:
+    """The macro that adds the probabilities `s` (rows, cols) of a key tile to each thread's partial
+    row sums `lp`, rescaled by `alpha` like the output.
+
+    In the wgmma accumulator layout a thread holds, of each of its rows, the columns
+    8 c + 2 (t % 4) + {0, 1}: the four threads of a quad share a row. A thread keeps the running
+    sum of its own columns in the first 8 columns of `lp`, a fragment shaped like the scores (so
+    that TileLang gives it their layout; its other columns stay 0). The quad's partial sums are
+    added up once a query tile (`T.reduce_sum(lp, l, dim=1)` after the last key tile), instead of
+    two shuffle rounds a row every key tile (as TileOPs' D 128 kernel keeps its row sums).
+    """
+
+    @T.macro
+    def accumulate(s: Any, lp: Any, alpha: Any, first: Any) -> None:
+        for i, j in T.Parallel(rows, 8):
+            if first:
+                lp[i, j] = s[i, j]
+            else:
+                lp[i, j] = lp[i, j] * alpha[i] + s[i, j]
+        for c in T.unroll(1, cols // 8):
+            for i, j in T.Parallel(rows, 8):
+                lp[i, j] += s[i, 8 * c + j]
+
+    return accumulate
 
 
 @dataclasses.dataclass
@@ -175,9 +237,17 @@ def program(
     consumer_regs = min(consumer_regs, 240)
     policy = T.GemmWarpPolicy.FullRow
 
+    # Row sums as per-thread partial sums, added up once a query tile (`quad_partial_sums`), where
+    # the consumers have the registers: with three consumers (160 registers) they doubled the D 64
+    # program's spills (outside the loop), so there the row sums are shuffled every key tile.
+    partial_sums = consumers == 2
+    sums_shape = [half, block_N] if partial_sums else [half]
     softmax = online_softmax(half, block_N, scale)
+    exponentiate = scaled_exponentials(half, block_N, scale)
     # Tiles every row of the consumer sees whole: the row maxima are finite.
     softmax_seen = online_softmax(half, block_N, scale, guard_empty=False)
+    exponentiate_seen = scaled_exponentials(half, block_N, scale, guard_empty=False)
+    add_row_sums = quad_partial_sums(half, block_N)
     mask = visibility_mask(half, block_N, causal, window)
     cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
     capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
@@ -195,6 +265,34 @@ def program(
     stages_output = persistent
 
     @T.macro
+    def softmax_step(
+        s: Any, m: Any, m_prev: Any, alpha: Any, sums: Any, l: Any, first: Any, masked: Any
+    ) -> None:
+        """The softmax of key tile `s` (`masked`: some row may see none of its keys): probabilities in
+        `s`, the statistics, and the row sums: added to the partial sums `sums` (`partial_sums`;
+        `l` is their total once the query tile is done), or (`sums` scratch) into `l`."""
+        if partial_sums:
+            if masked:
+                exponentiate(s, m, m_prev, alpha, first)
+            else:
+                exponentiate_seen(s, m, m_prev, alpha, first)
+            add_row_sums(s, sums, alpha, first)
+        elif masked:
+            softmax(s, m, m_prev, alpha, sums, l, first)
+        else:
+            softmax_seen(s, m, m_prev, alpha, sums, l, first)
+
+    @T.macro
+    def release_before(barriers: Any, index: Any, maxima: Any) -> None:
+        """Arrive on barriers[index] ahead of everything that reads the row maxima fragment `maxima`
+        (its values unchanged, tied to the arrive; see TIED_RELEASE_SOURCE): once per thread, since
+        the free barriers count every consumer thread. (The barrier goes in as its array and index:
+        a macro argument that is an element is copied into a local.)"""
+        state = T.alloc_var("uint64", init=T.call_extern("uint64", "tileprefill_arrive", barriers[index]))
+        for i in T.Parallel(half):
+            maxima[i] = T.call_extern(ACCUM, "tileprefill_tie", maxima[i], state)
+
+    @T.macro
     def copy_rows(
         src: Any, dst: Any, slot: Any, barriers: Any, barrier_index: Any, k: Any, w: Work, bt: Any
     ) -> None:
@@ -205,11 +303,15 @@ def program(
                 src[w.seq, k * block_N : (k + 1) * block_N, w.kv_head, :],
                 dst[slot, :, :],
                 barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.RAGGED:
             start = w.kv_first + k * block_N
             T.tma_copy(
-                src[start : start + block_N, w.kv_head, :], dst[slot, :, :], barrier=barriers[barrier_index]
+                src[start : start + block_N, w.kv_head, :],
+                dst[slot, :, :],
+                barrier=barriers[barrier_index],
+                eviction_policy=KV_EVICTION,
             )
         elif source is KVSource.PAGED_TILED:
             if page_size >= block_N:
@@ -220,6 +322,7 @@ def program(
                     src[page, row : row + block_N, w.kv_head, :],
                     dst[slot, :, :],
                     barrier=barriers[barrier_index],
+                    eviction_policy=KV_EVICTION,
                 )
             else:
                 # The tile is whole pages; pages past the sequence re-read its last page
@@ -235,6 +338,7 @@ def program(
                             src[page, 0:page_size, w.kv_head, c * panel : (c + 1) * panel],
                             dst[slot, i * page_size : (i + 1) * page_size, c * panel : (c + 1) * panel],
                             barrier=barriers[barrier_index],
+                            eviction_policy=KV_EVICTION,
                         )
         else:
             # Any page size: gather row by row with cp.async. Positions past the
@@ -257,10 +361,18 @@ def program(
                 rows = w.q0 + c * half
                 if source.ragged_q:
                     T.tma_copy(
-                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :], b.Qs[c], barrier=b.q_full
+                        b.Q[w.q_first + rows : w.q_first + rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
                     )
                 else:
-                    T.tma_copy(b.Q[w.seq, rows : rows + half, w.head, :], b.Qs[c], barrier=b.q_full)
+                    T.tma_copy(
+                        b.Q[w.seq, rows : rows + half, w.head, :],
+                        b.Qs[c],
+                        barrier=b.q_full,
+                        eviction_policy=Q_EVICTION,
+                    )
             T.mbarrier_arrive(b.q_full)
         for k in T.serial(w.tiles + 1):
             if k < w.tiles:
@@ -302,13 +414,14 @@ def program(
         m: Any,
         m_prev: Any,
         alpha: Any,
-        row_sum: Any,
+        sums: Any,
         l: Any,
         masked: Any,
     ) -> None:
-        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1}, then the softmax
-        of S_k under the P V product and, once that is done, O *= alpha_k (outside the turn window
-        in which the consumers take turns issuing GEMMs, each handing the turn to the next)."""
+        """Key tile k >= 1 for consumer c: S_k = Q K_k^T and O += P_{k-1} V_{k-1} (in the turn window
+        in which the consumers take turns issuing GEMMs, each handing the turn to the next), then,
+        once S_k is done, its mask under the P V product; once that is done, the V slot's release,
+        the softmax of S_k (its row maxima may start earlier) and O *= alpha_k."""
         n = kbase + k
         slot = n % stages
         prev = (n - 1) % stages
@@ -327,12 +440,12 @@ def program(
             cap(s)
         if masked:
             mask(s, w.q0 + c * half, (w.k_first + k) * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, False)
-        else:
-            softmax_seen(s, m, m_prev, alpha, row_sum, l, False)
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(o, num_regs=half * D // 128)
-        T.mbarrier_arrive(b.v_free[prev])
+        # V_{k-1} is free as soon as its product is: the exponentials read the row maxima through
+        # the release, so ptxas keeps it ahead of them.
+        release_before(b.v_free, prev, m)
+        softmax_step(s, m, m_prev, alpha, sums, l, False, masked)
         for i, j in T.Parallel(half, D):
             o[i, j] *= alpha[i]
         T.copy(s, p)
@@ -362,10 +475,13 @@ def program(
     @T.macro
     def consume_tile(c: Any, w: Work, b: _Buffers, kbase: Any, qround: Any, f: Any) -> None:
         """Consumer c's 64 rows of the query tile of `w` (see produce_tile for kbase, qround)."""
-        s, p, o, m, m_prev, alpha, row_sum, l = f
+        s, p, o, m, m_prev, alpha, sums, l = f
         row0 = w.q0 + c * half
         T.fill(o, 0)
-        T.fill(l, 0)
+        if partial_sums:
+            T.fill(sums, 0)
+        else:
+            T.fill(l, 0)
         if w.tiles > 0:
             T.mbarrier_wait_parity(b.q_full, qround % 2)
             if c == consumers - 1 and not persistent:
@@ -381,7 +497,7 @@ def program(
             if capped:
                 cap(s)
             mask(s, row0, w.k_first * block_N, w.kv_len, w.offset)
-            softmax(s, m, m_prev, alpha, row_sum, l, True)
+            softmax_step(s, m, m_prev, alpha, sums, l, True, True)
             T.copy(s, p)
             # Tiles [lo, hi) (counted from k_first) are seen whole by every row of this consumer;
             # the others after the first run masked: before lo (a window's lower edge) and from hi
@@ -391,11 +507,11 @@ def program(
             split = T.max(start, T.min(w.tiles, hi - w.k_first))
             if window:
                 for k in T.serial(1, start):
-                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                    attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, True)
             for k in T.serial(start, split):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, False)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, False)
             for k in T.serial(split, w.tiles):
-                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, row_sum, l, True)
+                attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, True)
             if persistent:
                 # Every Q K^T of the tile is done: the next tile's Q may land.
                 T.mbarrier_arrive(b.q_free)
@@ -404,15 +520,18 @@ def program(
             T.wgmma_gemm(p, b.Vs[last, :, :], o, policy=policy)
             T.wait_wgmma(0)
             T.mbarrier_arrive(b.v_free[last])
+        if partial_sums:
+            # The quads' partial sums, added up: the row sums (0 for a tile without keys).
+            T.reduce_sum(sums, l, dim=1)
         if lse:
             store_lse(b.LSE, m, l, w, row0)
-        # One reciprocal a row, not a division an element (row_sum is free now). A row that saw
+        # One reciprocal a row, not a division an element (alpha is free now). A row that saw
         # no key (l == 0) is 0 exactly, even where P V met a NaN value (0 * NaN); a NaN l (a NaN in
         # this row's inputs) stays NaN: the README's NaN policy.
         for i in T.Parallel(half):
-            row_sum[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
+            alpha[i] = T.if_then_else(l[i] != 0, 1.0 / l[i], 0)
         for i, j in T.Parallel(half, D):
-            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * row_sum[i], 0)
+            o[i, j] = T.if_then_else(l[i] != 0, o[i, j] * alpha[i], 0)
         if source.ragged_q and persistent:
             if row0 + half <= w.q_len:
                 store_staged(c, o, b, b.O[w.q_first + row0 : w.q_first + row0 + half, w.head, :])
@@ -435,12 +554,14 @@ def program(
         m = T.alloc_fragment([half], ACCUM)
         m_prev = T.alloc_fragment([half], ACCUM)
         alpha = T.alloc_fragment([half], ACCUM)
-        row_sum = T.alloc_fragment([half], ACCUM)
+        # The running partial sums (see quad_partial_sums), or the row sums' scratch.
+        sums = T.alloc_fragment(sums_shape, ACCUM)
         l = T.alloc_fragment([half], ACCUM)
-        return s, p, o, m, m_prev, alpha, row_sum, l
+        return s, p, o, m, m_prev, alpha, sums, l
 
     @T.macro
     def buffers(Q: Any, K: Any, V: Any, O: Any, LSE: Any, block_table: Any) -> _Buffers:
+        T.import_source(TIED_RELEASE_SOURCE)
         Qs = tuple(T.alloc_shared([half, D], dtype) for _ in consumer_ids)
         Ks = T.alloc_shared([stages, block_N, D], dtype)
         Vs = T.alloc_shared([stages, block_N, D], dtype)

@@ -1,4 +1,4 @@
-"""TileLang program: rotary position embedding of (T, H, D) rows, one pass, into a new tensor.
+"""TileLang program: rotary position embedding of (T, H, D) rows, one pass, into another tensor.
 
 x is read as T * H rows of D elements (row r is token r // H, head r % H). A
 CTA takes a block of rows; each thread walks "chunks". A rotated chunk is one
@@ -8,10 +8,13 @@ with the matching cos/sin values; a pass-through chunk is a run of the dims
 >= R, copied. Consecutive threads take consecutive chunks of a row, so a warp
 reads and writes contiguous memory, and all heads of a token read the same
 cos/sin row (L1 hits). Arithmetic is fp32; the store is in the input dtype.
+x and out are strided views (`views.row_strides`): a slice of a fused QKV
+projection is read in place.
 """
 
 import tilelang.language as T
 
+from tileprefill.kernels.tl.views import ELEMENT_BYTES, row_strides, vector_views
 from tileprefill.validation import widest_vector
 
 #: Threads per CTA, and elements of x a CTA aims to cover (16 KiB of fp16):
@@ -19,16 +22,15 @@ from tileprefill.validation import widest_vector
 THREADS = 128
 ELEMENTS_PER_CTA = 8192
 
-ELEMENT_BYTES = 2  # fp16 / bf16
-
 
 def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) -> T.PrimFunc:
     """x (T, H, D) dtype, positions int32 (T,), cos/sin float32 (P, R/2) -> out (T, H, D) dtype.
 
     out[t, h, :R] is x[t, h, :R] rotated by the angles of position positions[t]
     (NEOX: halves, INTERLEAVED: adjacent pairs); out[t, h, R:] = x[t, h, R:].
-    T and P are dynamic. The caller passes contiguous tensors whose data starts
-    16-byte aligned; every access below is then aligned to its width, since each
+    T and P are dynamic. x and out are views whose head dim is contiguous, whose data and strides
+    are multiples of a row's widest vector (`validation.row_vector_bytes`); cos and sin are
+    contiguous, 16-byte aligned. Every access below is then aligned to its width, since each
     width divides the row lengths (D, R/2) and the offsets it is used at.
     A position outside [0, P) reads cos = sin = 0 (TileLang's bounds guard).
     """
@@ -60,15 +62,17 @@ def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, int
     pass_items = block_rows * pass_chunks
     num_tokens = T.dynamic("num_tokens")
     max_position = T.dynamic("max_position")
+    x_strides, out_strides = row_strides("x", 3), row_strides("out", 3)
 
     @T.prim_func
     def rope(
-        x: T.Tensor((num_tokens, H, D), dtype),
+        x_rows: T.StridedTensor((num_tokens, H, D), x_strides, dtype),
         positions: T.Tensor((num_tokens,), "int32"),
         cos: T.Tensor((max_position, half), "float32"),
         sin: T.Tensor((max_position, half), "float32"),
-        out: T.Tensor((num_tokens, H, D), dtype),
+        out_rows: T.StridedTensor((num_tokens, H, D), out_strides, dtype),
     ) -> None:
+        x, out = vector_views(x_rows, out_rows)
         with T.Kernel(T.ceildiv(num_tokens * H, block_rows), threads=THREADS) as bx:
             tx = T.get_thread_binding()
             xa = T.alloc_local((2 * pairs,), dtype)

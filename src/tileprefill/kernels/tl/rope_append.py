@@ -3,7 +3,7 @@ slot, in one launch.
 
 The caller hands any cache as blocks of rows, (blocks, rows, Hkv, D): a paged
 cache (num_pages, page_size, Hkv, D) or a contiguous one (B, S_max, Hkv, D), a
-strided view (`cache_view`), and one int32 slot per new token, computed once
+strided view (`views`), and one int32 slot per new token, computed once
 per batch: slot s is row s % rows of block s // rows. The program therefore
 knows nothing of pages or sequences: no block-table walk or search per token,
 and page size 1 costs what any page size costs. One launch of
@@ -14,8 +14,9 @@ cos/sin row and one slot) and walks flat spaces of chunks in steps of
 THREADS, so that consecutive threads take consecutive 16-byte chunks and a
 warp touches contiguous memory: the rotated chunks of its q rows, then of its
 k rows (the same code on two pairs of tensors); the pass-through dims >= R of
-q and k; and the values (a token's Hkv * D values are one contiguous row in
-v_new, and Hkv runs of D in the cache).
+q and k; and the values (a token's Hkv * D values are Hkv runs of D in v_new
+and in the cache). q, k_new, v_new and q_out are strided views too: slices of a
+fused QKV projection are read in place.
 
 Several loads in flight: each thread takes its chunks in batches, issuing
 every load of a batch (x first, then cos/sin, which wait for the position)
@@ -40,8 +41,13 @@ from typing import Any
 import attrs
 import tilelang.language as T
 
-from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
-from tileprefill.kernels.tl.rope import ELEMENT_BYTES
+from tileprefill.kernels.tl.views import (
+    ELEMENT_BYTES,
+    kv_cache_strides,
+    row_strides,
+    vector_view,
+    vector_views,
+)
 from tileprefill.validation import VECTOR_BYTES, widest_vector
 
 #: Threads per CTA, and elements of q, k and v together a CTA aims to cover (16 KiB
@@ -117,7 +123,8 @@ def _chunk_space(block_t: int, num_tokens: Any) -> Callable[..., tuple[Any, Any,
     `heads` rows a token, `per_row` chunks a row -> (in range, token, head, chunk of the row).
 
     Consecutive threads take consecutive chunks of a row, then the next rows: contiguous memory
-    for tensors of rows (T, heads, D). Pure index arithmetic, called in every phase of a batch."""
+    within a head's row of tensors (T, heads, D), and across a token's heads where they are side
+    by side. Pure index arithmetic, called in every phase of a batch."""
 
     def chunk(tx: Any, bx: Any, k: Any, heads: int, per_row: int) -> tuple[Any, Any, Any, Any]:
         item = k * THREADS + tx
@@ -141,8 +148,9 @@ def rope_append_program(
     rope.py's: dims < R rotate (NEOX halves, INTERLEAVED pairs), dims >= R pass
     through, fp32 math, one rounding to dtype. A position outside [0, P) reads
     cos = sin = 0 (TileLang's bounds guard on the dynamic table), as rope.py does.
-    The caller passes tensors whose data starts 16-byte aligned, contiguous but for the caches,
-    whose address and strides are multiples of a row's widest vector (`validation.cache_vector_bytes`).
+    q, k_new, v_new, q_out and the caches are views (`views`) whose address and strides are
+    multiples of a row's widest vector (`validation.row_vector_bytes`); positions, slots, cos and
+    sin are contiguous, 16-byte aligned.
     """
     if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(
@@ -158,6 +166,8 @@ def rope_append_program(
     max_position = T.dynamic("max_position")
     num_blocks, block_rows = T.dynamic("num_blocks, block_rows")
     cache_strides = kv_cache_strides()
+    q_strides, k_strides, v_strides = (row_strides(name, 3) for name in ("q", "k_new", "v_new"))
+    q_out_strides = row_strides("q_out", 3)
     chunk = _chunk_space(block_t, num_tokens)
 
     # Slot s of the cache is row s % rows of block s // rows, here in C's truncating division (no
@@ -289,17 +299,18 @@ def rope_append_program(
 
     @T.prim_func
     def rope_append(
-        q: T.Tensor((num_tokens, Hq, D), dtype),
-        k_new: T.Tensor((num_tokens, Hkv, D), dtype),
-        v_new: T.Tensor((num_tokens, Hkv, D), dtype),
+        q_rows: T.StridedTensor((num_tokens, Hq, D), q_strides, dtype),
+        k_rows: T.StridedTensor((num_tokens, Hkv, D), k_strides, dtype),
+        v_rows: T.StridedTensor((num_tokens, Hkv, D), v_strides, dtype),
         positions: T.Tensor((num_tokens,), "int32"),
         slots: T.Tensor((num_tokens,), "int32"),
         cos: T.Tensor((max_position, half), "float32"),
         sin: T.Tensor((max_position, half), "float32"),
         k_cache: T.StridedTensor((num_blocks, block_rows, Hkv, D), cache_strides, dtype),
         v_cache: T.StridedTensor((num_blocks, block_rows, Hkv, D), cache_strides, dtype),
-        q_out: T.Tensor((num_tokens, Hq, D), dtype),
+        q_out_rows: T.StridedTensor((num_tokens, Hq, D), q_out_strides, dtype),
     ) -> None:
+        q, k_new, v_new, q_out = vector_views(q_rows, k_rows, v_rows, q_out_rows)
         k_dst, v_dst = vector_view(k_cache), vector_view(v_cache)
         with T.Kernel(T.ceildiv(num_tokens, block_t), threads=THREADS) as bx:
             tx = T.get_thread_binding()
@@ -311,7 +322,7 @@ def rope_append_program(
             if D > R:
                 copy_rows(tx, bx, q, q_out, slots, Hq, False, geo.pass_vec, R)
                 copy_rows(tx, bx, k_new, k_dst, slots, Hkv, True, geo.pass_vec, R)
-            # A token's Hkv * D values are one row in v_new and Hkv runs of D in the cache.
+            # A token's Hkv * D values, Hkv runs of D in v_new and in the cache.
             copy_rows(tx, bx, v_new, v_dst, slots, Hkv, True, vec, 0)
 
     return rope_append

@@ -4,10 +4,10 @@ vLLM's `reshape_and_cache_flash`: token t of k_new/v_new (T, Hkv, D) goes to slo
 slot_mapping[t] of the pages (num_pages, page_size, Hkv, D), i.e. page
 slot // page_size, row slot % page_size. The page size is read from the pages'
 shape at launch, so one program serves every page size; the pages are a strided
-view (`cache_view`: vLLM's packed and HND layouts). A token's keys (or values)
-are one row of Hkv * D contiguous elements in k_new/v_new and Hkv runs of D in
-the pages, so the program is a row copy, in 16-byte vectors, consecutive threads
-on consecutive vectors of a row.
+view (`views`: vLLM's packed and HND layouts). A token's keys (or values) are
+Hkv runs of D in k_new/v_new (strided views too: slices of a fused QKV
+projection) and in the pages, so the program is a row copy, in 16-byte vectors,
+consecutive threads on consecutive vectors of a row.
 
 A CTA takes a block of whole tokens: one thread per token reads its slot and
 leaves its page and row in shared memory (page -1 for a token to skip), then
@@ -24,8 +24,14 @@ duplicates with validate=True).
 
 import tilelang.language as T
 
-from tileprefill.kernels.tl.append import ELEMENT_BYTES, THREADS, rows_per_cta
-from tileprefill.kernels.tl.cache_view import kv_cache_strides, vector_view
+from tileprefill.kernels.tl.append import THREADS, rows_per_cta
+from tileprefill.kernels.tl.views import (
+    ELEMENT_BYTES,
+    kv_cache_strides,
+    row_strides,
+    vector_view,
+    vector_views,
+)
 from tileprefill.validation import widest_vector
 
 
@@ -45,15 +51,17 @@ def slot_append_program(num_kv_heads: int, head_dim: int, dtype: str, index_dtyp
     items = block_t * chunks
     num_tokens, num_pages, page_size = T.dynamic("num_tokens, num_pages, page_size")
     cache_strides = kv_cache_strides()
+    k_strides, v_strides = row_strides("k_new", 3), row_strides("v_new", 3)
 
     @T.prim_func
     def slot_append(
-        k_new: T.Tensor((num_tokens, Hkv, D), dtype),
-        v_new: T.Tensor((num_tokens, Hkv, D), dtype),
+        k_rows: T.StridedTensor((num_tokens, Hkv, D), k_strides, dtype),
+        v_rows: T.StridedTensor((num_tokens, Hkv, D), v_strides, dtype),
         k_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
         v_pages: T.StridedTensor((num_pages, page_size, Hkv, D), cache_strides, dtype),
         slot_mapping: T.Tensor((num_tokens,), index_dtype),
     ) -> None:
+        k_new, v_new = vector_views(k_rows, v_rows)
         k_dst, v_dst = vector_view(k_pages), vector_view(v_pages)
         with T.Kernel(T.ceildiv(num_tokens, block_t), threads=THREADS) as bx:
             tx = T.get_thread_binding()
