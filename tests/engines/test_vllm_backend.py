@@ -48,6 +48,7 @@ from vllm.v1.worker.utils import allocate_kv_cache
 
 import tileprefill as tp
 import tileprefill.integrations.vllm as tpv
+from tileprefill.kernels import reference as reference_kernels
 from tileprefill.validation import kv_order_of
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class VllmHarness:
         self.dtype, self.atol = dtype, atol
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
+        self.projections: list[torch.Tensor] = []  # each layer's fused QKV output, step by step
         # Without a model config vLLM reads the cache dtype "auto" as float16: name bfloat16.
         cache = CacheConfig(
             block_size=block_size, cache_dtype="auto" if dtype is torch.float16 else "bfloat16"
@@ -216,6 +218,7 @@ class VllmHarness:
         with set_forward_context(metadata, self.config, slot_mapping=slot_mapping):
             for i, (layer, args) in enumerate(zip(self.layers, self.args, strict=True)):
                 qkv = torch.randn(rows, width, generator=self.gen).to(self.dtype)
+                self.projections.append(qkv)
                 before = qkv.clone()
                 # Strided row views of the fused projection, as a model splits it.
                 q, k, v = torch.split(
@@ -341,6 +344,42 @@ def test_steps_match_dense_attention(block_size: int, features: LayerArgs, oracl
         seed=seed,
     )
     run_steps(harness)
+
+
+def test_query_key_and_value_reach_the_kernels_as_vllm_holds_them(
+    monkeypatch: pytest.MonkeyPatch, oracle: Oracle, seed: int
+) -> None:
+    """No copy of q, k or v: the attention and slot-write kernels receive views of the fused QKV
+    output's own storage."""
+    received: list[tuple[str, torch.Tensor]] = []
+    attend = reference_kernels.AttentionPagedRefKernel.with_lse
+    write = reference_kernels.SlotAppendRefKernel.__call__
+
+    def attend_spy(self: Any, q: torch.Tensor, *args: Any, **options: Any) -> Any:
+        received.append(("q", q))
+        return attend(self, q, *args, **options)
+
+    def write_spy(self: Any, k_new: torch.Tensor, v_new: torch.Tensor, *args: Any) -> None:
+        received.extend((("k_new", k_new), ("v_new", v_new)))
+        write(self, k_new, v_new, *args)
+
+    monkeypatch.setattr(reference_kernels.AttentionPagedRefKernel, "with_lse", attend_spy)
+    monkeypatch.setattr(reference_kernels.SlotAppendRefKernel, "__call__", write_spy)
+    harness = VllmHarness(
+        [PLAIN, WINDOW],
+        block_size=16,
+        layout=KVCacheLayout.LBNHC,
+        dtype=torch.float16,
+        hybrid=False,
+        atol=oracle.atol(torch.float16),
+        seed=seed,
+    )
+    run_steps(harness)
+    storages = {qkv.untyped_storage().data_ptr() for qkv in harness.projections}
+    assert {name for name, _ in received} == {"q", "k_new", "v_new"}
+    for name, tensor in received:
+        assert not tensor.is_contiguous(), f"{name}: a copy reached the kernel"
+        assert tensor.untyped_storage().data_ptr() in storages, f"{name}: not the QKV output's storage"
 
 
 @pytest.mark.parametrize(

@@ -332,7 +332,7 @@ class TileprefillAttnBackend(AttentionBackend):
             op = attention_op(kind, self.validate)
             plan = op.plan(metadata.block_table, metadata.kv_seqlens, metadata.cu_seqlens_q, shape=shape)
             metadata.attention_plans[key] = plan
-        out = plan.run(dense_activation(queries), k_pages, v_pages)
+        out = plan.run(queries, k_pages, v_pages)
         return out.view(-1, heads * head_dim)
 
     def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,13 +370,7 @@ class TileprefillAttnBackend(AttentionBackend):
             plan = slot_append_op(self.validate).plan(loc, shape=shape)
             if loc is metadata.out_cache_loc:
                 metadata.slot_plans[key] = plan
-        plan.run(dense_activation(k), dense_activation(v), k_pages, v_pages)
-
-
-def dense_activation(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` as the Ops take activations today: contiguous. SGLang's q, k and v are often views of
-    one QKV projection (strided rows), which this copies. Remove once the Ops take strided activations."""
-    return tensor.contiguous()
+        plan.run(k, v, k_pages, v_pages)
 
 
 def pool_pages(buffer: torch.Tensor, page_size: int, kv_order: tp.KVOrder) -> torch.Tensor:

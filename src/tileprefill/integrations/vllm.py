@@ -118,13 +118,6 @@ def slot_append_op(validate: bool) -> tp.PagedCacheSlotAppend:
     return tp.PagedCacheSlotAppend(validate=validate)
 
 
-def dense_rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` as the Ops take activations today: contiguous. vLLM's query, key and value are strided
-    row views of the fused QKV projection's output, so this copies them; it is the one place the
-    integration copies an activation."""
-    return t.contiguous()
-
-
 def cache_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's per-layer cache `(num_blocks, Hkv, block_size, 2 * D)`, K and V packed in each row, as
     tileprefill's pages `(num_blocks, block_size, Hkv, D)`: K the first D elements of a row, V the
@@ -537,7 +530,7 @@ class TilePrefillImpl(AttentionImpl[TilePrefillMetadata]):  # type: ignore[misc]
             device=key.device,
         )
         plan = _SLOT_PLANS.plan(slot_mapping, shape, TilePrefillBackend.validate_plans)
-        plan.run(dense_rows(key[:tokens]), dense_rows(value[:tokens]), k_pages, v_pages)
+        plan.run(key[:tokens], value[:tokens], k_pages, v_pages)
 
     def forward(
         self,
@@ -564,8 +557,9 @@ class TilePrefillImpl(AttentionImpl[TilePrefillMetadata]):  # type: ignore[misc]
         tokens = attn_metadata.tokens
         k_pages, v_pages = cache_views(kv_cache, self.head_size)
         plan = attn_metadata.plan(self.kind)
-        # A leading slice of vLLM's contiguous output buffer is contiguous: written in place.
-        plan.run_into(output[:tokens], dense_rows(query[:tokens]), k_pages, v_pages)
+        # query, key and value are strided views of the fused QKV projection, read where they are;
+        # a leading slice of vLLM's output buffer is written in place.
+        plan.run_into(output[:tokens], query[:tokens], k_pages, v_pages)
         return output
 
 
