@@ -38,6 +38,7 @@ from sglang.test.kits.attention_unittest.attention_methods import dense_attentio
 
 import tileprefill as tp
 import tileprefill.integrations.sglang as tp_sglang
+from tileprefill.kernels import reference as reference_kernels
 
 pytestmark = pytest.mark.engines
 
@@ -524,3 +525,43 @@ def test_pool_pages_are_views() -> None:
     assert pages.shape == (4, 16, 2, HEAD_DIM)
     pages[2, 5, 1] = 1.0
     assert bool((hnd[2, 1, 5] == 1.0).all())
+
+
+def test_query_key_and_value_reach_the_kernels_as_sglang_holds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No copy of q, k or v: with the layer's q, k and v slices of one fused QKV output (as SGLang's
+    models split it), the attention and slot-write kernels receive views of that output's storage,
+    and the output and the pool still match the reference."""
+    received: list[tuple[str, torch.Tensor]] = []
+    attend = reference_kernels.AttentionPagedRefKernel.with_lse
+    write = reference_kernels.SlotAppendRefKernel.__call__
+
+    def attend_spy(self: Any, q: torch.Tensor, *args: Any, **options: Any) -> Any:
+        received.append(("q", q))
+        return attend(self, q, *args, **options)
+
+    def write_spy(self: Any, k_new: torch.Tensor, v_new: torch.Tensor, *args: Any) -> None:
+        received.extend((("k_new", k_new), ("v_new", v_new)))
+        write(self, k_new, v_new, *args)
+
+    monkeypatch.setattr(reference_kernels.AttentionPagedRefKernel, "with_lse", attend_spy)
+    monkeypatch.setattr(reference_kernels.SlotAppendRefKernel, "__call__", write_spy)
+    fixture = _fixture(_case("fused_qkv", heads=8, kv_heads=2, page_size=16, prefix=(5, 17), extend=(6, 3)))
+    module = fixture.actual_module
+    separate = module.project_qkv
+    projections: list[torch.Tensor] = []
+
+    def fused(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = separate(hidden)
+        qkv = torch.cat(parts, dim=-1)
+        projections.append(qkv)
+        return tuple(torch.split(qkv, [p.shape[-1] for p in parts], dim=-1))
+
+    monkeypatch.setattr(module, "project_qkv", fused)
+    actual = kit.run_dense_fixture_eager(fixture)
+    storages = {qkv.untyped_storage().data_ptr() for qkv in projections}
+    assert {name for name, _ in received} == {"q", "k_new", "v_new"}
+    for name, tensor in received:
+        assert not tensor.is_contiguous(), f"{name}: a copy reached the kernel"
+        assert tensor.untyped_storage().data_ptr() in storages, f"{name}: not the QKV output's storage"
+    torch.testing.assert_close(actual, kit.expected_dense_fixture_output(fixture), atol=ATOL, rtol=RTOL)
+    _assert_new_kv_written(fixture)
