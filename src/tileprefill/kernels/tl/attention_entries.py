@@ -54,8 +54,16 @@ def _held(value: Any) -> Any:
     return value if isinstance(value, int) else T.alloc_var("int32", init=value)[0]
 
 
+def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
+    """T.if_then_else (its branches evaluated lazily), or the branch itself where the condition is
+    already a Python bool (a static fact)."""
+    if isinstance(condition, bool):
+        return if_true if condition else if_false
+    return T.if_then_else(condition, if_true, if_false)
+
+
 #: The operations of `dense_order`'s rule on TIR expressions (its Python model runs on ints).
-TIR_ARITH = Arith(T.min, T.max, T.if_then_else, _held)
+TIR_ARITH = Arith(T.min, T.max, _select, _held, T.truncdiv, T.truncmod)
 
 
 def entry_program(
@@ -384,8 +392,7 @@ def persistent_program(
     def grid(Q: Any, K: Any, V: Any, O: Any, LSE: Any) -> None:
         with T.Kernel(ctas, threads=config.threads) as bx:
             m_tiles = T.ceildiv(seq_q, block_M)
-            bands = band_layout(order, batch, seq_kv, m_tiles, TIR_ARITH)
-            layout = BandLayout(TIR_ARITH.hold(bands.width), TIR_ARITH.hold(bands.per_unit))
+            layout = band_layout(order, batch, seq_kv, m_tiles, TIR_ARITH)
             count = tile_count(order, bx, batch, m_tiles, layout, TIR_ARITH)
             schedule = Schedule(
                 count, lambda: None, lambda i, _state: tile_work(bx, i, m_tiles, batch, seq_q, seq_kv, layout)

@@ -1,7 +1,7 @@
 """The order in which the CTAs of a persistent dense attention program take their query tiles.
 
-The rule is written once, over integer arithmetic (+, -, *, //, % and the three operations of an
-`Arith`), and evaluated twice: by the program on TIR expressions (`TIR_ARITH`, in
+The rule is written once, over integer arithmetic (+, -, * and the operations of an `Arith`:
+division of values >= 0 among them), and evaluated twice: by the program on TIR expressions (`TIR_ARITH`, in
 `attention_entries.persistent_program`) and by its Python model on ints (`PYTHON_ARITH`, in
 `tiles_of`, `first_wave_kv_bytes` and `balance`). The model is what the CPU tests check: that the
 order is a permutation of the tiles, how much K/V the first wave of resident CTAs reads, and how
@@ -45,6 +45,7 @@ one (sequence, KV head) one after another, its query heads fastest; every tile c
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ RESIDENT_KV_BYTES = 32 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Arith:
-    """The operations the order needs beyond +, -, *, //, % (floor division on both kinds)."""
+    """The operations the order needs beyond +, - and *."""
 
     minimum: Callable[[Any, Any], Any]
     maximum: Callable[[Any, Any], Any]
@@ -65,6 +66,10 @@ class Arith:
     # A value computed once and read by what follows (a register in a program: without it, every
     # use would repeat the expression, and TileLang's simplifier works through the nested whole).
     hold: Callable[[Any], Any]
+    # Quotient and remainder of operands the order knows are >= 0 (its indices and counts): in a
+    # program, C's truncating division, which floor division would wrap in sign corrections.
+    div: Callable[[Any, Any], Any]
+    mod: Callable[[Any, Any], Any]
 
 
 def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
@@ -76,7 +81,7 @@ def _same(value: Any) -> Any:
 
 
 #: The order on Python ints (the model).
-PYTHON_ARITH = Arith(min, max, _select, _same)
+PYTHON_ARITH = Arith(min, max, _select, _same, operator.floordiv, operator.mod)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,29 +116,31 @@ class BandLayout:
 
 
 def band_layout(order: DenseOrder, batch: Any, seq_kv: Any, m_tiles: Any, ar: Arith) -> BandLayout:
-    """The band layout of a launch (see the module docstring)."""
+    """The band layout of a launch (see the module docstring). Only the width is held: a program
+    keeps it in a register across its tiles (more would spill where the consumers' registers are
+    few, D 64), and `per_unit` follows from it."""
     if not order.causal:
         return BandLayout(ar.maximum(m_tiles, 1), 1)
     resident_keys = RESIDENT_KV_BYTES // order.kv_key_bytes
     # Keys of each section the tiles of two rounds may read, were they spread over 2 ctas sections.
     keys_per_slot = max(1, resident_keys // (2 * order.ctas))
     # Tiles of one section in two rounds that keep the resident K/V under the bound.
-    tiles_needed = _ceildiv(seq_kv, keys_per_slot)
-    batch_fits = batch * order.kv_heads <= resident_keys // ar.maximum(seq_kv, 1)
-    wide = 2 * _ceildiv(tiles_needed, 2 * order.group)
-    width = ar.select(tiles_needed <= order.group, 1, ar.select(batch_fits, 1, wide))
+    tiles_needed = ar.div(seq_kv + keys_per_slot - 1, keys_per_slot)
+    batch_fits = batch * order.kv_heads <= ar.div(resident_keys, ar.maximum(seq_kv, 1))
+    wide = 2 * ar.div(tiles_needed + 2 * order.group - 1, 2 * order.group)
+    width = ar.hold(ar.select(tiles_needed <= order.group, 1, ar.select(batch_fits, 1, wide)))
     return BandLayout(width, ar.minimum(width, 2))
 
 
 def tile_count(order: DenseOrder, cta: Any, batch: Any, m_tiles: Any, layout: BandLayout, ar: Arith) -> Any:
     """How many tiles CTA `cta` runs."""
     total = batch * order.heads * m_tiles
-    units = _ceildiv(total, layout.per_unit)
-    rounds = units // order.ctas
-    mine = rounds + ar.select(_dealt(order, cta, rounds, ar) < units % order.ctas, 1, 0)
+    units = ar.select(layout.per_unit == 1, total, ar.div(total + 1, 2))  # per_unit is 1 or 2
+    rounds = ar.div(units, order.ctas)
+    mine = rounds + ar.select(_dealt(order, cta, rounds, ar) < ar.mod(units, order.ctas), 1, 0)
     # The last unit holds one tile when the tile count is odd (per_unit 2): the middle of the last band.
     last = units - 1
-    holds_last = _dealt(order, last % order.ctas, last // order.ctas, ar) == cta
+    holds_last = _dealt(order, ar.mod(last, order.ctas), ar.div(last, order.ctas), ar) == cta
     return layout.per_unit * mine - ar.select(holds_last, layout.per_unit * units - total, 0)
 
 
@@ -142,29 +149,37 @@ def tile_at(
 ) -> tuple[Any, Any, Any]:
     """(sequence, query head, query tile) of CTA `cta`'s i-th tile, 0 <= i < tile_count."""
     width = layout.width
-    k = ar.hold(i // layout.per_unit)
+    # Units of one tile (every non-causal launch, and causal ones whose bands are one tile wide)
+    # keep the divisions to one by a launch value, as each unit's arithmetic runs before its tile.
+    single = layout.per_unit == 1
+    k = ar.hold(ar.select(single, i, ar.div(i, 2)))
     unit = ar.hold(k * order.ctas + _dealt(order, cta, k, ar))
-    units_per_band = batch * order.heads * width // layout.per_unit
-    band = ar.hold(ar.minimum(unit // units_per_band, _ceildiv(m_tiles, width) - 1))
-    u = unit - band * units_per_band
-    band_width = ar.hold(ar.minimum(width, m_tiles - band * width))
+    if order.causal:
+        units_per_band = ar.select(
+            single, batch * order.heads * width, ar.div(batch * order.heads * width, 2)
+        )
+        last_band = ar.select(width == 1, m_tiles - 1, ar.div(m_tiles + width - 1, width) - 1)
+        band = ar.hold(ar.minimum(ar.div(unit, units_per_band), last_band))
+        u = unit - band * units_per_band
+        band_width = ar.hold(ar.minimum(width, m_tiles - band * width))
+    else:  # one band of the whole sequence
+        band, u, band_width = 0, unit, width
     # The unit's first tile is the band's u-th, its second (per_unit 2) the band's (n - 1 - u)-th.
-    q = ar.hold(ar.select(i % layout.per_unit == 0, u, batch * order.heads * band_width - 1 - u))
-    run = order.group * band_width  # tiles of one section in the band
-    section = ar.hold(q // run)
+    q = ar.hold(
+        ar.select(single, u, ar.select(ar.mod(i, 2) == 0, u, batch * order.heads * band_width - 1 - u))
+    )
+    # Tiles of one section in the band: `group`, a constant divisor, where bands are one tile wide.
+    run = order.group * band_width
+    section = ar.hold(ar.select(width == 1, ar.div(q, order.group), ar.div(q, run)))
     r = ar.hold(q - section * run)
-    seq = section // order.kv_heads
-    head = (section % order.kv_heads) * order.group + r % order.group
-    return seq, head, m_tiles - 1 - band * width - r // order.group
+    seq = ar.div(section, order.kv_heads)
+    head = ar.mod(section, order.kv_heads) * order.group + ar.mod(r, order.group)
+    return seq, head, m_tiles - 1 - band * width - ar.div(r, order.group)
 
 
 def _dealt(order: DenseOrder, cta: Any, k: Any, ar: Arith) -> Any:
     """The place in round k of CTA `cta`'s unit: snake dealing, odd rounds reversed."""
-    return ar.select(k % 2 == 0, cta, order.ctas - 1 - cta)
-
-
-def _ceildiv(a: Any, b: Any) -> Any:
-    return (a + b - 1) // b
+    return ar.select(ar.mod(k, 2) == 0, cta, order.ctas - 1 - cta)
 
 
 # ---------------------------------------------------------------- the model
