@@ -113,14 +113,16 @@ class BandLayout:
 
     width: Any
     per_unit: Any
+    units_per_band: Any  # units of a band `width` tiles wide
+    last_band: Any  # the index of the last band
 
 
 def band_layout(order: DenseOrder, batch: Any, seq_kv: Any, m_tiles: Any, ar: Arith) -> BandLayout:
-    """The band layout of a launch (see the module docstring). Only the width is held: a program
-    keeps it in a register across its tiles (more would spill where the consumers' registers are
-    few, D 64), and `per_unit` follows from it."""
+    """The band layout of a launch (see the module docstring), each value held (a register of the
+    program) across its tiles: a tile's own arithmetic then divides once by a launch value."""
     if not order.causal:
-        return BandLayout(ar.maximum(m_tiles, 1), 1)
+        width = ar.maximum(m_tiles, 1)
+        return BandLayout(width, 1, batch * order.heads * width, 0)
     resident_keys = RESIDENT_KV_BYTES // order.kv_key_bytes
     # Keys of each section the tiles of two rounds may read, were they spread over 2 ctas sections.
     keys_per_slot = max(1, resident_keys // (2 * order.ctas))
@@ -129,7 +131,10 @@ def band_layout(order: DenseOrder, batch: Any, seq_kv: Any, m_tiles: Any, ar: Ar
     batch_fits = batch * order.kv_heads <= ar.div(resident_keys, ar.maximum(seq_kv, 1))
     wide = 2 * ar.div(tiles_needed + 2 * order.group - 1, 2 * order.group)
     width = ar.hold(ar.select(tiles_needed <= order.group, 1, ar.select(batch_fits, 1, wide)))
-    return BandLayout(width, ar.minimum(width, 2))
+    single = width == 1
+    units_per_band = ar.select(single, batch * order.heads, ar.div(batch * order.heads * width, 2))
+    last_band = ar.select(single, m_tiles - 1, ar.div(m_tiles + width - 1, width) - 1)
+    return BandLayout(width, ar.minimum(width, 2), ar.hold(units_per_band), ar.hold(last_band))
 
 
 def tile_count(order: DenseOrder, cta: Any, batch: Any, m_tiles: Any, layout: BandLayout, ar: Arith) -> Any:
@@ -149,18 +154,14 @@ def tile_at(
 ) -> tuple[Any, Any, Any]:
     """(sequence, query head, query tile) of CTA `cta`'s i-th tile, 0 <= i < tile_count."""
     width = layout.width
-    # Units of one tile (every non-causal launch, and causal ones whose bands are one tile wide)
-    # keep the divisions to one by a launch value, as each unit's arithmetic runs before its tile.
+    # A unit's arithmetic runs before its tiles, on every warpgroup: units of one tile (every
+    # non-causal launch, and causal ones whose bands are one tile wide) divide once by a launch value.
     single = layout.per_unit == 1
     k = ar.hold(ar.select(single, i, ar.div(i, 2)))
     unit = ar.hold(k * order.ctas + _dealt(order, cta, k, ar))
     if order.causal:
-        units_per_band = ar.select(
-            single, batch * order.heads * width, ar.div(batch * order.heads * width, 2)
-        )
-        last_band = ar.select(width == 1, m_tiles - 1, ar.div(m_tiles + width - 1, width) - 1)
-        band = ar.hold(ar.minimum(ar.div(unit, units_per_band), last_band))
-        u = unit - band * units_per_band
+        band = ar.hold(ar.minimum(ar.div(unit, layout.units_per_band), layout.last_band))
+        u = unit - band * layout.units_per_band
         band_width = ar.hold(ar.minimum(width, m_tiles - band * width))
     else:  # one band of the whole sequence
         band, u, band_width = 0, unit, width
