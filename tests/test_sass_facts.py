@@ -160,8 +160,9 @@ STEP_SHUFFLES = {D128: (4, 4), D64: (8, 8, 8)}
 #: about 18 instructions of the maxima between the wait and consumers 0 and 2's releases).
 RELEASE_DISTANCE = {D128: (8, 8), D64: (24, 45, 24)}
 
-#: The most stack bytes (spills) of the program.
-STACK_BYTES = {D128: 0, D64: 24}
+#: The most stack bytes (spills) of the program: D 64's consumers (128 registers each) spill outside
+#: their key-step loops, 32 bytes with the band layout's values held across tiles (24 without).
+STACK_BYTES = {D128: 0, D64: 32}
 
 
 def _whole_set_cubins(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path | None:
