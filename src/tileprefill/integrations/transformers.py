@@ -446,9 +446,9 @@ def _dense(
         raise UnsupportedAttentionCall(
             f"causal call with {s_q} queries over {s_kv} keys; a causal call needs queries <= keys"
         )
-    # transformers' (B, heads, tokens, D) -> tileprefill's (B, tokens, heads, D). The Ops take dense
-    # tensors only, so this is a copy; the output is already transformers' (B, Sq, H, D).
-    q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+    # transformers' (B, heads, tokens, D) -> tileprefill's (B, tokens, heads, D): views, read in place
+    # (the head dim stays contiguous); the output is already transformers' (B, Sq, H, D).
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return dense_op(causal, scaling, features)(q, k, v)
 
 
@@ -476,12 +476,12 @@ def _packed(
             f"a packed call needs both cu_seq_lens_q and cu_seq_lens_k as tensors, got "
             f"{type(cu_q).__name__} and {type(cu_k).__name__}"
         )
-    q = query[0].transpose(0, 1).contiguous()  # (Tq, H, D)
+    q = query[0].transpose(0, 1)  # (Tq, H, D), a view read in place
     cache = kwargs.get("cache")
     if cache is not None:
         k, v = _update_paged_cache(module, cache, key, value, kwargs)
     else:
-        k, v = (t[0].transpose(0, 1).contiguous() for t in (key, value))  # (Tkv, Hkv, D)
+        k, v = (t[0].transpose(0, 1) for t in (key, value))  # (Tkv, Hkv, D), views
     # Exact conversions: transformers' collators may hand int64 cumulative lengths.
     cu_q32, cu_k32 = (t.to(device=q.device, dtype=torch.int32) for t in (cu_q, cu_k))
     return varlen_op(causal, scaling, features)(q, k, v, cu_q32, cu_k32).unsqueeze(0)
