@@ -48,6 +48,7 @@ import dataclasses
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import math
 import multiprocessing
@@ -195,11 +196,14 @@ class Prog:
             config = dataclasses.replace(config, block_M=128, threads=384)
         if not self.persistent:
             config = dataclasses.replace(config, persistent_ctas=0)
+        # The version's own enum: a snapshot's program compares with its own members.
+        source = getattr(module, "KVSource", KVSource)(self.source)
+        if takes_scalars(module):
+            return (source, self.head_dim, self.dtype, self.causal, self.page_size, config)
+        heads = (self.heads, self.kv_heads)
         return (
-            # The version's own enum: a snapshot's program compares with its own members.
-            getattr(module, "KVSource", KVSource)(self.source),
-            self.heads,
-            self.kv_heads,
+            source,
+            *heads,
             self.head_dim,
             self.dtype,
             self.causal,
@@ -207,6 +211,17 @@ class Prog:
             self.page_size,
             config,
         )
+
+    def scalars(self) -> tuple[float | int, ...]:
+        """What a launch of the program passes after its tensors: the scale, the cap's factor and the
+        window (none here) for a version that takes them at launch; nothing for one compiled for them."""
+        return (self.head_dim**-0.5, 0.0, 0) if takes_scalars(MODULES[self.module]) else ()
+
+
+def takes_scalars(module: Any) -> bool:
+    """Whether a version's programs read their head counts from their tensors and take the score
+    scalars at launch (its `program` has no `heads` argument)."""
+    return "heads" not in inspect.signature(module.program).parameters
 
 
 #: The selection source of each program source name.
@@ -337,7 +352,7 @@ def dense_case(
     k = torch.randn(batch, seq_kv, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     v = torch.randn(batch, seq_kv, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     out = torch.full_like(q, float("nan"))
-    _KERNELS[prog](q, k, v, out)
+    _KERNELS[prog](q, k, v, out, *prog.scalars())
     torch.cuda.synchronize()
     want = torch.stack(
         [reference(q[b], k[b], v[b], seq_q, seq_kv, prog.causal, prog.head_dim**-0.5) for b in range(batch)]
@@ -357,7 +372,7 @@ def ragged_case(
     k = torch.randn(sum(kv_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     v = torch.randn(sum(kv_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     out = torch.full_like(q, float("nan"))
-    _KERNELS[prog](q, k, v, cq, ck, out)
+    _KERNELS[prog](q, k, v, cq, ck, out, *prog.scalars())
     torch.cuda.synchronize()
     parts = []
     for b, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
@@ -393,7 +408,7 @@ def contiguous_case(
         v[b, kl:] = float("nan")
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
-    _KERNELS[prog](q, k, v, lens, out)
+    _KERNELS[prog](q, k, v, lens, out, *prog.scalars())
     torch.cuda.synchronize()
     want = torch.stack(
         [
@@ -437,7 +452,7 @@ def paged_case(
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
     q = torch.randn(sum(q_lens), prog.heads, prog.head_dim, device=DEV, dtype=dt)
     out = torch.full_like(q, float("nan"))
-    _KERNELS[prog](q, kp, vp, table, lens, cq, out)
+    _KERNELS[prog](q, kp, vp, table, lens, cq, out, *prog.scalars())
     torch.cuda.synchronize()
     parts = []
     for b, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
@@ -465,8 +480,8 @@ def time_dense(prog: Prog, batch: int, seq: int) -> float:
     k = torch.randn(batch, seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     v = torch.randn(batch, seq, prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     out = torch.empty_like(q)
-    kernel = _KERNELS[prog]
-    ms = do_bench(lambda: kernel(q, k, v, out), warmup=100, rep=400, return_mode="median")
+    kernel, scalars = _KERNELS[prog], prog.scalars()
+    ms = do_bench(lambda: kernel(q, k, v, out, *scalars), warmup=100, rep=400, return_mode="median")
     flops = 4 * batch * prog.heads * prog.head_dim * visible_pairs(seq, seq, prog.causal)
     return float(flops / (ms * 1e-3) / 1e12)
 
@@ -481,8 +496,8 @@ def time_ragged(prog: Prog, q_lens: list[int]) -> float:
     k = torch.randn(sum(q_lens), prog.kv_heads, prog.head_dim, device=DEV, dtype=dt)
     v = torch.randn_like(k)
     out = torch.empty_like(q)
-    kernel = _KERNELS[prog]
-    ms = do_bench(lambda: kernel(q, k, v, cq, cq, out), warmup=100, rep=400, return_mode="median")
+    kernel, scalars = _KERNELS[prog], prog.scalars()
+    ms = do_bench(lambda: kernel(q, k, v, cq, cq, out, *scalars), warmup=100, rep=400, return_mode="median")
     flops = sum(4 * prog.heads * prog.head_dim * visible_pairs(n, n, prog.causal) for n in q_lens)
     return float(flops / (ms * 1e-3) / 1e12)
 
@@ -515,8 +530,8 @@ def time_paged(prog: Prog, q_lens: list[int], kv_lens: list[int]) -> float:
     from triton.testing import do_bench
 
     inputs = paged_inputs(prog, q_lens, kv_lens)
-    kernel = _KERNELS[prog]
-    ms = do_bench(lambda: kernel(*inputs), warmup=100, rep=400, return_mode="median")
+    kernel, scalars = _KERNELS[prog], prog.scalars()
+    ms = do_bench(lambda: kernel(*inputs, *scalars), warmup=100, rep=400, return_mode="median")
     flops = sum(
         4 * prog.heads * prog.head_dim * visible_pairs(ql, kl, prog.causal)
         for ql, kl in zip(q_lens, kv_lens, strict=True)
@@ -535,8 +550,8 @@ def time_contiguous(prog: Prog, seq_q: int, kv_lens: list[int]) -> float:
     v = torch.randn_like(k)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    kernel = _KERNELS[prog]
-    ms = do_bench(lambda: kernel(q, k, v, lens, out), warmup=100, rep=400, return_mode="median")
+    kernel, scalars = _KERNELS[prog], prog.scalars()
+    ms = do_bench(lambda: kernel(q, k, v, lens, out, *scalars), warmup=100, rep=400, return_mode="median")
     flops = sum(4 * prog.heads * prog.head_dim * visible_pairs(seq_q, kl, prog.causal) for kl in kv_lens)
     return float(flops / (ms * 1e-3) / 1e12)
 
@@ -603,7 +618,7 @@ def ncu_launch(module: str, case: str) -> None:
         k, v = (torch.randn(1, 8192, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in "kv")
         inputs = (q, k, v, torch.empty_like(q))
     for _ in range(3):
-        _KERNELS[prog](*inputs)
+        _KERNELS[prog](*inputs, *prog.scalars())
     torch.cuda.synchronize()
 
 

@@ -26,7 +26,7 @@ from tileprefill.kernels import artifact, precompiled
 from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.compile import BuildRequest, compile_identity, recording_builds, target_arch
 from tileprefill.kernels.launch import _entry_function
-from tileprefill.keys import AttentionKey, SlotAppendKey
+from tileprefill.keys import AttentionKey, RopeKey, SlotAppendKey
 from tileprefill.ops import decision, slots
 from tileprefill.ops import op as op_module
 
@@ -177,7 +177,62 @@ def test_every_preset_has_a_program_list_on_both_arches() -> None:
         assert {spec.arch for spec in specs} == {Arch.SM80, Arch.SM90}, name
         assert model.source, f"{name}: the preset names the configuration it comes from"
         attention = [s for s in specs if isinstance(s.key, AttentionKey)]
-        assert len(attention) == 2 * 4 * len(model.windows), name  # 2 arches x 4 sources x windows
+        # 2 arches x 4 sources x the kinds of layer: with a window, without one.
+        assert len(attention) == 2 * 4 * len({w > 0 for w in model.windows}), name
+        # q's and the keys' rotations: one RoPE program an arch.
+        assert sum(isinstance(s.key, RopeKey) for s in specs) == 2, name
+
+
+def _attention_and_rope(specs: tuple[ProgramSpec, ...]) -> set[BuildRequest]:
+    return {s.request for s in specs if isinstance(s.key, AttentionKey | RopeKey)}
+
+
+def test_window_lengths_share_the_programs_of_a_window() -> None:
+    """A window's length is a launch value: layers of several windows need the programs of one, and
+    full layers beside them the programs without a window."""
+    one = attrs.evolve(FEATURED, windows=(0, 64))
+    several = attrs.evolve(FEATURED, windows=(0, 64, 512, 4096))
+    assert programs_for(several, SM90) == programs_for(one, SM90)
+    windowed_only = programs_for(attrs.evolve(FEATURED, windows=(4096,)), SM90)
+    full_only = programs_for(attrs.evolve(FEATURED, windows=(0,)), SM90)
+    assert {s.request for s in windowed_only} | {s.request for s in full_only} == {
+        s.request for s in programs_for(one, SM90)
+    }
+    full_attention = {s.request for s in full_only if isinstance(s.key, AttentionKey)}
+    assert full_attention and not full_attention & {s.request for s in windowed_only}
+
+
+def test_models_of_one_head_dim_share_their_attention_and_rope_programs() -> None:
+    """Head counts (any group), the scale and the softcap's value are launch values: Llama-3-8B
+    (32 / 8 heads) and Qwen2.5-7B (28 / 4) need the same attention and RoPE programs, as does a
+    model split over GPUs; a cap or a window of other values too. Programs that copy rows per KV
+    head (the appends) keep their head count: their tiles are sized by it."""
+    llama, qwen = programs_for("llama-3-8b"), programs_for("qwen2.5-7b")
+    assert _attention_and_rope(llama) == _attention_and_rope(qwen)
+    assert {s.request for s in llama} != {s.request for s in qwen}  # the appends: 8 KV heads, 4
+    sharded = programs_for(PRESETS["llama-3-8b"].sharded(4))
+    assert _attention_and_rope(sharded) == _attention_and_rope(llama)
+    rescaled = attrs.evolve(FEATURED, heads=24, kv_heads=8, softcap=50.0, sm_scale=0.05, windows=(0, 4096))
+    assert _attention_and_rope(programs_for(rescaled, SM90)) == _attention_and_rope(
+        programs_for(FEATURED, SM90)
+    )
+    # Whether a model caps its scores is a static fact: no attention program serves both.
+    uncapped = programs_for(attrs.evolve(FEATURED, softcap=0.0), SM90)
+    capped = {s.request for s in programs_for(FEATURED, SM90) if isinstance(s.key, AttentionKey)}
+    assert capped and not capped & {s.request for s in uncapped}
+
+
+def test_a_program_is_described_by_its_static_facts_alone() -> None:
+    """A listing line names what the program is built for, not a head count or a value a launch
+    passes (one program serves them all)."""
+    (windowed,) = [
+        s
+        for s in programs_for(FEATURED, SM90)
+        if s.key is AttentionKey.DENSE_SM90 and "window" in s.description
+    ]
+    assert windowed.description == "d128 bf16 causal window softcap 132 CTAs"
+    (rope,) = [s for s in programs_for(FEATURED, SM90) if isinstance(s.key, RopeKey)]
+    assert rope.description == "d128 r64 bf16"
 
 
 def test_the_preset_table_is_the_one_the_command_prints() -> None:

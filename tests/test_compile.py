@@ -109,21 +109,18 @@ class _CaseFacts(NamedTuple):
     dtype: str
     causal: bool
     page_size: int
-    window: int
-    softcap: float
+    windowed: bool
+    capped: bool
     lse: bool
 
 
 def _facts_of(case: CompileCase) -> _CaseFacts:
-    """The static facts of an attention case, read from its program arguments (a program with the
-    LSE output has one more: True)."""
-    args, lse = (case.args[:-1], True) if len(case.args) == 12 else (case.args, False)
-    assert not len(case.args) == 12 or case.args[-1] is True
-    _source, heads, kv_heads, head_dim, dtype, causal, sm_scale, page_size, _config, window, softcap = args
+    """The static facts of an attention case, read from its program arguments."""
+    _source, head_dim, dtype, causal, page_size, _config, windowed, capped, lse = case.args
     assert isinstance(head_dim, int) and isinstance(dtype, str) and isinstance(causal, bool)
-    assert (heads, kv_heads) == (32, 8) and sm_scale == pytest.approx(head_dim**-0.5)
-    assert isinstance(page_size, int) and isinstance(window, int) and isinstance(softcap, float)
-    return _CaseFacts(head_dim, dtype, causal, page_size, window, softcap, lse)
+    assert isinstance(page_size, int) and isinstance(windowed, bool)
+    assert isinstance(capped, bool) and isinstance(lse, bool)
+    return _CaseFacts(head_dim, dtype, causal, page_size, windowed, capped, lse)
 
 
 @pytest.mark.parametrize("arch", TL_ARCHS, ids=lambda a: a.value)
@@ -141,9 +138,9 @@ def test_attention_cases_span_the_static_variants(arch: Arch) -> None:
     assert {f.head_dim for f in dense} == {64, 80, 128, 256}  # 64: three consumers on SM90
     assert {f.dtype for f in dense} == {"float16", "bfloat16"}
     assert {f.causal for f in dense} == {True, False}
-    assert any(f.window > 0 and f.softcap > 0 for f in dense)
+    assert any(f.windowed and f.capped for f in dense)
     assert [f.lse for f in dense].count(True) == 1
-    assert {(f.head_dim, f.window > 0) for f in by_source[KVSource.CONTIGUOUS]} == {(192, True)}
+    assert {(f.head_dim, f.windowed) for f in by_source[KVSource.CONTIGUOUS]} == {(192, True)}
     assert {(f.head_dim, f.page_size) for f in by_source[KVSource.PAGED_TILED]} == {(96, 16)}
     assert {f.page_size for f in by_source[KVSource.PAGED]} == {1}
 
@@ -163,8 +160,8 @@ def test_cases_compile_what_the_kernels_run(arch: Arch) -> None:
             causal=f.causal,
             sm_scale=f.head_dim**-0.5,
             page_size=f.page_size,
-            window=f.window,
-            softcap=f.softcap,
+            window=100 if f.windowed else 0,
+            softcap=20.0 if f.capped else 0.0,
             lse=f.lse,
         )
         assert attention_tl.program(case.key, facts) == (case.factory, case.args, arch)
@@ -374,11 +371,9 @@ def test_d64_runs_three_consumer_warpgroups_where_the_program_reads_dense_q() ->
     facts = StaticFacts(Arch.SM90, DType.BF16, 16, 4, 64, True, 0.125)
     assert three in attention_tl.program(AttentionKey.DENSE_SM90, facts).args
     with pytest.raises(ValueError, match="expected two consumers for the gathering paged program"):
-        attention_sm90.program(KVSource.PAGED, 16, 4, 64, "bfloat16", True, 0.125, 1, three)
+        attention_sm90.program(KVSource.PAGED, 64, "bfloat16", True, 1, three)
     with pytest.raises(ValueError, match="two or three consumer warpgroups"):
-        attention_sm90.program(
-            KVSource.DENSE, 16, 4, 64, "bfloat16", True, 0.125, 0, TileConfig(256, 128, 2, 640)
-        )
+        attention_sm90.program(KVSource.DENSE, 64, "bfloat16", True, 0, TileConfig(256, 128, 2, 640))
 
 
 def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
@@ -394,9 +389,7 @@ def test_the_contiguous_cache_keeps_one_cta_per_query_tile() -> None:
     )
     assert TileConfig(128, 128, 2, 384) in contiguous.args
     with pytest.raises(ValueError, match="expected persistent_ctas 0 for the contiguous cache"):
-        attention_sm90.program(
-            KVSource.CONTIGUOUS, 8, 2, 128, "float16", True, 0.125, 0, sm90_config(KVSource.DENSE, 128)
-        )
+        attention_sm90.program(KVSource.CONTIGUOUS, 128, "float16", True, 0, sm90_config(KVSource.DENSE, 128))
 
 
 @pytest.mark.compile

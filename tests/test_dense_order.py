@@ -234,8 +234,9 @@ def test_the_order_refuses_impossible_static_facts() -> None:
 
 
 def test_the_tir_expressions_compute_the_model() -> None:
-    """The program evaluates the same functions on TIR variables: substituted with the model's
-    ints and simplified, every expression is the model's number. (The program holds intermediate
+    """The program evaluates the same functions on TIR variables, the head counts among them (it
+    reads them from its tensors): substituted with the model's ints and simplified, every expression
+    is the model's number, for every head count of one program. (The program holds intermediate
     values in registers; here they stay expressions.)"""
     pytest.importorskip("tilelang")
     from tilelang import tvm
@@ -245,38 +246,45 @@ def test_the_tir_expressions_compute_the_model() -> None:
     tir = tvm.tirx
     # The program's operations, but for `hold`: here intermediate values stay expressions.
     tir_arith = dataclasses.replace(TIR_ARITH, hold=lambda value: value)
-    names = ("cta", "i", "batch", "m_tiles", "seq_kv")
+    names = ("cta", "i", "batch", "m_tiles", "seq_kv", "heads", "kv_heads")
     var = {name: tir.Var(name, "int32") for name in names}
     rng = random.Random(3)
     analyzer = tvm.arith.Analyzer()
-    for causal, (heads, kv_heads) in itertools.product((True, False), ((32, 32), (40, 8), (5, 1))):
-        order = _order(heads, kv_heads, causal)
-        layout = band_layout(order, var["batch"], var["seq_kv"], var["m_tiles"], tir_arith)
+    for causal in (True, False):
+        program_order = DenseOrder(
+            ctas=H100_CTAS, heads=var["heads"], kv_heads=var["kv_heads"], causal=causal, kv_key_bytes=512
+        )
+        layout = band_layout(program_order, var["batch"], var["seq_kv"], var["m_tiles"], tir_arith)
         exprs = (
             layout.width,
             layout.per_unit,
-            tile_count(order, var["cta"], var["batch"], var["m_tiles"], layout, tir_arith),
-            *tile_at(order, var["cta"], var["i"], var["batch"], var["m_tiles"], layout, tir_arith),
+            tile_count(program_order, var["cta"], var["batch"], var["m_tiles"], layout, tir_arith),
+            *tile_at(program_order, var["cta"], var["i"], var["batch"], var["m_tiles"], layout, tir_arith),
         )
-        for _ in range(20):
-            batch, m_tiles, seq_kv = rng.randint(1, 9), rng.randint(1, 70), rng.randint(1, 20000)
-            model_layout = band_layout(order, batch, seq_kv, m_tiles, PYTHON_ARITH)
-            cta = rng.randrange(order.ctas)
-            count = tile_count(order, cta, batch, m_tiles, model_layout, PYTHON_ARITH)
-            i = rng.randrange(count) if count else 0
-            want = (
-                model_layout.width,
-                model_layout.per_unit,
-                count,
-                *tile_at(order, cta, i, batch, m_tiles, model_layout, PYTHON_ARITH),
-            )
-            values = dict(zip(names, (cta, i, batch, m_tiles, seq_kv), strict=True))
-            binding = {var[name]: tir.IntImm("int32", value) for name, value in values.items()}
-            got = tuple(
-                e if isinstance(e, int) else int(analyzer.simplify(tir.stmt_functor.substitute(e, binding)))
-                for e in exprs
-            )
-            assert got == want, values
+        for heads, kv_heads in ((32, 32), (40, 8), (5, 1), (28, 4)):
+            order = _order(heads, kv_heads, causal)
+            assert order.kv_key_bytes == program_order.kv_key_bytes
+            for _ in range(20):
+                batch, m_tiles, seq_kv = rng.randint(1, 9), rng.randint(1, 70), rng.randint(1, 20000)
+                model_layout = band_layout(order, batch, seq_kv, m_tiles, PYTHON_ARITH)
+                cta = rng.randrange(order.ctas)
+                count = tile_count(order, cta, batch, m_tiles, model_layout, PYTHON_ARITH)
+                i = rng.randrange(count) if count else 0
+                want = (
+                    model_layout.width,
+                    model_layout.per_unit,
+                    count,
+                    *tile_at(order, cta, i, batch, m_tiles, model_layout, PYTHON_ARITH),
+                )
+                values = dict(zip(names, (cta, i, batch, m_tiles, seq_kv, heads, kv_heads), strict=True))
+                binding = {var[name]: tir.IntImm("int32", value) for name, value in values.items()}
+                got = tuple(
+                    e
+                    if isinstance(e, int)
+                    else int(analyzer.simplify(tir.stmt_functor.substitute(e, binding)))
+                    for e in exprs
+                )
+                assert got == want, values
 
 
 def test_every_persistent_dense_scoreboard_case_keeps_its_first_wave_under_the_resident_bound(

@@ -78,14 +78,12 @@ def rope_append_kernel(
     return build(rope_append_program, args, arch)
 
 
-def rope_kernel(
-    heads: int, head_dim: int, rotary_dim: int, dtype: torch.dtype, mode: str, arch: Arch
-) -> Program:
+def rope_kernel(head_dim: int, rotary_dim: int, dtype: torch.dtype, mode: str, arch: Arch) -> Program:
     """The existing RoPE program (x, positions, cos, sin, out) built for the same arch: the bits
-    q_out and the keys must have."""
+    q_out and the keys must have (one program for both: it reads the head count from x)."""
     from tileprefill.kernels.tl.rope import rope_program
 
-    args = (heads, head_dim, rotary_dim, dtype_name(dtype), mode == "interleaved")
+    args = (head_dim, rotary_dim, dtype_name(dtype), mode == "interleaved")
     return build(rope_program, args, arch)
 
 
@@ -182,8 +180,8 @@ def check_rope_append(
     # The existing RoPE program on the same inputs: the bits q_out and the keys must have.
     q_rope = torch.full_like(q, float("nan"))
     k_rope = torch.full_like(k_new, float("nan"))
-    rope_kernel(heads, head_dim, rotary_dim, dtype, mode, arch)(q, positions, cos, sin, q_rope)
-    rope_kernel(kv_heads, head_dim, rotary_dim, dtype, mode, arch)(k_new, positions, cos, sin, k_rope)
+    rope_kernel(head_dim, rotary_dim, dtype, mode, arch)(q, positions, cos, sin, q_rope)
+    rope_kernel(head_dim, rotary_dim, dtype, mode, arch)(k_new, positions, cos, sin, k_rope)
     torch.cuda.synchronize()
 
     for before, after in zip(inputs_before, (q, k_new, v_new, positions, slots, cos, sin), strict=True):
@@ -294,5 +292,4 @@ def warm_up() -> None:
     rope_configs.add((16, 4, 128, 128, torch.bfloat16, "neox", HERE))
     for heads, kv_heads, head_dim, rotary_dim, dtype, mode, arch in sorted(rope_configs, key=str):
         rope_append_kernel(heads, kv_heads, head_dim, rotary_dim, dtype, mode, arch)
-        rope_kernel(heads, head_dim, rotary_dim, dtype, mode, arch)
-        rope_kernel(kv_heads, head_dim, rotary_dim, dtype, mode, arch)
+        rope_kernel(head_dim, rotary_dim, dtype, mode, arch)

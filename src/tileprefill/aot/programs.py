@@ -184,13 +184,14 @@ def _context(name: str, **fields: Any) -> PrefillContext:
 
 def describe(key: KernelKey, facts: StaticFacts) -> str:
     """A program's static facts in words, those its arguments hold (what a progress line and the
-    index name it by)."""
+    index name it by): a RoPE or attention program reads its head counts at launch, and an attention
+    program its scale, cap and window length, so only whether it has a window and a cap is named."""
     dtype = facts.dtype.name.lower()
     match key:
         case BatchKey():
             return f"page {facts.page_size}"
         case RopeKey():
-            return f"h{facts.heads} d{facts.head_dim} r{facts.rotary_dim} {dtype}"
+            return f"d{facts.head_dim} r{facts.rotary_dim} {dtype}"
         case RopeAppendKey():
             return f"h{facts.heads}/{facts.kv_heads} d{facts.head_dim} r{facts.rotary_dim} {dtype}"
         case AppendKey():
@@ -199,14 +200,12 @@ def describe(key: KernelKey, facts: StaticFacts) -> str:
         case SlotAppendKey():
             return f"hkv{facts.kv_heads} d{facts.head_dim} {dtype} {facts.index_dtype.value} slots"
         case AttentionKey():
-            words = [f"h{facts.heads}/{facts.kv_heads} d{facts.head_dim} {dtype}"]
+            words = [f"d{facts.head_dim} {dtype}"]
             words.append("causal" if facts.causal else "non-causal")
-            if facts.sm_scale != float(facts.head_dim) ** -0.5:
-                words.append(f"scale {facts.sm_scale:g}")
             if facts.window:
-                words.append(f"window {facts.window}")
+                words.append("window")
             if facts.softcap:
-                words.append(f"softcap {facts.softcap:g}")
+                words.append("softcap")
             if facts.page_size:
                 words.append(f"page {facts.page_size}")
             if facts.lse:

@@ -2,11 +2,13 @@
 
 Each class launches the TileLang program of its key (`kernels/tl/attention_sm80.py`
 or `attention_sm90.py`) through the one launch path (`kernels/launch.py`): its
-record names the program's tensors (the output last; callers allocate it) and
-how static facts (heads, kv heads, head dim, dtype, causal, sm_scale, page size,
-arch) become the program's arguments. `bind(facts)` resolves the compiled
-program once per plan; token counts, batch, sequence lengths, pages and cache
-sizes are dynamic in the program and never recompile. No host synchronisation.
+record names the program's tensors (the output last; callers allocate it), which
+static facts become the program's arguments (`program`: head dim, dtype, causal, page size,
+whether a window, a cap, the LSE; arch and SM count through the tile configuration) and which it
+takes at launch (`scalar_params`: the scale, the cap, the window's length).
+`bind(facts)` resolves the compiled program once per plan; head counts, token counts, batch,
+sequence lengths, pages and cache sizes are dynamic in the program and never recompile. No host
+synchronisation.
 
 SM80 programs are compiled for sm_80 and run on every 8.x device (and on
 Hopper); SM90 programs are compiled for sm_90a. Importing this module does not
@@ -36,6 +38,7 @@ from tileprefill.kernels.base import (
 from tileprefill.kernels.compile import CompileCase, recording_builds
 from tileprefill.kernels.compile import prebuild as compile_prebuild
 from tileprefill.kernels.launch import KernelRecord, Launcher, Program, readable, register
+from tileprefill.kernels.tl.scores import ScoreScalars, score_scalars
 from tileprefill.keys import AttentionKey, Code, attention_traits
 from tileprefill.tiles import KVSource, sm80_config, sm90_config
 from tileprefill.validation import check_same_strides, check_view
@@ -50,7 +53,11 @@ def program_arch(key: AttentionKey) -> Arch:
 
 
 def program(key: AttentionKey, facts: StaticFacts) -> Program:
-    """The program factory of `key` and its static arguments for `facts` (what `build` compiles)."""
+    """The program factory of `key` and its static arguments for `facts` (what `build` compiles): the
+    head dim, dtype, causality, page size, tile configuration, and whether it has a window, a cap and
+    the LSE output. The head counts, the scale, the cap and the window's length are not among them:
+    the program reads the head counts from its tensors and takes the others at launch
+    (`scalar_params`), so calls that differ only in those share one program."""
     source, _ = attention_traits(key)
     arch = program_arch(key)
     if arch is Arch.SM90:
@@ -63,20 +70,21 @@ def program(key: AttentionKey, facts: StaticFacts) -> Program:
         config = sm80_config(facts.head_dim)
     args = (
         source,
-        facts.heads,
-        facts.kv_heads,
         facts.head_dim,
         facts.dtype.value,
         facts.causal,
-        facts.sm_scale,
         facts.page_size if source.paged else 0,
         config,
-        facts.window,
-        facts.softcap,
+        facts.window > 0,
+        facts.softcap > 0,
+        facts.lse,
     )
-    # The LSE output is an argument only where it is set: the programs without it keep the
-    # arguments (and so the compile-cache entries) they always had.
-    return Program(factory, (*args, True) if facts.lse else args, arch)
+    return Program(factory, args, arch)
+
+
+def scalar_params(facts: StaticFacts) -> ScoreScalars:
+    """The scalars every attention program takes after its tensors, for `facts`."""
+    return score_scalars(facts.sm_scale, facts.softcap, facts.window)
 
 
 #: The program's tensor parameters of each source before its outputs, in order: q, its keys and values,
@@ -102,6 +110,7 @@ def _record(key: AttentionKey, *, lse: bool) -> KernelRecord:
             tensors=(*inputs, *outputs),
             mutates=outputs,
             program=lambda facts: program(key, facts),
+            scalar_params=scalar_params,
             variant="_lse" if lse else "",
             views=(*inputs[:3], "out"),
         )

@@ -14,8 +14,12 @@ factory and arguments. `register(record)` makes it the custom op
 
 Every custom op returns nothing and has one schema shape: the record's tensors,
 then the static facts as scalars. Its implementation rebuilds the launcher from
-those (compiled once, cached by `build`). tilelang is imported only when a
-program is built: importing this module does not import it.
+those (compiled once, cached by `build`).
+
+A program is compiled for some of the facts (`KernelRecord.program`: its factory's arguments) and
+may take others at launch, as scalar parameters after its tensors (`KernelRecord.scalar_params`):
+launchers of facts that differ only in those share one compiled program. tilelang is imported only
+when a program is built: importing this module does not import it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class Program(NamedTuple):
     arch: Arch
 
 
+def no_scalar_params(facts: StaticFacts) -> tuple[float | int, ...]:
+    """The scalar parameters of a program that takes none (only tensors)."""
+    return ()
+
+
 @attrs.frozen
 class KernelRecord:
     """What the launch path knows of one TileLang kernel key."""
@@ -56,6 +65,9 @@ class KernelRecord:
     mutates: tuple[str, ...]
     #: The program that serves `facts` (a pure function of them).
     program: Callable[[StaticFacts], Program]
+    #: The values of the program's scalar parameters, which follow its tensors, for `facts`: the
+    #: facts it is not compiled for but reads at launch (a pure function of them).
+    scalar_params: Callable[[StaticFacts], tuple[float | int, ...]] = no_scalar_params
     #: A second record of the same key for programs with another parameter list (attention with
     #: `facts.lse` writes one more output) names itself by this suffix: one custom op each.
     variant: str = ""
@@ -156,11 +168,12 @@ class Launcher:
     graph runs.
     """
 
-    __slots__ = ("_entry", "_inputs", "_op", "_scalars")
+    __slots__ = ("_entry", "_inputs", "_op", "_scalar_params", "_scalars")
 
     def __init__(self, record: KernelRecord, facts: StaticFacts) -> None:
         self._op = _OPS_BY_NAME[record.op_name]
         self._scalars = scalars(facts)
+        self._scalar_params: tuple[float | int, ...] = ()
         #: Which parameters may be copied into the layout the program reads: the read-only ones but
         #: the views (the index tensors and RoPE tables).
         self._inputs = tuple(
@@ -168,7 +181,9 @@ class Launcher:
         )
         self._entry: Callable[..., object] | None = None
         if torch.compiler.is_compiling():
-            return
+            return  # the custom op's launcher, made from the facts when the graph runs, passes them
+        # Checked before anything is built: a rejected value builds nothing.
+        self._scalar_params = tuple(record.scalar_params(facts))
         program = record.program(facts)
         kernel = build(program.factory, program.args, program.arch)
         # A warm-up's recorded build launches nothing.
@@ -194,18 +209,18 @@ class Launcher:
             self.direct(*tensors)
 
     def direct(self, *tensors: torch.Tensor) -> None:
-        """Launch on the current stream of the tensors' device. Read-only inputs that are not
-        contiguous and 16-byte aligned are copied first (but views); written ones and views were
-        checked by the caller."""
+        """Launch on the current stream of the tensors' device, the program's scalar parameters after
+        the tensors. Read-only inputs that are not contiguous and 16-byte aligned are copied first (but
+        views); written ones and views were checked by the caller."""
         entry = self._entry
         assert entry is not None, "a launcher built while tracing launches through its custom op"
         tensors = tuple(aligned(t) if read else t for t, read in zip(tensors, self._inputs, strict=True))
         index = tensors[0].device.index
         if index is None or index == torch.cuda.current_device():
-            entry(*tensors)
+            entry(*tensors, *self._scalar_params)
             return
         with torch.cuda.device(index):
-            entry(*tensors)
+            entry(*tensors, *self._scalar_params)
 
 
 #: TileLang reads inputs in 16-byte vectors (and TMA needs 16-byte aligned tiles).
@@ -258,6 +273,7 @@ __all__ = [
     "aligned",
     "check_cuda",
     "check_writable",
+    "no_scalar_params",
     "readable",
     "register",
 ]

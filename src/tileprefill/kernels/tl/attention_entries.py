@@ -14,10 +14,14 @@ K and V (contiguous, paged) with one set of strides (`views.kv_cache_strides`), 
 ragged K and V, and O each with strides of its own (`views.row_strides`), so that slices of a fused
 QKV projection and an output inside a larger buffer are read and written in place.
 
-Each arch module supplies `program(source, heads, kv_heads, head_dim, dtype,
-causal, sm_scale, page_size, config, window, softcap, lse)`, which builds its body and returns
-`entry_program(...)`; that module-level function is the factory `attention_tl`
-compiles (module-level, so compile workers in other processes can unpickle it).
+Every prim_func reads its head counts from its tensors (`heads` from Q and O, `kv_heads` from K and
+V), and takes the score scalars after its tensors (`ScoreParams`: score_scale, cap_scale, window):
+no program is compiled for a head count, a scale, a cap or a window length.
+
+Each arch module supplies `program(source, head_dim, dtype, causal, page_size, config, windowed,
+capped, lse)`, which builds its body and returns `entry_program(...)`; that module-level function
+is the factory `attention_tl` compiles (module-level, so compile workers in other processes can
+unpickle it).
 """
 
 import dataclasses
@@ -27,6 +31,7 @@ import tilelang.language as T
 from tilelang import tvm
 
 from tileprefill.kernels.tl.attention_parts import (
+    ScoreParams,
     Work,
     clamped_kv_len,
     kv_tile_range,
@@ -68,15 +73,13 @@ TIR_ARITH = Arith(T.min, T.max, _select, _held, T.truncdiv, T.truncmod)
 
 def entry_program(
     source: KVSource,
-    heads: int,
-    kv_heads: int,
     head_dim: int,
     dtype: str,
     causal: bool,
     page_size: int,
     config: TileConfig,
     attend: Any,
-    window: int = 0,
+    params: ScoreParams,
     lse: bool = False,
 ) -> Any:
     """The prim_func of `source` whose CTAs each run the macro
@@ -91,11 +94,14 @@ def entry_program(
         raise ValueError(
             f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
         )
+    heads, kv_heads = T.dynamic("heads, kv_heads")
+    # The scalar parameters every prim_func declares after its tensors (`ScoreParams`).
+    scale_param, cap_param, window_param = params.scale, params.cap_scale, params.window_length
     group = heads // kv_heads
     block_M = config.block_M
     threads = config.threads
     D = head_dim
-    key_range = kv_tile_range(causal, window, block_M, config.block_N)
+    key_range = kv_tile_range(causal, params.window, block_M, config.block_N)
     locate = locate_ragged_tile(block_M)
 
     @T.macro
@@ -177,6 +183,9 @@ def entry_program(
                 V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
                 O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+                score_scale: scale_param,
+                cap_scale: cap_param,
+                window: window_param,
             ) -> None:
                 dense_grid(*vector_views(Q, K, V, O), LSE)
 
@@ -188,6 +197,9 @@ def entry_program(
             K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
             V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
             O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             dense_grid(*vector_views(Q, K, V, O), None)
 
@@ -216,6 +228,9 @@ def entry_program(
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
                 O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+                score_scale: scale_param,
+                cap_scale: cap_param,
+                window: window_param,
             ) -> None:
                 ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
@@ -229,6 +244,9 @@ def entry_program(
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
             O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
@@ -255,6 +273,9 @@ def entry_program(
                 kv_seqlens: T.Tensor([batch], "int32"),
                 O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+                score_scale: scale_param,
+                cap_scale: cap_param,
+                window: window_param,
             ) -> None:
                 contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), LSE)
 
@@ -267,6 +288,9 @@ def entry_program(
             V: T.StridedTensor([batch, max_seq, kv_heads, D], cache_strides, dtype),
             kv_seqlens: T.Tensor([batch], "int32"),
             O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             contiguous_grid(*vector_views(Q, K, V), kv_seqlens, vector_view(O), None)
 
@@ -296,6 +320,9 @@ def entry_program(
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
             O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
@@ -310,6 +337,9 @@ def entry_program(
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
+        score_scale: scale_param,
+        cap_scale: cap_param,
+        window: window_param,
     ) -> None:
         paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 
@@ -329,14 +359,12 @@ class Schedule:
 
 def persistent_program(
     source: KVSource,
-    heads: int,
-    kv_heads: int,
     head_dim: int,
     dtype: str,
     causal: bool,
     config: TileConfig,
     attend_tiles: Any,
-    window: int = 0,
+    params: ScoreParams,
     lse: bool = False,
 ) -> Any:
     """The dense prim_func with a persistent grid: `config.persistent_ctas` CTAs, each running the
@@ -350,11 +378,13 @@ def persistent_program(
     """
     if source is not KVSource.DENSE or config.persistent_ctas <= 0:
         raise ValueError(f"persistent grid: expected the dense source and persistent_ctas > 0, got {source}")
-    group = heads // kv_heads
+    heads, kv_heads = T.dynamic("heads, kv_heads")
+    # The scalar parameters every prim_func declares after its tensors (`ScoreParams`).
+    scale_param, cap_param, window_param = params.scale, params.cap_scale, params.window_length
     block_M = config.block_M
     ctas = config.persistent_ctas
     D = head_dim
-    key_range = kv_tile_range(causal, window, block_M, config.block_N)
+    key_range = kv_tile_range(causal, params.window, block_M, config.block_N)
     order = DenseOrder(
         ctas=ctas,
         heads=heads,
@@ -376,7 +406,7 @@ def persistent_program(
         return work(
             seq=seq,
             head=head,
-            kv_head=head // group,
+            kv_head=head // order.group,
             q_first=0,
             q0=tile * block_M,
             q_len=seq_q,
@@ -408,6 +438,9 @@ def persistent_program(
             V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
             O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([batch, seq_q, heads], LSE_DTYPE),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             grid(*vector_views(Q, K, V, O), LSE)
 
@@ -419,6 +452,9 @@ def persistent_program(
         K: T.StridedTensor([batch, seq_kv, kv_heads, D], k_strides, dtype),
         V: T.StridedTensor([batch, seq_kv, kv_heads, D], v_strides, dtype),
         O: T.StridedTensor([batch, seq_q, heads, D], o_strides, dtype),
+        score_scale: scale_param,
+        cap_scale: cap_param,
+        window: window_param,
     ) -> None:
         grid(*vector_views(Q, K, V, O), None)
 
@@ -458,15 +494,13 @@ class _Walk:
 
 def persistent_packed_program(
     source: KVSource,
-    heads: int,
-    kv_heads: int,
     head_dim: int,
     dtype: str,
     causal: bool,
     page_size: int,
     config: TileConfig,
     attend_tiles: Any,
-    window: int = 0,
+    params: ScoreParams,
     lse: bool = False,
 ) -> Any:
     """The prim_func of a packed batch of sequences of their own lengths (ragged, paged) with a
@@ -494,12 +528,15 @@ def persistent_packed_program(
         raise ValueError(
             f"page_size: expected a power of two >= 16 for the tiled paged program, got {page_size}"
         )
+    heads, kv_heads = T.dynamic("heads, kv_heads")
+    # The scalar parameters every prim_func declares after its tensors (`ScoreParams`).
+    scale_param, cap_param, window_param = params.scale, params.cap_scale, params.window_length
     group = heads // kv_heads
     block_M = config.block_M
     block_N = config.block_N
     ctas = config.persistent_ctas
     D = head_dim
-    key_range = kv_tile_range(causal, window, block_M, block_N)
+    key_range = kv_tile_range(causal, params.window, block_M, block_N)
 
     @T.macro
     def at_most(cost: Any, units: Any, kv_len: Any, offset: Any) -> Any:
@@ -636,6 +673,9 @@ def persistent_packed_program(
                 cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
                 O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
                 LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+                score_scale: scale_param,
+                cap_scale: cap_param,
+                window: window_param,
             ) -> None:
                 ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), LSE)
 
@@ -649,6 +689,9 @@ def persistent_packed_program(
             cu_seqlens_q: T.Tensor([seqs_plus_one], "int32"),
             cu_seqlens_kv: T.Tensor([seqs_plus_one], "int32"),
             O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             ragged_grid(*vector_views(Q, K, V), cu_seqlens_q, cu_seqlens_kv, vector_view(O), None)
 
@@ -679,6 +722,9 @@ def persistent_packed_program(
             cu_seqlens_q: T.Tensor([batch + 1], "int32"),
             O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
             LSE: T.Tensor([tokens_q, heads], LSE_DTYPE),
+            score_scale: scale_param,
+            cap_scale: cap_param,
+            window: window_param,
         ) -> None:
             paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), LSE)
 
@@ -693,6 +739,9 @@ def persistent_packed_program(
         kv_seqlens: T.Tensor([batch], "int32"),
         cu_seqlens_q: T.Tensor([batch + 1], "int32"),
         O: T.StridedTensor([tokens_q, heads, D], o_strides, dtype),
+        score_scale: scale_param,
+        cap_scale: cap_param,
+        window: window_param,
     ) -> None:
         paged_grid(*vector_views(Q, K, V), block_table, kv_seqlens, cu_seqlens_q, vector_view(O), None)
 

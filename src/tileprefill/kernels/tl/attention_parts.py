@@ -4,8 +4,8 @@ Every attention program computes, for one tile of query rows of one query head,
 an online softmax over tiles of keys (FlashAttention): running row maxima `m`,
 running row sums `l`, and an fp32 output accumulator rescaled by
 `alpha = exp2((m_old - m_new) * scale)` whenever the maximum grows. Scores are
-kept unscaled; `scale = score_scale(sm_scale, softcap)` is folded into the exp2
-argument as one fused multiply-add per score.
+kept unscaled; `scale = ScoreParams.exp2_scale` (the score's factor times log2(e)) is folded
+into the exp2 argument as one fused multiply-add per score.
 
 Masking is by selection, never by addition: a masked score becomes -inf whatever
 the key held, so a key row read from memory the call does not own (a cache row
@@ -17,38 +17,73 @@ row whose first tiles are all masked (a sliding window starting inside the CTA's
 key range) later rescales from its true maximum, not from a floor of 0 (which
 would underflow fp16 probabilities of rows whose scores are all far below 0).
 
-Two score transforms are static arguments of a program:
-- a sliding window `window > 0` (causal only): query row r sees keys
-  `(r + offset - window, r + offset]`; a CTA reads only the key tiles its rows'
-  windows touch (`kv_tile_range`), so cost grows with the window, not the context;
-- a logit softcap `softcap > 0`: scores become `softcap * tanh(score * sm_scale / softcap)`
-  (Gemma 2), in fp32 with the hardware tanh (`tanh.approx.f32` under fast math,
-  relative error ~5e-4), before the mask. The kernel keeps `tanh(score * sm_scale /
-  softcap)` and the factor `softcap` goes into the exp2 scale (`score_scale`): one
-  multiply a score fewer.
+A program is compiled for whether it caps its scores and whether it has a sliding window (each
+adds code), and takes the values at launch, as scalar parameters after its tensors
+(`ScoreParams`, the TIR variables its macros are built over; `scores.ScoreScalars` computes them):
+- the score's factor `score_scale` (sm_scale, or softcap when capped): each thread multiplies it by
+  log2(e) once, and every score then costs the one fused multiply-add it would with an immediate
+  (the factor stays in a uniform register);
+- a sliding window (causal only; presence static, length `window` at launch): query row r sees keys
+  `(r + offset - window, r + offset]`; a CTA reads only the key tiles its rows' windows touch
+  (`kv_tile_range`), so cost grows with the window, not the context. The window is compared with
+  differences of positions, never added to one, so any int32 window (up to "every key") is exact;
+- a logit softcap (presence static, `cap_scale = sm_scale / softcap` at launch): scores become
+  `softcap * tanh(score * sm_scale / softcap)` (Gemma 2), in fp32 with the hardware tanh
+  (`tanh.approx.f32` under fast math, relative error ~5e-4), before the mask. The kernel keeps
+  `tanh(score * cap_scale)` and the factor `softcap` is its `score_scale`: one multiply a score
+  fewer.
 
 A third static argument, `lse`, makes a program write one more output: the
 natural-log log-sum-exp of each row's scaled (and capped) visible scores, float32
 (tokens, heads), from the row's statistics at the end (`write_lse`); -inf for a row
 that saw no key. Without it the program is the one it always was.
+
+Head counts are not arguments either: a program reads them from its tensors' shapes (the grid and
+the schedules already read lengths at launch), and a query head's KV head is `head // group`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import tilelang.language as T
 
-#: log2(e): exp(x) = exp2(x * LOG2E).
-LOG2E = 1.0 / math.log(2.0)
+from tileprefill.kernels.tl.scores import LOG2E
 
 
-def score_scale(sm_scale: float, softcap: float) -> float:
-    """The factor that turns the scores a program holds into exp2 arguments: raw scores times
-    sm_scale, or (softcap) capped scores `tanh(score * sm_scale / softcap)` times softcap."""
-    return (softcap if softcap else sm_scale) * LOG2E
+@dataclasses.dataclass(frozen=True)
+class ScoreParams:
+    """A program's scalar parameters, in its parameter order after the tensors (`scores.ScoreScalars`
+    holds their values): TIR variables, made before the prim_func so that the macros close over them,
+    and declared by the prim_func as its parameters. Every program declares all three; one without a
+    cap or a window does not read that one."""
+
+    scale: Any  # float32: the natural factor of a held score (sm_scale; capped, softcap)
+    cap_scale: Any  # float32: capped programs' factor inside the tanh
+    window_length: Any  # int32: the window of a program with one
+    windowed: bool
+
+    @property
+    def exp2_scale(self) -> Any:
+        """The factor that turns a held score into an exp2 argument (a TIR expression: each thread
+        computes it once, and ptxas keeps it in a uniform register across the key loop)."""
+        return self.scale * LOG2E
+
+    @property
+    def window(self) -> Any | None:
+        """The window as the macros take it: its length, or None in a program without one."""
+        return self.window_length if self.windowed else None
+
+
+def score_params(windowed: bool) -> ScoreParams:
+    """New scalar parameters for one program (call once per prim_func built)."""
+    return ScoreParams(
+        scale=T.dynamic("score_scale", "float32"),
+        cap_scale=T.dynamic("cap_scale", "float32"),
+        window_length=T.dynamic("window", "int32"),
+        windowed=windowed,
+    )
 
 
 #: The accumulation type of scores, softmax statistics and outputs.
@@ -91,19 +126,20 @@ def work(
 
     Later index expressions then read one int32 instead of re-deriving, say, a
     ragged tile's rows from cu_seqlens in every loop, which keeps the generated
-    code and TileLang's compile time small. `hold_ids` holds the sequence and head
-    indices too (a persistent CTA derives them from its tile index). Call inside a kernel.
+    code and TileLang's compile time small. The KV head is held too (a division by the group,
+    a launch value); `hold_ids` holds the sequence and query head indices as well (a persistent
+    CTA derives them from its tile index). Call inside a kernel.
     """
 
     def held(value: Any) -> Any:
         return T.alloc_var("int32", init=value)[0]
 
     if hold_ids:
-        seq, head, kv_head = held(seq), held(head), held(kv_head)
+        seq, head = held(seq), held(head)
     return Work(
         seq=seq,
         head=head,
-        kv_head=kv_head,
+        kv_head=held(kv_head),
         q_first=held(q_first),
         q0=held(q0),
         q_len=held(q_len),
@@ -115,7 +151,7 @@ def work(
     )
 
 
-def scaled_exponentials(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
+def scaled_exponentials(rows: int, cols: int, scale: Any, *, guard_empty: bool = True) -> Any:
     """The macro that turns raw scores `s` (rows, cols) into probabilities: it updates the row
     maxima `m` and leaves the fp32 probabilities in `s` and, after the first key tile, the rescale
     factor of what was accumulated so far in `alpha`. The row sums are the caller's
@@ -154,7 +190,7 @@ def scaled_exponentials(rows: int, cols: int, scale: float, *, guard_empty: bool
     return step
 
 
-def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = True) -> Any:
+def online_softmax(rows: int, cols: int, scale: Any, *, guard_empty: bool = True) -> Any:
     """The macro that turns raw scores `s` (rows, cols) into probabilities and updates the statistics:
     `scaled_exponentials`, then the running row sums `l` (already rescaled by `alpha`).
 
@@ -176,17 +212,17 @@ def online_softmax(rows: int, cols: int, scale: float, *, guard_empty: bool = Tr
     return step
 
 
-def write_lse(rows: int, scale: float, ragged_q: bool) -> Any:
+def write_lse(rows: int, natural: Any, ragged_q: bool) -> Any:
     """The macro that stores the log-sum-exp of the query rows [row0, row0 + rows) of `w` into LSE
     (ragged q: (Tq, Hq), else (B, Sq, Hq)), from the online softmax's final `m` and `l`.
 
     `m` is the row maximum of the scores the program holds and `l` the sum of exp2((s - m) *
-    scale), `scale` the program's `score_scale`; so ln(sum exp(s * scale / log2(e))) = m * scale /
-    log2(e) + ln(l). A row that saw no key (l == 0) gets -inf; a NaN l stays NaN (the NaN
-    policy). Rows past the sequence's q_len are not stored.
+    natural * log2(e)), `natural` the held score's factor (`ScoreParams.scale`: sm_scale, or softcap
+    for capped scores); so ln(sum exp(s * natural)) = m * natural + ln(l). A row that saw no key
+    (l == 0) gets -inf; a NaN l stays NaN (the NaN policy). Rows past the sequence's q_len are not
+    stored.
     """
     neg_inf = -T.infinity(ACCUM)
-    natural = scale / LOG2E  # sm_scale, or softcap for capped scores
 
     @T.macro
     def store(LSE: Any, m: Any, l: Any, w: Work, row0: Any) -> None:
@@ -201,37 +237,36 @@ def write_lse(rows: int, scale: float, ragged_q: bool) -> Any:
     return store
 
 
-def soft_cap(rows: int, cols: int, sm_scale: float, softcap: float) -> Any:
-    """The macro that caps raw scores `s` in place: s becomes tanh(s * sm_scale / softcap), the
-    capped score over softcap (`score_scale` multiplies softcap back in, inside the exp2)."""
-    inner = sm_scale / softcap
+def soft_cap(rows: int, cols: int, cap_scale: Any) -> Any:
+    """The macro that caps raw scores `s` in place: s becomes tanh(s * cap_scale), cap_scale =
+    sm_scale / softcap: the capped score over softcap (softcap is in the exp2 factor)."""
 
     @T.macro
     def apply(s: Any) -> None:
         for i, j in T.Parallel(rows, cols):
-            s[i, j] = T.tanh(s[i, j] * inner)
+            s[i, j] = T.tanh(s[i, j] * cap_scale)
 
     return apply
 
 
-def visibility_mask(rows: int, cols: int, causal: bool, window: int = 0) -> Any:
+def visibility_mask(rows: int, cols: int, causal: bool, window: Any | None = None) -> Any:
     """The macro that sets score (i, j) to -inf unless query row `row0 + i` sees key `key0 + j`.
 
     Keys at or past `kv_len` are never visible; with `causal`, query row r
     (counted from the start of its sequence) sees keys `<= r + kv_len - q_len`
-    (bottom-right alignment; `offset = kv_len - q_len`), and with a `window` only
-    the last `window` of those: keys `> r + offset - window`.
+    (bottom-right alignment; `offset = kv_len - q_len`), and with a `window` (a length, or None)
+    only the last `window` of those: keys k with `r + offset - k < window`.
     """
     neg_inf = -T.infinity(ACCUM)
 
     @T.macro
     def apply(s: Any, row0: Any, key0: Any, kv_len: Any, offset: Any) -> None:
         for i, j in T.Parallel(rows, cols):
-            if window:
+            if window is not None:
                 s[i, j] = T.if_then_else(
                     (key0 + j < kv_len)
                     & (key0 + j <= offset + row0 + i)
-                    & (key0 + j + window > offset + row0 + i),
+                    & (offset + row0 + i - (key0 + j) < window),
                     s[i, j],
                     neg_inf,
                 )
@@ -261,21 +296,23 @@ def kv_tile_count(causal: bool, block_M: int, block_N: int) -> Any:
     return count
 
 
-def kv_tile_first(window: int, block_N: int) -> Any:
+def kv_tile_first(window: Any | None, block_N: int) -> Any:
     """The macro returning the first key tile the query rows from q0 need: the tile of the first
     row's first key in its window (0 without a window)."""
 
     @T.macro
     def first(q0: Any, offset: Any) -> Any:
-        if window:
-            return T.max(0, q0 + offset - window + 1) // block_N
+        if window is not None:
+            # The first row's first key, q0 + offset + 1 - window, or 0 (written so that no int32
+            # overflows, whatever the window).
+            return T.if_then_else(q0 + offset < window, 0, q0 + offset + 1 - window) // block_N
         else:
             return 0
 
     return first
 
 
-def kv_tile_range(causal: bool, window: int, block_M: int, block_N: int) -> Any:
+def kv_tile_range(causal: bool, window: Any | None, block_M: int, block_N: int) -> Any:
     """The macro returning (first key tile, key tiles) of the query rows [q0, q0 + block_M) of a
     sequence: from the first row's window start (0 without a window) to the end of the last
     row's keys; no tiles when that range is empty."""
@@ -303,7 +340,7 @@ def clamped_kv_len(kv_len: Any, capacity: Any) -> Any:
     return T.max(0, T.min(kv_len, capacity))
 
 
-def unmasked_tiles(causal: bool, window: int, rows: int, block_N: int) -> Any:
+def unmasked_tiles(causal: bool, window: Any | None, rows: int, block_N: int) -> Any:
     """The macro returning the absolute key tiles [lo, hi) that every query row in [row0, row0 + rows)
     sees whole (so they need no mask); lo >= hi when there are none."""
 
@@ -313,9 +350,10 @@ def unmasked_tiles(causal: bool, window: int, rows: int, block_N: int) -> Any:
             hi = T.min(kv_len, T.max(0, offset + row0 + 1)) // block_N
         else:
             hi = kv_len // block_N
-        if window:
+        if window is not None:
             # Tile t starts inside the last row's window: t block_N > row0 + rows - 1 + offset - window.
-            lo = T.ceildiv(T.max(0, row0 + rows + offset - window), block_N)
+            last = row0 + rows + offset
+            lo = T.if_then_else(last <= window, 0, T.ceildiv(last - window, block_N))
         else:
             lo = 0
         return lo, hi

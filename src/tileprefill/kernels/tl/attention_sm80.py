@@ -25,7 +25,7 @@ from tileprefill.kernels.tl.attention_parts import (
     ACCUM,
     Work,
     online_softmax,
-    score_scale,
+    score_params,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
@@ -36,39 +36,36 @@ from tileprefill.tiles import KVSource, TileConfig
 
 def program(
     source: KVSource,
-    heads: int,
-    kv_heads: int,
     head_dim: int,
     dtype: str,
     causal: bool,
-    sm_scale: float,
     page_size: int,
     config: TileConfig,
-    window: int = 0,
-    softcap: float = 0.0,
+    windowed: bool = False,
+    capped: bool = False,
     lse: bool = False,
 ) -> Any:
-    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap,
-    `lse` adds the log-sum-exp output (see `attention_parts`)."""
-    if heads % kv_heads:
-        raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
+    """The program of `source`: `windowed` for a causal sliding window, `capped` for a logit cap,
+    `lse` for the log-sum-exp output (see `attention_parts`; the window's length, the scale and the
+    cap are scalar parameters, `ScoreParams`)."""
     block_M = config.block_M
     block_N = config.block_N
     stages = config.num_stages
     D = head_dim
     if D % 16:
         raise ValueError(f"head_dim: expected a multiple of 16 for sm80, got {D}")
-    if window and not causal:
-        raise ValueError(f"window: expected 0 without causal, got {window}")
-    scale = score_scale(sm_scale, softcap)
+    if windowed and not causal:
+        raise ValueError(f"windowed: expected False without causal, got {windowed}")
+    params = score_params(windowed)
+    scale = params.exp2_scale
+    window = params.window
     policy = T.GemmWarpPolicy.FullRow
 
     softmax = online_softmax(block_M, block_N, scale)
     mask = visibility_mask(block_M, block_N, causal, window)
-    cap = soft_cap(block_M, block_N, sm_scale, softcap) if softcap else None
-    capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
+    cap = soft_cap(block_M, block_N, params.cap_scale) if capped else None
     whole_tiles = unmasked_tiles(causal, window, block_M, block_N)
-    store_lse = write_lse(block_M, scale, source.ragged_q) if lse else None
+    store_lse = write_lse(block_M, params.scale, source.ragged_q) if lse else None
 
     @T.macro
     def load_rows(src: Any, dst: Any, k: Any, w: Work, bt: Any, masked: Any) -> None:
@@ -145,7 +142,7 @@ def program(
         split = T.max(start, T.min(w.tiles, hi - w.k_first))
 
         f = (Qs, Ks, Vs, s, p, o, m, m_prev, alpha, row_sum, l)
-        if window:
+        if windowed:
             for k in T.Pipelined(start, num_stages=stages):
                 kv_step(w.k_first + k, w, K, V, block_table, f, True)
         for k in T.Pipelined(start, split, num_stages=stages):
@@ -166,6 +163,4 @@ def program(
             # Rows past Sq fall outside the tensor; the copy skips them.
             T.copy(o, O[w.seq, w.q0 : w.q0 + block_M, w.head, :])
 
-    return entry_program(
-        source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window, lse
-    )
+    return entry_program(source, head_dim, dtype, causal, page_size, config, attend, params, lse)

@@ -58,7 +58,7 @@ from tileprefill.kernels.tl.attention_parts import (
     Work,
     online_softmax,
     scaled_exponentials,
-    score_scale,
+    score_params,
     soft_cap,
     unmasked_tiles,
     visibility_mask,
@@ -179,22 +179,18 @@ class _Buffers:
 
 def program(
     source: KVSource,
-    heads: int,
-    kv_heads: int,
     head_dim: int,
     dtype: str,
     causal: bool,
-    sm_scale: float,
     page_size: int,
     config: TileConfig,
-    window: int = 0,
-    softcap: float = 0.0,
+    windowed: bool = False,
+    capped: bool = False,
     lse: bool = False,
 ) -> Any:
-    """The program of `source`; `window` > 0 is a causal sliding window, `softcap` > 0 a logit cap,
-    `lse` adds the log-sum-exp output (see `attention_parts`)."""
-    if heads % kv_heads:
-        raise ValueError(f"heads: expected a multiple of kv_heads={kv_heads}, got {heads}")
+    """The program of `source`: `windowed` for a causal sliding window, `capped` for a logit cap,
+    `lse` for the log-sum-exp output (see `attention_parts`; the window's length, the scale and the
+    cap are scalar parameters, `ScoreParams`)."""
     consumers = config.block_M // ROWS_PER_CONSUMER
     if (
         config.block_M % ROWS_PER_CONSUMER
@@ -215,10 +211,12 @@ def program(
     D = head_dim
     if D % 16:
         raise ValueError(f"head_dim: expected a multiple of 16 for sm90, got {D}")
-    if window and not causal:
-        raise ValueError(f"window: expected 0 without causal, got {window}")
+    if windowed and not causal:
+        raise ValueError(f"windowed: expected False without causal, got {windowed}")
     panel = panel_columns(D)
-    scale = score_scale(sm_scale, softcap)
+    params = score_params(windowed)
+    scale = params.exp2_scale
+    window = params.window
     gathers = source is KVSource.PAGED
     # Caches may hold garbage past kv_len inside a tile that TMA loads whole.
     cleans_tail = source in (KVSource.CONTIGUOUS, KVSource.PAGED_TILED)
@@ -249,8 +247,7 @@ def program(
     exponentiate_seen = scaled_exponentials(half, block_N, scale, guard_empty=False)
     add_row_sums = quad_partial_sums(half, block_N)
     mask = visibility_mask(half, block_N, causal, window)
-    cap = soft_cap(half, block_N, sm_scale, softcap) if softcap else None
-    capped = softcap > 0  # a bool: TileLang warns (on stdout) about a float used as a condition
+    cap = soft_cap(half, block_N, params.cap_scale) if capped else None
     whole_tiles = unmasked_tiles(causal, window, half, block_N)
     persistent = config.persistent_ctas > 0
     if persistent and source is KVSource.CONTIGUOUS:
@@ -258,7 +255,7 @@ def program(
             "config: expected persistent_ctas 0 for the contiguous cache (tiles.sm90_config "
             f"says why), got {config.persistent_ctas}"
         )
-    store_lse = write_lse(half, scale, source.ragged_q) if lse else None
+    store_lse = write_lse(half, params.scale, source.ragged_q) if lse else None
     # Outputs are staged in shared memory for a TMA store, persistent ones in tiles of their own.
     # A ragged or paged tile that ends past its sequence's q_len is stored from registers, row by
     # row, instead (a TMA store would write the next sequence's rows).
@@ -505,7 +502,7 @@ def program(
             lo, hi = whole_tiles(row0, w.kv_len, w.offset)
             start = T.min(w.tiles, T.max(1, lo - w.k_first))
             split = T.max(start, T.min(w.tiles, hi - w.k_first))
-            if window:
+            if windowed:
                 for k in T.serial(1, start):
                     attend_tile(c, k, kbase, w, b, s, p, o, m, m_prev, alpha, sums, l, True)
             for k in T.serial(start, split):
@@ -656,13 +653,9 @@ def program(
                 consume_all(c, schedule, b)
 
     if persistent and source is KVSource.DENSE:
-        return persistent_program(
-            source, heads, kv_heads, head_dim, dtype, causal, config, attend_tiles, window, lse
-        )
+        return persistent_program(source, head_dim, dtype, causal, config, attend_tiles, params, lse)
     if persistent:
         return persistent_packed_program(
-            source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend_tiles, window, lse
+            source, head_dim, dtype, causal, page_size, config, attend_tiles, params, lse
         )
-    return entry_program(
-        source, heads, kv_heads, head_dim, dtype, causal, page_size, config, attend, window, lse
-    )
+    return entry_program(source, head_dim, dtype, causal, page_size, config, attend, params, lse)

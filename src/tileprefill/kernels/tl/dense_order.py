@@ -86,23 +86,31 @@ PYTHON_ARITH = Arith(min, max, _select, _same, operator.floordiv, operator.mod)
 
 @dataclasses.dataclass(frozen=True)
 class DenseOrder:
-    """The static facts the order of one program depends on."""
+    """What the order of one program depends on: its static facts (`ctas`, `causal`,
+    `kv_key_bytes`) and its launch's head counts, ints in the model and TIR expressions in a
+    program (which reads them from its tensors' shapes)."""
 
     ctas: int
-    heads: int
-    kv_heads: int
+    heads: Any
+    kv_heads: Any
     causal: bool
     kv_key_bytes: int  # bytes of one key's K and V rows (2 x head_dim x element size)
 
     def __post_init__(self) -> None:
-        if self.ctas <= 0 or self.kv_heads <= 0 or self.heads % self.kv_heads:
+        counts = (self.heads, self.kv_heads)
+        # A program's counts are checked where its launch is: the Op's inputs.
+        bad_heads = all(isinstance(n, int) for n in counts) and (
+            self.kv_heads <= 0 or self.heads % self.kv_heads
+        )
+        if self.ctas <= 0 or bad_heads:
             raise ValueError(
                 "DenseOrder: expected ctas > 0 and heads a multiple of kv_heads > 0, "
                 f"got ctas={self.ctas}, heads={self.heads}, kv_heads={self.kv_heads}"
             )
 
     @property
-    def group(self) -> int:
+    def group(self) -> Any:
+        """Query heads a KV head (an int, or a TIR expression)."""
         return self.heads // self.kv_heads
 
 
@@ -119,7 +127,8 @@ class BandLayout:
 
 def band_layout(order: DenseOrder, batch: Any, seq_kv: Any, m_tiles: Any, ar: Arith) -> BandLayout:
     """The band layout of a launch (see the module docstring), each value held (a register of the
-    program) across its tiles: a tile's own arithmetic then divides once by a launch value."""
+    program) across its tiles: a tile's own arithmetic then divides by launch values only for its
+    band (causal), its section and its head."""
     if not order.causal:
         width = ar.maximum(m_tiles, 1)
         return BandLayout(width, 1, batch * order.heads * width, 0)
@@ -129,8 +138,9 @@ def band_layout(order: DenseOrder, batch: Any, seq_kv: Any, m_tiles: Any, ar: Ar
     # Tiles of one section in two rounds that keep the resident K/V under the bound.
     tiles_needed = ar.div(seq_kv + keys_per_slot - 1, keys_per_slot)
     batch_fits = batch * order.kv_heads <= ar.div(resident_keys, ar.maximum(seq_kv, 1))
-    wide = 2 * ar.div(tiles_needed + 2 * order.group - 1, 2 * order.group)
-    width = ar.hold(ar.select(tiles_needed <= order.group, 1, ar.select(batch_fits, 1, wide)))
+    group = ar.div(order.heads, order.kv_heads)
+    wide = 2 * ar.div(tiles_needed + 2 * group - 1, 2 * group)
+    width = ar.hold(ar.select(tiles_needed <= group, 1, ar.select(batch_fits, 1, wide)))
     single = width == 1
     units_per_band = ar.select(single, batch * order.heads, ar.div(batch * order.heads * width, 2))
     last_band = ar.select(single, m_tiles - 1, ar.div(m_tiles + width - 1, width) - 1)
@@ -155,7 +165,8 @@ def tile_at(
     """(sequence, query head, query tile) of CTA `cta`'s i-th tile, 0 <= i < tile_count."""
     width = layout.width
     # A unit's arithmetic runs before its tiles, on every warpgroup: units of one tile (every
-    # non-causal launch, and causal ones whose bands are one tile wide) divide once by a launch value.
+    # non-causal launch, and causal ones whose bands are one tile wide) take i as their index, and a
+    # non-causal launch's one band takes no division.
     single = layout.per_unit == 1
     k = ar.hold(ar.select(single, i, ar.div(i, 2)))
     unit = ar.hold(k * order.ctas + _dealt(order, cta, k, ar))
@@ -169,13 +180,15 @@ def tile_at(
     q = ar.hold(
         ar.select(single, u, ar.select(ar.mod(i, 2) == 0, u, batch * order.heads * band_width - 1 - u))
     )
-    # Tiles of one section in the band: `group`, a constant divisor, where bands are one tile wide.
-    run = order.group * band_width
-    section = ar.hold(ar.select(width == 1, ar.div(q, order.group), ar.div(q, run)))
+    # The query heads of a KV head: a launch value in a program (it reads both counts from its
+    # tensors), so one division by `run` serves bands of every width.
+    group = ar.hold(ar.div(order.heads, order.kv_heads))
+    run = group * band_width  # tiles of one section in the band
+    section = ar.hold(ar.div(q, run))
     r = ar.hold(q - section * run)
     seq = ar.div(section, order.kv_heads)
-    head = ar.mod(section, order.kv_heads) * order.group + ar.mod(r, order.group)
-    return seq, head, m_tiles - 1 - band * width - ar.div(r, order.group)
+    head = ar.mod(section, order.kv_heads) * group + ar.mod(r, group)
+    return seq, head, m_tiles - 1 - band * width - ar.div(r, group)
 
 
 def _dealt(order: DenseOrder, cta: Any, k: Any, ar: Arith) -> Any:

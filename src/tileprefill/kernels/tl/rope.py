@@ -23,12 +23,14 @@ THREADS = 128
 ELEMENTS_PER_CTA = 8192
 
 
-def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) -> T.PrimFunc:
+def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) -> T.PrimFunc:
     """x (T, H, D) dtype, positions int32 (T,), cos/sin float32 (P, R/2) -> out (T, H, D) dtype.
 
     out[t, h, :R] is x[t, h, :R] rotated by the angles of position positions[t]
     (NEOX: halves, INTERLEAVED: adjacent pairs); out[t, h, R:] = x[t, h, R:].
-    T and P are dynamic. x and out are views whose head dim is contiguous, whose data and strides
+    T, H and P are dynamic: a CTA's block of rows is sized by D alone, so a row's token and head
+    (r // H, r % H) are one division at launch values, and q's and the keys' rotations (any head
+    counts) are one program. x and out are views whose head dim is contiguous, whose data and strides
     are multiples of a row's widest vector (`validation.row_vector_bytes`); cos and sin are
     contiguous, 16-byte aligned. Every access below is then aligned to its width, since each
     width divides the row lengths (D, R/2) and the offsets it is used at.
@@ -38,7 +40,7 @@ def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, int
         raise ValueError(f"head_dim: expected an even value for RoPE, got {head_dim}")
     if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim: expected an even value in [2, head_dim={head_dim}], got {rotary_dim}")
-    H, D, R = num_heads, head_dim, rotary_dim
+    D, R = head_dim, rotary_dim
     half = R // 2
     # A rotated chunk holds `pairs` rotation pairs: NEOX reads `pairs` elements
     # from each half, INTERLEAVED 2 * `pairs` adjacent elements.
@@ -60,7 +62,7 @@ def rope_program(num_heads: int, head_dim: int, rotary_dim: int, dtype: str, int
     block_rows = max(1, ELEMENTS_PER_CTA // D)
     rot_items = block_rows * rot_chunks
     pass_items = block_rows * pass_chunks
-    num_tokens = T.dynamic("num_tokens")
+    num_tokens, H = T.dynamic("num_tokens, num_heads")
     max_position = T.dynamic("max_position")
     x_strides, out_strides = row_strides("x", 3), row_strides("out", 3)
 
