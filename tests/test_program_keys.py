@@ -253,3 +253,35 @@ def test_the_reference_path_computes_each_variant(change: str) -> None:
     out = op(q, k, v)
     expected = _oracle(q, k, v, sm_scale=facts.sm_scale, window=facts.window, softcap=facts.softcap)
     torch.testing.assert_close(out.double(), expected, atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize(
+    ("key", "page_size"),
+    [
+        (AttentionKey.DENSE_SM90, 0),  # persistent dense grid
+        (AttentionKey.PAGED_SM90, 1),  # persistent packed grid
+        (AttentionKey.CONTIGUOUS_SM90, 0),  # one CTA a query tile
+        (AttentionKey.RAGGED_SM80, 0),
+    ],
+    ids=lambda x: x.value if isinstance(x, AttentionKey) else str(x),
+)
+def test_the_prim_funcs_declare_the_scalar_params_in_the_order_launches_pass_them(
+    key: AttentionKey, page_size: int
+) -> None:
+    """Every grid's prim_func takes the three scalars after its tensors, in `ScoreScalars` order and
+    of the types its host code checks, and no head count among its parameters (traced, not
+    lowered)."""
+    pytest.importorskip("tilelang")
+    from tileprefill.kernels.tilelang_compat import backport
+
+    backport()
+    facts = _on(BASE._replace(page_size=page_size), key)
+    factory, args, _ = attention_tl.program(key, facts)
+    func = factory(*args)
+    record = attention_tl.record_of(key, facts)
+    params = list(func.params)
+    assert len(params) == len(record.tensors) + len(ScoreScalars._fields)
+    scalars = params[len(record.tensors) :]
+    assert [p.name for p in scalars] == list(ScoreScalars._fields)
+    assert [str(p.dtype) for p in scalars] == ["float32", "float32", "int32"]
+    assert not {"heads", "kv_heads"} & {p.name for p in params}

@@ -49,6 +49,7 @@ import torch
 
 from tileprefill.context import Arch, DType, sm_count_of
 from tileprefill.kernels import attention_tl, launch
+from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.base import (
     NO_LSE,
     ContiguousAttentionKernel,
@@ -525,6 +526,53 @@ def test_dense_windowed_long_sequences(arch: Arch, f: StaticFacts, monkeypatch: 
     """A window far shorter than the context: each query tile reads only the few key tiles its
     window touches (first tiles partly outside the window, for some rows of a warpgroup wholly)."""
     check(Source.DENSE, arch, f, dense_case(f, 1, random.randint(1900, 2100), 3001), monkeypatch)
+
+
+#: Configurations with a window and a cap, and calls that share each one's program: another scale,
+#: cap and window (launch values), and other head counts (read from the tensors), of the same group
+#: and of another.
+SHARED_PROGRAM_CONFIGS: list[tuple[Source, StaticFacts]] = [
+    (Source.DENSE, DENSE_CONFIGS[7]),  # D 112, 16 / 2 heads, window 77, softcap 20
+    (Source.PAGED, PAGED_CONFIGS[3]),  # D 80, 8 / 2 heads, page 1, window 64, softcap 10
+]
+
+
+def launch_variants(f: StaticFacts) -> list[StaticFacts]:
+    return [
+        f,
+        f._replace(sm_scale=0.05, softcap=3.0, window=500),
+        f._replace(heads=2 * f.heads, kv_heads=2 * f.kv_heads, window=9),
+        f._replace(heads=3 * f.kv_heads, sm_scale=0.2),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+@pytest.mark.parametrize(
+    ("source", "f"),
+    SHARED_PROGRAM_CONFIGS,
+    ids=[f"{s.name.lower()}-{config_id(f)}" for s, f in SHARED_PROGRAM_CONFIGS],
+)
+def test_one_program_serves_other_scales_caps_windows_and_heads(
+    arch: Arch, source: Source, f: StaticFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scale, the cap and the window's length are launch values and the head counts are read
+    from the tensors: calls that differ only in those run one compiled program (built once, by
+    `warm_up`), and each matches the reference with its own values."""
+    key = KEYS[source, arch]
+    kernel_of(source, arch)  # skips an arch this device cannot run
+    variants = launch_variants(f)
+    programs = {attention_tl.program(key, on(v, arch)) for v in variants}
+    assert len(programs) == 1, programs
+    (program,) = programs
+    kernel = compile_module.build(program.factory, program.args, program.arch)
+    for v in variants:
+        match source:
+            case Source.DENSE:
+                case = dense_case(v, 2, 300, 700)
+            case _:
+                case = paged_case(v, [37, 300], [400, 300])
+        check(source, arch, v, case, monkeypatch)
+        assert compile_module.build(program.factory, program.args, program.arch) is kernel
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
