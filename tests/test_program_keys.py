@@ -23,6 +23,7 @@ from tileprefill.kernels import attention_tl, rope_tl
 from tileprefill.kernels import launch as launch_module
 from tileprefill.kernels.base import StaticFacts
 from tileprefill.kernels.compile import BuildRequest, recording_builds
+from tileprefill.kernels.tl.fast_divide import DIVIDEND_LIMIT, divisor, quotient
 from tileprefill.kernels.tl.scores import LOG2E, MAX_WINDOW, ScoreScalars, score_scalars
 from tileprefill.keys import AttentionKey, Code, RopeKey, attention_traits
 from tileprefill.ops import decision, slots
@@ -285,3 +286,39 @@ def test_the_prim_funcs_declare_the_scalar_params_in_the_order_launches_pass_the
     assert [p.name for p in scalars] == list(ScoreScalars._fields)
     assert [str(p.dtype) for p in scalars] == ["float32", "float32", "int32"]
     assert not {"heads", "kv_heads"} & {p.name for p in params}
+
+
+# --- division by a launch value (RoPE's rows into tokens and heads) ---------------------------------
+
+
+def test_fast_division_is_exact_for_every_dividend_below_two_to_the_31() -> None:
+    """Every divisor up to 4096 and a few large ones, on the dividends where an error would show
+    first: 0, around every multiple near the ends of the range, and the largest."""
+    top = DIVIDEND_LIMIT - 1
+    for d in [*range(1, 4097), 65535, 65536, 65537, 2**20 + 3, 2**30, 2**31 - 1]:
+        by = divisor(d)
+        assert 0 < by.multiplier < 2**32 and 31 <= by.shift <= 62, (d, by)
+        for base in (0, d, 1000 * d, (top // d) * d, (top // d - 1) * d):
+            for n in (base - 1, base, base + 1, base + d - 1):
+                if 0 <= n <= top:
+                    assert quotient(n, by) == n // d, (n, d)
+        assert quotient(top, by) == top // d
+
+
+@pytest.mark.parametrize("d", [0, -3, 2**31, True, 2.0])
+def test_a_divisor_out_of_range_is_refused_by_name(d: Any) -> None:
+    with pytest.raises(ValueError, match=r"divisor: expected an int in \[1, 2\*\*31\), got"):
+        divisor(d)
+
+
+def test_a_rope_launch_refuses_another_head_count_than_it_was_bound_for() -> None:
+    """The program divides its rows by the bound head count (a launch value it cannot check)."""
+    facts = BASE._replace(heads=8, rotary_dim=64, head_dim=64)
+    with recording_builds():
+        launch = rope_tl.RopeNeoxTLKernel().bind(facts)
+    x = torch.zeros(3, 4, 64, dtype=torch.bfloat16)
+    positions = torch.zeros(3, dtype=torch.int32)
+    table = torch.zeros(16, 32)
+    with pytest.raises(ValueError, match=r"x: expected 8 heads \(what the launch was bound for\), got 4"):
+        launch(x, positions, table, table, torch.empty_like(x))
+    assert rope_tl.scalar_params(facts) == divisor(8)

@@ -199,6 +199,7 @@ def lower_source(case: CompileCase, arch: Arch) -> str:
     import tilelang
 
     _quiet(tilelang)
+    backport()  # before `case.factory` traces the program, as `_build` does
     target = tilelang.tvm.target.Target(_target_spec(target_arch(arch)))
     program = case.factory(*case.args)
     with tilelang.tvm.transform.PassContext(opt_level=3, config=_pass_configs(tilelang)), target:

@@ -1,7 +1,8 @@
 """TileLang RoPE kernels (NEOX and INTERLEAVED): one program for sm80 and sm90.
 
 The program (`kernels/tl/rope.py`) rotates x (T, H, D) at one position per
-token into a new tensor; it launches through the one launch path
+token into a new tensor, one program for any H (q's heads and the keys' alike: it divides
+its rows by H with the scalar parameters `scalar_params` gives); it launches through the one launch path
 (`kernels/launch.py`), whose custom op `tileprefill::rope_<mode>_tl` is what
 torch.compile traces. tilelang and the program factory are imported when a
 program is first built: importing this module does not import tilelang.
@@ -17,6 +18,7 @@ from tileprefill.context import Arch, DType, arch_of
 from tileprefill.kernels.base import Kernel, RopeKernel, RopeLaunch, StaticFacts
 from tileprefill.kernels.compile import CompileCase
 from tileprefill.kernels.launch import KernelRecord, Launcher, Program, check_cuda, readable, register
+from tileprefill.kernels.tl.fast_divide import Divisor, divisor
 from tileprefill.keys import RopeKey
 
 
@@ -28,6 +30,11 @@ def program(key: RopeKey, facts: StaticFacts) -> Program:
     return Program(rope_program, args, facts.arch)
 
 
+def scalar_params(facts: StaticFacts) -> Divisor:
+    """What the program divides its rows by, x's head count (`facts.heads`), as it takes it."""
+    return divisor(facts.heads)
+
+
 def _record(key: RopeKey) -> KernelRecord:
     return register(
         KernelRecord(
@@ -36,6 +43,7 @@ def _record(key: RopeKey) -> KernelRecord:
             mutates=("out",),
             views=("x", "out"),
             program=lambda facts: program(key, facts),
+            scalar_params=scalar_params,
         )
     )
 
@@ -76,10 +84,17 @@ def check_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
 class _RopeTLKernel(RopeKernel):
     def bind(self, facts: StaticFacts) -> RopeLaunch:
         launcher = Launcher.of(RECORDS[self.key], facts)
+        heads = facts.heads
 
         def launch(
             x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
         ) -> None:
+            # The program divides x's rows by the head count it was bound with (its scalar
+            # parameters), not by x's, which it cannot check itself.
+            if x.shape[1] != heads:
+                raise ValueError(
+                    f"x: expected {heads} heads (what the launch was bound for), got {x.shape[1]}"
+                )
             if out.numel() == 0:
                 return  # an empty grid is not a valid launch
             launcher(x, positions, cos, sin, out)

@@ -12,6 +12,8 @@ x and out are strided views (`views.row_strides`): a slice of a fused QKV
 projection is read in place.
 """
 
+from typing import Any
+
 import tilelang.language as T
 
 from tileprefill.kernels.tl.views import ELEMENT_BYTES, row_strides, vector_views
@@ -28,8 +30,9 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
 
     out[t, h, :R] is x[t, h, :R] rotated by the angles of position positions[t]
     (NEOX: halves, INTERLEAVED: adjacent pairs); out[t, h, R:] = x[t, h, R:].
-    T, H and P are dynamic: a CTA's block of rows is sized by D alone, so a row's token and head
-    (r // H, r % H) are one division at launch values, and q's and the keys' rotations (any head
+    T, H and P are dynamic: a CTA's block of rows is sized by D alone, and a row's token r // H is
+    one wide multiply and a shift by the scalar parameters (heads_multiplier, heads_shift) =
+    `fast_divide.divisor(H)`, which follow the tensors; so q's and the keys' rotations (any head
     counts) are one program. x and out are views whose head dim is contiguous, whose data and strides
     are multiples of a row's widest vector (`validation.row_vector_bytes`); cos and sin are
     contiguous, 16-byte aligned. Every access below is then aligned to its width, since each
@@ -65,6 +68,13 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
     num_tokens, H = T.dynamic("num_tokens, num_heads")
     max_position = T.dynamic("max_position")
     x_strides, out_strides = row_strides("x", 3), row_strides("out", 3)
+    multiplier = T.dynamic("heads_multiplier", "uint32")
+    shift = T.dynamic("heads_shift", "int32")
+
+    def token_of(row: Any) -> Any:
+        """row // H: `fast_divide.quotient` on TIR (rows < T H < 2**31)."""
+        product = T.Cast("uint64", row) * T.Cast("uint64", multiplier)
+        return T.Cast("int32", product >> T.Cast("uint64", shift))
 
     @T.prim_func
     def rope(
@@ -73,6 +83,8 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
         cos: T.Tensor((max_position, half), "float32"),
         sin: T.Tensor((max_position, half), "float32"),
         out_rows: T.StridedTensor((num_tokens, H, D), out_strides, dtype),
+        heads_multiplier: multiplier,
+        heads_shift: shift,
     ) -> None:
         x, out = vector_views(x_rows, out_rows)
         with T.Kernel(T.ceildiv(num_tokens * H, block_rows), threads=THREADS) as bx:
@@ -84,8 +96,8 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
             for k in T.unroll(T.ceildiv(rot_items, THREADS)):
                 item = k * THREADS + tx
                 r = bx * block_rows + item // rot_chunks
-                t = r // H
-                h = r % H
+                t = token_of(r)
+                h = T.max(T.min(r - t * H, H - 1), 0)
                 j = item % rot_chunks * pairs  # first rotation pair of the chunk
                 if item < rot_items and t < num_tokens:
                     p = positions[t]
@@ -122,8 +134,8 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
                 for k in T.unroll(T.ceildiv(pass_items, THREADS)):
                     item = k * THREADS + tx
                     r = bx * block_rows + item // pass_chunks
-                    t = r // H
-                    h = r % H
+                    t = token_of(r)
+                    h = T.max(T.min(r - t * H, H - 1), 0)
                     d = R + item % pass_chunks * pass_vec
                     if item < pass_items and t < num_tokens:
                         for v in T.vectorized(pass_vec):
