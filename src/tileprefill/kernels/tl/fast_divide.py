@@ -8,23 +8,24 @@ a constant costs, a wide multiply and a shift. Exact for every dividend in [0, 2
 l = ceil(log2 d), p = 31 + l and m = ceil(2**p / d), floor(n m / 2**p) = floor(n / d), since
 m d - 2**p < d and 2**p >= 2**31 d. m < 2**32, so n m fits 63 bits.
 
-Pure Python: the launch layer computes the parameters (`divisor`); `quotient` is the program's
-arithmetic on ints, what the CPU tests check it against.
+Pure Python: the launch layer computes the parameters (`divisor`); `quotient` is the arithmetic,
+evaluated by a program on TIR values and by the CPU tests on ints.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Dividends the method is exact for: [0, DIVIDEND_LIMIT).
 DIVIDEND_LIMIT = 2**31
 
 
 class Divisor(NamedTuple):
-    """The scalar parameters that divide by d: n // d == (n * multiplier) >> shift."""
+    """The scalar parameters that divide by d: n // d == (n * multiplier) >> shift (ints here; in a
+    program, the parameters widened to 64 bits)."""
 
-    multiplier: int  # < 2**32 (a uint32 parameter)
-    shift: int  # 31 .. 62
+    multiplier: Any  # < 2**32 (a uint32 parameter)
+    shift: Any  # 31 .. 62
 
 
 def divisor(d: int) -> Divisor:
@@ -35,6 +36,7 @@ def divisor(d: int) -> Divisor:
     return Divisor(-(-(1 << shift) // d), shift)
 
 
-def quotient(n: int, by: Divisor) -> int:
-    """n // d for 0 <= n < 2**31, computed as the programs do (the model the tests check)."""
+def quotient(n: Any, by: Divisor) -> Any:
+    """n // d for 0 <= n < 2**31: on ints (what the tests check), and on 64-bit TIR values in a
+    program."""
     return (n * by.multiplier) >> by.shift

@@ -16,6 +16,7 @@ from typing import Any
 
 import tilelang.language as T
 
+from tileprefill.kernels.tl.fast_divide import Divisor, quotient
 from tileprefill.kernels.tl.views import ELEMENT_BYTES, row_strides, vector_views
 from tileprefill.validation import widest_vector
 
@@ -71,10 +72,11 @@ def rope_program(head_dim: int, rotary_dim: int, dtype: str, interleaved: bool) 
     multiplier = T.dynamic("heads_multiplier", "uint32")
     shift = T.dynamic("heads_shift", "int32")
 
+    by_heads = Divisor(T.Cast("uint64", multiplier), T.Cast("uint64", shift))
+
     def token_of(row: Any) -> Any:
-        """row // H: `fast_divide.quotient` on TIR (rows < T H < 2**31)."""
-        product = T.Cast("uint64", row) * T.Cast("uint64", multiplier)
-        return T.Cast("int32", product >> T.Cast("uint64", shift))
+        """row // H, in 64-bit arithmetic (rows < T H < 2**31)."""
+        return T.Cast("int32", quotient(T.Cast("uint64", row), by_heads))
 
     @T.prim_func
     def rope(
