@@ -157,8 +157,10 @@ STEP_SHUFFLES = {D128: (4, 4), D64: (8, 8, 8)}
 #: The most instructions from the P V wait to the V slot's release, per consumer: the release comes
 #: ahead of the exponentials (was 312 / 281 at D 128, below the whole softmax; D 64's consumer 1
 #: waits for P V before its row maxima, and releases after them; with the band order ptxas puts
-#: about 18 instructions of the maxima between the wait and consumers 0 and 2's releases).
-RELEASE_DISTANCE = {D128: (8, 8), D64: (24, 45, 24)}
+#: about 18 instructions of the maxima between the wait and consumers 0 and 2's releases). D 64's
+#: consumer 1: 54 with the scale, cap, window and head counts launch values, where ptxas issues the
+#: wait ahead of all its row maxima (21 with them constants, the wait after 16 of their FMNMX).
+RELEASE_DISTANCE = {D128: (8, 8), D64: (24, 54, 24)}
 
 #: The most stack bytes (spills) of the program: D 64's consumers (128 registers each) spill outside
 #: their key-step loops, 32 bytes with the band layout's values held across tiles (24 without).
