@@ -147,7 +147,8 @@ D64 = "attn_dense_sm90 d64 bf16 causal"
 
 #: The most instructions one unmasked key step may take, per consumer (D 128: 535 / 488 with its
 #: row sums shuffled every step; 523 / 477 with partial sums under the previous dense order, 537 /
-#: 478 with the band order's schedule state live across the loop).
+#: 478 with the band order's schedule state live across the loop; now 518 / 471 with the scale an
+#: immediate, 523 / 477 with it a launch value. D 64: 447 / 438 / 434 with the scale either).
 STEP_INSTRUCTIONS = {D128: (540, 482), D64: (457, 444, 440)}
 
 #: The most SHFL an unmasked key step may run, per consumer: the row maxima's; D 128 adds its row
@@ -163,7 +164,8 @@ STEP_SHUFFLES = {D128: (4, 4), D64: (8, 8, 8)}
 RELEASE_DISTANCE = {D128: (8, 8), D64: (24, 54, 24)}
 
 #: The most stack bytes (spills) of the program: D 64's consumers (128 registers each) spill outside
-#: their key-step loops, 32 bytes with the band layout's values held across tiles (24 without).
+#: their key-step loops: 24 bytes with the scale, cap, window and head counts launch values; 32 with
+#: them constants and the band layout's values held across tiles (24 without).
 STACK_BYTES = {D128: 0, D64: 32}
 
 
