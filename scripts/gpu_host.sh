@@ -18,6 +18,12 @@
 #   scripts/gpu_host.sh sanitize [pytest args] every kernel key under compute-sanitizer (memcheck, racecheck,
 #                                             synccheck), logs to $OUT; LIMIT bounds the whole pytest run
 #   scripts/gpu_host.sh fuzz [fuzz args]      tests/gpu/fuzz.py, e.g. `fuzz --seed 1 --budget-s 120`
+#   scripts/gpu_host.sh engines [pytest args] the engine tests (tests/engines: vLLM and SGLang running
+#                                             tileprefill) on CUDA, from .gpu/engines-site.tar.xz
+#                                             (scripts/engine_site.sh, unpacked to /tmp/engines; with
+#                                             TileLang's archive 56 MB of a call), logs to
+#                                             $OUT/engines.log; TILEPREFILL_ENGINE_DEVICE=cpu runs them on
+#                                             the CPU instead
 # LIMIT (seconds, default 500) bounds each python run: `timeout` is put on python itself, because
 # a timeout on this script leaves its pytest workers running (seen: a later benchmark in the same
 # call then shared the machine with them). Do not run the GPU tests under pytest-xdist with many
@@ -85,8 +91,39 @@ case "$what" in
     timeout -k 5 "$limit" python3 -m pytest -m sanitize -q -s -p no:cacheprovider tests/gpu/test_sanitize_gpu.py "$@" \
       2>&1 | grep -v '\[TileLang:' | tee "$out/sanitize.log"
     ;;
+  engines)
+    # PYTHONPATH comes before the host's site-packages whatever its order, so the engines' site holds
+    # none of the host's packages (scripts/engine_site.sh); ours and TileLang come first. Unpacked
+    # again when the archive differs from the one unpacked there.
+    if [ -f .gpu/engines-site.tar.xz ]; then
+      sum=$(md5sum < .gpu/engines-site.tar.xz)
+      if [ "$(cat /tmp/engines/.archive-md5 2>/dev/null)" != "$sum" ]; then
+        rm -rf /tmp/engines && mkdir -p /tmp/engines && tar -xJf .gpu/engines-site.tar.xz -C /tmp/engines \
+          && echo "$sum" > /tmp/engines/.archive-md5 || exit 1
+      fi
+    fi
+    # The engines find tileprefill's plugins through its installed metadata (the vllm.general_plugins
+    # and sglang.srt.plugins entry points), which src/ lacks: written from pyproject.toml, as pip would.
+    rm -rf /tmp/tileprefill-meta
+    python3 - <<'PY' || exit 1
+import pathlib, tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path("/tmp/tileprefill-meta") / f"{project['name']}-{project['version']}.dist-info"
+info.mkdir(parents=True)
+info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+info.joinpath("entry_points.txt").write_text("".join(
+    f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n"
+    for group, points in project["entry-points"].items()
+))
+PY
+    # SGLang builds its KV store kernel with nvcc (sglang/kernels/jit) into its cache under $HOME.
+    export PATH="$PATH:$CUDA_HOME/bin" PYTHONPATH="$PYTHONPATH:/tmp/tileprefill-meta:/tmp/engines"
+    TILEPREFILL_ENGINE_DEVICE="${TILEPREFILL_ENGINE_DEVICE:-cuda}" timeout -k 5 "$limit" \
+      python3 -m pytest -m engines -q -p no:cacheprovider tests/engines "$@" 2>&1 | grep -v '\[TileLang:' \
+      | tee "$out/engines.log"
+    ;;
   fuzz)
     timeout -k 5 "$limit" python3 tests/gpu/fuzz.py "$@" 2>&1 | grep -v '\[TileLang:' | tee "$out/fuzz.log"
     ;;
-  *) echo "usage: $0 unpack|tests|demo|bench|costs|sanitize|fuzz" >&2; exit 2 ;;
+  *) echo "usage: $0 unpack|tests|demo|bench|costs|sanitize|fuzz|engines" >&2; exit 2 ;;
 esac

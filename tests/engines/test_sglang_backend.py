@@ -40,6 +40,8 @@ import tileprefill as tp
 import tileprefill.integrations.sglang as tp_sglang
 from tileprefill.kernels import reference as reference_kernels
 
+from .conftest import DEVICE, SPIES_ON_REFERENCE_KERNELS
+
 pytestmark = pytest.mark.engines
 
 NAME = tp_sglang.NAME
@@ -121,7 +123,7 @@ KIT_PARAMS = [
 def _fixture(case: Any, layout: str = "shuffled_pages", *, validate: bool = False) -> Any:
     with torch.no_grad():  # the kit writes the prefixes' keys, computed by a Linear, into the pool
         fixture = kit.build_dense_attention_fixture(
-            _FailOnSkip(), case, head_dim=HEAD_DIM, dtype=DTYPE, device="cpu", loc_layout=layout
+            _FailOnSkip(), case, head_dim=HEAD_DIM, dtype=DTYPE, device=DEVICE, loc_layout=layout
         )
     assert isinstance(fixture.backend, tp_sglang.TileprefillAttnBackend)
     if validate:
@@ -191,8 +193,8 @@ def _reference(
     scores = torch.einsum("qhd,khd->hqk", qf, kf[:, kv_of_head]) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    p = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
+    p = torch.arange(tk - tq, tk, device=q.device)[:, None]
+    j = torch.arange(tk, device=q.device)[None, :]
     visible = (j <= p) & ((j >= p - window) if window is not None else True)
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vf[:, kv_of_head])
@@ -266,18 +268,20 @@ def _batch(
     batch = ForwardBatch(
         forward_mode=mode,
         batch_size=len(prefix),
-        input_ids=torch.zeros(sum(new), dtype=torch.int64),
-        req_pool_indices=torch.arange(len(prefix), dtype=torch.int64),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
+        input_ids=torch.zeros(sum(new), dtype=torch.int64, device=DEVICE),
+        req_pool_indices=torch.arange(len(prefix), dtype=torch.int64, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=DEVICE),
         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
-        out_cache_loc=torch.tensor(out_cache_loc, dtype=torch.int64),
+        out_cache_loc=torch.tensor(out_cache_loc, dtype=torch.int64, device=DEVICE),
         seq_lens_sum=sum(seq_lens),
-        positions=torch.tensor([p + i for p, n in zip(prefix, new, strict=True) for i in range(n)]),
+        positions=torch.tensor(
+            [p + i for p, n in zip(prefix, new, strict=True) for i in range(n)], device=DEVICE
+        ),
     )
     if mode is not ForwardMode.DECODE:
-        batch.extend_prefix_lens = torch.tensor(prefix, dtype=torch.int32)
+        batch.extend_prefix_lens = torch.tensor(prefix, dtype=torch.int32, device=DEVICE)
         batch.extend_prefix_lens_cpu = list(prefix)
-        batch.extend_seq_lens = torch.tensor(new, dtype=torch.int32)
+        batch.extend_seq_lens = torch.tensor(new, dtype=torch.int32, device=DEVICE)
         batch.extend_seq_lens_cpu = list(new)
         batch.extend_num_tokens = sum(new)
     return batch
@@ -295,7 +299,7 @@ def test_chunked_prefill_mixed_and_decode(window: int | None) -> None:
         num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, hidden_size=hidden, context_len=context
     )
     runner = kit.MockModelRunner(
-        case=case, model_config=config, dtype=DTYPE, device="cpu", max_context_len=context, head_dim=HEAD_DIM
+        case=case, model_config=config, dtype=DTYPE, device=DEVICE, max_context_len=context, head_dim=HEAD_DIM
     )
     backend = tp_sglang.TileprefillAttnBackend(runner, validate=True)
     module = kit.ProjectedDenseAttention(
@@ -304,13 +308,13 @@ def test_chunked_prefill_mixed_and_decode(window: int | None) -> None:
         num_kv_heads=kv_heads,
         head_dim=HEAD_DIM,
         dtype=DTYPE,
-        device="cpu",
+        device=DEVICE,
         sliding_window_size=window,
     )
     # A prefill, a chunk of request 0 mixed with a decode step of request 1 (SGLang's MIXED), a decode.
     steps = [(ForwardMode.EXTEND, (5, 4)), (ForwardMode.MIXED, (7, 1)), (ForwardMode.DECODE, (1, 1))]
     lengths = [sum(n[b] for _, n in steps) for b in range(2)]
-    hidden_states = [torch.randn(n, hidden, dtype=DTYPE) for n in lengths]
+    hidden_states = [torch.randn(n, hidden, dtype=DTYPE).to(DEVICE) for n in lengths]
     free = torch.randperm(runner.token_to_kv_pool.size)[: sum(lengths)] + 1  # slot 0 is the padding slot
     slots = [free[: lengths[0]].tolist(), free[lengths[0] :].tolist()]
     outputs: list[list[torch.Tensor]] = [[], []]
@@ -348,7 +352,7 @@ def test_prefill_backend_beside_another_decode_backend() -> None:
     case = dataclasses.replace(case, backend="torch_native")
     with torch.no_grad():
         fixture = kit.build_dense_attention_fixture(
-            _FailOnSkip(), case, head_dim=HEAD_DIM, dtype=DTYPE, device="cpu"
+            _FailOnSkip(), case, head_dim=HEAD_DIM, dtype=DTYPE, device=DEVICE
         )
     runner = fixture.runner
     with get_exec().kernel.override(prefill_attention_backend=NAME, decode_attention_backend="torch_native"):
@@ -484,7 +488,7 @@ def _pool(cls: type[MHATokenToKVPool], dtype: torch.dtype) -> MHATokenToKVPool:
         head_num=2,
         head_dim=HEAD_DIM,
         layer_num=1,
-        device="cpu",
+        device=DEVICE,
         enable_memory_saver=False,
         enable_alt_stream=False,
     )
@@ -527,6 +531,7 @@ def test_pool_pages_are_views() -> None:
     assert bool((hnd[2, 1, 5] == 1.0).all())
 
 
+@SPIES_ON_REFERENCE_KERNELS
 def test_query_key_and_value_reach_the_kernels_as_sglang_holds_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """No copy of q, k or v: with the layer's q, k and v slices of one fused QKV output (as SGLang's
     models split it), the attention and slot-write kernels receive views of that output's storage,

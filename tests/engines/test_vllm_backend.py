@@ -51,12 +51,14 @@ import tileprefill.integrations.vllm as tpv
 from tileprefill.kernels import reference as reference_kernels
 from tileprefill.validation import kv_order_of
 
+from .conftest import DEVICE, SPIES_ON_REFERENCE_KERNELS, SUBPROCESS_PRELUDE
+
 if TYPE_CHECKING:
     from conftest import Oracle
 
 pytestmark = pytest.mark.engines
 
-CPU = torch.device("cpu")
+ENGINE_DEVICE = torch.device(DEVICE)
 HEADS, KV_HEADS, HEAD_SIZE = 4, 2, 64
 
 
@@ -86,12 +88,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, arg
     over its keys and values k, v (start + n, Hkv, D): causal, a query at position p seeing keys
     j in (p - W, p] with a window of W, scores capped to c * tanh(s / c) with a softcap c."""
     n, heads, _ = q.shape
-    kv_head = torch.arange(heads) // (heads // k.shape[1])
+    kv_head = torch.arange(heads, device=q.device) // (heads // k.shape[1])
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()[:, kv_head]) * args.scale
     if args.softcap is not None:
         scores = args.softcap * torch.tanh(scores / args.softcap)
-    p = start + torch.arange(n)[:, None]
-    j = torch.arange(k.shape[0])[None, :]
+    p = start + torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(k.shape[0], device=q.device)[None, :]
     visible = j <= p
     if args.sliding_window is not None:
         visible &= j > p - args.sliding_window
@@ -124,7 +126,7 @@ class VllmHarness:
         cache = CacheConfig(
             block_size=block_size, cache_dtype="auto" if dtype is torch.float16 else "bfloat16"
         )
-        config = VllmConfig(device_config=DeviceConfig(device="cpu"), cache_config=cache)
+        config = VllmConfig(device_config=DeviceConfig(device=DEVICE), cache_config=cache)
         config.cache_config.kv_cache_layout = layout.name  # what the engine core resolves
         # With the hybrid manager a sliding-window layer gets a KV-cache group of its own; without
         # it, its window is recorded on the full-attention group's spec.
@@ -153,9 +155,9 @@ class VllmHarness:
                 memory = 160 * sum(spec.page_size_bytes for spec in specs.values())
                 self.kv_cache_config = get_kv_cache_config_from_groups(config, groups, memory)
                 self.attn_groups, self.cudagraph_support, kernel_block_sizes = init_attn_backend(
-                    self.kv_cache_config, config, CPU
+                    self.kv_cache_config, config, ENGINE_DEVICE
                 )
-                caches = allocate_kv_cache(self.kv_cache_config, CPU, layout, kernel_block_sizes)
+                caches = allocate_kv_cache(self.kv_cache_config, ENGINE_DEVICE, layout, kernel_block_sizes)
                 attn_groups = [g for groups_ in self.attn_groups for g in groups_]
                 bind_kv_caches(
                     caches,
@@ -189,8 +191,10 @@ class VllmHarness:
         assert rows >= tokens
         requests = len(chunks)
         query_start_loc = torch.tensor([0, *itertools.accumulate(news)], dtype=torch.int32)
-        seq_lens = torch.tensor([s + n for s, n in zip(starts, news, strict=True)], dtype=torch.int32)
-        tables = [self._block_table(g, chunks, starts) for g in range(len(self.groups))]
+        seq_lens = torch.tensor(
+            [s + n for s, n in zip(starts, news, strict=True)], dtype=torch.int32, device=DEVICE
+        )
+        tables = [self._block_table(g, chunks, starts).to(DEVICE) for g in range(len(self.groups))]
         slots = torch.full((len(self.groups), rows), -1, dtype=torch.int64)  # -1: vLLM's padding slot
         for g in range(len(self.groups)):
             size = self.block_size(g)
@@ -199,12 +203,13 @@ class VllmHarness:
                 for p in range(start, start + n):
                     slots[g, token] = self.blocks[g][request][p // size] * size + p % size
                     token += 1
+        slots = slots.to(DEVICE)
         metadata = build_attn_metadata(
             attn_groups=self.attn_groups,
             num_reqs=requests,
             # In eager and piecewise steps vLLM counts the real tokens; q, k, v and the slots have `rows`.
             num_tokens=tokens,
-            query_start_loc_gpu=query_start_loc,
+            query_start_loc_gpu=query_start_loc.to(DEVICE),
             query_start_loc_cpu=query_start_loc.clone(),
             max_query_len=max(news),
             seq_lens=seq_lens,
@@ -217,7 +222,7 @@ class VllmHarness:
         width = (HEADS + 2 * KV_HEADS) * HEAD_SIZE
         with set_forward_context(metadata, self.config, slot_mapping=slot_mapping):
             for i, (layer, args) in enumerate(zip(self.layers, self.args, strict=True)):
-                qkv = torch.randn(rows, width, generator=self.gen).to(self.dtype)
+                qkv = torch.randn(rows, width, generator=self.gen).to(DEVICE, self.dtype)
                 self.projections.append(qkv)
                 before = qkv.clone()
                 # Strided row views of the fused projection, as a model splits it.
@@ -346,6 +351,7 @@ def test_steps_match_dense_attention(block_size: int, features: LayerArgs, oracl
     run_steps(harness)
 
 
+@SPIES_ON_REFERENCE_KERNELS
 def test_query_key_and_value_reach_the_kernels_as_vllm_holds_them(
     monkeypatch: pytest.MonkeyPatch, oracle: Oracle, seed: int
 ) -> None:
@@ -557,7 +563,7 @@ def test_refusals_name_the_arch_and_collect_every_reason() -> None:
 )
 def test_refused_layers_say_why(extra: dict[str, Any], reason: str) -> None:
     tpv.register()
-    config = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    config = VllmConfig(device_config=DeviceConfig(device=DEVICE))
     with set_current_vllm_config(config), pytest.raises(NotImplementedError, match="cannot serve") as raised:
         Attention(
             HEADS,
@@ -574,9 +580,9 @@ def test_refused_layers_say_why(extra: dict[str, Any], reason: str) -> None:
 def test_profiling_run_writes_zeros() -> None:
     # vLLM's memory profiling runs the model with no attention metadata.
     impl = tpv.TilePrefillImpl(HEADS, HEAD_SIZE, 0.125, KV_HEADS)
-    output = torch.full((3, HEADS, HEAD_SIZE), 7.0, dtype=torch.float16)
-    q = torch.randn(3, HEADS, HEAD_SIZE, dtype=torch.float16)
-    result = impl.forward(None, q, q, q, torch.empty(0), None, output)
+    output = torch.full((3, HEADS, HEAD_SIZE), 7.0, dtype=torch.float16, device=DEVICE)
+    q = torch.randn(3, HEADS, HEAD_SIZE, dtype=torch.float16, device=DEVICE)
+    result = impl.forward(None, q, q, q, torch.empty(0, device=DEVICE), None, output)
     assert result is output and not output.any()
 
 
@@ -587,7 +593,11 @@ def python(code: str) -> str:
     """Run `code` in a fresh interpreter of this environment (so nothing this process registered or
     imported counts) and return its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", SUBPROCESS_PRELUDE + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
