@@ -12,7 +12,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import attrs
@@ -20,11 +20,12 @@ import pytest
 import torch
 
 import tileprefill as tp
-from tileprefill.context import RopeMode
+from tileprefill.context import Arch, RopeMode
 from tileprefill.kernels.base import Kernel
 from tileprefill.kernels.compile import prebuild, recording_builds
 from tileprefill.keys import KernelKey
-from tileprefill.ops import OpClass
+from tileprefill.ops import OpClass, decision, slots
+from tileprefill.ops import op as op_module
 
 
 class Plannable(Protocol):
@@ -205,6 +206,20 @@ def gen() -> torch.Generator:
     seed = random.SystemRandom().randrange(2**31)
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Make the Ops plan as on a GPU of the arch (and SM count) a test sets, on CPU tensors."""
+    device = {"arch": Arch.SM90, "sm_count": 132}
+    monkeypatch.setattr(decision, "arch_of", lambda _: device["arch"])
+    monkeypatch.setattr(slots, "arch_of", lambda _: device["arch"])
+    monkeypatch.setattr(op_module, "sm_count_of", lambda _: device["sm_count"])
+    decision.decided.cache_clear()
+    slots._decided.cache_clear()
+    yield device
+    decision.decided.cache_clear()
+    slots._decided.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,6 @@ from tileprefill.kernels import compile as compile_module
 from tileprefill.kernels.compile import BuildRequest, compile_identity, recording_builds, target_arch
 from tileprefill.kernels.launch import _entry_function
 from tileprefill.keys import AttentionKey, RopeKey, SlotAppendKey
-from tileprefill.ops import decision, slots
-from tileprefill.ops import op as op_module
 
 #: A small model with every feature a program depends on: GQA, two kinds of layer (full and a
 #: window), a softcap, its own scale, a partial rotary dim.
@@ -96,20 +94,6 @@ def _plan(
         lengths = torch.tensor([1, 2], dtype=i32)
         shape = tp.PagedShape(5, page_size, heads, kv_heads, head_dim, dtype, cpu, rotary)
         op.plan(table, lengths, cu, shape=shape)
-
-
-@pytest.fixture
-def on_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Make the Ops plan as on a GPU of the arch (and SM count) a test sets, on CPU tensors."""
-    device = {"arch": Arch.SM90, "sm_count": 132}
-    monkeypatch.setattr(decision, "arch_of", lambda _: device["arch"])
-    monkeypatch.setattr(slots, "arch_of", lambda _: device["arch"])
-    monkeypatch.setattr(op_module, "sm_count_of", lambda _: device["sm_count"])
-    decision.decided.cache_clear()
-    slots._decided.cache_clear()
-    yield device
-    decision.decided.cache_clear()
-    slots._decided.cache_clear()
 
 
 @pytest.mark.parametrize("arch", [Arch.SM80, Arch.SM90], ids=lambda a: a.value)

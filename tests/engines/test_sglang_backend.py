@@ -38,6 +38,8 @@ from sglang.test.kits.attention_unittest.attention_methods import dense_attentio
 
 import tileprefill as tp
 import tileprefill.integrations.sglang as tp_sglang
+from tileprefill.aot import WarmUp, warm_up
+from tileprefill.aot import models as aot
 from tileprefill.kernels import reference as reference_kernels
 
 from .conftest import DEVICE, SPIES_ON_REFERENCE_KERNELS
@@ -570,3 +572,37 @@ def test_query_key_and_value_reach_the_kernels_as_sglang_holds_them(monkeypatch:
         assert tensor.untyped_storage().data_ptr() in storages, f"{name}: not the QKV output's storage"
     torch.testing.assert_close(actual, kit.expected_dense_fixture_output(fixture), atol=ATOL, rtol=RTOL)
     _assert_new_kv_written(fixture)
+
+
+def test_setup_warms_up_the_programs_of_the_models_attention_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SGLang builds its attention backends once the model is loaded: the backend warms up one model
+    # per kind of attention layer (here windowed GQA), at the pool's page size, on its device.
+    fixture = _fixture(_case("warm_up", heads=8, kv_heads=2, page_size=1, prefix=(3,), extend=(5,), window=4))
+    calls: list[tuple[tuple[aot.ModelConfig, ...], str | torch.device, aot.BuildOptions]] = []
+
+    def recorded(
+        models: Sequence[aot.ModelConfig], device: str | torch.device, options: aot.BuildOptions
+    ) -> WarmUp:
+        calls.append((tuple(models), device, options))
+        return warm_up(models, device, options)
+
+    monkeypatch.setattr("tileprefill.integrations.sglang.warm_up", recorded)
+    assert tp_sglang.TileprefillAttnBackend(fixture.runner).warm_up is None  # the kit's model is empty
+    assert calls == []
+    fixture.runner.model = torch.nn.ModuleList([fixture.actual_module, fixture.actual_module])
+    backend = tp_sglang.TileprefillAttnBackend(fixture.runner)
+    [(models, device, options)] = calls  # both layers are of one kind
+    assert models == (
+        aot.ModelConfig(
+            heads=8,
+            kv_heads=2,
+            head_dim=HEAD_DIM,
+            dtypes=(tp.DType.BF16,),
+            windows=(5,),  # SGLang's 4 keys before the query, and the query's own
+            sm_scale=HEAD_DIM**-0.5,
+            rope=tp.RopeMode.NONE,
+        ),
+    )
+    assert torch.device(device) == torch.device(DEVICE)
+    assert options.ops == tp_sglang.PASS_OPS and options.page_sizes == (1,)
+    assert backend.warm_up is not None

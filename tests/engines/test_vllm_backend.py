@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pytest
 import torch
 
@@ -48,7 +49,12 @@ from vllm.v1.worker.utils import allocate_kv_cache
 
 import tileprefill as tp
 import tileprefill.integrations.vllm as tpv
+from tileprefill.aot import WarmUp, warm_up
+from tileprefill.aot.models import BuildOptions, ModelConfig
+from tileprefill.aot.programs import programs_for
+from tileprefill.context import Arch, KVOrder
 from tileprefill.kernels import reference as reference_kernels
+from tileprefill.kernels.compile import recording_builds
 from tileprefill.validation import kv_order_of
 
 from .conftest import DEVICE, SPIES_ON_REFERENCE_KERNELS, SUBPROCESS_PRELUDE
@@ -423,6 +429,71 @@ def test_serving_plans_read_no_metadata_values(
         seed=seed,
     )
     run_steps(harness)
+
+
+def test_setup_warms_up_the_programs_of_each_groups_layers(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # The hybrid manager gives the windowed layers a KV-cache group of their own: each group's
+    # builder warms up its own kinds of layer, at its page size, on the worker's device.
+    calls: list[tuple[tuple[ModelConfig, ...], torch.device, BuildOptions]] = []
+
+    def recorded(models: Sequence[ModelConfig], device: torch.device, options: BuildOptions) -> WarmUp:
+        calls.append((tuple(models), torch.device(device), options))
+        return warm_up(models, device, options)
+
+    monkeypatch.setattr("tileprefill.integrations.vllm.warm_up", recorded)
+    harness = VllmHarness(
+        [WINDOW, PLAIN, SOFTCAP, WINDOW],
+        block_size=5,
+        layout=KVCacheLayout.LBNHC,
+        dtype=torch.bfloat16,
+        hybrid=True,
+        atol=0.0,
+        seed=seed,
+    )
+    warmed = {(m.windows, m.softcap, m.sm_scale) for models, _, _ in calls for m in models}
+    assert warmed == {((a.sliding_window or 0,), a.softcap or 0.0, a.scale) for a in harness.args}
+    assert len(calls) == len(harness.groups)
+    for models, device, options in calls:
+        assert device == ENGINE_DEVICE
+        assert options.ops == tpv.STEP_OPS and options.page_sizes == (5,)
+        assert all(
+            (m.heads, m.kv_heads, m.head_dim) == (HEADS, KV_HEADS, HEAD_SIZE) and m.dtypes == (tp.DType.BF16,)
+            for m in models
+        )
+    builders = [g.get_metadata_builder() for groups in harness.attn_groups for g in groups]
+    assert all(
+        b.warm_up is not None and b.warm_up.compiled + b.warm_up.loaded == b.warm_up.programs
+        for b in builders
+    )
+
+
+@pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.name)
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_the_warmed_up_programs_are_the_ones_a_step_runs(on_gpu: Any, order: KVOrder, page_size: int) -> None:
+    # Planned as on an H100 (arch patched, nothing compiles): a step's plans, a full and a windowed
+    # softcapped kind of layer and the K/V write, bind exactly the programs set-up makes ready.
+    cpu, i32 = torch.device("cpu"), torch.int32
+    group = tpv.GroupShape(page_size, KV_HEADS, HEAD_SIZE, torch.bfloat16, cpu, order)
+    kinds = [tpv.LayerKind(HEADS, 0.125, None, None), tpv.LayerKind(HEADS, 0.125, 4, 2.0)]
+    with recording_builds() as requests:
+        metadata = tpv.TilePrefillMetadata(
+            tokens=5,
+            block_table=torch.tensor([[0, 1], [2, 3]], dtype=i32),
+            seq_lens=torch.tensor([4, 3], dtype=i32),
+            query_start_loc=torch.tensor([0, 3, 5], dtype=i32),
+            group=group,
+            validate=False,
+        )
+        for kind in kinds:
+            metadata.plan(kind)
+        slots = torch.arange(5, dtype=torch.int64)
+        shape = tp.SlotAppendShape(5, page_size, KV_HEADS, HEAD_SIZE, torch.bfloat16, cpu)
+        tpv.SlotPlans().plan(slots, shape, False)
+    models, options = tpv.step_programs(group, kinds)
+    on_h100 = attrs.evolve(options, archs=(Arch.SM90,), sm_counts=(on_gpu["sm_count"],))
+    assert {spec.request for model in models for spec in programs_for(model, on_h100)} == set(requests)
 
 
 class Counted:

@@ -28,6 +28,9 @@ What the backend serves, on SGLang's own KV pool (read and written in place, nev
   `--prefill-attention-backend tileprefill` (SGLang picks the decode backend, or name it with
   `--decode-attention-backend`). With `--attention-backend tileprefill` decode runs here too,
   and SGLang must run without decode CUDA graphs (`--disable-cuda-graph`).
+- set-up: when SGLang builds the backend (after loading the model, before its first request), every
+  program the model's attention layers run is loaded from the precompiled directories in use, or
+  compiled side by side (`tileprefill.aot.warm_up`), so that no request compiles.
 - per layer: `layer.scaling`; sliding windows (`sliding_window_size + 1` keys: SGLang's window
   counts the keys before the query); logit softcapping `logit_cap * tanh(s / logit_cap)`; GQA and MQA.
 
@@ -54,6 +57,9 @@ from typing import Final, NamedTuple, Protocol
 import torch
 
 import tileprefill as tp
+from tileprefill.aot import WarmUp, warm_up
+from tileprefill.aot import models as aot
+from tileprefill.context import DType, IndexDType, RopeMode
 from tileprefill.ops.paged import GQAPagedCachePrefillPlan
 from tileprefill.ops.slots import PagedCacheSlotAppendPlan
 
@@ -167,6 +173,14 @@ class TileprefillAttnBackend(AttentionBackend):
         self.kv_order = tp.KVOrder.HND if pool.kv_cache_layout == "hnd" else tp.KVOrder.NHD
         self.kv_index_translator = model_runner.kv_index_translator
         self.forward_metadata: BatchMetadata | None = None
+        model = getattr(model_runner, "model", None)  # loaded before SGLang builds its backends
+        models, options = (
+            model_programs(model, pool.dtype, self.page_size)
+            if isinstance(model, torch.nn.Module)
+            else ((), None)
+        )
+        #: What set-up made ready (nothing on a CPU, or for a model without attention layers).
+        self.warm_up: WarmUp | None = warm_up(models, pool.device, options) if models else None
 
     # --- per forward pass ---------------------------------------------------------------------------
 
@@ -451,6 +465,42 @@ def _layer_kind(layer: RadixAttention, kwargs: dict[str, object]) -> LayerKind:
     # SGLang's window counts the keys before the query (its kernels see kv >= q - window), tileprefill's
     # every key including the query's own.
     return LayerKind(float(layer.scaling), window + 1 if window > -1 else None, softcap)
+
+
+#: The Op families a forward pass runs: the K/V write at SGLang's slots (int64), then attention.
+PASS_OPS: Final = (tp.PagedCacheSlotAppend.__name__, tp.GQAPagedCachePrefill.__name__)
+
+
+def model_programs(
+    model: torch.nn.Module, dtype: torch.dtype, page_size: int
+) -> tuple[tuple[aot.ModelConfig, ...], aot.BuildOptions]:
+    """The models and options whose programs `warm_up` makes ready for `model`'s attention layers:
+    one model per kind of layer and head layout. A layer this backend refuses is left out (its call
+    raises with the reason)."""
+    layouts: dict[tuple[LayerKind, int, int, int], None] = {}
+    for layer in model.modules():
+        if isinstance(layer, RadixAttention):
+            try:
+                kind = _layer_kind(layer, {})
+            except UnsupportedAttentionCall:
+                continue
+            layouts[(kind, layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim)] = None
+    dtypes = (DType.of(dtype, argument="the KV pool's dtype"),)
+    models = tuple(
+        aot.ModelConfig(
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtypes=dtypes,
+            windows=(kind.sliding_window or 0,),
+            softcap=kind.softcap or 0.0,
+            sm_scale=kind.sm_scale,
+            rope=RopeMode.NONE,  # the layers take q and k rotated
+        )
+        for kind, heads, kv_heads, head_dim in layouts
+    )
+    options = aot.BuildOptions(ops=PASS_OPS, page_sizes=(page_size,), index_dtypes=(IndexDType.INT64,))
+    return models, options
 
 
 def _refuse_configuration(runner: ModelRunner) -> None:

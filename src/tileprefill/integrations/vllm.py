@@ -19,6 +19,9 @@ What each vLLM piece does here:
   made in `build` and reused by every layer of that kind. A mixed batch of chunked prefills, fresh
   prefills and decode rows is one plan: tileprefill's causal mask is bottom-right aligned per
   sequence, as vLLM's. The plans read no device memory on the host (`validate=False`).
+- `TilePrefillMetadataBuilder.__init__` runs when a worker sets its caches up: it loads from the
+  precompiled directories in use, or compiles side by side, every program the group's steps run
+  (`tileprefill.aot.warm_up`), so that no request compiles.
 - `TilePrefillImpl.do_kv_cache_update` writes the step's new keys and values into the layer's cache
   by vLLM's slot mapping (`PagedCacheSlotAppend`; slot -1 skips a padding token), and
   `TilePrefillImpl.forward` attends over the cache into vLLM's `output` buffer (`run_into`).
@@ -40,12 +43,15 @@ eagerly between its piecewise graphs.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import ClassVar, Final, NamedTuple
 
 import torch
 
 import tileprefill as tp
-from tileprefill.context import Arch, DType, KVLayout, KVOrder, PrefillContext, RopeMode
+from tileprefill.aot import WarmUp, warm_up
+from tileprefill.aot.models import BuildOptions, ModelConfig
+from tileprefill.context import Arch, DType, IndexDType, KVLayout, KVOrder, PrefillContext, RopeMode
 from tileprefill.keys import KernelKey, code_of
 from tileprefill.ops.paged import GQAPagedCachePrefillPlan
 from tileprefill.ops.slots import PagedCacheSlotAppendPlan
@@ -362,6 +368,36 @@ class TilePrefillMetadata(AttentionMetadata):  # type: ignore[misc]
         return plan
 
 
+# --- set-up --------------------------------------------------------------------------------------------
+
+#: The Op families a step runs: the K/V write by slot mapping (vLLM's is int64), then attention over
+#: the paged cache.
+STEP_OPS: Final = (tp.PagedCacheSlotAppend.__name__, tp.GQAPagedCachePrefill.__name__)
+
+
+def step_programs(
+    group: GroupShape, kinds: Sequence[LayerKind]
+) -> tuple[tuple[ModelConfig, ...], BuildOptions]:
+    """What the steps of a KV-cache group with these kinds of layer run, as the models and options
+    whose programs `warm_up` makes ready: one model per kind (the Ops take q and k rotated)."""
+    dtype = DType.of(group.dtype, argument="kv_cache_spec.dtype")
+    models = tuple(
+        ModelConfig(
+            heads=kind.heads,
+            kv_heads=group.kv_heads,
+            head_dim=group.head_dim,
+            dtypes=(dtype,),
+            windows=(kind.sliding_window or 0,),
+            softcap=kind.softcap or 0.0,
+            sm_scale=kind.sm_scale,
+            rope=RopeMode.NONE,
+        )
+        for kind in kinds
+    )
+    options = BuildOptions(ops=STEP_OPS, page_sizes=(group.page_size,), index_dtypes=(IndexDType.INT64,))
+    return models, options
+
+
 class TilePrefillMetadataBuilder(AttentionMetadataBuilder[TilePrefillMetadata]):  # type: ignore[misc]
     """Builds each batch's `TilePrefillMetadata` for one KV-cache group, with the plans of the kinds
     of layers the group holds."""
@@ -403,6 +439,11 @@ class TilePrefillMetadataBuilder(AttentionMetadataBuilder[TilePrefillMetadata]):
         self.kinds: tuple[LayerKind, ...] = tuple(
             dict.fromkeys(impl.kind for impl in impls if isinstance(impl, TilePrefillImpl))
         )
+        # vLLM builds the builders once a worker's caches exist, before its first request: the
+        # programs the group's steps run are loaded (or compiled, side by side) now, not in a step.
+        models, options = step_programs(self.group, self.kinds)
+        #: What set-up made ready (nothing on a CPU).
+        self.warm_up: WarmUp | None = warm_up(models, self.group.device, options) if models else None
 
     def build(
         self,

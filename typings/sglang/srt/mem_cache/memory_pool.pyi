@@ -12,6 +12,7 @@ class KVCache:
     store_dtype: torch.dtype
     layer_num: int
     start_layer: int
+    device: str | torch.device
     def get_key_buffer(self, layer_id: int) -> torch.Tensor: ...
     def get_value_buffer(self, layer_id: int) -> torch.Tensor: ...
 
