@@ -587,7 +587,7 @@ def test_setup_warms_up_the_programs_of_the_models_attention_layers(monkeypatch:
         return warm_up(models, device, options)
 
     monkeypatch.setattr("tileprefill.integrations.sglang.warm_up", recorded)
-    assert tp_sglang.TileprefillAttnBackend(fixture.runner).warm_up is None  # the kit's model is empty
+    assert tp_sglang.TileprefillAttnBackend(fixture.runner).warmed is None  # the kit's model is empty
     assert calls == []
     fixture.runner.model = torch.nn.ModuleList([fixture.actual_module, fixture.actual_module])
     backend = tp_sglang.TileprefillAttnBackend(fixture.runner)
@@ -605,4 +605,4 @@ def test_setup_warms_up_the_programs_of_the_models_attention_layers(monkeypatch:
     )
     assert torch.device(device) == torch.device(DEVICE)
     assert options.ops == tp_sglang.PASS_OPS and options.page_sizes == (1,)
-    assert backend.warm_up is not None
+    assert backend.warmed is not None

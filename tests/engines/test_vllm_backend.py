@@ -452,8 +452,8 @@ def test_setup_warms_up_the_programs_of_each_groups_layers(
         atol=0.0,
         seed=seed,
     )
-    warmed = {(m.windows, m.softcap, m.sm_scale) for models, _, _ in calls for m in models}
-    assert warmed == {((a.sliding_window or 0,), a.softcap or 0.0, a.scale) for a in harness.args}
+    warmed_kinds = {(m.windows, m.softcap, m.sm_scale) for models, _, _ in calls for m in models}
+    assert warmed_kinds == {((a.sliding_window or 0,), a.softcap or 0.0, a.scale) for a in harness.args}
     assert len(calls) == len(harness.groups)
     for models, device, options in calls:
         assert device == ENGINE_DEVICE
@@ -464,8 +464,7 @@ def test_setup_warms_up_the_programs_of_each_groups_layers(
         )
     builders = [g.get_metadata_builder() for groups in harness.attn_groups for g in groups]
     assert all(
-        b.warm_up is not None and b.warm_up.compiled + b.warm_up.loaded == b.warm_up.programs
-        for b in builders
+        b.warmed is not None and b.warmed.compiled + b.warmed.loaded == b.warmed.programs for b in builders
     )
 
 

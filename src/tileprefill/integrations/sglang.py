@@ -180,7 +180,7 @@ class TileprefillAttnBackend(AttentionBackend):
             else ((), None)
         )
         #: What set-up made ready (nothing on a CPU, or for a model without attention layers).
-        self.warm_up: WarmUp | None = warm_up(models, pool.device, options) if models else None
+        self.warmed: WarmUp | None = warm_up(models, pool.device, options) if models else None
 
     # --- per forward pass ---------------------------------------------------------------------------
 

@@ -443,7 +443,7 @@ class TilePrefillMetadataBuilder(AttentionMetadataBuilder[TilePrefillMetadata]):
         # programs the group's steps run are loaded (or compiled, side by side) now, not in a step.
         models, options = step_programs(self.group, self.kinds)
         #: What set-up made ready (nothing on a CPU).
-        self.warm_up: WarmUp | None = warm_up(models, self.group.device, options) if models else None
+        self.warmed: WarmUp | None = warm_up(models, self.group.device, options) if models else None
 
     def build(
         self,
